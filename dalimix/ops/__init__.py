@@ -1,0 +1,108 @@
+"""The fused mix/normalise/cast/layout operation and its two backends (CUDA, CPU).
+
+``mix_normalize`` is the one entry point the loader calls per batch: one kernel launch on CUDA,
+one vectorised torch pass on CPU, the same contract and the same float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .kernels import OUTPUT_TYPES, mix_normalize_entry
+from .record import RECORD_DTYPE, identity_records, validate_records
+
+__all__ = ["Normalization", "mix_normalize", "allocate_output", "RECORD_DTYPE", "identity_records"]
+
+
+class Normalization:
+    """Per-channel mean/std given on the 0..1 scale (timm/torchvision convention), applied to 0..255 input.
+
+    ``out = (x - 255 * mean) / (255 * std)``; the kernels get ``255 * mean`` and ``1 / (255 * std)``.
+    """
+
+    def __init__(self, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        mean = tuple(float(m) for m in mean)
+        std = tuple(float(s) for s in std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (R, G, B), got mean={mean} std={std}")
+        if not all(np.isfinite(mean)) or not all(np.isfinite(std)) or min(std) <= 0:
+            raise ValueError(f"std must be positive and mean/std finite, got mean={mean} std={std}")
+        self.mean = mean
+        self.std = std
+        self.mean255 = tuple(float(np.float32(255.0 * m)) for m in mean)
+        self.inv_std255 = tuple(float(np.float32(1.0 / (255.0 * s))) for s in std)
+        self._cpu = (torch.tensor(self.mean255, dtype=torch.float32), torch.tensor(self.inv_std255, dtype=torch.float32))
+
+    def __repr__(self) -> str:
+        return f"Normalization(mean={self.mean}, std={self.std})"
+
+
+def allocate_output(n: int, height: int, width: int, *, dtype: torch.dtype, channels_last: bool, device) -> torch.Tensor:
+    """An ``n x 3 x H x W`` tensor in NCHW or channels_last memory order."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((n, 3, height, width), dtype=dtype, device=device, memory_format=fmt)
+
+
+def mix_normalize(
+    images: torch.Tensor,
+    records: np.ndarray | None = None,
+    masks: torch.Tensor | None = None,
+    *,
+    norm: Normalization | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mix, normalise, cast and lay out a uint8 batch in one pass.
+
+    Args:
+        images: ``N_src x H x W x 3`` uint8, contiguous, on CPU or CUDA (never written).
+        records: ``n <= N_src`` records of ``RECORD_DTYPE`` (host numpy); None = no mixing.
+        masks: flat float32 mask pool on ``images.device`` for records with method MASK.
+        norm: mean/std; ImageNet's by default.
+        dtype: float32, float16 or bfloat16.
+        channels_last: write channels_last memory order (the tensor is still ``n x 3 x H x W``).
+        out: optional preallocated output (shape, dtype, layout and device must match).
+
+    Returns:
+        ``n x 3 x H x W`` tensor of ``dtype`` on ``images.device``.
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a uint8 tensor N x H x W x 3, got {got}")
+    if not images.is_contiguous():
+        raise ValueError("images must be contiguous (N x H x W x 3 in memory)")
+    if dtype not in OUTPUT_TYPES:
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    norm = norm or Normalization()
+    n_src, h, w, _ = images.shape
+    if records is None:
+        records = identity_records(n_src)
+    pool = 0 if masks is None else masks.numel()
+    validate_records(records, n_src=n_src, height=h, width=w, mask_pool_size=pool)
+    if masks is not None and (masks.dtype != torch.float32 or masks.device != images.device or not masks.is_contiguous()):
+        raise ValueError(f"masks must be a contiguous float32 tensor on {images.device}, got {masks.dtype} on {masks.device}")
+    n = len(records)
+    if out is None:
+        out = allocate_output(n, h, w, dtype=dtype, channels_last=channels_last, device=images.device)
+    else:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if out.shape != (n, 3, h, w) or out.dtype != dtype or out.device != images.device or not out.is_contiguous(memory_format=fmt):
+            raise ValueError(
+                f"out must be a {n}x3x{h}x{w} {dtype} tensor on {images.device} in "
+                f"{'channels_last' if channels_last else 'NCHW'} order, got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+    if n == 0:
+        return out
+    if images.device.type == "cuda":
+        from .cuda import mix_normalize_cuda
+
+        return mix_normalize_cuda(
+            images, records, masks, entry=mix_normalize_entry(dtype, channels_last),
+            mean255=norm.mean255, inv_std255=norm.inv_std255, out=out,
+        )
+    from .cpu import mix_normalize_cpu
+
+    mean255, inv_std255 = norm._cpu
+    return mix_normalize_cpu(images, records, masks, mean255=mean255, inv_std255=inv_std255, out=out)

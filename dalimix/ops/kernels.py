@@ -1,0 +1,84 @@
+"""Where the CUDA C sources live and what their entry points take.
+
+The sources are in ``kernels/`` at the top of the source tree and ship inside the wheel as
+``dalimix/kernels/``. ``ENTRIES`` is the one description of every entry point's arguments: the
+CUDA backend launches from it and the host shim (``dalimix.testing.hostshim``) wraps from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+KERNEL_FILES = ("mix_normalize.cu",)
+
+# torch dtype -> (entry-name fragment, C type of one output element)
+OUTPUT_TYPES = {
+    torch.float32: ("f32", "float"),
+    torch.float16: ("f16", "unsigned short"),
+    torch.bfloat16: ("bf16", "unsigned short"),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ``extern "C" __global__`` function: its source file and ``(name, C type)`` arguments."""
+
+    name: str
+    file: str
+    args: tuple[tuple[str, str], ...]
+
+
+def _mix_normalize_entries() -> dict[str, Entry]:
+    entries = {}
+    for tag, ctype in OUTPUT_TYPES.values():
+        for layout in ("nchw", "nhwc"):
+            name = f"dalimix_mix_normalize_{tag}_{layout}"
+            args = (
+                ("src", "const unsigned char*"),
+                ("rec", "const DmRecord*"),
+                ("masks", "const float*"),
+                ("dst", f"{ctype}*"),
+                ("n", "int"),
+                ("h", "int"),
+                ("w", "int"),
+                ("m0", "float"),
+                ("m1", "float"),
+                ("m2", "float"),
+                ("s0", "float"),
+                ("s1", "float"),
+                ("s2", "float"),
+            )
+            entries[name] = Entry(name, "mix_normalize.cu", args)
+    return entries
+
+
+ENTRIES: dict[str, Entry] = _mix_normalize_entries()
+
+
+def mix_normalize_entry(dtype: torch.dtype, channels_last: bool) -> str:
+    """Name of the entry point writing ``dtype`` in NCHW or channels_last order."""
+    if dtype not in OUTPUT_TYPES:
+        raise ValueError(f"output dtype {dtype} is not supported; use one of {sorted(map(str, OUTPUT_TYPES))}")
+    return f"dalimix_mix_normalize_{OUTPUT_TYPES[dtype][0]}_{'nhwc' if channels_last else 'nchw'}"
+
+
+@lru_cache(maxsize=1)
+def kernel_dir() -> Path:
+    """Directory holding the ``.cu``/``.cuh`` sources: the installed package's copy, else the source tree's."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / KERNEL_FILES[0]).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"dalimix kernel sources not found next to {here} (looked in {here / 'kernels'} and "
+        f"{here.parent / 'kernels'}); reinstall dalimix so that its kernels/ folder is included"
+    )
+
+
+def kernel_source(file: str) -> str:
+    """Text of one kernel source file."""
+    return (kernel_dir() / file).read_text()

@@ -1,0 +1,1 @@
+"""Helpers for checking dalimix's GPU code on machines without a GPU."""

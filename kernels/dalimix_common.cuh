@@ -1,0 +1,120 @@
+// Shared definitions for dalimix kernels.
+//
+// Everything here compiles three ways: NVRTC at run time (through CuPy), nvcc for the
+// offline register/spill check, and g++ through the host shim used by the tests. So: no
+// standard headers, no CUDA headers, no shared memory, no barriers.
+#pragma once
+
+typedef long long dm_i64;
+
+// ---------------------------------------------------------------------------------------------
+// Per-sample parameter record. One per output sample, 64 bytes, every field 4 bytes wide so the
+// layout is the same on host and device. Mirrored by dalimix.ops.record.RECORD_DTYPE.
+// ---------------------------------------------------------------------------------------------
+#define DM_METHOD_NONE 0    // out = a
+#define DM_METHOD_BLEND 1   // out = lam * a + (1 - lam) * b                  (MixUp, SamplePairing)
+#define DM_METHOD_BOX 2     // out = b inside the box, a outside               (CutMix)
+#define DM_METHOD_MASK 3    // out = m * a + (1 - m) * b, m upsampled from a low-res mask
+#define DM_METHOD_RESIZE 4  // out = whole b resized into the box, a outside   (ResizeMix)
+#define DM_METHOD_GRID 5    // out = b in a grid of holes inside the box, a elsewhere (GridMix)
+#define DM_METHOD_SMOOTH 6  // out = g * b + (1 - g) * a, g a Gaussian blob    (SmoothMix)
+
+#define DM_FLAG_BILINEAR 1  // mask / resize sampling: bilinear (align_corners=False) instead of nearest
+#define DM_FLAG_SIGMOID 2   // mask holds logits: the sigmoid is applied after upsampling
+
+struct DmRecord {
+  int partner;      // batch index of the partner image b
+  int method;       // DM_METHOD_*
+  float lam;        // weight of the sample's own image for DM_METHOD_BLEND
+  int flags;        // DM_FLAG_*
+  int y0, x0;       // box [y0, y1) x [x0, x1) where the partner shows (BOX, RESIZE)
+  int y1, x1;
+  int mask_offset;  // first element of this sample's mask in the mask pool (MASK)
+  int mask_h;       // mask height and width (MASK)
+  int mask_w;
+  // GRID:   p0, p1 = patch width, height; p2, p3 = hole width, height (holes start at the box corner)
+  // SMOOTH: p0, p1 = y, x offsets of the periodic grid (period 2H, 2W); f0 = 1 / (2 sigma^2)
+  int p0, p1, p2, p3;
+  float f0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Bit casts and float -> half / bfloat16 conversion (round to nearest even), the same code on
+// host and device so the host shim checks exactly what the GPU runs.
+// ---------------------------------------------------------------------------------------------
+__device__ __host__ __forceinline__ unsigned int dm_float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  union { float f; unsigned int u; } v;
+  v.f = f;
+  return v.u;
+#endif
+}
+
+__device__ __host__ __forceinline__ unsigned short dm_f32_to_f16(float f) {
+  unsigned int u = dm_float_bits(f);
+  unsigned int sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  if (u >= 0x7f800000u) return (unsigned short)(sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (u >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);  // rounds to infinity
+  if (u < 0x38800000u) {                                          // half subnormal or zero
+    if (u < 0x33000000u) return (unsigned short)sign;
+    unsigned int e = u >> 23;
+    unsigned int m = (u & 0x7fffffu) | 0x800000u;
+    unsigned int shift = 126u - e;
+    unsigned int r = m >> shift;
+    unsigned int rem = m & ((1u << shift) - 1u);
+    unsigned int half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) r++;
+    return (unsigned short)(sign | r);
+  }
+  unsigned int h = (u >> 13) - 0x1c000u;
+  unsigned int rem = u & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+  return (unsigned short)(sign | h);
+}
+
+__device__ __host__ __forceinline__ unsigned short dm_f32_to_bf16(float f) {
+  unsigned int u = dm_float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x0040u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (unsigned short)(u >> 16);
+}
+
+// Output element types. Half and bfloat16 travel as their 16-bit patterns.
+struct DmOutF32 {
+  typedef float T;
+  __device__ __host__ __forceinline__ static T cvt(float v) { return v; }
+};
+struct DmOutF16 {
+  typedef unsigned short T;
+  __device__ __host__ __forceinline__ static T cvt(float v) { return dm_f32_to_f16(v); }
+};
+struct DmOutBF16 {
+  typedef unsigned short T;
+  __device__ __host__ __forceinline__ static T cvt(float v) { return dm_f32_to_bf16(v); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Resampling helpers with PyTorch's F.interpolate index rules (float arithmetic as PyTorch does).
+// ---------------------------------------------------------------------------------------------
+
+// mode="nearest": src = min(floor(dst * in / out), in - 1)
+__device__ __host__ __forceinline__ int dm_nearest_index(int dst, int in_size, int out_size) {
+  float scale = (float)in_size / (float)out_size;
+  int s = (int)floorf((float)dst * scale);
+  return s < in_size - 1 ? s : in_size - 1;
+}
+
+// mode="bilinear", align_corners=False: source coordinate, lower index and upper-neighbour weight.
+__device__ __host__ __forceinline__ void dm_linear_coord(int dst, int in_size, int out_size, int* i0,
+                                                         int* i1, float* w1) {
+  float scale = (float)in_size / (float)out_size;
+  float src = scale * ((float)dst + 0.5f) - 0.5f;
+  if (src < 0.f) src = 0.f;
+  int lo = (int)src;
+  *i0 = lo;
+  *i1 = lo + (lo < in_size - 1 ? 1 : 0);
+  *w1 = src - (float)lo;
+}

@@ -1,0 +1,168 @@
+"""The CUDA C sources, checked without a GPU: nvcc (registers, spills), NVRTC (the run-time
+compiler CuPy uses) and the host shim against the float64 reference."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from dalimix.ops import Normalization
+from dalimix.ops.kernels import ENTRIES, KERNEL_FILES, OUTPUT_TYPES, kernel_dir, kernel_source, mix_normalize_entry
+from dalimix.ops.record import RECORD_DTYPE, identity_records
+from dalimix.testing.hostshim import SHIM_PRELUDE, bf16_bits_to_float, half_bits_to_float
+from reference import random_records, reference_mix_normalize
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (install the CUDA toolkit to check registers and spills)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("file", KERNEL_FILES)
+def test_nvcc_compiles_without_spills(tmp_path, arch, file):
+    cmd = [NVCC, "-cubin", f"-arch={arch}", "--resource-usage", "-Werror", "all-warnings", f"-I{kernel_dir()}",
+           str(kernel_dir() / file), "-o", str(tmp_path / "k.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    log = res.stdout + res.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)'", log)
+    assert sorted(entries) == sorted(e.name for e in ENTRIES.values() if e.file == file)
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    assert spills and not any(spills), f"register spills for {arch}:\n{log}"
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
+    assert max(regs) <= 64, f"more than 64 registers per thread limits occupancy:\n{log}"
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("file", KERNEL_FILES)
+def test_nvrtc_compiles_runtime_source(arch, file):
+    """The exact text and options CuPy's RawModule compiles at run time, through NVRTC itself."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
+    err, prog = nvrtc.nvrtcCreateProgram(kernel_source(file).encode(), file.encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    opts = [b"--std=c++17", f"-I{kernel_dir()}".encode(), f"--gpu-architecture={arch}".encode()]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+
+
+def test_record_layout_matches_struct(tmp_path):
+    """RECORD_DTYPE mirrors struct DmRecord field by field (offsets from the C++ compiler)."""
+    fields = list(RECORD_DTYPE.names)
+    src = "#include <cstdio>\n#include <cstddef>\n" + SHIM_PRELUDE
+    src += '#include "dalimix_common.cuh"\nint main() {\n  printf("%zu\\n", sizeof(DmRecord));\n'
+    src += "".join(f'  printf("%zu\\n", offsetof(DmRecord, {f}));\n' for f in fields) + "}\n"
+    (tmp_path / "layout.cpp").write_text(src)
+    subprocess.run(["g++", "-std=c++17", f"-I{kernel_dir()}", str(tmp_path / "layout.cpp"), "-o", str(tmp_path / "layout")], check=True)
+    out = [int(v) for v in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()]
+    assert out[0] == RECORD_DTYPE.itemsize
+    assert out[1:] == [RECORD_DTYPE.fields[f][1] for f in fields]
+
+
+def _special_floats(rng) -> np.ndarray:
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 65536, 6.1e-5, 5.96e-8, 2.98e-8,
+                      2.9802322e-08, 1e-40, 3.4e38, 1.0, -1.0, 0.5, 1 + 2**-11, 1 + 3 * 2**-11], dtype=np.float32)
+    # ties and near-ties of half and bfloat16 rounding
+    ties = (np.arange(-2000, 2000, dtype=np.int64) << 13).astype(np.uint32) | 0x1000
+    return np.concatenate([bits.view(np.float32), edges, ties.view(np.float32), (ties + 1).view(np.float32)])
+
+
+
+
+def test_f16_and_bf16_rounding_matches_numpy_and_torch(shim, tmp_path):
+    """dm_f32_to_f16 / dm_f32_to_bf16 round to nearest even exactly like numpy and torch."""
+    src = ('#include "dalimix_common.cuh"\n'
+           'extern "C" void to_f16(const float* x, unsigned short* y, int n) { for (int i = 0; i < n; ++i) y[i] = dm_f32_to_f16(x[i]); }\n'
+           'extern "C" void to_bf16(const float* x, unsigned short* y, int n) { for (int i = 0; i < n; ++i) y[i] = dm_f32_to_bf16(x[i]); }\n')
+    (tmp_path / "cast.cpp").write_text(SHIM_PRELUDE + src)
+    lib = tmp_path / "cast.so"
+    subprocess.run(["g++", "-O2", "-shared", "-fPIC", f"-I{kernel_dir()}", str(tmp_path / "cast.cpp"), "-o", str(lib)], check=True)
+    import ctypes
+
+    so = ctypes.CDLL(str(lib))
+    x = _special_floats(np.random.default_rng(0))
+    y16 = np.empty(len(x), np.uint16)
+    ybf = np.empty(len(x), np.uint16)
+    so.to_f16(ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(y16.ctypes.data), ctypes.c_int(len(x)))
+    so.to_bf16(ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(ybf.ctypes.data), ctypes.c_int(len(x)))
+    with np.errstate(over="ignore"):
+        want16 = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(y16[~nan], want16[~nan])
+    assert np.isnan(half_bits_to_float(y16[nan])).all()
+    wantbf = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ybf[~nan], wantbf[~nan])
+    assert np.isnan(bf16_bits_to_float(ybf[nan])).all()
+
+
+def ulp_tolerance(ref: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """One unit in the last place of ``dtype`` at ``ref`` (plus float32 slack): the float32 result may
+    round to the neighbour of the correctly rounded float64 value."""
+    mant = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    tiny = {torch.float32: 2.0**-126, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-126}[dtype]
+    exp = np.floor(np.log2(np.maximum(np.abs(ref), 1e-30)))
+    return np.maximum(2.0 ** (exp - mant), tiny) + 4e-6 * (1 + np.abs(ref))
+
+
+def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=5, block=64):
+    n = len(records)
+    _, h, w, _ = images.shape
+    np_out = np.float32 if dtype == torch.float32 else np.uint16
+    out = np.zeros((n, h, w, 3) if channels_last else (n, 3, h, w), np_out)
+    shim.launch(mix_normalize_entry(dtype, channels_last), grid, block, images, records, pool, out, n, h, w,
+                *norm.mean255, *norm.inv_std255)
+    if dtype == torch.float16:
+        out = half_bits_to_float(out)
+    elif dtype == torch.bfloat16:
+        out = bf16_bits_to_float(out)
+    return out.transpose(0, 3, 1, 2) if channels_last else out
+
+
+CASES = [(1, 1, 1, 1), (1, 7, 5, 1), (4, 13, 17, 3), (5, 32, 24, 5), (3, 1, 31, 2), (6, 19, 1, 6), (8, 33, 35, 7)]
+
+
+@pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d_%dx%d_src%d" % (c[3], c[1], c[2], c[0]))
+def test_shim_matches_float64_reference(shim, dtype, channels_last, case):
+    n_src, h, w, n = case
+    n_src = max(n_src, n)
+    rng = np.random.default_rng(hash((h, w, n, str(dtype), channels_last)) % 2**32)
+    norm = Normalization(mean=rng.uniform(0.3, 0.6, 3), std=rng.uniform(0.15, 0.35, 3))
+    for _ in range(3):
+        images = rng.integers(0, 256, (n_src, h, w, 3), dtype=np.uint8)
+        records, pool = random_records(rng, n, n_src, h, w)
+        got = run_shim(shim, images, records, pool, norm, dtype, channels_last)
+        ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
+        err = np.abs(got.astype(np.float64) - ref)
+        bad = err > ulp_tolerance(ref, dtype)
+        assert not bad.any(), f"{bad.sum()} values off, worst {err.max()} (methods {records['method'].tolist()})"
+
+
+def test_shim_grid_stride_and_launch_shapes(shim):
+    """Any grid covers the whole batch: one block of one thread, or more threads than pixels."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 9, 11, 3), dtype=np.uint8)
+    records, pool = random_records(rng, 3, 3, 9, 11)
+    norm = Normalization()
+    ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
+    for grid, block in [(1, 1), (1, 7), (50, 256)]:
+        got = run_shim(shim, images, records, pool, norm, torch.float32, False, grid=grid, block=block)
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_unmixed_records_only_normalize(shim):
+    """identity records: out = (x - 255 mean) / (255 std), the plain normalise + cast path."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
+    norm = Normalization()
+    got = run_shim(shim, images, identity_records(4), np.zeros(1, np.float32), norm, torch.float32, False)
+    ref = (images.astype(np.float64) / 255 - np.array(norm.mean)) / np.array(norm.std)
+    np.testing.assert_allclose(got, ref.transpose(0, 3, 1, 2), atol=2e-6)

@@ -1,0 +1,140 @@
+"""The CPU backend of mix_normalize against the float64 reference, F.interpolate and the host shim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalimix.ops import Normalization, mix_normalize
+from dalimix.ops.kernels import OUTPUT_TYPES
+from dalimix.ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_MASK, METHOD_RESIZE, RECORD_DTYPE, identity_records
+from reference import random_records, reference_mix_normalize, resample
+from test_kernels import CASES, run_shim, ulp_tolerance
+
+
+def cpu(images, records, pool, norm, dtype, channels_last):
+    out = mix_normalize(torch.from_numpy(images), records, torch.from_numpy(pool), norm=norm, dtype=dtype,
+                        channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and out.dtype == dtype
+    return out.float().numpy()
+
+
+@pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d_%dx%d_src%d" % (c[3], c[1], c[2], c[0]))
+def test_cpu_backend_matches_float64_reference(dtype, channels_last, case):
+    n_src, h, w, n = case
+    n_src = max(n_src, n)
+    rng = np.random.default_rng(hash((h, w, n, "cpu", str(dtype), channels_last)) % 2**32)
+    norm = Normalization(mean=rng.uniform(0.3, 0.6, 3), std=rng.uniform(0.15, 0.35, 3))
+    for _ in range(3):
+        images = rng.integers(0, 256, (n_src, h, w, 3), dtype=np.uint8)
+        records, pool = random_records(rng, n, n_src, h, w)
+        got = cpu(images, records, pool, norm, dtype, channels_last)
+        ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
+        err = np.abs(got - ref)
+        assert not (err > ulp_tolerance(ref, dtype)).any(), f"worst {err.max()} (methods {records['method'].tolist()})"
+
+
+def test_cpu_backend_and_shim_agree(shim):
+    """Both backends of one contract: float32 results within float32 rounding of each other (the two sum bilinear taps in different orders)."""
+    rng = np.random.default_rng(7)
+    norm = Normalization()
+    for _ in range(10):
+        images = rng.integers(0, 256, (6, 21, 15, 3), dtype=np.uint8)
+        records, pool = random_records(rng, 6, 6, 21, 15)
+        a = cpu(images, records, pool, norm, torch.float32, False)
+        b = run_shim(shim, images, records, pool, norm, torch.float32, False)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("bilinear", [False, True], ids=["nearest", "bilinear"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (7, 7), (14, 14), (5, 11), (28, 28), (28, 19)])
+def test_mask_upsampling_equals_interpolate(shim, bilinear, shape):
+    """A MASK record mixing white (255) over black (0) exposes the upsampled mask: it must equal
+    F.interpolate(mode='nearest' | 'bilinear', align_corners=False) — on the CPU backend and in the kernel."""
+    h, w = 28, 28
+    rng = np.random.default_rng(3)
+    mask = rng.random(shape).astype(np.float32)
+    images = np.zeros((2, h, w, 3), np.uint8)
+    images[0] = 255
+    rec = np.zeros(1, RECORD_DTYPE)
+    rec["method"], rec["partner"], rec["mask_h"], rec["mask_w"] = METHOD_MASK, 1, shape[0], shape[1]
+    rec["flags"] = FLAG_BILINEAR if bilinear else 0
+    norm = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
+    want = F.interpolate(torch.from_numpy(mask)[None, None], size=(h, w), mode="bilinear" if bilinear else "nearest",
+                         **({"align_corners": False} if bilinear else {}))[0, 0].numpy()
+    got_cpu = cpu(images, rec, mask.ravel(), norm, torch.float32, False)[0, 0]
+    got_shim = run_shim(shim, images, rec, mask.ravel(), norm, torch.float32, False)[0, 0]
+    np.testing.assert_allclose(got_cpu, want, atol=1e-6)
+    np.testing.assert_allclose(got_shim, want, atol=1e-6)
+    # the reference's own resampling agrees with torch too
+    np.testing.assert_allclose(resample(mask[..., None].astype(np.float64), h, w, bilinear)[..., 0], want, atol=1e-6)
+
+
+def test_sigmoid_applies_after_upsampling(shim):
+    h = w = 8
+    logits = np.array([[-4.0, 4.0]], np.float32)
+    images = np.zeros((2, h, w, 3), np.uint8)
+    images[0] = 255
+    rec = np.zeros(1, RECORD_DTYPE)
+    rec["method"], rec["partner"], rec["mask_h"], rec["mask_w"] = METHOD_MASK, 1, 1, 2
+    rec["flags"] = FLAG_BILINEAR | FLAG_SIGMOID
+    up = F.interpolate(torch.from_numpy(logits)[None, None], size=(h, w), mode="bilinear", align_corners=False)
+    want = torch.sigmoid(up)[0, 0].numpy()
+    norm = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
+    np.testing.assert_allclose(cpu(images, rec, logits.ravel(), norm, torch.float32, False)[0, 0], want, atol=1e-6)
+    np.testing.assert_allclose(run_shim(shim, images, rec, logits.ravel(), norm, torch.float32, False)[0, 0], want, atol=1e-6)
+
+
+def test_resize_partner_equals_interpolate():
+    """ResizeMix's in-kernel resize of the whole partner into the box equals F.interpolate."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+    norm = Normalization(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))  # out = x
+    for bilinear in (False, True):
+        rec = np.zeros(1, RECORD_DTYPE)
+        rec["method"], rec["partner"], rec["flags"] = METHOD_RESIZE, 1, FLAG_BILINEAR if bilinear else 0
+        rec["y0"], rec["x0"], rec["y1"], rec["x1"] = 3, 4, 14, 21
+        got = cpu(images, rec, np.zeros(1, np.float32), norm, torch.float32, False)[0]
+        part = torch.from_numpy(images[1]).permute(2, 0, 1)[None].float()
+        want = F.interpolate(part, size=(11, 17), mode="bilinear" if bilinear else "nearest",
+                             **({"align_corners": False} if bilinear else {}))[0].numpy()
+        np.testing.assert_allclose(got[:, 3:14, 4:21], want, atol=1e-3)
+        np.testing.assert_array_equal(got[:, :3], images[0].transpose(2, 0, 1)[:, :3].astype(np.float32))
+
+
+def test_batch_of_one_and_empty():
+    images = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
+    assert mix_normalize(images).shape == (1, 3, 4, 4)
+    assert mix_normalize(images, identity_records(0)).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda r: r.__setitem__("partner", 9), "partner 9 is outside the batch"),
+        (lambda r: r.__setitem__("method", 42), "unknown method id 42"),
+        (lambda r: (r.__setitem__("method", 2), r.__setitem__("y1", 99)), "is not inside the 4x5 image"),
+        (lambda r: (r.__setitem__("method", 3), r.__setitem__("mask_h", 8), r.__setitem__("mask_w", 8)), "does not fit a mask pool"),
+    ],
+)
+def test_bad_records_are_refused_before_launch(bad, message):
+    rec = identity_records(2)
+    bad(rec)
+    with pytest.raises(ValueError, match=message):
+        mix_normalize(torch.zeros(2, 4, 5, 3, dtype=torch.uint8), rec, torch.zeros(4))
+
+
+def test_bad_images_and_outputs_are_refused():
+    with pytest.raises(ValueError, match="uint8 tensor N x H x W x 3"):
+        mix_normalize(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="dtype torch.int32 is not supported"):
+        mix_normalize(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), dtype=torch.int32)
+    with pytest.raises(ValueError, match="out must be a 1x3x4x4"):
+        mix_normalize(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), out=torch.empty(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="std must be positive"):
+        Normalization(std=(0, 1, 1))
