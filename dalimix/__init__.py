@@ -1,0 +1,26 @@
+"""dalimix: DALI decodes and augments, dalimix's fused CUDA kernels mix, normalise, cast and lay out.
+
+    from dalimix import ImageLoader
+    loader = ImageLoader(root="train/", batch_size=256, size=224, device="cuda")
+    for images, labels in loader: ...
+"""
+
+from .errors import DalimixError, DatasetError, DecodeError
+from .loader import BatchInfo, EpochPlan, ImageLoader, LastBatchPolicy, plan_epoch
+from .ops import Normalization, mix_normalize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchInfo",
+    "DalimixError",
+    "DatasetError",
+    "DecodeError",
+    "EpochPlan",
+    "ImageLoader",
+    "LastBatchPolicy",
+    "Normalization",
+    "mix_normalize",
+    "plan_epoch",
+    "__version__",
+]

@@ -1,0 +1,575 @@
+"""The public loader: DALI decodes and augments, dalimix's fused kernel finishes the batch.
+
+``ImageLoader`` replaces ``torch.utils.data.DataLoader`` (+ a mixing transform) in a training
+script: iterate it to get ``(images, labels)`` — or ``(images, targets)`` with a mixer — as torch
+tensors on the chosen device.
+
+Epochs, order and sharding are planned here (``plan_epoch``): each epoch is a permutation drawn
+from (seed, epoch), the same on every rank; rank ``r`` of ``W`` reads every ``W``-th entry of it
+starting at ``r``. DALI gets exactly that file list, so what each rank reads is known in advance.
+
+Output lifetime: every batch is written into a fresh tensor from torch's caching allocator, on the
+consumer's current CUDA stream. The training loop may keep a batch as long as it likes; nothing
+dalimix does later overwrites it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import rng as rng_mod
+from .diagnose import check_image_file
+from .errors import DatasetError, DecodeError
+from .ops import Normalization, allocate_output, identity_records, mix_normalize
+from .ops.kernels import OUTPUT_TYPES
+from .pipeline import INTERPOLATIONS, AugmentSpec, build_pipeline, default_num_threads, resolve_device
+from .sources import Samples, read_file_list, scan_image_folder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class LastBatchPolicy(enum.Enum):
+    """What happens to the samples left over when a rank's share is not a multiple of the batch size.
+
+    DROP: they are left out this epoch (``len = floor(share / batch)``; every rank uses the
+    smallest share, so all ranks run the same number of steps).
+    PARTIAL: the last batch is smaller (``len = ceil(share / batch)``; ranks may differ by one step).
+    FILL: the last batch is filled up by wrapping around to the start of the rank's own share
+    (``len = ceil(largest share / batch)`` on every rank; a few samples appear twice).
+    The names are DALI's; DALI's own ``LastBatchPolicy`` values and the strings are accepted too.
+    """
+
+    DROP = "drop"
+    PARTIAL = "partial"
+    FILL = "fill"
+
+    @classmethod
+    def parse(cls, value) -> "LastBatchPolicy":
+        if isinstance(value, cls):
+            return value
+        name = getattr(value, "name", value)
+        if isinstance(name, str) and name.upper() in cls.__members__:
+            return cls[name.upper()]
+        raise ValueError(f"last_batch_policy={value!r} is not one of 'drop', 'partial', 'fill' (or DALI's LastBatchPolicy)")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's reading order for one epoch: ``order`` holds ``num_batches * batch_size`` sample ids
+    (padding included); ``valid[i]`` is how many of batch ``i``'s samples are real."""
+
+    epoch: int
+    order: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.valid)
+
+
+def plan_epoch(
+    num_samples: int,
+    *,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    shuffle: bool,
+    shard_id: int,
+    num_shards: int,
+    policy: LastBatchPolicy,
+) -> EpochPlan:
+    """Sample ids for ``shard_id`` in ``epoch`` (see the module docstring and ``LastBatchPolicy``)."""
+    if shuffle:
+        perm = rng_mod.generator(seed, rng_mod.SHUFFLE, epoch).permutation(num_samples)
+    else:
+        perm = np.arange(num_samples)
+    share = perm[shard_id::num_shards]
+    smallest = num_samples // num_shards
+    largest = -(-num_samples // num_shards)
+    if policy is LastBatchPolicy.DROP:
+        nb = smallest // batch_size
+        order = share[: nb * batch_size]
+        valid = np.full(nb, batch_size)
+    elif policy is LastBatchPolicy.PARTIAL:
+        nb = -(-len(share) // batch_size)
+        valid = np.full(nb, batch_size)
+        if nb:
+            valid[-1] = len(share) - (nb - 1) * batch_size
+        order = _pad_by_wrapping(share, nb * batch_size)
+    else:
+        nb = -(-largest // batch_size)
+        order = _pad_by_wrapping(share, nb * batch_size)
+        valid = np.full(nb, batch_size)
+    return EpochPlan(epoch=epoch, order=np.asarray(order, dtype=np.int64), valid=valid.astype(np.int64))
+
+
+def _pad_by_wrapping(share: np.ndarray, length: int) -> np.ndarray:
+    if len(share) >= length or len(share) == 0:
+        return share[:length]
+    reps = -(-length // len(share))
+    return np.tile(share, reps)[:length]
+
+
+@dataclass
+class BatchInfo:
+    """What the loader knows about the batch it just yielded (``loader.last_batch``).
+
+    ``sample_ids`` index ``loader.dataset`` (its ``paths`` and ``labels``); ``params`` are the mix
+    parameters (None without a mixer).
+    """
+
+    epoch: int
+    step: int
+    sample_ids: np.ndarray
+    params: object = None
+    extra: dict = field(default_factory=dict)
+
+
+class _EpochSampler:
+    """``loader.sampler``: carries ``set_epoch`` for training loops that call ``loader.sampler.set_epoch(e)``."""
+
+    def __init__(self, loader: "ImageLoader"):
+        self._loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self._loader) * self._loader.batch_size
+
+
+class ImageLoader:
+    """DALI-decoded, dalimix-finished image batches for PyTorch training and evaluation.
+
+    Yields ``(images, labels)``: ``images`` is ``N x 3 x H x W`` of ``dtype`` (NCHW, or the same
+    shape in channels_last memory order), normalised with ``mean``/``std`` (0..1 scale);
+    ``labels`` is ``N`` int64. With ``mix=...`` it yields ``(images, targets)`` as the mixer says.
+
+    Args (keyword-only):
+        root: ImageFolder tree ``root/<class>/<image>`` (classes sorted, like torchvision).
+        file_list: text file of ``path label`` lines (alternative to ``root``; relative paths are
+            taken from ``root`` if given, else from the list's folder).
+        batch_size: samples per batch (per rank).
+        train: True: random resized crop + horizontal flip; False: resize shorter side + centre crop.
+        size: output size, ``int`` or ``(height, width)``.
+        device: ``"cuda"``/``"cuda:N"`` (nvJPEG decoding, GPU ops, CUDA kernel), ``"cpu"`` (DALI
+            CPU-only mode, torch CPU backend); default CUDA when available.
+        dtype: torch.float32, torch.float16 or torch.bfloat16 (strings like "bf16" accepted).
+        channels_last: write channels_last memory order.
+        mean, std: per-channel normalisation on the 0..1 scale (ImageNet's by default).
+        scale, ratio: random resized crop area fraction and aspect range (torchvision's defaults).
+        hflip: probability of a horizontal flip (train).
+        crop_pct: eval centre crop fraction; the shorter side is resized to floor(max(H, W) / crop_pct).
+        interpolation: "bilinear" (default), "bicubic", "nearest" or "triangular" (antialiased).
+        shuffle: reshuffle every epoch (default: ``train``).
+        seed: the seed of every random stream (order, DALI augmentation, mixing); the same on all
+            ranks (per-rank streams are derived from it), so keep it equal across ranks.
+        shard_id, num_shards: this rank and the number of ranks; default from torch.distributed
+            when it is initialised, else 0 and 1.
+        last_batch_policy: DROP, PARTIAL (default) or FILL; see ``LastBatchPolicy``.
+        num_threads: DALI worker threads (default: the CPU cores this process may use).
+        prefetch: batches DALI prepares ahead (default 2).
+        mix: a mixer from ``dalimix.mix`` (or None for plain labels).
+        classes: class names for a file list (default "0", "1", ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        root=None,
+        file_list=None,
+        batch_size: int,
+        train: bool = True,
+        size=224,
+        device=None,
+        dtype=torch.float32,
+        channels_last: bool = False,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        crop_pct: float = 0.875,
+        interpolation: str = "bilinear",
+        shuffle: bool | None = None,
+        seed: int = 0,
+        shard_id: int | None = None,
+        num_shards: int | None = None,
+        last_batch_policy=LastBatchPolicy.PARTIAL,
+        num_threads: int | None = None,
+        prefetch: int = 2,
+        mix=None,
+        classes=None,
+    ):
+        if root is None and file_list is None:
+            raise ValueError("give the data: root=<ImageFolder folder> or file_list=<'path label' text file>")
+        self.batch_size = _positive_int("batch_size", batch_size)
+        height, width = _size(size)
+        self.dtype = _dtype(dtype)
+        self.channels_last = bool(channels_last)
+        self.norm = Normalization(mean, std)
+        scale = _pair("scale", scale)
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale={scale}: need 0 < min <= max <= 1 (area fraction of the random crop)")
+        ratio = _pair("ratio", ratio)
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio={ratio}: need 0 < min <= max (aspect ratio range of the random crop)")
+        if not (0 <= float(hflip) <= 1):
+            raise ValueError(f"hflip={hflip}: a probability in [0, 1]")
+        if not (0 < float(crop_pct) <= 1):
+            raise ValueError(f"crop_pct={crop_pct}: a fraction in (0, 1] (0.875 is the usual eval crop)")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+        self.spec = AugmentSpec(
+            train=bool(train), height=height, width=width, scale=scale, ratio=ratio,
+            hflip=float(hflip), crop_pct=float(crop_pct), interpolation=interpolation,
+        )
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed={seed!r}: a non-negative int (equal on every rank)")
+        self.seed = int(seed)
+        self.shuffle = bool(train) if shuffle is None else bool(shuffle)
+        self.shard_id, self.num_shards = _shards(shard_id, num_shards)
+        self.last_batch_policy = LastBatchPolicy.parse(last_batch_policy)
+        self.num_threads = default_num_threads() if num_threads is None else _positive_int("num_threads", num_threads)
+        self.prefetch = _positive_int("prefetch", prefetch)
+        self.device = resolve_device(device)
+
+        if file_list is not None:
+            self.samples: Samples = read_file_list(file_list, root=root, classes=classes)
+        else:
+            self.samples = scan_image_folder(root)
+        if len(self) == 0:
+            raise DatasetError(
+                f"{self.samples.source}: {len(self.samples)} samples over {self.num_shards} shard(s) make no batch of "
+                f"{self.batch_size} under {self.last_batch_policy.name}; use a smaller batch_size or last_batch_policy='partial'"
+            )
+        self.mix = mix
+        if mix is not None and hasattr(mix, "bind"):
+            mix.bind(self)
+        self.sampler = _EpochSampler(self)
+        self.batch_sampler = None
+        self.last_batch: BatchInfo | None = None
+        self._epoch = 0
+        self._epoch_is_set = False
+        self._iterated = False
+        self._active: _EpochIterator | None = None
+        self._planner_pool = None
+
+    # ----------------------------------------------------------------------------------- info
+    @property
+    def dataset(self) -> Samples:
+        """The samples (``paths``, ``labels``, ``classes``, ``class_to_idx``, ``len()``)."""
+        return self.samples
+
+    @property
+    def classes(self) -> list[str]:
+        return self.samples.classes
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return self.samples.class_to_idx
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.samples.classes)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next (or current) iteration reads."""
+        return self._epoch
+
+    @property
+    def mixup_enabled(self) -> bool:
+        """timm's switch (``--mixup-off-epoch``): False turns mixing off, targets keep their form."""
+        return self.mix is not None and bool(getattr(self.mix, "mixup_enabled", True))
+
+    @mixup_enabled.setter
+    def mixup_enabled(self, value: bool) -> None:
+        if self.mix is not None:
+            self.mix.mixup_enabled = bool(value)
+
+    def __len__(self) -> int:
+        return self.plan(0).num_batches
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageLoader({self.samples.source!r}, {len(self.samples)} samples, {self.num_classes} classes, "
+            f"batch_size={self.batch_size}, {'train' if self.spec.train else 'eval'}, "
+            f"size={self.spec.height}x{self.spec.width}, device={self.device}, dtype={self.dtype}, "
+            f"shard {self.shard_id}/{self.num_shards}, {self.last_batch_policy.name})"
+        )
+
+    # ------------------------------------------------------------------------------ epochs
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` next (its own permutation and random streams). Without calls to
+        ``set_epoch`` every new iteration reads the epoch after the previous one."""
+        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"set_epoch({epoch!r}): a non-negative int")
+        self._epoch = int(epoch)
+        self._epoch_is_set = True
+        if self.mix is not None and hasattr(self.mix, "set_epoch"):
+            self.mix.set_epoch(self._epoch)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This rank's sample order for ``epoch``."""
+        return plan_epoch(
+            len(self.samples), batch_size=self.batch_size, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
+            shard_id=self.shard_id, num_shards=self.num_shards, policy=self.last_batch_policy,
+        )
+
+    def __iter__(self) -> "_EpochIterator":
+        if self._active is not None:
+            self._active.close()
+        if self._iterated and not self._epoch_is_set:
+            self._epoch += 1
+            if self.mix is not None and hasattr(self.mix, "set_epoch"):
+                self.mix.set_epoch(self._epoch)
+        self._iterated = True
+        self._epoch_is_set = False
+        self._active = _EpochIterator(self, self.plan(self._epoch))
+        return self._active
+
+    def close(self) -> None:
+        """Stop DALI's threads and the planner thread now (also happens when the loader is garbage collected)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        if self._planner_pool is not None:
+            self._planner_pool.shutdown(wait=True, cancel_futures=True)
+            self._planner_pool = None
+
+    def _planner(self):
+        if self._planner_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dalimix-planner")
+        return self._planner_pool
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------------- one batch
+    def _plan_mix(self, n: int, epoch: int, step: int):
+        """Mix parameters of batch ``step`` (``n`` samples): a function of (seed, rank, epoch, step) only."""
+        if self.mix is None:
+            return None
+        rng = rng_mod.generator(self.seed, rng_mod.MIX, self.shard_id, epoch, step)
+        params = self.mix.plan(n, rng=rng, height=self.spec.height, width=self.spec.width)
+        return params, params.records()
+
+    def _finish(self, images_u8: torch.Tensor, sample_ids: np.ndarray, epoch: int, step: int, planned=None):
+        """uint8 batch (N_src x H x W x 3) -> (images, labels or targets)."""
+        n = len(sample_ids)
+        labels_np = self.samples.labels[sample_ids]
+        labels = torch.from_numpy(labels_np)
+        if self.device.type == "cuda":
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
+        params = None
+        records = identity_records(n)
+        masks = None
+        if self.mix is not None:
+            params, records = planned if planned is not None else self._plan_mix(n, epoch, step)
+            masks = params.mask_pool(self.device)
+        out = allocate_output(n, self.spec.height, self.spec.width, dtype=self.dtype,
+                              channels_last=self.channels_last, device=self.device)
+        images = mix_normalize(images_u8, records, masks, norm=self.norm, dtype=self.dtype,
+                               channels_last=self.channels_last, out=out)
+        self.last_batch = BatchInfo(epoch=epoch, step=step, sample_ids=sample_ids, params=params)
+        if self.mix is not None:
+            return images, self.mix.targets(labels, params, num_classes=self.num_classes)
+        return images, labels
+
+
+class _EpochIterator:
+    """Iterates one epoch: owns that epoch's DALI pipeline and releases DALI's buffers in order."""
+
+    def __init__(self, loader: ImageLoader, plan: EpochPlan, start_step: int = 0):
+        self.loader = loader
+        self.plan = plan
+        self.step = start_step
+        self._start = start_step
+        self._pipe = None
+        self._scheduled = 0
+        self._held = None  # (DALI outputs, CUDA event) of the previous batch, GPU only
+        self._planned = None  # (step, future) of the next batch's mix parameters
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return self.plan.num_batches - self.step
+
+    def _open(self) -> None:
+        ld = self.loader
+        ids = self.plan.order[self._start * ld.batch_size:]
+        self._pipe = build_pipeline(
+            [ld.samples.paths[i] for i in ids], [int(i) for i in ids],
+            spec=ld.spec, device=ld.device, batch_size=ld.batch_size, num_threads=ld.num_threads,
+            seed=rng_mod.derive_seed(ld.seed, rng_mod.DALI, ld.shard_id, self.plan.epoch), prefetch=ld.prefetch,
+        )
+        self._scheduled = self._start
+        self._schedule()
+        self._plan_ahead(self._start)
+
+    def _schedule(self) -> None:
+        while self._scheduled < self.plan.num_batches and self._scheduled - self.step < self.loader.prefetch:
+            self._pipe.schedule_run()
+            self._scheduled += 1
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            _, event = self._held
+            event.synchronize()  # our kernel has finished reading DALI's buffer
+            self._held = None
+            self._pipe.release_outputs()
+
+    def __next__(self):
+        if self.step >= self.plan.num_batches:
+            self.close()
+            raise StopIteration
+        ld = self.loader
+        if self._pipe is None:
+            self._open()
+        self._release_held()
+        self._schedule()
+        try:
+            outputs = self._pipe.share_outputs()
+        except RuntimeError as e:
+            err = self._decode_error(e)
+            self.close()
+            raise err from e
+        images_tl, ids_tl = outputs
+        ids = np.asarray(ids_tl.as_tensor()).reshape(-1).astype(np.int64)
+        valid = int(self.plan.valid[self.step])
+        images_u8 = torch.from_dlpack(images_tl.as_tensor())
+        planned = self._take_plan(valid)
+        self._plan_ahead(self.step + 1)
+        result = ld._finish(images_u8, ids[:valid], self.plan.epoch, self.step, planned)
+        if ld.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(ld.device))
+            self._held = (outputs, event)
+        else:
+            self._pipe.release_outputs()
+        self.step += 1
+        if self.step >= self.plan.num_batches:
+            self.close()
+        return result
+
+    def _take_plan(self, n: int):
+        if self._planned is not None and self._planned[0] == self.step:
+            return self._planned[1].result()
+        return None
+
+    def _plan_ahead(self, step: int) -> None:
+        """Sample the next batch's mix parameters on the loader's planner thread (FMix masks and
+        the like cost milliseconds; numpy and torch release the GIL while they work)."""
+        self._planned = None
+        ld = self.loader
+        if ld.mix is None or step >= self.plan.num_batches:
+            return
+        n = int(self.plan.valid[step])
+        self._planned = (step, ld._planner().submit(ld._plan_mix, n, self.plan.epoch, step))
+
+    def _decode_error(self, exc: Exception) -> DecodeError:
+        """Name the files behind a DALI failure: check the batches in flight with PIL."""
+        ld = self.loader
+        b = ld.batch_size
+        ids = self.plan.order[self.step * b: max(self._scheduled, self.step + 1) * b]
+        suspects = []
+        for i in dict.fromkeys(int(i) for i in ids):
+            reason = check_image_file(ld.samples.paths[i])
+            if reason:
+                suspects.append((ld.samples.paths[i], reason))
+        where = f"epoch {self.plan.epoch}, step {self.step}"
+        if suspects:
+            listing = "; ".join(f"{p} {r}" for p, r in suspects[:10])
+            more = f" (and {len(suspects) - 10} more)" if len(suspects) > 10 else ""
+            msg = (f"could not decode {len(suspects)} file(s) at {where}: {listing}{more}. "
+                   "Remove or replace them (or list the good files with a file list)")
+        else:
+            first = str(exc).strip().splitlines()
+            detail = next((line for line in first if "rror" in line), first[0] if first else "")
+            paths = [ld.samples.paths[int(i)] for i in ids[:3]]
+            msg = (f"DALI failed at {where} on one of the files {paths}{' ...' if len(ids) > 3 else ''} "
+                   f"({detail.strip()}); PIL reads them all, so check them with another decoder")
+        return DecodeError(msg, files=suspects, epoch=self.plan.epoch, step=self.step)
+
+    def close(self) -> None:
+        """Release DALI's buffers and threads."""
+        if self._pipe is not None:
+            if self._held is not None:
+                self._held[1].synchronize()
+                self._held = None
+            pipe, self._pipe = self._pipe, None
+            del pipe
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r}: a positive int")
+    return int(value)
+
+
+def _size(size) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (size, size)
+    try:
+        h, w = (int(s) for s in size)
+        ok = all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or h < 1 or w < 1:
+        raise ValueError(f"size={size!r}: an int or (height, width) of positive ints, e.g. 224 or (224, 224)")
+    return h, w
+
+
+def _pair(name: str, value) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: a pair (min, max) of numbers") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"{name}={value!r}: finite numbers")
+    return a, b
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use torch.float32, torch.float16 or torch.bfloat16")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype not in OUTPUT_TYPES:
+        raise ValueError(f"dtype={dtype!r}: use torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+def _shards(shard_id, num_shards) -> tuple[int, int]:
+    if shard_id is None and num_shards is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if shard_id is None or num_shards is None:
+        raise ValueError("give both shard_id and num_shards (or neither, to take them from torch.distributed)")
+    num_shards = _positive_int("num_shards", num_shards)
+    if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)) or not (0 <= shard_id < num_shards):
+        raise ValueError(f"shard_id={shard_id!r}: an int in [0, num_shards={num_shards})")
+    return int(shard_id), num_shards
+

@@ -1,0 +1,152 @@
+"""Where samples come from: an ImageFolder tree or a ``path label`` file list.
+
+Both give a :class:`Samples`: absolute paths, integer labels, and the class names. Classes of an
+ImageFolder tree are its sub-folders sorted by name and numbered from 0, as torchvision does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError
+
+# The extensions torchvision's ImageFolder accepts (its IMG_EXTENSIONS), compared case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """The samples of a data set: ``paths[i]`` has class ``labels[i]`` (an index into ``classes``)."""
+
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    class_to_idx: dict[str, int]
+    source: str
+    fingerprint: str = field(default="", compare=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _fingerprint(paths: list[str], labels: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p, l in zip(paths, labels.tolist()):
+        h.update(p.encode("utf-8", "surrogateescape"))
+        h.update(b"\0%d\n" % l)
+    return h.hexdigest()[:16]
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_image_folder(root: str | os.PathLike) -> Samples:
+    """List ``root/<class>/**/<image>`` like torchvision's ImageFolder (classes sorted, files sorted).
+
+    Raises:
+        DatasetError: ``root`` is missing, is not a folder, has no class folders, or a class
+            folder holds no image files.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"data root {root} does not exist; pass the folder that holds one sub-folder per class")
+    if not root.is_dir():
+        raise DatasetError(f"data root {root} is not a folder; pass a folder with one sub-folder per class, or use file_list=")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(
+            f"data root {root} has no class folders; lay it out as {root}/<class>/<image> (ImageFolder), "
+            "or pass file_list= with 'path label' lines"
+        )
+    paths: list[str] = []
+    labels: list[int] = []
+    for idx, cls in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames.sort()
+            found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
+        if not found:
+            raise DatasetError(
+                f"class folder {root / cls} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+        paths += found
+        labels += [idx] * len(found)
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    return Samples(
+        paths=paths,
+        labels=labels_arr,
+        classes=classes,
+        class_to_idx={c: i for i, c in enumerate(classes)},
+        source=str(root),
+        fingerprint=_fingerprint([os.path.relpath(p, root) for p in paths], labels_arr),
+    )
+
+
+def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None = None, classes=None) -> Samples:
+    """Read ``path label`` lines (label an integer, whitespace between, ``#`` comments and blank lines skipped).
+
+    Relative paths are taken relative to ``root`` if given, else to the list file's folder. Paths
+    may contain spaces (the label is the last field).
+
+    Raises:
+        DatasetError: the list is missing or empty, a line is malformed, or a named file is missing.
+    """
+    file_list = Path(file_list).expanduser()
+    if not file_list.is_file():
+        raise DatasetError(f"file list {file_list} does not exist; pass a text file of 'path label' lines")
+    base = Path(root).expanduser() if root is not None else file_list.parent
+    paths: list[str] = []
+    labels: list[int] = []
+    missing: list[str] = []
+    with open(file_list, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2:
+                raise DatasetError(f"{file_list}:{lineno}: expected 'path label', got {line!r}")
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise DatasetError(f"{file_list}:{lineno}: label {parts[1]!r} is not an integer") from None
+            if label < 0:
+                raise DatasetError(f"{file_list}:{lineno}: label {label} is negative; labels are class indices 0..C-1")
+            p = Path(parts[0]).expanduser()
+            p = p if p.is_absolute() else base / p
+            if not p.is_file():
+                missing.append(f"{file_list}:{lineno}: {p}")
+            paths.append(str(p))
+            labels.append(label)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DatasetError(
+            f"file list {file_list} names {len(missing)} missing file(s): " + "; ".join(missing[:5]) + more
+            + ". Fix the paths (relative paths are taken from " + str(base) + ") or remove those lines"
+        )
+    if not paths:
+        raise DatasetError(f"file list {file_list} names no files; add 'path label' lines")
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    n_classes = int(labels_arr.max()) + 1
+    if classes is None:
+        classes = [str(i) for i in range(n_classes)]
+    else:
+        classes = list(classes)
+        if len(classes) < n_classes:
+            raise DatasetError(f"file list {file_list} uses label {n_classes - 1} but only {len(classes)} class names were given")
+    return Samples(
+        paths=paths,
+        labels=labels_arr,
+        classes=classes,
+        class_to_idx={c: i for i, c in enumerate(classes)},
+        source=str(file_list),
+        fingerprint=_fingerprint(paths, labels_arr),
+    )
