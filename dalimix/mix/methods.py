@@ -1,0 +1,512 @@
+"""Mixing methods. Each samples its parameters on the host and fills rows of a ``MixParams``;
+none launches anything: the one fused kernel consumes the parameters of the whole batch.
+
+Every method has the same three steps, kornia style:
+- ``draw_lam(rng, count)``: its mixing-ratio distribution;
+- ``fill(params, rows, lam, rng=, height=, width=, shared=)``: geometry (box, mask, grid, blob)
+  for those rows; ``shared=True`` gives all rows one geometry (timm's "batch" mode);
+- ``params(n, height=, width=, lam=, partner=, box=, mask=, rng=)``: a whole batch of this method
+  with any parameter given explicitly instead of sampled (reproducible runs, tests against other
+  libraries).
+
+Convention: ``lam`` is the weight of the sample's OWN image (the fraction of its pixels that stay,
+or its blend weight); the partner gets ``1 - lam``. Targets use ``target_lam`` (= ``lam`` except
+SamplePairing, which keeps the sample's label).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..ops.record import (
+    FLAG_BILINEAR,
+    METHOD_BLEND,
+    METHOD_BOX,
+    METHOD_GRID,
+    METHOD_MASK,
+    METHOD_RESIZE,
+    METHOD_SMOOTH,
+)
+from .params import MixParams, pair_indices
+
+
+def _positive(name: str, value) -> float:
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={value!r}: a positive, finite number")
+    return value
+
+
+def _range(name: str, value, lo: float, hi: float) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: a pair (min, max)") from None
+    if not (lo <= a <= b <= hi):
+        raise ValueError(f"{name}={value!r}: need {lo} <= min <= max <= {hi}")
+    return a, b
+
+
+def _as_rows(value, rows: np.ndarray, dtype) -> np.ndarray:
+    arr = np.asarray(value, dtype=dtype)
+    return np.broadcast_to(arr, (len(rows),) + arr.shape[1:] if arr.ndim else (len(rows),)).copy()
+
+
+def _rng(rng):
+    return rng if rng is not None else np.random.default_rng()
+
+
+class MixMethod:
+    """Base class: see the module docstring for the contract."""
+
+    name = "none"
+
+    def draw_lam(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def fill(self, p: MixParams, rows: np.ndarray, lam: np.ndarray, *, rng, height: int, width: int, shared: bool) -> None:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Methods with an epoch schedule (SamplePairing) switch here."""
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def params(self, n: int, *, height: int, width: int, lam=None, partner="flip", rng=None, **explicit) -> MixParams:
+        """A batch of ``n`` samples mixed by this method; ``lam`` (scalar or per sample), ``partner``
+        (a pairing name or an index array) and method-specific geometry may be given explicitly."""
+        rng = _rng(rng)
+        p = MixParams.unmixed(n, (self.name,))
+        p.partner = pair_indices(n, partner, rng) if isinstance(partner, str) else _check_partner(partner, n)
+        rows = np.arange(n)
+        lam_rows = self.draw_lam(rng, n) if lam is None else _as_rows(lam, rows, np.float64)
+        self._fill_explicit(p, rows, lam_rows, rng=rng, height=height, width=width, **explicit)
+        p.kind[:] = 0
+        return p
+
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, **explicit):
+        if explicit:
+            raise TypeError(f"{type(self).__name__}.params() takes no {', '.join(explicit)}")
+        self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def _check_partner(partner, n: int) -> np.ndarray:
+    partner = np.asarray(partner, dtype=np.int64)
+    if partner.shape != (n,) or ((partner < 0) | (partner >= n)).any():
+        raise ValueError(f"partner must be {n} indices in [0, {n}), got {partner!r}")
+    return partner
+
+
+class MixUp(MixMethod):
+    """MixUp (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018).
+
+    ``lam ~ Beta(alpha, alpha)``; ``x = lam * x_i + (1 - lam) * x_j``; targets mixed by ``lam``.
+    """
+
+    name = "mixup"
+
+    def __init__(self, *, alpha: float = 1.0):
+        self.alpha = _positive("alpha", alpha)
+
+    def draw_lam(self, rng, count):
+        return rng.beta(self.alpha, self.alpha, size=count)
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        lam = np.asarray(lam, dtype=np.float64)
+        p.method[rows] = METHOD_BLEND
+        p.blend[rows] = lam.astype(np.float32)
+        # the kernel blends with the float32 weight: targets use the same number
+        p.lam[rows] = p.blend[rows].astype(np.float64)
+        p.target_lam[rows] = p.lam[rows]
+
+
+class SamplePairing(MixMethod):
+    """SamplePairing (Inoue, "Data Augmentation by Pairing Samples for Images Classification", 2018).
+
+    ``x = (x_i + x_j) / 2`` and the label stays ``y_i``. On an epoch schedule: active from
+    ``start_epoch`` until ``end_epoch`` (exclusive, None = forever), in cycles of ``on_epochs``
+    epochs on and ``off_epochs`` off (``off_epochs=0``: always on within the range). The loader's
+    ``set_epoch`` switches it; while off, the samples that chose it stay unmixed.
+    """
+
+    name = "samplepairing"
+
+    def __init__(self, *, start_epoch: int = 0, end_epoch: int | None = None, on_epochs: int = 1, off_epochs: int = 0):
+        if int(start_epoch) < 0 or (end_epoch is not None and int(end_epoch) < int(start_epoch)):
+            raise ValueError(f"start_epoch={start_epoch}, end_epoch={end_epoch}: need 0 <= start <= end")
+        if int(on_epochs) < 1 or int(off_epochs) < 0:
+            raise ValueError(f"on_epochs={on_epochs} (>= 1), off_epochs={off_epochs} (>= 0)")
+        self.start_epoch = int(start_epoch)
+        self.end_epoch = None if end_epoch is None else int(end_epoch)
+        self.on_epochs = int(on_epochs)
+        self.off_epochs = int(off_epochs)
+        self._epoch = 0
+
+    def is_active(self, epoch: int) -> bool:
+        if epoch < self.start_epoch or (self.end_epoch is not None and epoch >= self.end_epoch):
+            return False
+        return (epoch - self.start_epoch) % (self.on_epochs + self.off_epochs) < self.on_epochs
+
+    def set_epoch(self, epoch):
+        self._epoch = int(epoch)
+
+    @property
+    def active(self):
+        return self.is_active(self._epoch)
+
+    def draw_lam(self, rng, count):
+        return np.full(count, 0.5)
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        p.method[rows] = METHOD_BLEND
+        p.blend[rows] = 0.5
+        p.lam[rows] = 0.5
+        p.target_lam[rows] = 1.0
+
+
+class CutMix(MixMethod):
+    """CutMix (Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with
+    Localizable Features", ICCV 2019), with timm's box rules.
+
+    ``lam ~ Beta(alpha, alpha)``; a box of side ratio ``sqrt(1 - lam)`` at a uniform centre,
+    clipped at the edges, shows the partner. ``correct_lam``: ``lam = 1 - box_area / (H * W)``
+    (the pixel fraction actually kept). ``minmax=(a, b)``: box sides uniform in
+    ``[a * H, b * H) x [a * W, b * W)``, fully inside the image, lam always corrected.
+    """
+
+    name = "cutmix"
+
+    def __init__(self, *, alpha: float = 1.0, minmax=None, correct_lam: bool = True):
+        self.alpha = _positive("alpha", alpha)
+        self.minmax = None if minmax is None else _range("cutmix_minmax", minmax, 0.0, 1.0)
+        self.correct_lam = bool(correct_lam)
+
+    def draw_lam(self, rng, count):
+        return rng.beta(self.alpha, self.alpha, size=count)
+
+    def boxes(self, rng, lam: np.ndarray, height: int, width: int) -> np.ndarray:
+        """``len(lam)`` boxes ``(y0, x0, y1, x1)``."""
+        count = len(lam)
+        if self.minmax is not None:
+            lo, hi = self.minmax
+            cut_h = rng.integers(int(height * lo), max(int(height * hi), int(height * lo) + 1), size=count)
+            cut_w = rng.integers(int(width * lo), max(int(width * hi), int(width * lo) + 1), size=count)
+            y0 = rng.integers(0, np.maximum(height - cut_h, 1))
+            x0 = rng.integers(0, np.maximum(width - cut_w, 1))
+            return np.stack([y0, x0, y0 + cut_h, x0 + cut_w], 1).astype(np.int32)
+        ratio = np.sqrt(1.0 - np.asarray(lam, dtype=np.float64))
+        cut_h = (height * ratio).astype(np.int64)
+        cut_w = (width * ratio).astype(np.int64)
+        cy = rng.integers(0, height, size=count)
+        cx = rng.integers(0, width, size=count)
+        y0 = np.clip(cy - cut_h // 2, 0, height)
+        y1 = np.clip(cy + cut_h // 2, 0, height)
+        x0 = np.clip(cx - cut_w // 2, 0, width)
+        x1 = np.clip(cx + cut_w // 2, 0, width)
+        return np.stack([y0, x0, y1, x1], 1).astype(np.int32)
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        lam = np.asarray(lam, dtype=np.float64)
+        box = self.boxes(rng, lam[:1] if shared else lam, height, width)
+        self._set(p, rows, lam, np.broadcast_to(box, (len(rows), 4)), height, width)
+
+    def _set(self, p, rows, lam, box, height, width):
+        p.method[rows] = METHOD_BOX
+        p.box[rows] = box
+        if self.correct_lam or self.minmax is not None:
+            area = (box[:, 2] - box[:, 0]).astype(np.float64) * (box[:, 3] - box[:, 1])
+            lam = 1.0 - area / float(height * width)
+        p.lam[rows] = lam
+        p.target_lam[rows] = lam
+
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, box=None):
+        if box is None:
+            return self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
+        box = np.broadcast_to(np.asarray(box, dtype=np.int32), (len(rows), 4))
+        self._set(p, rows, lam, box, height, width)
+
+
+class ResizeMix(MixMethod):
+    """ResizeMix (Qin et al., "ResizeMix: Mixing Data with Preserved Object Information and True
+    Labels", 2020), as OpenMixup samples it.
+
+    ``tau ~ U(scope)``; a box of ``int(tau * H) x int(tau * W)`` at a uniform centre, clipped at
+    the edges, receives the WHOLE partner image resized to the box (in the kernel, nearest by
+    default or bilinear); ``lam = 1 - box_area / (H * W)``.
+    """
+
+    name = "resizemix"
+
+    def __init__(self, *, scope=(0.1, 0.8), interpolation: str = "nearest"):
+        self.scope = _range("scope", scope, 0.0, 1.0)
+        if interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"interpolation={interpolation!r}: 'nearest' or 'bilinear'")
+        self.interpolation = interpolation
+
+    def draw_lam(self, rng, count):
+        """The scale ``tau`` of each box (ResizeMix's own parameter), not the final lam."""
+        return rng.uniform(self.scope[0], self.scope[1], size=count)
+
+    def boxes(self, rng, tau: np.ndarray, height: int, width: int) -> np.ndarray:
+        tau = np.clip(np.asarray(tau, dtype=np.float64), self.scope[0], self.scope[1])
+        cut_h = (height * tau).astype(np.int64)
+        cut_w = (width * tau).astype(np.int64)
+        cy = rng.integers(0, height, size=len(tau))
+        cx = rng.integers(0, width, size=len(tau))
+        y0, y1 = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height)
+        x0, x1 = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)
+        return np.stack([y0, x0, y1, x1], 1).astype(np.int32)
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        box = self.boxes(rng, np.asarray(lam)[:1] if shared else lam, height, width)
+        self._set(p, rows, np.broadcast_to(box, (len(rows), 4)), height, width)
+
+    def _set(self, p, rows, box, height, width):
+        p.method[rows] = METHOD_RESIZE
+        p.box[rows] = box
+        p.flags[rows] = FLAG_BILINEAR if self.interpolation == "bilinear" else 0
+        area = (box[:, 2] - box[:, 0]).astype(np.float64) * (box[:, 3] - box[:, 1])
+        p.lam[rows] = 1.0 - area / float(height * width)
+        p.target_lam[rows] = p.lam[rows]
+
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, box=None):
+        if box is None:
+            return self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
+        self._set(p, rows, np.broadcast_to(np.asarray(box, dtype=np.int32), (len(rows), 4)), height, width)
+
+
+def nearest_counts(in_size: int, out_size: int) -> np.ndarray:
+    """How many output pixels each input pixel covers under nearest upsampling (the kernel's rule)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+    return np.bincount(idx, minlength=in_size)
+
+
+def full_resolution_mean(mask: np.ndarray, height: int, width: int) -> float:
+    """Mean of ``mask`` (h x w) after nearest upsampling to ``height x width``, exactly."""
+    cy = nearest_counts(mask.shape[0], height).astype(np.float64)
+    cx = nearest_counts(mask.shape[1], width).astype(np.float64)
+    return float(cy @ mask.astype(np.float64) @ cx) / (height * width)
+
+
+def full_resolution_means(masks, height: int, width: int) -> np.ndarray:
+    """``full_resolution_mean`` of each mask; one matrix product when they share a shape."""
+    shapes = {m.shape for m in masks}
+    if len(shapes) != 1:
+        return np.array([full_resolution_mean(m, height, width) for m in masks])
+    h, w = shapes.pop()
+    cy = nearest_counts(h, height).astype(np.float64)
+    cx = nearest_counts(w, width).astype(np.float64)
+    stack = np.stack(masks).astype(np.float64)
+    return np.einsum("y,nyx,x->n", cy, stack, cx) / (height * width)
+
+
+class FMix(MixMethod):
+    """FMix (Harris et al., "FMix: Enhancing Mixed Sample Data Augmentation", 2020).
+
+    A low-frequency mask: Gaussian noise in Fourier space scaled by ``1 / f ** decay_power``
+    (frequencies below ``1 / max(h, w)`` clamped), inverse FFT, and the top ``lam`` fraction of
+    its pixels set to 1 (own image), the rest 0 (partner); ``lam ~ Beta(alpha, alpha)``.
+
+    The mask is sampled at ``mask_size`` (default: a quarter of the output size, rounded up, e.g.
+    56 x 56 for 224 x 224) and upsampled nearest in the kernel; the spectrum above that
+    resolution's Nyquist frequency carries at most ``(1/4) ** decay_power`` of the lowest
+    frequency's amplitude. The reported ``lam`` is the mask mean at full resolution, exactly.
+    """
+
+    name = "fmix"
+
+    def __init__(self, *, alpha: float = 1.0, decay_power: float = 3.0, mask_size=None, mask_scale: int = 4):
+        self.alpha = _positive("alpha", alpha)
+        self.decay_power = _positive("decay_power", decay_power)
+        self.mask_size = None if mask_size is None else tuple(int(s) for s in np.broadcast_to(mask_size, 2))
+        if self.mask_size is not None and min(self.mask_size) < 1:
+            raise ValueError(f"mask_size={mask_size!r}: positive (height, width)")
+        if int(mask_scale) < 1:
+            raise ValueError(f"mask_scale={mask_scale!r}: a positive int (output size / mask size)")
+        self.mask_scale = int(mask_scale)
+
+    def draw_lam(self, rng, count):
+        return rng.beta(self.alpha, self.alpha, size=count)
+
+    def resolution(self, height: int, width: int) -> tuple[int, int]:
+        if self.mask_size is not None:
+            return min(self.mask_size[0], height), min(self.mask_size[1], width)
+        return -(-height // self.mask_scale), -(-width // self.mask_scale)
+
+    def low_freq_images(self, rng, count: int, h: int, w: int) -> np.ndarray:
+        """``count`` smooth random images (h x w, float32): complex Gaussian noise scaled by
+        ``1 / max(f, 1 / max(h, w)) ** decay_power``, inverse real FFT (torch's, multi-threaded,
+        seeded from ``rng``)."""
+        import torch
+
+        fy = np.fft.fftfreq(h)[:, None]
+        fx = np.fft.rfftfreq(w)[None, :]
+        freqs = np.sqrt(fy * fy + fx * fx)
+        scale = torch.from_numpy((1.0 / np.maximum(freqs, 1.0 / max(h, w)) ** self.decay_power).astype(np.float32))
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        noise = torch.randn((count,) + tuple(freqs.shape) + (2,), generator=gen)
+        return torch.fft.irfft2(torch.view_as_complex(noise) * scale, s=(h, w)).numpy()
+
+    def binarize(self, images: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """1 on the top ``round(lam * h * w)`` pixels of each image, 0 elsewhere (float32)."""
+        count, h, w = images.shape
+        flat = images.reshape(count, -1).astype(np.float32, copy=False)
+        size = flat.shape[1]
+        keep = np.rint(np.asarray(lam, dtype=np.float64) * size).astype(np.int64)
+        ordered = np.sort(flat, axis=1)
+        threshold = ordered[np.arange(count), np.clip(size - keep, 0, size - 1)]
+        masks = flat >= threshold[:, None]
+        masks[keep <= 0] = False
+        return masks.astype(np.float32).reshape(count, h, w)
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        lam = np.asarray(lam, dtype=np.float64)
+        mh, mw = self.resolution(height, width)
+        count = 1 if shared else len(rows)
+        masks = self.binarize(self.low_freq_images(rng, count, mh, mw), lam[:count])
+        self._set(p, rows, [masks[0]] * len(rows) if shared else list(masks), height, width)
+
+    def _set(self, p, rows, masks, height, width):
+        p.method[rows] = METHOD_MASK
+        p.flags[rows] = 0
+        for r, m in zip(rows, masks):
+            p.masks[r] = m
+        if all(m is masks[0] for m in masks):
+            lam = full_resolution_mean(masks[0], height, width)
+        else:
+            lam = full_resolution_means(masks, height, width)
+        p.lam[rows] = lam
+        p.target_lam[rows] = lam
+
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, mask=None):
+        if mask is None:
+            return self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
+        mask = np.asarray(mask, dtype=np.float32)
+        masks = [mask] * len(rows) if mask.ndim == 2 else list(mask)
+        if len(masks) != len(rows) or any(m.ndim != 2 or m.shape[0] > height or m.shape[1] > width for m in masks):
+            raise ValueError(f"mask must be h x w or {len(rows)} x h x w with h <= {height}, w <= {width}")
+        if any(not np.isfinite(m).all() or m.min() < 0 or m.max() > 1 for m in masks):
+            raise ValueError("mask values must be finite and in [0, 1] (1 = the sample's own image)")
+        self._set(p, rows, masks, height, width)
+
+
+class GridMix(MixMethod):
+    """GridMix (Baek et al., "GridMix: Strong regularization through local context mapping",
+    Pattern Recognition 2021), as OpenMixup samples it.
+
+    A cut region (``cut_area_ratio`` of the image, aspect ``cut_aspect_ratio``, uniform position)
+    is tiled with patches ``ceil(width / n_holes)`` wide and ``hole_aspect_ratio`` times as high;
+    in each patch a hole of side ratio ``sqrt(1 - lam)`` (at least 1 pixel, at most the patch
+    minus 1) shows the partner. ``lam ~ Beta(alpha, alpha)`` sets the hole size; the reported lam
+    is the exact fraction of own pixels. Computed in the kernel from 8 integers: no mask memory.
+    Each argument may be a number or a (min, max) range sampled per grid.
+    """
+
+    name = "gridmix"
+
+    def __init__(self, *, alpha: float = 1.0, n_holes=20, hole_aspect_ratio=1.0, cut_area_ratio=1.0, cut_aspect_ratio=1.0):
+        self.alpha = _positive("alpha", alpha)
+        self.n_holes = tuple(int(v) for v in np.broadcast_to(n_holes, 2))
+        if not (1 <= self.n_holes[0] <= self.n_holes[1]):
+            raise ValueError(f"n_holes={n_holes!r}: a positive int or (min, max)")
+        self.hole_aspect_ratio = _range("hole_aspect_ratio", np.broadcast_to(hole_aspect_ratio, 2), 1e-3, 1e3)
+        self.cut_area_ratio = _range("cut_area_ratio", np.broadcast_to(cut_area_ratio, 2), 1e-3, 1.0)
+        self.cut_aspect_ratio = _range("cut_aspect_ratio", np.broadcast_to(cut_aspect_ratio, 2), 1e-3, 1e3)
+
+    def draw_lam(self, rng, count):
+        return rng.beta(self.alpha, self.alpha, size=count)
+
+    def grid(self, rng, lam: float, height: int, width: int):
+        """One grid: ((y0, x0, y1, x1) cut region, (patch_w, patch_h, hole_w, hole_h))."""
+        n_holes = int(rng.integers(self.n_holes[0], self.n_holes[1] + 1))
+        hole_aspect = rng.uniform(*self.hole_aspect_ratio)
+        cut_area = int(height * width * rng.uniform(*self.cut_area_ratio))
+        cut_aspect = rng.uniform(*self.cut_aspect_ratio)
+        cut_w = min(int(np.sqrt(cut_area / cut_aspect)), width)
+        cut_h = min(int(cut_w * cut_aspect), height)
+        x0 = int((width - cut_w) * rng.random())
+        y0 = int((height - cut_h) * rng.random())
+        if not (1 <= n_holes <= cut_w // 2):
+            raise ValueError(
+                f"GridMix: n_holes={n_holes} does not fit a cut region {cut_w} pixels wide; use n_holes <= {max(cut_w // 2, 1)}"
+            )
+        patch_w = math.ceil(cut_w / n_holes)
+        patch_h = max(int(patch_w * hole_aspect), 2)
+        ratio = np.sqrt(1.0 - lam)
+        hole_w = min(max(int(patch_w * ratio), 1), patch_w - 1)
+        hole_h = min(max(int(patch_h * ratio), 1), patch_h - 1)
+        return (y0, x0, y0 + cut_h, x0 + cut_w), (patch_w, patch_h, hole_w, hole_h)
+
+    @staticmethod
+    def partner_fraction(box, pattern, height: int, width: int) -> float:
+        y0, x0, y1, x1 = box
+        pw, ph, hw, hh = pattern
+        span_x, span_y = x1 - x0, y1 - y0
+        holes_x = (span_x // pw) * hw + min(span_x % pw, hw)
+        holes_y = (span_y // ph) * hh + min(span_y % ph, hh)
+        return holes_x * holes_y / float(height * width)
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        lam = np.asarray(lam, dtype=np.float64)
+        grids = [self.grid(rng, float(lam[0]), height, width)] * len(rows) if shared else [
+            self.grid(rng, float(v), height, width) for v in lam
+        ]
+        for r, (box, pattern) in zip(rows, grids):
+            p.method[r] = METHOD_GRID
+            p.box[r] = box
+            p.ints[r] = pattern
+            p.lam[r] = 1.0 - self.partner_fraction(box, pattern, height, width)
+            p.target_lam[r] = p.lam[r]
+
+
+class SmoothMix(MixMethod):
+    """SmoothMix (Lee et al., "SmoothMix: a Simple Yet Effective Data Augmentation to Train Robust
+    Classifiers", CVPR Workshops 2020), as OpenMixup samples it.
+
+    A Gaussian blob ``g`` shows the partner: ``x = (1 - g) * x_i + g * x_j``. Its centre is shifted
+    by a uniform offset from the image centre, ``sigma ~ U(0.25, 0.5) * H``, and distances are
+    measured on OpenMixup's rolled grid (period 2H x 2W). ``lam = 1 - mean(g)`` exactly. Computed
+    in the kernel from 3 numbers: no mask memory.
+    """
+
+    name = "smoothmix"
+
+    def __init__(self, *, sigma_range=(0.25, 0.5)):
+        self.sigma_range = _range("sigma_range", sigma_range, 1e-3, 10.0)
+
+    def draw_lam(self, rng, count):
+        return np.full(count, np.nan)  # SmoothMix's lam follows from its blob, not from a draw
+
+    def blob(self, rng, height: int, width: int):
+        """(y offset, x offset, 1 / (2 sigma^2)) of one blob."""
+        shift_y = int(int(rng.integers(0, height)) - height / 2)
+        shift_x = int(int(rng.integers(0, width)) - width / 2)
+        sigma = rng.uniform(*self.sigma_range) * height
+        return height // 2 - shift_y, width // 2 - shift_x, np.float32(1.0 / (2.0 * sigma * sigma))
+
+    @staticmethod
+    def partner_fraction(oy: int, ox: int, k: np.float32, height: int, width: int) -> float:
+        dy = (np.arange(height) + oy) % (2 * height) - (2 * height - 1) / 2
+        dx = (np.arange(width) + ox) % (2 * width) - (2 * width - 1) / 2
+        return float(np.exp(-dy * dy * float(k)).mean() * np.exp(-dx * dx * float(k)).mean())
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        blobs = [self.blob(rng, height, width)] * len(rows) if shared else [self.blob(rng, height, width) for _ in rows]
+        for r, (oy, ox, k) in zip(rows, blobs):
+            p.method[r] = METHOD_SMOOTH
+            p.ints[r] = (oy, ox, 0, 0)
+            p.floats[r] = k
+            p.lam[r] = 1.0 - self.partner_fraction(oy, ox, k, height, width)
+            p.target_lam[r] = p.lam[r]
+
+
+METHODS = {cls.name: cls for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix)}

@@ -1,0 +1,233 @@
+"""Mixers: choose methods and lams per batch, pair or element, and build targets.
+
+``Mixer`` takes any set of methods with probabilities. ``Mixup`` takes timm's ``Mixup``
+arguments (``mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode, correct_lam,
+label_smoothing, num_classes``) so a timm training script changes one line.
+
+Whatever the mode and the mixture, a batch is ONE kernel launch: the mixer only fills the
+per-sample parameter array (``MixParams``), and "elem" mode costs the kernel what "batch" costs.
+
+Pairing: ``flip`` by default (i <-> n-1-i, timm's ``x.flip(0)``): it is what timm does, so
+results match timm's Mixup for the same parameters, and it is an involution, which "pair" mode
+needs (both samples of a pair share one lam and one geometry). ``roll`` is torchvision's pairing,
+``derangement`` a random partner that is never the sample itself. With flip, the middle sample
+of an odd batch (and the only sample of a batch of 1) is paired with itself: mixing it is a no-op
+and its target is its own label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..ops import Normalization, allocate_output, mix_normalize
+from .methods import CutMix, MixMethod, MixUp
+from .params import PAIRINGS, MixParams, pair_indices
+from .targets import CompactTargets, soft_targets
+
+MODES = ("batch", "pair", "elem")
+TARGET_FORMS = ("soft", "compact")
+
+
+class Mixer:
+    """Mixes a batch with one of several methods, chosen with probabilities.
+
+    Args (keyword-only):
+        methods: a list of ``MixMethod`` (e.g. ``[MixUp(alpha=0.8), CutMix(alpha=1.0)]``).
+        probs: probability of each method (default: uniform); must sum to 1.
+        prob: probability that a batch/pair/element is mixed at all (timm's ``prob``).
+        mode: "batch" (one lam, method and geometry per batch), "pair" (per pair i, n-1-i) or
+            "elem" (per sample) — timm's modes.
+        pairing: "flip" (default), "roll" or "derangement" (see the module docstring).
+        label_smoothing: timm's smoothing: ``off = eps / C``, ``on = 1 - eps + off``.
+        num_classes: C (default: the loader's number of classes).
+        targets: "soft" (N x C float32, timm's form) or "compact" (``CompactTargets``: y_a, y_b,
+            lam — for ``dalimix.losses.MixCrossEntropy`` when C is large).
+    """
+
+    def __init__(
+        self,
+        *,
+        methods,
+        probs=None,
+        prob: float = 1.0,
+        mode: str = "batch",
+        pairing: str = "flip",
+        label_smoothing: float = 0.0,
+        num_classes: int | None = None,
+        targets: str = "soft",
+    ):
+        methods = list(methods)
+        if not methods or not all(isinstance(m, MixMethod) for m in methods):
+            raise ValueError(f"methods={methods!r}: a non-empty list of dalimix.mix methods (MixUp(), CutMix(), ...)")
+        self.methods = methods
+        self.names = tuple(m.name for m in methods)
+        if probs is None:
+            probs = np.full(len(methods), 1.0 / len(methods))
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.shape != (len(methods),) or not np.isfinite(probs).all() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-6:
+            raise ValueError(f"probs={probs.tolist()}: {len(methods)} non-negative numbers that sum to 1")
+        self.probs = probs / probs.sum()
+        if not (0.0 <= float(prob) <= 1.0):
+            raise ValueError(f"prob={prob!r}: the probability of mixing, in [0, 1]")
+        self.prob = float(prob)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: one of {', '.join(MODES)}")
+        self.mode = mode
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing={pairing!r}: one of {', '.join(PAIRINGS)}")
+        if mode == "pair" and pairing != "flip":
+            raise ValueError("mode='pair' mixes i with n-1-i and back: it needs pairing='flip'")
+        self.pairing = pairing
+        if not (0.0 <= float(label_smoothing) < 1.0):
+            raise ValueError(f"label_smoothing={label_smoothing!r}: in [0, 1)")
+        self.label_smoothing = float(label_smoothing)
+        if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+            raise ValueError(f"num_classes={num_classes!r}: a positive int")
+        self.num_classes = None if num_classes is None else int(num_classes)
+        if targets not in TARGET_FORMS:
+            raise ValueError(f"targets={targets!r}: 'soft' or 'compact'")
+        self.target_form = targets
+        self.mixup_enabled = True
+
+    def __repr__(self) -> str:
+        methods = ", ".join(f"{m!r}: p={p:.2f}" for m, p in zip(self.methods, self.probs))
+        return (f"{type(self).__name__}([{methods}], prob={self.prob}, mode={self.mode!r}, pairing={self.pairing!r}, "
+                f"label_smoothing={self.label_smoothing}, targets={self.target_form!r})")
+
+    # ------------------------------------------------------------------ loader protocol
+    def bind(self, loader) -> None:
+        """Called by ``ImageLoader``: take C from the data set, check it otherwise."""
+        if self.num_classes is None:
+            self.num_classes = loader.num_classes
+        elif self.num_classes < loader.num_classes:
+            raise ValueError(f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes")
+
+    def set_epoch(self, epoch: int) -> None:
+        for m in self.methods:
+            m.set_epoch(epoch)
+
+    # ------------------------------------------------------------------------ planning
+    def plan(self, n: int, *, rng: np.random.Generator, height: int, width: int, partner=None) -> MixParams:
+        """Sample the mix parameters of one batch of ``n`` samples (labels play no part, so the
+        loader plans the next batch while the current one is in use)."""
+        n = int(n)
+        p = MixParams.unmixed(n, self.names)
+        if not self.mixup_enabled or n == 0:
+            return p
+        p.partner = pair_indices(n, self.pairing, rng) if partner is None else np.asarray(partner, dtype=np.int64)
+        if self.mode == "batch":
+            units = [np.arange(n)]
+        elif self.mode == "pair":
+            units = [np.array([i]) for i in range(n // 2)]
+        else:
+            units = [np.array([i]) for i in range(n)]
+        k = len(units)
+        mixed = rng.random(k) < self.prob
+        choice = rng.choice(len(self.methods), size=k, p=self.probs)
+        for mi, method in enumerate(self.methods):
+            sel = np.flatnonzero(mixed & (choice == mi))
+            if len(sel) == 0 or not method.active:
+                continue
+            lam = method.draw_lam(rng, len(sel))
+            if self.mode == "batch":
+                rows = units[0]
+                method.fill(p, rows, np.full(len(rows), lam[0]), rng=rng, height=height, width=width, shared=True)
+            else:
+                rows = np.concatenate([units[u] for u in sel])
+                method.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
+                if self.mode == "pair":
+                    _copy_rows(p, rows, p.partner[rows])
+                    rows = np.concatenate([rows, p.partner[rows]])
+            p.kind[rows] = mi
+        return p
+
+    # ------------------------------------------------------------------------- targets
+    def targets(self, labels: torch.Tensor, params: MixParams, num_classes: int | None = None):
+        """Soft ``N x C`` targets (timm's rule) or ``CompactTargets``, on ``labels.device``."""
+        c = num_classes or self.num_classes
+        if c is None:
+            raise ValueError("num_classes is unknown: pass num_classes= to the mixer or use it with an ImageLoader")
+        partner = torch.from_numpy(params.partner).to(labels.device, non_blocking=True)
+        lam = torch.from_numpy(params.target_lam.astype(np.float32)).to(labels.device, non_blocking=True)
+        if self.target_form == "compact":
+            return CompactTargets(labels, labels[partner], lam, self.label_smoothing)
+        return soft_targets(labels, partner, lam, c, self.label_smoothing)
+
+    # --------------------------------------------------------- a tensor batch, directly
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, rng=None, norm: Normalization | None = None,
+                 dtype=torch.float32, channels_last: bool = False, params: MixParams | None = None):
+        """Mix a uint8 ``N x H x W x 3`` batch (CPU or CUDA) outside a loader: ``(images, targets)``.
+
+        ``params`` (from ``plan`` or a method's ``params``) replaces sampling; ``rng`` is a
+        ``numpy.random.Generator`` or a seed.
+        """
+        if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 N x H x W x 3, got {images.dtype} {tuple(images.shape)}")
+        n, h, w, _ = images.shape
+        if params is None:
+            rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+            params = self.plan(n, rng=rng, height=h, width=w)
+        out = allocate_output(n, h, w, dtype=dtype, channels_last=channels_last, device=images.device)
+        mixed = mix_normalize(images, params.records(), params.mask_pool(images.device), norm=norm, dtype=dtype,
+                              channels_last=channels_last, out=out)
+        return mixed, self.targets(labels, params, self.num_classes)
+
+
+def _copy_rows(p: MixParams, src: np.ndarray, dst: np.ndarray) -> None:
+    for name in ("method", "lam", "target_lam", "blend", "box", "flags", "ints", "floats"):
+        arr = getattr(p, name)
+        arr[dst] = arr[src]
+    for s, d in zip(src, dst):
+        p.masks[d] = p.masks[s]
+
+
+class Mixup(Mixer):
+    """timm's ``Mixup`` arguments, dalimix's fused kernel: MixUp and/or CutMix.
+
+    Same names, defaults and meaning as ``timm.data.Mixup``: ``mixup_alpha`` (MixUp on if > 0),
+    ``cutmix_alpha`` (CutMix on if > 0), ``cutmix_minmax`` (CutMix box side range, overrides the
+    alpha box, lam corrected), ``prob`` (probability of mixing per batch/pair/element),
+    ``switch_prob`` (probability of CutMix when both are on), ``mode`` ("batch", "pair", "elem"),
+    ``correct_lam``, ``label_smoothing``, ``num_classes`` (default: the loader's). Set
+    ``mixup_enabled = False`` (or ``loader.mixup_enabled = False``) for timm's ``--mixup-off-epoch``.
+    """
+
+    def __init__(
+        self,
+        *,
+        mixup_alpha: float = 1.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax=None,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = "batch",
+        correct_lam: bool = True,
+        label_smoothing: float = 0.1,
+        num_classes: int | None = None,
+        pairing: str = "flip",
+        targets: str = "soft",
+    ):
+        methods, probs = [], []
+        if not (0.0 <= float(switch_prob) <= 1.0):
+            raise ValueError(f"switch_prob={switch_prob!r}: a probability in [0, 1]")
+        use_cutmix = float(cutmix_alpha) > 0 or cutmix_minmax is not None
+        if float(mixup_alpha) < 0 or float(cutmix_alpha) < 0:
+            raise ValueError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}: alphas are >= 0 (0 = off)")
+        if float(mixup_alpha) > 0:
+            methods.append(MixUp(alpha=mixup_alpha))
+            probs.append(1.0 - float(switch_prob) if use_cutmix else 1.0)
+        if use_cutmix:
+            # with cutmix_minmax timm forces cutmix_alpha = 1 (the box ignores lam anyway)
+            alpha = 1.0 if cutmix_minmax is not None else cutmix_alpha
+            methods.append(CutMix(alpha=alpha, minmax=cutmix_minmax, correct_lam=correct_lam))
+            probs.append(float(switch_prob) if float(mixup_alpha) > 0 else 1.0)
+        if not methods:
+            raise ValueError("Mixup needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax")
+        super().__init__(methods=methods, probs=probs, prob=prob, mode=mode, pairing=pairing,
+                         label_smoothing=label_smoothing, num_classes=num_classes, targets=targets)
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.cutmix_minmax = cutmix_minmax
+        self.switch_prob = float(switch_prob)
+        self.correct_lam = bool(correct_lam)

@@ -1,0 +1,139 @@
+"""Mix parameters of one batch (host side) and the pairings that choose each sample's partner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..ops.record import METHOD_NONE, RECORD_DTYPE
+
+PAIRINGS = ("flip", "roll", "derangement")
+
+
+def pair_indices(n: int, pairing: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Partner of every sample: ``flip`` i <-> n-1-i (timm's ``x.flip(0)``), ``roll`` i -> i-1
+    (torchvision's ``roll(1, 0)``), ``derangement`` a random permutation with no fixed point
+    (for n >= 2; n = 1 pairs the sample with itself)."""
+    if pairing == "flip":
+        return np.arange(n - 1, -1, -1, dtype=np.int64)
+    if pairing == "roll":
+        return (np.arange(n, dtype=np.int64) - 1) % max(n, 1)
+    if pairing == "derangement":
+        if n < 2:
+            return np.arange(n, dtype=np.int64)
+        if rng is None:
+            raise ValueError("pairing='derangement' needs a random generator")
+        # a random cyclic shift of a random permutation has no fixed point
+        perm = rng.permutation(n)
+        shift = int(rng.integers(1, n))
+        partner = np.empty(n, dtype=np.int64)
+        partner[perm] = perm[(np.arange(n) + shift) % n]
+        return partner
+    raise ValueError(f"pairing={pairing!r}: use one of {', '.join(PAIRINGS)}")
+
+
+@dataclass
+class MixParams:
+    """Everything the fused kernel and the targets need to mix one batch of ``n`` samples.
+
+    Per sample ``i``: ``method[i]`` (kernel method id), ``kind[i]`` (index into ``names``: which
+    dalimix method, -1 = not mixed), ``partner[i]``, ``lam[i]`` (weight of the sample's own image,
+    as the pixel fraction or blend weight), ``target_lam[i]`` (weight of its own label in the
+    targets: ``lam`` except for SamplePairing, which keeps the label), ``blend[i]`` (kernel blend
+    weight), ``box[i] = (y0, x0, y1, x1)``, ``flags[i]``, ``ints[i]`` (the kernel's p0..p3),
+    ``floats[i]`` (its f0), and a mask per MASK sample (``masks[i]``: a 2-D float32 array or None).
+    """
+
+    n: int
+    names: tuple[str, ...]
+    method: np.ndarray
+    kind: np.ndarray
+    partner: np.ndarray
+    lam: np.ndarray
+    target_lam: np.ndarray
+    blend: np.ndarray
+    box: np.ndarray
+    flags: np.ndarray
+    ints: np.ndarray
+    floats: np.ndarray
+    masks: list = field(default_factory=list)
+    device_masks: torch.Tensor | None = None  # N x 1 x h x w masks already on the device (mask hook)
+
+    @classmethod
+    def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> "MixParams":
+        """``n`` samples, none mixed (partner = self, lam = 1)."""
+        return cls(
+            n=n,
+            names=tuple(names),
+            method=np.full(n, METHOD_NONE, dtype=np.int32),
+            kind=np.full(n, -1, dtype=np.int16),
+            partner=np.arange(n, dtype=np.int64),
+            lam=np.ones(n, dtype=np.float64),
+            target_lam=np.ones(n, dtype=np.float64),
+            blend=np.ones(n, dtype=np.float32),
+            box=np.zeros((n, 4), dtype=np.int32),
+            flags=np.zeros(n, dtype=np.int32),
+            ints=np.zeros((n, 4), dtype=np.int32),
+            floats=np.zeros(n, dtype=np.float32),
+            masks=[None] * n,
+        )
+
+    def method_name(self, i: int) -> str:
+        k = int(self.kind[i])
+        return self.names[k] if k >= 0 else "none"
+
+    def records(self) -> np.ndarray:
+        """The kernel's per-sample records (``RECORD_DTYPE``), mask offsets into ``mask_pool``."""
+        rec = np.zeros(self.n, dtype=RECORD_DTYPE)
+        rec["partner"] = self.partner
+        rec["method"] = self.method
+        rec["lam"] = self.blend
+        rec["flags"] = self.flags
+        rec["y0"], rec["x0"], rec["y1"], rec["x1"] = self.box.T
+        rec["p0"], rec["p1"], rec["p2"], rec["p3"] = self.ints.T
+        rec["f0"] = self.floats
+        if self.device_masks is not None:
+            _, _, mh, mw = self.device_masks.shape
+            rec["mask_offset"] = np.arange(self.n) * mh * mw
+            rec["mask_h"], rec["mask_w"] = mh, mw
+        else:
+            offset = 0
+            seen: dict[int, int] = {}
+            for i, m in enumerate(self.masks):
+                if m is None:
+                    continue
+                key = id(m)
+                if key not in seen:  # samples sharing one mask array share its pool slot
+                    seen[key] = offset
+                    offset += m.size
+                rec["mask_offset"][i] = seen[key]
+                rec["mask_h"][i], rec["mask_w"][i] = m.shape
+        return rec
+
+    def mask_pool(self, device) -> torch.Tensor | None:
+        """All masks in one flat float32 tensor on ``device`` (the order ``records`` assumes)."""
+        if self.device_masks is not None:
+            return self.device_masks.reshape(-1)
+        unique, seen = [], set()
+        for m in self.masks:
+            if m is not None and id(m) not in seen:
+                seen.add(id(m))
+                unique.append(np.asarray(m, dtype=np.float32).reshape(-1))
+        if not unique:
+            return None
+        pool = torch.from_numpy(np.concatenate(unique))
+        device = torch.device(device)
+        if device.type == "cuda":
+            return pool.pin_memory().to(device, non_blocking=True)
+        return pool
+
+    def select(self, rows: np.ndarray) -> "MixParams":
+        """A view of some rows (partners still index the full batch) — for reports."""
+        return MixParams(
+            n=len(rows), names=self.names, method=self.method[rows], kind=self.kind[rows],
+            partner=self.partner[rows], lam=self.lam[rows], target_lam=self.target_lam[rows],
+            blend=self.blend[rows], box=self.box[rows], flags=self.flags[rows], ints=self.ints[rows],
+            floats=self.floats[rows], masks=[self.masks[i] for i in rows],
+        )
