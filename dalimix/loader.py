@@ -526,7 +526,8 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _size(size) -> tuple[int, int]:
+def _size(value) -> tuple[int, int]:
+    size = value
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         size = (size, size)
     try:
@@ -535,7 +536,7 @@ def _size(size) -> tuple[int, int]:
     except (TypeError, ValueError):
         ok = False
     if not ok or h < 1 or w < 1:
-        raise ValueError(f"size={size!r}: an int or (height, width) of positive ints, e.g. 224 or (224, 224)")
+        raise ValueError(f"size={value!r}: an int or (height, width) of positive ints, e.g. 224 or (224, 224)")
     return h, w
 
 

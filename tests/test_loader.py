@@ -1,0 +1,298 @@
+"""ImageLoader on DALI's CPU-only mode: contract, order, sharding, seeds, decoding, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dalimix import DatasetError, DecodeError, ImageLoader, LastBatchPolicy, plan_epoch
+from conftest import write_image
+
+
+def collect(loader, epochs=1):
+    out = []
+    for _ in range(epochs):
+        ids, batches = [], []
+        for images, labels in loader:
+            ids.append(loader.last_batch.sample_ids.copy())
+            batches.append((images.clone(), labels.clone()))
+        out.append((ids, batches))
+    return out
+
+
+# ------------------------------------------------------------------------ planning (pure)
+@pytest.mark.parametrize("n, b, w", [(20, 3, 1), (20, 3, 3), (17, 4, 2), (5, 8, 2), (100, 7, 8), (3, 1, 4)])
+def test_plan_epoch_policies(n, b, w):
+    plans = {p: [plan_epoch(n, batch_size=b, epoch=3, seed=5, shuffle=True, shard_id=r, num_shards=w, policy=p)
+                 for r in range(w)] for p in LastBatchPolicy}
+    # PARTIAL: every sample exactly once over all ranks
+    partial = plans[LastBatchPolicy.PARTIAL]
+    seen = np.concatenate([np.concatenate([p.order[i * b:i * b + v] for i, v in enumerate(p.valid)]) for p in partial if len(p.valid)] or [np.array([], int)])
+    assert sorted(seen.tolist()) == list(range(n))
+    for p in partial:
+        assert all(1 <= v <= b for v in p.valid)
+    # DROP: every rank the same number of full batches, no sample twice
+    drop = plans[LastBatchPolicy.DROP]
+    assert len({p.num_batches for p in drop}) == 1
+    assert drop[0].num_batches == (n // w) // b
+    ids = np.concatenate([p.order for p in drop])
+    assert len(ids) == len(set(ids.tolist()))
+    # FILL: every rank the same number of full batches; each real sample at least once
+    fill = plans[LastBatchPolicy.FILL]
+    assert len({p.num_batches for p in fill}) == 1
+    assert fill[0].num_batches == -(-(-(-n // w)) // b)
+    assert set(np.concatenate([p.order for p in fill]).tolist()) == set(range(n))
+    assert all((p.valid == b).all() for p in fill)
+
+
+def test_plan_epoch_is_a_function_of_seed_and_epoch():
+    kw = dict(batch_size=4, shuffle=True, shard_id=0, num_shards=1, policy=LastBatchPolicy.PARTIAL)
+    a = plan_epoch(50, epoch=2, seed=1, **kw).order
+    assert np.array_equal(a, plan_epoch(50, epoch=2, seed=1, **kw).order)
+    assert not np.array_equal(a, plan_epoch(50, epoch=3, seed=1, **kw).order)
+    assert not np.array_equal(a, plan_epoch(50, epoch=2, seed=2, **kw).order)
+    kw["shuffle"] = False
+    assert np.array_equal(plan_epoch(10, epoch=7, seed=1, **kw).order[:10], np.arange(10))
+
+
+# ------------------------------------------------------------------------- the contract
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shapes_dtypes_layouts(small_dataset, dtype, channels_last):
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=(40, 56), device="cpu", dtype=dtype,
+                         channels_last=channels_last)
+    assert len(loader) == 4  # 20 samples, PARTIAL
+    sizes = []
+    for images, labels in loader:
+        assert images.dtype == dtype and images.shape[1:] == (3, 40, 56)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert images.is_contiguous(memory_format=fmt)
+        assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
+        assert torch.isfinite(images.float()).all()
+        sizes.append(images.shape[0])
+    assert sizes == [6, 6, 6, 2]
+
+
+def test_values_are_normalised(tmp_path):
+    """Eval pipeline on solid-colour images: every output pixel is (c - 255 mean) / (255 std)."""
+    colours = {"a": (200, 30, 90), "b": (10, 250, 128)}
+    for cls, c in colours.items():
+        for i in range(2):
+            write_image(tmp_path / cls / f"{i}.png", np.full((50 + 10 * i, 70, 3), c, np.uint8))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    loader = ImageLoader(root=tmp_path, batch_size=4, size=32, train=False, device="cpu", mean=mean, std=std)
+    images, labels = next(iter(loader))
+    for img, lab in zip(images, labels):
+        c = np.array(colours[loader.classes[lab]], np.float64)
+        want = (c / 255 - np.array(mean)) / np.array(std)
+        np.testing.assert_allclose(img.numpy(), np.broadcast_to(want[:, None, None], img.shape), atol=1e-5)
+
+
+def test_flip_and_whole_image_crop(tmp_path):
+    """scale=(1, 1), ratio=(1, 1) on square images makes the random crop the whole image: with
+    hflip=0 the output is the image, with hflip=1 its mirror."""
+    x = np.arange(32, dtype=np.uint8)[None, :, None] * 7
+    img = np.broadcast_to(x, (32, 32, 3)).copy()
+    img[..., 1] = 255 - img[..., 1]
+    write_image(tmp_path / "a" / "0.png", img)
+    norm = dict(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))  # output = pixel values
+    kw = dict(root=tmp_path, batch_size=1, size=32, device="cpu", scale=(1, 1), ratio=(1, 1), **norm)
+    plain = next(iter(ImageLoader(hflip=0.0, **kw)))[0][0].permute(1, 2, 0).numpy()
+    flipped = next(iter(ImageLoader(hflip=1.0, **kw)))[0][0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(plain, img, atol=1e-3)
+    np.testing.assert_allclose(flipped, img[:, ::-1], atol=1e-3)
+
+
+def test_labels_follow_the_files(small_dataset):
+    loader = ImageLoader(root=small_dataset, batch_size=7, size=32, device="cpu")
+    for _, labels in loader:
+        ids = loader.last_batch.sample_ids
+        assert labels.tolist() == loader.dataset.labels[ids].tolist()
+        for i, lab in zip(ids, labels.tolist()):
+            assert f"/{loader.classes[lab]}/" in loader.dataset.paths[i]
+
+
+def test_every_file_once_per_epoch_and_reshuffled(small_dataset):
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3)
+    epochs = collect(loader, epochs=3)
+    orders = []
+    for ids, _ in epochs:
+        flat = np.concatenate(ids)
+        assert sorted(flat.tolist()) == list(range(20))
+        orders.append(flat.tolist())
+    assert orders[0] != orders[1] != orders[2]
+    assert loader.epoch == 2
+
+
+@pytest.mark.parametrize("policy, lengths", [("drop", [6, 6, 6]), ("partial", [6, 6, 6, 2]), ("fill", [6, 6, 6, 6])])
+def test_last_batch_policies(small_dataset, policy, lengths):
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", last_batch_policy=policy)
+    assert len(loader) == len(lengths)
+    ((ids, batches),) = collect(loader)
+    assert [len(b[1]) for b in batches] == lengths
+    flat = np.concatenate(ids).tolist()
+    if policy == "fill":
+        assert set(flat) == set(range(20))
+    else:
+        assert len(set(flat)) == len(flat)
+
+
+def test_same_seed_same_batches_and_set_epoch(small_dataset):
+    kw = dict(root=small_dataset, batch_size=5, size=32, device="cpu", seed=11)
+    a = collect(ImageLoader(**kw), epochs=2)
+    b = collect(ImageLoader(**kw), epochs=2)
+    for (ia, ba), (ib, bb) in zip(a, b):
+        assert all(np.array_equal(x, y) for x, y in zip(ia, ib))
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(ba, bb))
+    # epoch 1 straight away (set_epoch) gives epoch 1 of the run above
+    c = ImageLoader(**kw)
+    c.set_epoch(1)
+    ((ic, bc),) = collect(c)
+    assert all(np.array_equal(x, y) for x, y in zip(ic, a[1][0]))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(bc, a[1][1]))
+    # the timm / DistributedSampler idiom
+    d = ImageLoader(**kw)
+    d.sampler.set_epoch(1)
+    assert d.epoch == 1
+    other = collect(ImageLoader(**{**kw, "seed": 12}))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(other[0][1], a[0][1]))
+
+
+def test_shards_split_an_epoch(small_dataset):
+    got = []
+    for r in range(3):
+        loader = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", shard_id=r, num_shards=3)
+        ((ids, _),) = collect(loader)
+        got.append(np.concatenate(ids))
+    flat = np.concatenate(got).tolist()
+    assert sorted(flat) == list(range(20))
+    # per-rank augmentation streams differ (rank enters DALI's seed)
+    assert ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu").shard_id == 0
+
+
+def test_loader_attributes(small_dataset):
+    loader = ImageLoader(root=small_dataset, batch_size=8, size=32, device="cpu")
+    assert loader.batch_size == 8
+    assert len(loader.dataset) == 20 and loader.dataset.classes == loader.classes == ["bar", "disc", "ring", "star"]
+    assert loader.class_to_idx == {"bar": 0, "disc": 1, "ring": 2, "star": 3}
+    assert loader.batch_sampler is None and hasattr(loader.sampler, "set_epoch")
+    assert loader.mixup_enabled is False
+    assert loader.device == torch.device("cpu")
+    assert "ImageLoader(" in repr(loader)
+    it = iter(loader)
+    next(it)
+    # a new iteration abandons the old one cleanly and starts the next epoch
+    assert sum(1 for _ in loader) == 3
+
+
+def test_file_list_source(small_dataset, tmp_path):
+    paths = sorted(small_dataset.rglob("*.jpg"))[:7]
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(paths)))
+    loader = ImageLoader(file_list=lst, batch_size=3, size=32, device="cpu", train=False, classes=["x", "y", "z"])
+    ((ids, batches),) = collect(loader)
+    assert sorted(np.concatenate(ids).tolist()) == list(range(7))
+    assert torch.cat([b[1] for b in batches]).tolist() == [i % 3 for i in range(7)]  # eval: no shuffle
+    assert loader.classes == ["x", "y", "z"]
+
+
+FORMATS = [
+    ("gray.jpg", "JPEG", "L", {}, 4),
+    ("prog.jpg", "JPEG", None, {"progressive": True, "quality": 95}, 4),
+    ("cmyk.jpg", "JPEG", "CMYK", {"quality": 95}, 6),
+    ("rgba.png", "PNG", "RGBA", {}, 0),
+    ("pal.png", "PNG", "P", {}, 0),
+    ("gray.png", "PNG", "L", {}, 0),
+    ("img.bmp", "BMP", None, {}, 0),
+    ("img.webp", "WEBP", None, {"quality": 95}, 6),
+    ("img.tiff", "TIFF", None, {}, 0),
+]
+
+
+def test_formats_decode_to_rgb(tmp_path):
+    """Each format's decoded mean colour equals PIL's convert('RGB') (lossy formats within a few levels)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = np.zeros((48, 48, 3), np.uint8)
+    base[:24] = (220, 40, 90)
+    base[24:] = (30, 160, 240)
+    base[:, :8] = rng.integers(0, 255, 3)
+    for name, fmt, mode, kw, _ in FORMATS:
+        write_image(tmp_path / "c" / name, base, fmt=fmt, mode=mode, **kw)
+    loader = ImageLoader(root=tmp_path, batch_size=len(FORMATS), size=48, train=False, crop_pct=1.0, device="cpu",
+                         mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
+    images, _ = next(iter(loader))
+    tol = {name: t for name, _, _, _, t in FORMATS}
+    for img, i in zip(images, loader.last_batch.sample_ids):
+        path = loader.dataset.paths[i]
+        want = np.asarray(Image.open(path).convert("RGB"), np.float64).mean(axis=(0, 1))
+        got = img.numpy().mean(axis=(1, 2))
+        name = path.rsplit("/", 1)[1]
+        assert np.abs(got - want).max() <= tol[name] + 1.0, (name, got, want)
+
+
+@pytest.mark.parametrize("bad", ["zero", "truncated", "text"])
+def test_bad_files_raise_decode_error_naming_the_file(tmp_path, bad):
+    for i in range(3):
+        write_image(tmp_path / "a" / f"{i}.jpg", np.full((20, 20, 3), 90 * i, np.uint8))
+    target = tmp_path / "a" / "1.jpg"
+    if bad == "zero":
+        target.write_bytes(b"")
+    elif bad == "truncated":
+        target.write_bytes(target.read_bytes()[:60])
+    else:
+        target.write_text("this is not a JPEG")
+    loader = ImageLoader(root=tmp_path, batch_size=3, size=16, device="cpu")
+    with pytest.raises(DecodeError) as e:
+        list(loader)
+    assert str(target) in str(e.value)
+    assert e.value.files and e.value.files[0][0] == str(target)
+    assert e.value.epoch == 0 and e.value.step == 0
+    reason = {"zero": "empty", "truncated": "truncated|does not decode", "text": "not an image"}[bad]
+    assert any(r in str(e.value) for r in reason.split("|"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "give the data"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(size=-3), "size=-3"),
+        (dict(size=(32,)), "size="),
+        (dict(dtype="int8"), "dtype='int8'"),
+        (dict(scale=(0.5, 0.2)), "scale="),
+        (dict(ratio=(0, 1)), "ratio="),
+        (dict(hflip=2), "hflip=2"),
+        (dict(crop_pct=0), "crop_pct=0"),
+        (dict(interpolation="lanczos"), "interpolation='lanczos'"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(shard_id=1), "give both shard_id and num_shards"),
+        (dict(shard_id=3, num_shards=3), "shard_id=3"),
+        (dict(last_batch_policy="sometimes"), "last_batch_policy='sometimes'"),
+        (dict(device="tpu"), "device='tpu'"),
+        (dict(device="cuda"), "torch sees no CUDA GPU"),
+        (dict(num_threads=0), "num_threads=0"),
+    ],
+)
+def test_arguments_are_validated(small_dataset, kwargs, message):
+    if torch.cuda.is_available() and kwargs.get("device") == "cuda":
+        pytest.skip("a GPU is present")
+    base = dict(root=small_dataset, batch_size=4)
+    if "batch_size" in kwargs or kwargs == {}:
+        base = {"root": small_dataset} if kwargs else {"batch_size": 4}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ImageLoader(**{**base, **kwargs})
+
+
+def test_too_few_samples_for_a_dropped_batch(small_dataset):
+    with pytest.raises(DatasetError, match="make no batch of 64"):
+        ImageLoader(root=small_dataset, batch_size=64, last_batch_policy="drop", device="cpu")
+
+
+def test_accepts_dali_last_batch_policy(small_dataset):
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy as DaliPolicy
+
+    loader = ImageLoader(root=small_dataset, batch_size=6, device="cpu", last_batch_policy=DaliPolicy.FILL)
+    assert loader.last_batch_policy is LastBatchPolicy.FILL

@@ -1,0 +1,109 @@
+"""Data sources: ImageFolder scanning (torchvision's order) and file lists, with clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dalimix.errors import DatasetError
+from dalimix.sources import read_file_list, scan_image_folder
+from conftest import write_image
+
+
+def make_tree(root, layout):
+    arr = np.full((8, 8, 3), 128, np.uint8)
+    for rel in layout:
+        p = root / rel
+        if rel.endswith("/"):
+            p.mkdir(parents=True, exist_ok=True)
+        elif rel.endswith((".txt", ".json")):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("not an image")
+        else:
+            write_image(p, arr)
+    return root
+
+
+def test_image_folder_matches_torchvision(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    make_tree(tmp_path, ["b/2.jpg", "b/10.PNG", "a/z.jpg", "a/sub/y.jpeg", "C/x.bmp", "a/notes.txt", "d/e.webp"])
+    ours = scan_image_folder(tmp_path)
+    theirs = ImageFolder(str(tmp_path))
+    assert ours.classes == theirs.classes
+    assert ours.class_to_idx == theirs.class_to_idx
+    assert list(zip(ours.paths, ours.labels.tolist())) == [(p, l) for p, l in theirs.samples]
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (None, "does not exist"),
+        ([], "has no class folders"),
+        (["a/x.jpg", "b/notes.txt"], "holds no image files"),
+        (["a/x.jpg", "empty/"], "holds no image files"),
+    ],
+)
+def test_image_folder_errors_name_the_folder(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout is not None:
+        root.mkdir()
+        make_tree(root, layout)
+    with pytest.raises(DatasetError, match=message) as e:
+        scan_image_folder(root)
+    assert str(root) in str(e.value)
+
+
+def test_root_that_is_a_file(tmp_path):
+    f = tmp_path / "x.jpg"
+    f.write_bytes(b"1")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        scan_image_folder(f)
+
+
+def test_file_list_paths_labels_comments_and_spaces(tmp_path):
+    make_tree(tmp_path, ["imgs/a b.jpg", "imgs/c.jpg"])
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# a comment\nimgs/a b.jpg 2\n\n{tmp_path}/imgs/c.jpg 0\n")
+    s = read_file_list(lst)
+    assert s.paths == [str(tmp_path / "imgs/a b.jpg"), str(tmp_path / "imgs/c.jpg")]
+    assert s.labels.tolist() == [2, 0]
+    assert s.classes == ["0", "1", "2"]
+    named = read_file_list(lst, classes=["cat", "dog", "fox"])
+    assert named.class_to_idx == {"cat": 0, "dog": 1, "fox": 2}
+    # relative paths from root= when given
+    lst2 = tmp_path / "elsewhere" / "l.txt"
+    lst2.parent.mkdir()
+    lst2.write_text("c.jpg 1\n")
+    assert read_file_list(lst2, root=tmp_path / "imgs").paths == [str(tmp_path / "imgs/c.jpg")]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("missing.jpg 0\n", "names 1 missing file"),
+        ("ok.jpg\n", "expected 'path label'"),
+        ("ok.jpg cat\n", "is not an integer"),
+        ("ok.jpg -1\n", "is negative"),
+        ("# nothing\n", "names no files"),
+    ],
+)
+def test_file_list_errors(tmp_path, content, message):
+    make_tree(tmp_path, ["ok.jpg"])
+    lst = tmp_path / "list.txt"
+    lst.write_text(content)
+    with pytest.raises(DatasetError, match=message) as e:
+        read_file_list(lst)
+    assert str(lst) in str(e.value)
+
+
+def test_missing_file_list(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_file_list(tmp_path / "nope.txt")
+
+
+def test_fingerprint_tracks_content(tmp_path):
+    make_tree(tmp_path, ["a/1.jpg", "b/1.jpg"])
+    f1 = scan_image_folder(tmp_path).fingerprint
+    make_tree(tmp_path, ["b/2.jpg"])
+    assert scan_image_folder(tmp_path).fingerprint != f1
