@@ -11,6 +11,10 @@ import sys
 import time
 
 
+# dalimix.mix.METHODS' names, listed here so that `dalimix --help` does not import torch
+MIX_NAMES = ("cutmix", "fmix", "gridmix", "mixup", "resizemix", "samplepairing", "smoothmix")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="ImageFolder root (default: the embedded demo data set)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -76,6 +80,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_preview(args) -> int:
+    """A PNG grid of one batch mixed by one method, each tile captioned with its lam."""
+    from .loader import ImageLoader
+    from .mix import METHODS, Mixer
+    from .viz import denormalize, save_grid
+
+    method = METHODS[args.mix]()
+    mixer = Mixer(methods=[method], mode=args.mode, prob=1.0)
+    if args.mix == "samplepairing":
+        method.set_epoch(0)
+    loader = ImageLoader(root=_data_root(args), batch_size=args.batch_size, size=args.size, device=args.device,
+                         seed=args.seed, mix=mixer, last_batch_policy="partial")
+    images, targets = next(iter(loader))
+    info = loader.last_batch
+    path = save_grid(denormalize(images, loader.norm), args.out or f"dalimix-preview-{args.mix}.png",
+                     captions=_captions(loader, targets, info))
+    loader.close()
+    print(f"{args.mix}: {images.shape[0]} samples ({args.mode} mode), lam {info.params.lam.min():.2f}..{info.params.lam.max():.2f}")
+    print(f"preview grid: {path.resolve()}")
+    return 0
+
+
 def _captions(loader, targets, info) -> list[str]:
     names = loader.classes
     labels = loader.dataset.labels[info.sample_ids]
@@ -101,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mix", action="store_true", help="plain labels, no MixUp/CutMix")
     p.add_argument("--out", default="dalimix-demo.png", help="where to write the PNG grid")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("preview", help="write a PNG grid of samples mixed by one method, lam on each tile")
+    p.add_argument("--mix", required=True, choices=MIX_NAMES)
+    _add_data_args(p)
+    p.set_defaults(batch_size=16)
+    p.add_argument("--mode", default="elem", choices=["batch", "pair", "elem"])
+    p.add_argument("--out", default=None, help="default: dalimix-preview-<method>.png")
+    p.set_defaults(func=cmd_preview)
     return parser
 
 

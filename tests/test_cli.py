@@ -29,3 +29,16 @@ def test_demo_without_mixing(small_dataset, tmp_path, capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "missing"), "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_preview_every_method(small_dataset, tmp_path, capsys):
+    from dalimix.cli import MIX_NAMES
+    from dalimix.mix import METHODS
+
+    assert tuple(sorted(METHODS)) == MIX_NAMES
+    for name in ("cutmix", "fmix", "samplepairing"):
+        out = tmp_path / f"{name}.png"
+        assert main(["preview", "--mix", name, "--data", str(small_dataset), "--size", "40", "--batch-size", "6",
+                     "--device", "cpu", "--out", str(out)]) == 0
+        assert out.exists()
+        assert re.search(rf"{name}: 6 samples \(elem mode\), lam [\d.]+\.\.[\d.]+", capsys.readouterr().out)

@@ -176,8 +176,8 @@ class CutMix(MixMethod):
     """CutMix (Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with
     Localizable Features", ICCV 2019), with timm's box rules.
 
-    ``lam ~ Beta(alpha, alpha)``; a box of side ratio ``sqrt(1 - lam)`` at a uniform centre,
-    clipped at the edges, shows the partner. ``correct_lam``: ``lam = 1 - box_area / (H * W)``
+    ``lam ~ Beta(alpha, alpha)``; a box of ``int(H * sqrt(1 - lam)) x int(W * sqrt(1 - lam))``
+    at a uniform centre, clipped at the edges, shows the partner. ``correct_lam``: ``lam = 1 - box_area / (H * W)``
     (the pixel fraction actually kept). ``minmax=(a, b)``: box sides uniform in
     ``[a * H, b * H) x [a * W, b * W)``, fully inside the image, lam always corrected.
     """
@@ -199,8 +199,8 @@ class CutMix(MixMethod):
             lo, hi = self.minmax
             cut_h = rng.integers(int(height * lo), max(int(height * hi), int(height * lo) + 1), size=count)
             cut_w = rng.integers(int(width * lo), max(int(width * hi), int(width * lo) + 1), size=count)
-            y0 = rng.integers(0, np.maximum(height - cut_h, 1))
-            x0 = rng.integers(0, np.maximum(width - cut_w, 1))
+            y0 = rng.integers(0, height - cut_h + 1)
+            x0 = rng.integers(0, width - cut_w + 1)
             return np.stack([y0, x0, y0 + cut_h, x0 + cut_w], 1).astype(np.int32)
         ratio = np.sqrt(1.0 - np.asarray(lam, dtype=np.float64))
         cut_h = (height * ratio).astype(np.int64)
@@ -208,9 +208,9 @@ class CutMix(MixMethod):
         cy = rng.integers(0, height, size=count)
         cx = rng.integers(0, width, size=count)
         y0 = np.clip(cy - cut_h // 2, 0, height)
-        y1 = np.clip(cy + cut_h // 2, 0, height)
+        y1 = np.clip(cy + (cut_h + 1) // 2, 0, height)
         x0 = np.clip(cx - cut_w // 2, 0, width)
-        x1 = np.clip(cx + cut_w // 2, 0, width)
+        x1 = np.clip(cx + (cut_w + 1) // 2, 0, width)
         return np.stack([y0, x0, y1, x1], 1).astype(np.int32)
 
     def fill(self, p, rows, lam, *, rng, height, width, shared):

@@ -165,6 +165,9 @@ class Mixer:
         if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 N x H x W x 3, got {images.dtype} {tuple(images.shape)}")
         n, h, w, _ = images.shape
+        c = self.num_classes
+        if c is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
+            raise ValueError(f"labels must be in [0, {c}) for num_classes={c}; got [{int(labels.min())}, {int(labels.max())}]")
         if params is None:
             rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             params = self.plan(n, rng=rng, height=h, width=w)
