@@ -102,6 +102,22 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def cmd_scan(args) -> int:
+    """Decode every file in parallel; print the unreadable ones; optionally write a clean file list."""
+    from .scan import load_samples, scan, write_file_list
+
+    samples = load_samples(args.data, args.file_list)
+    result = scan(samples, workers=args.workers, progress=not args.quiet)
+    for i, reason in result.bad:
+        print(f"{samples.paths[i]}: {reason}")
+    print(f"scanned {len(samples)} files in {len(samples.classes)} classes: {len(result.bad)} unreadable")
+    if args.fix_list:
+        path = write_file_list(result, args.fix_list)
+        print(f"clean file list ({len(result.good_indices)} files): {path.resolve()} "
+              f"(use ImageLoader(file_list=...) or --data with it)")
+    return 1 if result.bad else 0
+
+
 def _captions(loader, targets, info) -> list[str]:
     names = loader.classes
     labels = loader.dataset.labels[info.sample_ids]
@@ -135,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="elem", choices=["batch", "pair", "elem"])
     p.add_argument("--out", default=None, help="default: dalimix-preview-<method>.png")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("scan", help="decode every file of a data set, list the unreadable ones, write a clean file list")
+    p.add_argument("data", metavar="DIR", help="ImageFolder root (or the root for --file-list's relative paths)")
+    p.add_argument("--file-list", help="scan this 'path label' list instead of an ImageFolder tree")
+    p.add_argument("--fix-list", metavar="OUT", help="write the readable files as a file list the loader accepts")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the usable cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_scan)
     return parser
 
 

@@ -18,6 +18,8 @@ def check_image_file(path: str) -> str | None:
     try:
         with Image.open(path) as im:
             im.load()
+    except Image.DecompressionBombError:
+        return None  # a very large image, not a broken one (DALI has no such limit)
     except UnidentifiedImageError:
         return "is not an image file PIL or DALI can read"
     except (OSError, SyntaxError, ValueError) as e:

@@ -16,13 +16,13 @@ dalimix does later overwrites it.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import rng as rng_mod
+from . import validate as v
 from .diagnose import check_image_file
 from .errors import DatasetError, DecodeError
 from .ops import Normalization, allocate_output, identity_records, mix_normalize
@@ -60,7 +60,7 @@ class LastBatchPolicy(enum.Enum):
         if isinstance(value, cls):
             return value
         name = getattr(value, "name", value)
-        if isinstance(name, str) and name.upper() in cls.__members__:
+        if isinstance(name, str) and name.upper() in cls.__members__ and not isinstance(value, bool):
             return cls[name.upper()]
         raise ValueError(f"last_batch_policy={value!r} is not one of 'drop', 'partial', 'fill' (or DALI's LastBatchPolicy)")
 
@@ -218,28 +218,19 @@ class ImageLoader:
         self.batch_size = _positive_int("batch_size", batch_size)
         height, width = _size(size)
         self.dtype = _dtype(dtype)
-        self.channels_last = bool(channels_last)
+        self.channels_last = v.flag("channels_last", channels_last)
         self.norm = Normalization(mean, std)
-        scale = _pair("scale", scale)
-        if not (0 < scale[0] <= scale[1] <= 1):
-            raise ValueError(f"scale={scale}: need 0 < min <= max <= 1 (area fraction of the random crop)")
-        ratio = _pair("ratio", ratio)
-        if not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"ratio={ratio}: need 0 < min <= max (aspect ratio range of the random crop)")
-        if not (0 <= float(hflip) <= 1):
-            raise ValueError(f"hflip={hflip}: a probability in [0, 1]")
-        if not (0 < float(crop_pct) <= 1):
-            raise ValueError(f"crop_pct={crop_pct}: a fraction in (0, 1] (0.875 is the usual eval crop)")
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation={interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+        scale = v.pair("scale", scale, lo=0, hi=1, lo_open=True, hint=" (area fraction of the random crop)")
+        ratio = v.pair("ratio", ratio, lo=0, lo_open=True, hint=" (aspect ratio range of the random crop)")
+        hflip = v.number("hflip", hflip, lo=0, hi=1, hint=" (probability of a horizontal flip)")
+        crop_pct = v.number("crop_pct", crop_pct, lo=0, hi=1, lo_open=True, hint=" (0.875 is the usual eval crop)")
+        v.choice("interpolation", interpolation, INTERPOLATIONS)
         self.spec = AugmentSpec(
-            train=bool(train), height=height, width=width, scale=scale, ratio=ratio,
-            hflip=float(hflip), crop_pct=float(crop_pct), interpolation=interpolation,
+            train=v.flag("train", train), height=height, width=width, scale=scale, ratio=ratio,
+            hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
         )
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed={seed!r}: a non-negative int (equal on every rank)")
-        self.seed = int(seed)
-        self.shuffle = bool(train) if shuffle is None else bool(shuffle)
+        self.seed = v.integer("seed", seed, lo=0, hint=" (equal on every rank)")
+        self.shuffle = self.spec.train if shuffle is None else v.flag("shuffle", shuffle)
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
         self.last_batch_policy = LastBatchPolicy.parse(last_batch_policy)
         self.num_threads = default_num_threads() if num_threads is None else _positive_int("num_threads", num_threads)
@@ -315,9 +306,7 @@ class ImageLoader:
     def set_epoch(self, epoch: int) -> None:
         """Read epoch ``epoch`` next (its own permutation and random streams). Without calls to
         ``set_epoch`` every new iteration reads the epoch after the previous one."""
-        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"set_epoch({epoch!r}): a non-negative int")
-        self._epoch = int(epoch)
+        self._epoch = v.integer("epoch", epoch, lo=0)
         self._epoch_is_set = True
         if self.mix is not None and hasattr(self.mix, "set_epoch"):
             self.mix.set_epoch(self._epoch)
@@ -521,9 +510,7 @@ class _EpochIterator:
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r}: a positive int")
-    return int(value)
+    return v.integer(name, value, lo=1)
 
 
 def _size(value) -> tuple[int, int]:
@@ -540,22 +527,12 @@ def _size(value) -> tuple[int, int]:
     return h, w
 
 
-def _pair(name: str, value) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r}: a pair (min, max) of numbers") from None
-    if not (math.isfinite(a) and math.isfinite(b)):
-        raise ValueError(f"{name}={value!r}: finite numbers")
-    return a, b
-
-
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use torch.float32, torch.float16 or torch.bfloat16")
         dtype = _DTYPES[dtype.lower()]
-    if dtype not in OUTPUT_TYPES:
+    if not isinstance(dtype, torch.dtype) or dtype not in OUTPUT_TYPES:
         raise ValueError(f"dtype={dtype!r}: use torch.float32, torch.float16 or torch.bfloat16")
     return dtype
 
@@ -570,7 +547,5 @@ def _shards(shard_id, num_shards) -> tuple[int, int]:
     if shard_id is None or num_shards is None:
         raise ValueError("give both shard_id and num_shards (or neither, to take them from torch.distributed)")
     num_shards = _positive_int("num_shards", num_shards)
-    if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)) or not (0 <= shard_id < num_shards):
-        raise ValueError(f"shard_id={shard_id!r}: an int in [0, num_shards={num_shards})")
-    return int(shard_id), num_shards
+    return v.integer("shard_id", shard_id, lo=0, hi=num_shards - 1, hint=f" (num_shards={num_shards})"), num_shards
 

@@ -6,6 +6,7 @@ ImageFolder tree are its sub-folders sorted by name and numbered from 0, as torc
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,8 @@ def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None 
     """Read ``path label`` lines (label an integer, whitespace between, ``#`` comments and blank lines skipped).
 
     Relative paths are taken relative to ``root`` if given, else to the list file's folder. Paths
-    may contain spaces (the label is the last field).
+    may contain spaces (the label is the last field). A ``# classes: ["a", "b", ...]`` line (JSON,
+    as ``dalimix scan --fix-list`` writes it) names the classes unless ``classes`` is given.
 
     Raises:
         DatasetError: the list is missing or empty, a line is malformed, or a named file is missing.
@@ -109,6 +111,12 @@ def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None 
     with open(file_list, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
+            if line.startswith("# classes:") and classes is None:
+                try:
+                    classes = [str(c) for c in json.loads(line[len("# classes:"):])]
+                except ValueError:
+                    raise DatasetError(f"{file_list}:{lineno}: the classes line is not a JSON list of names") from None
+                continue
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(None, 1)

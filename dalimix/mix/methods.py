@@ -29,24 +29,24 @@ from ..ops.record import (
     METHOD_RESIZE,
     METHOD_SMOOTH,
 )
+from .. import validate as v
 from .params import MixParams, pair_indices
 
 
 def _positive(name: str, value) -> float:
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}={value!r}: a positive, finite number")
-    return value
+    return v.number(name, value, lo=0, lo_open=True)
 
 
 def _range(name: str, value, lo: float, hi: float) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r}: a pair (min, max)") from None
-    if not (lo <= a <= b <= hi):
-        raise ValueError(f"{name}={value!r}: need {lo} <= min <= max <= {hi}")
-    return a, b
+    return v.pair(name, value, lo=lo, hi=hi)
+
+
+def _number_or_range(name: str, value, lo: float, hi: float) -> tuple[float, float]:
+    """A number x (-> (x, x)) or a (min, max) range."""
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return _range(name, value, lo, hi)
+    x = v.number(name, value, lo=lo, hi=hi)
+    return x, x
 
 
 def _as_rows(value, rows: np.ndarray, dtype) -> np.ndarray:
@@ -140,14 +140,11 @@ class SamplePairing(MixMethod):
     name = "samplepairing"
 
     def __init__(self, *, start_epoch: int = 0, end_epoch: int | None = None, on_epochs: int = 1, off_epochs: int = 0):
-        if int(start_epoch) < 0 or (end_epoch is not None and int(end_epoch) < int(start_epoch)):
-            raise ValueError(f"start_epoch={start_epoch}, end_epoch={end_epoch}: need 0 <= start <= end")
-        if int(on_epochs) < 1 or int(off_epochs) < 0:
-            raise ValueError(f"on_epochs={on_epochs} (>= 1), off_epochs={off_epochs} (>= 0)")
-        self.start_epoch = int(start_epoch)
-        self.end_epoch = None if end_epoch is None else int(end_epoch)
-        self.on_epochs = int(on_epochs)
-        self.off_epochs = int(off_epochs)
+        self.start_epoch = v.integer("start_epoch", start_epoch, lo=0)
+        self.end_epoch = None if end_epoch is None else v.integer("end_epoch", end_epoch, lo=self.start_epoch,
+                                                                   hint=" (>= start_epoch, or None for no end)")
+        self.on_epochs = v.integer("on_epochs", on_epochs, lo=1)
+        self.off_epochs = v.integer("off_epochs", off_epochs, lo=0)
         self._epoch = 0
 
     def is_active(self, epoch: int) -> bool:
@@ -187,7 +184,7 @@ class CutMix(MixMethod):
     def __init__(self, *, alpha: float = 1.0, minmax=None, correct_lam: bool = True):
         self.alpha = _positive("alpha", alpha)
         self.minmax = None if minmax is None else _range("cutmix_minmax", minmax, 0.0, 1.0)
-        self.correct_lam = bool(correct_lam)
+        self.correct_lam = v.flag("correct_lam", correct_lam)
 
     def draw_lam(self, rng, count):
         return rng.beta(self.alpha, self.alpha, size=count)
@@ -247,9 +244,7 @@ class ResizeMix(MixMethod):
 
     def __init__(self, *, scope=(0.1, 0.8), interpolation: str = "nearest"):
         self.scope = _range("scope", scope, 0.0, 1.0)
-        if interpolation not in ("nearest", "bilinear"):
-            raise ValueError(f"interpolation={interpolation!r}: 'nearest' or 'bilinear'")
-        self.interpolation = interpolation
+        self.interpolation = v.choice("interpolation", interpolation, ("nearest", "bilinear"))
 
     def draw_lam(self, rng, count):
         """The scale ``tau`` of each box (ResizeMix's own parameter), not the final lam."""
@@ -326,13 +321,15 @@ class FMix(MixMethod):
 
     def __init__(self, *, alpha: float = 1.0, decay_power: float = 3.0, mask_size=None, mask_scale: int = 4):
         self.alpha = _positive("alpha", alpha)
-        self.decay_power = _positive("decay_power", decay_power)
-        self.mask_size = None if mask_size is None else tuple(int(s) for s in np.broadcast_to(mask_size, 2))
-        if self.mask_size is not None and min(self.mask_size) < 1:
-            raise ValueError(f"mask_size={mask_size!r}: positive (height, width)")
-        if int(mask_scale) < 1:
-            raise ValueError(f"mask_scale={mask_scale!r}: a positive int (output size / mask size)")
-        self.mask_scale = int(mask_scale)
+        self.decay_power = v.number("decay_power", decay_power, lo=0, hi=10, lo_open=True)
+        if mask_size is None:
+            self.mask_size = None
+        elif isinstance(mask_size, (tuple, list)) and len(mask_size) == 2:
+            self.mask_size = tuple(v.integer("mask_size", s, lo=1) for s in mask_size)
+        else:
+            s = v.integer("mask_size", mask_size, lo=1, hint=" or (height, width)")
+            self.mask_size = (s, s)
+        self.mask_scale = v.integer("mask_scale", mask_scale, lo=1, hint=" (output size / mask size)")
 
     def draw_lam(self, rng, count):
         return rng.beta(self.alpha, self.alpha, size=count)
@@ -415,12 +412,16 @@ class GridMix(MixMethod):
 
     def __init__(self, *, alpha: float = 1.0, n_holes=20, hole_aspect_ratio=1.0, cut_area_ratio=1.0, cut_aspect_ratio=1.0):
         self.alpha = _positive("alpha", alpha)
-        self.n_holes = tuple(int(v) for v in np.broadcast_to(n_holes, 2))
-        if not (1 <= self.n_holes[0] <= self.n_holes[1]):
-            raise ValueError(f"n_holes={n_holes!r}: a positive int or (min, max)")
-        self.hole_aspect_ratio = _range("hole_aspect_ratio", np.broadcast_to(hole_aspect_ratio, 2), 1e-3, 1e3)
-        self.cut_area_ratio = _range("cut_area_ratio", np.broadcast_to(cut_area_ratio, 2), 1e-3, 1.0)
-        self.cut_aspect_ratio = _range("cut_aspect_ratio", np.broadcast_to(cut_aspect_ratio, 2), 1e-3, 1e3)
+        if isinstance(n_holes, (tuple, list)) and len(n_holes) == 2:
+            self.n_holes = tuple(v.integer("n_holes", h, lo=1) for h in n_holes)
+            if self.n_holes[0] > self.n_holes[1]:
+                raise ValueError(f"n_holes={n_holes!r}: (min, max) with min <= max")
+        else:
+            h = v.integer("n_holes", n_holes, lo=1, hint=" or a (min, max) range")
+            self.n_holes = (h, h)
+        self.hole_aspect_ratio = _number_or_range("hole_aspect_ratio", hole_aspect_ratio, 1e-3, 1e3)
+        self.cut_area_ratio = _number_or_range("cut_area_ratio", cut_area_ratio, 1e-3, 1.0)
+        self.cut_aspect_ratio = _number_or_range("cut_aspect_ratio", cut_aspect_ratio, 1e-3, 1e3)
 
     def draw_lam(self, rng, count):
         return rng.beta(self.alpha, self.alpha, size=count)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..ops import Normalization, allocate_output, mix_normalize
+from .. import validate as v
 from .methods import CutMix, MixMethod, MixUp
 from .params import PAIRINGS, MixParams, pair_indices
 from .targets import CompactTargets, soft_targets
@@ -64,30 +65,21 @@ class Mixer:
         self.names = tuple(m.name for m in methods)
         if probs is None:
             probs = np.full(len(methods), 1.0 / len(methods))
-        probs = np.asarray(probs, dtype=np.float64)
+        try:
+            probs = np.asarray(probs, dtype=np.float64)
+        except (TypeError, ValueError):
+            probs = np.array([np.nan])
         if probs.shape != (len(methods),) or not np.isfinite(probs).all() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-6:
             raise ValueError(f"probs={probs.tolist()}: {len(methods)} non-negative numbers that sum to 1")
         self.probs = probs / probs.sum()
-        if not (0.0 <= float(prob) <= 1.0):
-            raise ValueError(f"prob={prob!r}: the probability of mixing, in [0, 1]")
-        self.prob = float(prob)
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: one of {', '.join(MODES)}")
-        self.mode = mode
-        if pairing not in PAIRINGS:
-            raise ValueError(f"pairing={pairing!r}: one of {', '.join(PAIRINGS)}")
+        self.prob = v.number("prob", prob, lo=0, hi=1, hint=" (the probability of mixing)")
+        self.mode = v.choice("mode", mode, MODES)
+        self.pairing = v.choice("pairing", pairing, PAIRINGS)
         if mode == "pair" and pairing != "flip":
             raise ValueError("mode='pair' mixes i with n-1-i and back: it needs pairing='flip'")
-        self.pairing = pairing
-        if not (0.0 <= float(label_smoothing) < 1.0):
-            raise ValueError(f"label_smoothing={label_smoothing!r}: in [0, 1)")
-        self.label_smoothing = float(label_smoothing)
-        if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
-            raise ValueError(f"num_classes={num_classes!r}: a positive int")
-        self.num_classes = None if num_classes is None else int(num_classes)
-        if targets not in TARGET_FORMS:
-            raise ValueError(f"targets={targets!r}: 'soft' or 'compact'")
-        self.target_form = targets
+        self.label_smoothing = v.number("label_smoothing", label_smoothing, lo=0, hi=1, hi_open=True)
+        self.num_classes = None if num_classes is None else v.integer("num_classes", num_classes, lo=1)
+        self.target_form = v.choice("targets", targets, TARGET_FORMS)
         self.mixup_enabled = True
 
     def __repr__(self) -> str:
@@ -212,12 +204,11 @@ class Mixup(Mixer):
         targets: str = "soft",
     ):
         methods, probs = [], []
-        if not (0.0 <= float(switch_prob) <= 1.0):
-            raise ValueError(f"switch_prob={switch_prob!r}: a probability in [0, 1]")
-        use_cutmix = float(cutmix_alpha) > 0 or cutmix_minmax is not None
-        if float(mixup_alpha) < 0 or float(cutmix_alpha) < 0:
-            raise ValueError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}: alphas are >= 0 (0 = off)")
-        if float(mixup_alpha) > 0:
+        switch_prob = v.number("switch_prob", switch_prob, lo=0, hi=1)
+        mixup_alpha = v.number("mixup_alpha", mixup_alpha, lo=0, hint=" (0 = MixUp off)")
+        cutmix_alpha = v.number("cutmix_alpha", cutmix_alpha, lo=0, hint=" (0 = CutMix off)")
+        use_cutmix = cutmix_alpha > 0 or cutmix_minmax is not None
+        if mixup_alpha > 0:
             methods.append(MixUp(alpha=mixup_alpha))
             probs.append(1.0 - float(switch_prob) if use_cutmix else 1.0)
         if use_cutmix:
@@ -229,8 +220,8 @@ class Mixup(Mixer):
             raise ValueError("Mixup needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax")
         super().__init__(methods=methods, probs=probs, prob=prob, mode=mode, pairing=pairing,
                          label_smoothing=label_smoothing, num_classes=num_classes, targets=targets)
-        self.mixup_alpha = float(mixup_alpha)
-        self.cutmix_alpha = float(cutmix_alpha)
+        self.mixup_alpha = mixup_alpha
+        self.cutmix_alpha = cutmix_alpha
         self.cutmix_minmax = cutmix_minmax
-        self.switch_prob = float(switch_prob)
-        self.correct_lam = bool(correct_lam)
+        self.switch_prob = switch_prob
+        self.correct_lam = v.flag("correct_lam", correct_lam)

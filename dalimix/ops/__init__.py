@@ -22,8 +22,11 @@ class Normalization:
     """
 
     def __init__(self, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-        mean = tuple(float(m) for m in mean)
-        std = tuple(float(s) for s in std)
+        try:
+            mean = tuple(float(m) for m in mean)
+            std = tuple(float(s) for s in std)
+        except (TypeError, ValueError):
+            raise ValueError(f"mean and std need 3 numbers each (R, G, B), got mean={mean!r} std={std!r}") from None
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (R, G, B), got mean={mean} std={std}")
         if not all(np.isfinite(mean)) or not all(np.isfinite(std)) or min(std) <= 0:
