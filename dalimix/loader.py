@@ -222,6 +222,10 @@ class ImageLoader:
         if root is None and file_list is None and webdataset is None and samples is None:
             raise ValueError("give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
                              "or webdataset=<folder or glob of .tar shards>")
+        given = [n for n, v in (("root", root), ("file_list", file_list), ("webdataset", webdataset), ("samples", samples))
+                 if v is not None]
+        if len(given) > 1 and given != ["root", "file_list"]:
+            raise ValueError(f"{' and '.join(given)} given: name the data once (root= goes with file_list= only)")
         self.batch_size = _positive_int("batch_size", batch_size)
         height, width = _size(size)
         self.dtype = _dtype(dtype)

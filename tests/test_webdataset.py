@@ -175,6 +175,8 @@ def test_bad_shard_sets(tmp_path):
         index_webdataset(gz)
     with pytest.raises(ValueError, match="webdataset_keys"):
         index_webdataset(gz, keys=("jpg",))
+    with pytest.raises(ValueError, match="root and webdataset given"):
+        ImageLoader(root=tmp_path, webdataset=gz, batch_size=2)
 
 
 def test_stale_index_file_is_refused(shards, tmp_path):
