@@ -7,6 +7,7 @@
 
 from .errors import DalimixError, DatasetError, DecodeError
 from .loader import BatchInfo, EpochPlan, ImageLoader, LastBatchPolicy, plan_epoch
+from .compat import create_loader
 from .ops import Normalization, mix_normalize
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "ImageLoader",
     "LastBatchPolicy",
     "Normalization",
+    "create_loader",
     "mix_normalize",
     "plan_epoch",
     "__version__",

@@ -1,4 +1,4 @@
-"""``dalimix`` command line: demo, preview, bench, scan.
+"""``dalimix`` command line: demo, preview, pack, bench, scan.
 
 Each sub-command lives in its own function and imports what it needs when it runs, so
 ``dalimix --help`` stays fast.
@@ -118,6 +118,16 @@ def cmd_scan(args) -> int:
     return 1 if result.bad else 0
 
 
+def cmd_pack(args) -> int:
+    """Pack an ImageFolder tree into WebDataset tar shards (see dalimix.webdataset)."""
+    from .webdataset import pack_image_folder
+
+    tars = pack_image_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
+                             shuffle_seed=args.shuffle_seed, overwrite=args.overwrite)
+    print(f"{len(tars)} shard(s) in {args.out}: {tars[0].name} .. {tars[-1].name} (+ .idx index files, classes.txt)")
+    return 0
+
+
 def _captions(loader, targets, info) -> list[str]:
     names = loader.classes
     labels = loader.dataset.labels[info.sample_ids]
@@ -159,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("pack", help="pack an ImageFolder tree into WebDataset .tar shards (image + .cls per sample)")
+    p.add_argument("src", metavar="DIR", help="ImageFolder root: DIR/<class>/<image>")
+    p.add_argument("out", metavar="OUT", help="folder for the shards (created)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ...")
+    p.add_argument("--shuffle-seed", type=int, default=None, help="store the samples in a random order drawn from this seed")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.set_defaults(func=cmd_pack)
     return parser
 
 

@@ -23,7 +23,6 @@ import torch
 
 from . import rng as rng_mod
 from . import validate as v
-from .diagnose import check_image_file
 from .errors import DatasetError, DecodeError
 from .ops import Normalization, allocate_output, identity_records, mix_normalize
 from .ops.kernels import OUTPUT_TYPES
@@ -161,6 +160,10 @@ class ImageLoader:
         root: ImageFolder tree ``root/<class>/<image>`` (classes sorted, like torchvision).
         file_list: text file of ``path label`` lines (alternative to ``root``; relative paths are
             taken from ``root`` if given, else from the list's folder).
+        webdataset: WebDataset tar shards: a folder of ``.tar`` files, a glob, or a list of paths
+            (see ``dalimix.webdataset``); ``webdataset_keys`` = (image extensions, label extension),
+            default every image extension and ``"cls"``.
+        samples: a ``dalimix.sources.Samples`` built elsewhere (e.g. ``dalimix.create_loader``).
         batch_size: samples per batch (per rank).
         train: True: random resized crop + horizontal flip; False: resize shorter side + centre crop.
         size: output size, ``int`` or ``(height, width)``.
@@ -190,6 +193,9 @@ class ImageLoader:
         *,
         root=None,
         file_list=None,
+        webdataset=None,
+        webdataset_keys=None,
+        samples=None,
         batch_size: int,
         train: bool = True,
         size=224,
@@ -213,8 +219,13 @@ class ImageLoader:
         mix=None,
         classes=None,
     ):
-        if root is None and file_list is None:
-            raise ValueError("give the data: root=<ImageFolder folder> or file_list=<'path label' text file>")
+        if root is None and file_list is None and webdataset is None and samples is None:
+            raise ValueError("give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
+                             "or webdataset=<folder or glob of .tar shards>")
+        given = [n for n, v in (("root", root), ("file_list", file_list), ("webdataset", webdataset), ("samples", samples))
+                 if v is not None]
+        if len(given) > 1 and given != ["root", "file_list"]:
+            raise ValueError(f"{' and '.join(given)} given: name the data once (root= goes with file_list= only)")
         self.batch_size = _positive_int("batch_size", batch_size)
         height, width = _size(size)
         self.dtype = _dtype(dtype)
@@ -237,8 +248,16 @@ class ImageLoader:
         self.prefetch = _positive_int("prefetch", prefetch)
         self.device = resolve_device(device)
 
-        if file_list is not None:
-            self.samples: Samples = read_file_list(file_list, root=root, classes=classes)
+        if samples is not None:
+            if not isinstance(samples, Samples):
+                raise ValueError(f"samples={type(samples).__name__}: a dalimix.sources.Samples (or pass root=/file_list=)")
+            self.samples: Samples = samples
+        elif webdataset is not None:
+            from .webdataset import index_webdataset
+
+            self.samples = index_webdataset(webdataset, keys=webdataset_keys, classes=classes)
+        elif file_list is not None:
+            self.samples = read_file_list(file_list, root=root, classes=classes)
         else:
             self.samples = scan_image_folder(root)
         if len(self) == 0:
@@ -256,6 +275,7 @@ class ImageLoader:
         self._epoch_is_set = False
         self._iterated = False
         self._active: _EpochIterator | None = None
+        self._resume = None  # (epoch, step, DALI checkpoint) set by load_state_dict
         self._planner_pool = None
 
     # ----------------------------------------------------------------------------------- info
@@ -308,6 +328,8 @@ class ImageLoader:
         ``set_epoch`` every new iteration reads the epoch after the previous one."""
         self._epoch = v.integer("epoch", epoch, lo=0)
         self._epoch_is_set = True
+        if self._resume is not None and self._resume[0] != self._epoch:
+            self._resume = None  # another epoch than the resumed one: start it afresh
         if self.mix is not None and hasattr(self.mix, "set_epoch"):
             self.mix.set_epoch(self._epoch)
 
@@ -327,16 +349,35 @@ class ImageLoader:
                 self.mix.set_epoch(self._epoch)
         self._iterated = True
         self._epoch_is_set = False
-        self._active = _EpochIterator(self, self.plan(self._epoch))
+        start, checkpoint = 0, None
+        if self._resume is not None and self._resume[0] == self._epoch:
+            _, start, checkpoint = self._resume
+        self._resume = None
+        self._active = _EpochIterator(self, self.plan(self._epoch), start_step=start, checkpoint=checkpoint)
         return self._active
 
-    def close(self) -> None:
+    def state_dict(self) -> dict:
+        """Where this rank's loader stands: epoch, next step, DALI's checkpoint and what must match on
+        resume. Save it with ``torch.save``; see ``dalimix.resume``."""
+        from .resume import loader_state
+
+        return loader_state(self)
+
+    def load_state_dict(self, state) -> None:
+        """Continue exactly where ``state`` (from ``state_dict()``, or a list of every rank's) left
+        off: the next batch is the one the interrupted run would have yielded next. Raises
+        ValueError when the state is from another data set, batch size, seed, shard or pipeline."""
+        from .resume import restore_loader_state
+
+        restore_loader_state(self, state)
+
+    def close(self, *, wait: bool = True) -> None:
         """Stop DALI's threads and the planner thread now (also happens when the loader is garbage collected)."""
         if self._active is not None:
             self._active.close()
             self._active = None
         if self._planner_pool is not None:
-            self._planner_pool.shutdown(wait=True, cancel_futures=True)
+            self._planner_pool.shutdown(wait=wait, cancel_futures=True)
             self._planner_pool = None
 
     def _planner(self):
@@ -347,8 +388,10 @@ class ImageLoader:
         return self._planner_pool
 
     def __del__(self):
+        # The cyclic GC may run this on any thread, even one that is starting up inside Python's
+        # threading internals: joining the planner thread there deadlocks, so do not wait for it.
         try:
-            self.close()
+            self.close(wait=False)
         except Exception:
             pass
 
@@ -387,11 +430,12 @@ class ImageLoader:
 class _EpochIterator:
     """Iterates one epoch: owns that epoch's DALI pipeline and releases DALI's buffers in order."""
 
-    def __init__(self, loader: ImageLoader, plan: EpochPlan, start_step: int = 0):
+    def __init__(self, loader: ImageLoader, plan: EpochPlan, start_step: int = 0, checkpoint=None):
         self.loader = loader
         self.plan = plan
         self.step = start_step
         self._start = start_step
+        self._checkpoint = checkpoint  # DALI's state after batch start_step - 1 (None: replay)
         self._pipe = None
         self._scheduled = 0
         self._held = None  # (DALI outputs, CUDA event) of the previous batch, GPU only
@@ -405,12 +449,18 @@ class _EpochIterator:
 
     def _open(self) -> None:
         ld = self.loader
-        ids = self.plan.order[self._start * ld.batch_size:]
+        ids = self.plan.order
+        reader = getattr(ld.samples, "dali_reader", None)
         self._pipe = build_pipeline(
             [ld.samples.paths[i] for i in ids], [int(i) for i in ids],
             spec=ld.spec, device=ld.device, batch_size=ld.batch_size, num_threads=ld.num_threads,
             seed=rng_mod.derive_seed(ld.seed, rng_mod.DALI, ld.shard_id, self.plan.epoch), prefetch=ld.prefetch,
+            reader=None if reader is None else reader(ids, ld.batch_size), checkpoint=self._checkpoint,
         )
+        if self._start and self._checkpoint is None:
+            from .resume import replay
+
+            replay(self._pipe, self._start, prefetch=ld.prefetch)
         self._scheduled = self._start
         self._schedule()
         self._plan_ahead(self._start)
@@ -419,6 +469,12 @@ class _EpochIterator:
         while self._scheduled < self.plan.num_batches and self._scheduled - self.step < self.loader.prefetch:
             self._pipe.schedule_run()
             self._scheduled += 1
+
+    def dali_checkpoint(self):
+        """DALI's serialized state after the last batch this iterator yielded (None before any)."""
+        if self._pipe is not None:
+            return self._pipe.checkpoint()
+        return self._checkpoint
 
     def _release_held(self) -> None:
         if self._held is not None:
@@ -482,7 +538,7 @@ class _EpochIterator:
         ids = self.plan.order[self.step * b: max(self._scheduled, self.step + 1) * b]
         suspects = []
         for i in dict.fromkeys(int(i) for i in ids):
-            reason = check_image_file(ld.samples.paths[i])
+            reason = ld.samples.check_image(i)
             if reason:
                 suspects.append((ld.samples.paths[i], reason))
         where = f"epoch {self.plan.epoch}, step {self.step}"
@@ -539,11 +595,9 @@ def _dtype(dtype) -> torch.dtype:
 
 def _shards(shard_id, num_shards) -> tuple[int, int]:
     if shard_id is None and num_shards is None:
-        import torch.distributed as dist
+        from .distributed import rank_and_world
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank_and_world() or (0, 1)
     if shard_id is None or num_shards is None:
         raise ValueError("give both shard_id and num_shards (or neither, to take them from torch.distributed)")
     num_shards = _positive_int("num_shards", num_shards)

@@ -27,7 +27,10 @@ class DeviceStrings:
 
 
 def resolve_device(device) -> torch.device:
-    """``None`` -> CUDA when torch sees a GPU, else CPU. Accepts ``"cpu"``, ``"cuda"``, ``"cuda:1"``, torch.device."""
+    """``None`` -> CUDA when torch sees a GPU, else CPU. Accepts ``"cpu"``, ``"cuda"``, ``"cuda:1"``, torch.device.
+
+    A bare ``"cuda"`` is ``cuda:LOCAL_RANK`` under torchrun (``dalimix.distributed.default_cuda_index``).
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -39,7 +42,9 @@ def resolve_device(device) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
-        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        from .distributed import default_cuda_index
+
+        dev = torch.device("cuda", dev.index if dev.index is not None else default_cuda_index())
     return dev
 
 
@@ -74,10 +79,14 @@ class AugmentSpec:
 
 
 def default_num_threads() -> int:
+    """The CPU cores this process may use, split between torchrun's processes on this machine."""
+    from .distributed import local_world_size
+
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_world_size())
 
 
 def _interp(name: str):
@@ -91,6 +100,14 @@ def _interp(name: str):
     }[name]
 
 
+def _op_seed(seed: int, op: int) -> int:
+    """A fixed seed per random operator, so the streams do not depend on the rest of the graph
+    (the same crops and flips whichever reader feeds the decoder)."""
+    from .rng import derive_seed
+
+    return derive_seed(seed, op)
+
+
 def build_pipeline(
     files: list[str],
     sample_ids: list[int],
@@ -101,11 +118,17 @@ def build_pipeline(
     num_threads: int,
     seed: int,
     prefetch: int,
+    reader=None,
+    checkpointing: bool = True,
+    checkpoint=None,
 ):
     """A built DALI pipeline reading ``files`` in order; outputs (uint8 N x H x W x 3, sample id per image).
 
     ``sample_ids[i]`` travels with ``files[i]`` as DALI's label, so every output image is traced back
-    to the sample it came from (labels, error reports, skip lists).
+    to the sample it came from (labels, error reports, skip lists). ``reader``: a callable that
+    returns the (encoded bytes, sample id) DALI nodes instead of ``fn.readers.file`` (tar shards,
+    ``dalimix.webdataset``). ``checkpointing``/``checkpoint``: DALI's pipeline checkpointing (its
+    random streams and reader position), for exact resume (``dalimix.resume``).
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -117,9 +140,14 @@ def build_pipeline(
         device_id=dev.device_id,
         seed=seed,
         prefetch_queue_depth=prefetch,
+        enable_checkpointing=checkpointing,
+        checkpoint=checkpoint,
     )
     def pipe():
-        encoded, ids = fn.readers.file(files=files, labels=sample_ids, random_shuffle=False, name="reader")
+        if reader is not None:
+            encoded, ids = reader()
+        else:
+            encoded, ids = fn.readers.file(files=files, labels=sample_ids, random_shuffle=False, name="reader")
         if spec.train:
             images = fn.decoders.image_random_crop(
                 encoded,
@@ -128,6 +156,7 @@ def build_pipeline(
                 random_area=list(spec.scale),
                 random_aspect_ratio=list(spec.ratio),
                 num_attempts=10,
+                seed=_op_seed(seed, 1),
             )
             images = fn.resize(
                 images,
@@ -138,7 +167,7 @@ def build_pipeline(
                 antialias=True,
             )
             if spec.hflip > 0:
-                images = fn.flip(images, device=dev.ops, horizontal=fn.random.coin_flip(probability=spec.hflip))
+                images = fn.flip(images, device=dev.ops, horizontal=fn.random.coin_flip(probability=spec.hflip, seed=_op_seed(seed, 2)))
         else:
             images = fn.decoders.image(encoded, device=dev.decoder, output_type=types.RGB)
             images = fn.resize(

@@ -33,6 +33,12 @@ class Samples:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def check_image(self, index: int) -> str | None:
+        """None if sample ``index`` decodes with PIL, else a short reason (for error messages)."""
+        from .diagnose import check_image_file
+
+        return check_image_file(self.paths[index])
+
 
 def _fingerprint(paths: list[str], labels: np.ndarray) -> str:
     import hashlib

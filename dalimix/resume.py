@@ -1,0 +1,165 @@
+"""Exact resume: ``ImageLoader.state_dict()`` / ``load_state_dict()``.
+
+What a resumed loader must reproduce, and where each part comes from:
+
+- the sample order: a function of (seed, epoch, rank) (``plan_epoch``), so the state only needs the
+  epoch and the step;
+- the mix parameters: a function of (seed, rank, epoch, step) (``dalimix.rng``), nothing to save;
+- DALI's random resized crop and flip: DALI draws them from per-operator streams that advance
+  batch after batch, so they are NOT a function of the step. DALI's own pipeline checkpointing
+  (``enable_checkpointing=True``, always on in dalimix) saves those streams and the reader position;
+  the state carries ``pipe.checkpoint()`` taken after the last batch the training loop received, and
+  the resumed epoch's pipeline is built with ``checkpoint=`` (measured in
+  ``benchmarks/resume_cost.py``: a few hundred bytes, well under a millisecond per batch). Where the
+  checkpoint cannot be used (another DALI version wrote it) the first ``step`` batches of the epoch
+  are run again and thrown away, which gives the same streams at the cost of decoding them.
+
+A state is per rank (each rank's DALI streams differ). ``load_state_dict`` also takes the list of
+every rank's states (``torch.distributed.all_gather_object``) and picks its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+STATE_FORMAT = 1
+_KEY = "dalimix_loader_state"
+
+
+def _dali_version() -> str:
+    import nvidia.dali
+
+    return nvidia.dali.__version__
+
+
+def _spec_summary(spec) -> dict:
+    """The augmentation spec as plain values (what must match for DALI's checkpoint to mean the same)."""
+    out = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, (bool, int, float, str, type(None))) or (
+            isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)
+        ):
+            out[f.name] = value
+        else:
+            out[f.name] = type(value).__qualname__
+    return out
+
+
+def _position(loader):
+    """(epoch, step, DALI checkpoint) of the batch the loader yields next."""
+    if loader._resume is not None:
+        return loader._resume
+    it = loader._active
+    if it is not None and not loader._epoch_is_set and it.plan.epoch == loader._epoch:
+        if it.step < it.plan.num_batches:
+            return it.plan.epoch, it.step, (it.dali_checkpoint() if it.step > 0 else None)
+        return it.plan.epoch + 1, 0, None
+    if loader._epoch_is_set or not loader._iterated:
+        return loader._epoch, 0, None
+    return loader._epoch + 1, 0, None
+
+
+def loader_state(loader) -> dict:
+    """``ImageLoader.state_dict()``: plain values only (``torch.save`` / ``torch.load(weights_only=True)`` safe)."""
+    epoch, step, checkpoint = _position(loader)
+    return {
+        _KEY: STATE_FORMAT,
+        "epoch": int(epoch),
+        "step": int(step),
+        "dali_checkpoint": checkpoint,
+        "dali_version": _dali_version(),
+        "mixup_enabled": None if loader.mix is None else bool(loader.mixup_enabled),
+        "dataset": {"fingerprint": loader.samples.fingerprint, "num_samples": len(loader.samples),
+                    "source": loader.samples.source},
+        "batch_size": loader.batch_size,
+        "seed": loader.seed,
+        "shuffle": loader.shuffle,
+        "shard_id": loader.shard_id,
+        "num_shards": loader.num_shards,
+        "last_batch_policy": loader.last_batch_policy.name,
+        "augment": _spec_summary(loader.spec),
+    }
+
+
+def _pick_rank(loader, state):
+    if isinstance(state, (list, tuple)):
+        mine = [s for s in state if isinstance(s, dict) and s.get("shard_id") == loader.shard_id]
+        if len(mine) != 1:
+            raise ValueError(f"load_state_dict: the list of states holds {len(mine)} state(s) for shard_id="
+                             f"{loader.shard_id}; pass this rank's state_dict() or the list of every rank's")
+        return mine[0]
+    return state
+
+
+def _check(loader, state: dict) -> None:
+    if not isinstance(state, dict) or _KEY not in state:
+        raise ValueError("load_state_dict: not a dalimix loader state; pass what ImageLoader.state_dict() returned")
+    if state[_KEY] != STATE_FORMAT:
+        raise ValueError(f"load_state_dict: state format {state[_KEY]} is not this dalimix's ({STATE_FORMAT})")
+    data = state["dataset"]
+    if data["fingerprint"] != loader.samples.fingerprint or data["num_samples"] != len(loader.samples):
+        raise ValueError(
+            f"load_state_dict: the state is from another data set ({data['source']}, {data['num_samples']} samples, "
+            f"fingerprint {data['fingerprint']}) than this loader's ({loader.samples.source}, {len(loader.samples)} "
+            f"samples, fingerprint {loader.samples.fingerprint}); resume with the same files and labels, or start afresh"
+        )
+    mine = loader_state_settings(loader)
+    for name, value in mine.items():
+        if state[name] != value:
+            raise ValueError(
+                f"load_state_dict: the state was saved with {name}={state[name]!r} but this loader has "
+                f"{name}={value!r}; an exact resume needs the same {name} (or start afresh without load_state_dict)"
+            )
+
+
+def loader_state_settings(loader) -> dict:
+    """The settings a state must share with the loader it is loaded into."""
+    return {
+        "batch_size": loader.batch_size,
+        "seed": loader.seed,
+        "shuffle": loader.shuffle,
+        "num_shards": loader.num_shards,
+        "shard_id": loader.shard_id,
+        "last_batch_policy": loader.last_batch_policy.name,
+        "augment": _spec_summary(loader.spec),
+    }
+
+
+def restore_loader_state(loader, state) -> None:
+    """``ImageLoader.load_state_dict(state)``: validate, then make the next iteration start at (epoch, step)."""
+    state = _pick_rank(loader, state)
+    _check(loader, state)
+    epoch, step = int(state["epoch"]), int(state["step"])
+    num_batches = loader.plan(epoch).num_batches
+    if not (0 <= step < max(num_batches, 1)):
+        raise ValueError(f"load_state_dict: step {step} is outside epoch {epoch}'s {num_batches} batches")
+    checkpoint = state["dali_checkpoint"]
+    if checkpoint is not None and state["dali_version"] != _dali_version():
+        warnings.warn(
+            f"dalimix: the loader state holds a DALI {state['dali_version']} checkpoint but DALI {_dali_version()} "
+            f"is installed; re-running the first {step} batches of epoch {epoch} instead (exact, slower)",
+            stacklevel=3,
+        )
+        checkpoint = None
+    if loader._active is not None:
+        loader._active.close()
+        loader._active = None
+    loader.set_epoch(epoch)
+    loader._iterated = True
+    loader._resume = (epoch, step, checkpoint) if step > 0 else None
+    if loader.mix is not None and state["mixup_enabled"] is not None:
+        loader.mixup_enabled = state["mixup_enabled"]
+
+
+def replay(pipe, steps: int, *, prefetch: int) -> None:
+    """Run ``steps`` batches of a fresh pipeline and throw them away: DALI's random streams then stand
+    where they stood after those batches in the first run."""
+    scheduled = 0
+    for step in range(steps):
+        while scheduled < steps and scheduled - step < prefetch:
+            pipe.schedule_run()
+            scheduled += 1
+        pipe.share_outputs()
+        pipe.release_outputs()
