@@ -240,3 +240,39 @@ def test_automix_step_on_the_loader(small_dataset):
     assert any(not torch.equal(a, b) for a, b in zip(before, am.mix_block.parameters()))
     with pytest.raises(ValueError, match="batch.unmixed/labels are missing"):
         am(images, targets, type("B", (), {"unmixed": None, "labels": None})())
+
+
+def test_example_runs(small_dataset, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from train_automix import main
+
+    out = tmp_path / "masks.png"
+    assert main(["--data", str(small_dataset), "--device", "cpu", "--steps", "4", "--batch-size", "6", "--size", "32",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mask spatial std" in text and "step    3" in text and out.stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_automix_step_on_a_cuda_loader(small_dataset):
+    torch.manual_seed(0)
+    am = AutoMix(model=TinyNet(), feature_layer="stage3", input_size=32).cuda()
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cuda", seed=3, mix=am.mixer())
+    am.attach(loader)
+    opt = torch.optim.SGD(am.parameters(), lr=0.05)
+    for step, (images, targets) in enumerate(loader):
+        info = loader.last_batch
+        m = torch.sigmoid(F.interpolate(am.last_hook_logits, size=(32, 32), mode="nearest"))
+        if (info.params.method == 3).all():
+            clean = info.unmixed
+            torch.testing.assert_close(images, m * clean + (1 - m) * clean[torch.from_numpy(info.params.partner).cuda()],
+                                       rtol=0, atol=2e-5)
+        losses = am(images, targets, info)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        am.update((step + 1) / len(loader))
+        assert torch.isfinite(losses["loss"])

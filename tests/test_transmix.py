@@ -158,3 +158,15 @@ def test_transmix_on_a_loader_batch(small_dataset):
     loss = torch.sum(-t * torch.log_softmax(logits, -1), -1).mean()
     loss.backward()  # the targets carry no gradient; the loss trains the ViT
     assert vit.head.weight.grad is not None and not t.requires_grad
+
+
+def test_example_runs(small_dataset, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from train_transmix import main
+
+    assert main(["--data", str(small_dataset), "--device", "cpu", "--steps", "6", "--batch-size", "6", "--size", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "clean-image accuracy" in text and "step    5" in text
