@@ -181,8 +181,11 @@ def main(argv=None) -> int:
     p.add_argument("--loader-repeats", type=int, default=3, help="epochs per loader timing")
     p.add_argument("--data", help="ImageFolder root for the loader part (default: the demo data set)")
     p.add_argument("--skip", nargs="*", default=[], choices=["steps", "kernel", "loader"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--save", action="store_true", help="also write benchmarks/results/<date>-automix.json")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     result = {"device": str(device), "model": args.model, "batch_size": args.batch_size, "size": args.size,
               "torch_threads": torch.get_num_threads()}

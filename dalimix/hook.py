@@ -222,7 +222,6 @@ class MaskHookStage:
     def __init__(self, hook: MaskHook, device: torch.device):
         self.hook = hook
         self.device = torch.device(device)
-        self.calls = 0
         self._buffer = torch.empty(0, dtype=torch.float32, device=self.device)
         self._last_stream = None
         self._pending = None  # deferred check: (host stats, event, epoch, step)
@@ -241,7 +240,6 @@ class MaskHookStage:
         lam = _to_device(params.lam.astype(np.float32), self.device, cuda)
         partner = _to_device(params.partner.astype(np.int64), self.device, cuda)
         where = f"epoch {epoch}, step {step}"
-        self.calls += 1
         try:
             masks = self.hook.fn(images, lam, partner)
         except Exception as exc:
