@@ -257,7 +257,6 @@ class MaskHookStage:
             event.record(torch.cuda.current_stream(self.device))
             self._pending = (host, event, epoch, step)
 
-        _, _, h, w = masks.shape
         stored = self._store(masks)
         rows = hooked_rows(params)
         params.flags[rows] = self.hook.flags

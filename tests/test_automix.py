@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalimix import ImageLoader
-from dalimix.automix import AutoMix, FeatureTap, MixBlock, cosine_decay, cosine_rise, ema_update, mask_spatial_std
+from dalimix.automix import AutoMix, FeatureTap, MixBlock, cosine_decay, cosine_rise, mask_spatial_std
 
 
 class TinyNet(nn.Module):
