@@ -25,6 +25,7 @@ import torch
 from . import rng as rng_mod
 from .diagnose import check_image_file
 from .errors import DatasetError, DecodeError
+from .hook import make_stage, require_hook
 from .ops import Normalization, allocate_output, identity_records, mix_normalize
 from .ops.kernels import OUTPUT_TYPES
 from .pipeline import INTERPOLATIONS, AugmentSpec, build_pipeline, default_num_threads, resolve_device
@@ -377,8 +378,6 @@ class ImageLoader:
                       validate: str = "eager") -> None:
         """Let ``fn(images, lam, partner) -> masks`` supply the masks of ``LearnedMask`` samples, for
         the very batch being mixed (see ``dalimix.hook`` and the README's mask hook section)."""
-        from .hook import make_stage
-
         self._mask_hook = make_stage(self, fn, interpolation=interpolation, logits=logits, target_lam=target_lam,
                                      validate=validate)
 
@@ -416,8 +415,6 @@ class ImageLoader:
             if self._mask_hook is not None:
                 records, masks = self._mask_hook.prepare(unmixed, params, epoch=epoch, step=step)
             else:
-                from .hook import require_hook
-
                 require_hook(params)
                 masks = params.mask_pool(self.device)
         out = allocate_output(n, self.spec.height, self.spec.width, dtype=self.dtype,
