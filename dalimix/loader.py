@@ -24,6 +24,7 @@ import torch
 from . import rng as rng_mod
 from . import validate as v
 from .errors import DatasetError, DecodeError
+from .hook import make_stage, require_hook
 from .ops import Normalization, allocate_output, identity_records, mix_normalize
 from .ops.kernels import OUTPUT_TYPES
 from .pipeline import INTERPOLATIONS, AugmentSpec, build_pipeline, default_num_threads, resolve_device
@@ -126,7 +127,9 @@ class BatchInfo:
     """What the loader knows about the batch it just yielded (``loader.last_batch``).
 
     ``sample_ids`` index ``loader.dataset`` (its ``paths`` and ``labels``); ``params`` are the mix
-    parameters (None without a mixer).
+    parameters (None without a mixer); ``labels`` the batch's int64 labels on the loader's device;
+    ``unmixed`` the same batch unmixed (normalised, cast, laid out) when the loader keeps it
+    (``keep_unmixed=True`` or a mask hook), else None.
     """
 
     epoch: int
@@ -134,6 +137,8 @@ class BatchInfo:
     sample_ids: np.ndarray
     params: object = None
     extra: dict = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    unmixed: torch.Tensor | None = None
 
 
 class _EpochSampler:
@@ -186,6 +191,8 @@ class ImageLoader:
         prefetch: batches DALI prepares ahead (default 2).
         mix: a mixer from ``dalimix.mix`` (or None for plain labels).
         classes: class names for a file list (default "0", "1", ...).
+        keep_unmixed: also write each batch unmixed into ``loader.last_batch.unmixed`` (one more
+            pass of the fused kernel; a registered mask hook implies it).
     """
 
     def __init__(
@@ -218,6 +225,7 @@ class ImageLoader:
         prefetch: int = 2,
         mix=None,
         classes=None,
+        keep_unmixed: bool = False,
     ):
         if root is None and file_list is None and webdataset is None and samples is None:
             raise ValueError("give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
@@ -271,6 +279,8 @@ class ImageLoader:
         self.sampler = _EpochSampler(self)
         self.batch_sampler = None
         self.last_batch: BatchInfo | None = None
+        self.keep_unmixed = bool(keep_unmixed)
+        self._mask_hook = None
         self._epoch = 0
         self._epoch_is_set = False
         self._iterated = False
@@ -395,6 +405,20 @@ class ImageLoader:
         except Exception:
             pass
 
+    # ------------------------------------------------------------------------- mask hook
+    def set_mask_hook(self, fn, *, interpolation: str = "nearest", logits: bool = False, target_lam: str = "mask",
+                      validate: str = "eager") -> None:
+        """Let ``fn(images, lam, partner) -> masks`` supply the masks of ``LearnedMask`` samples, for
+        the very batch being mixed (see ``dalimix.hook`` and the README's mask hook section)."""
+        self._mask_hook = make_stage(self, fn, interpolation=interpolation, logits=logits, target_lam=target_lam,
+                                     validate=validate)
+
+    def remove_mask_hook(self) -> None:
+        """Stop calling the hook (a pending deferred check is resolved first)."""
+        hook, self._mask_hook = self._mask_hook, None
+        if hook is not None:
+            hook.resolve_pending()
+
     # ------------------------------------------------------------------------- one batch
     def _plan_mix(self, n: int, epoch: int, step: int):
         """Mix parameters of batch ``step`` (``n`` samples): a function of (seed, rank, epoch, step) only."""
@@ -414,14 +438,23 @@ class ImageLoader:
         params = None
         records = identity_records(n)
         masks = None
+        unmixed = None
+        if self.keep_unmixed or self._mask_hook is not None:
+            unmixed = mix_normalize(images_u8, records, None, norm=self.norm, dtype=self.dtype,
+                                    channels_last=self.channels_last)
         if self.mix is not None:
             params, records = planned if planned is not None else self._plan_mix(n, epoch, step)
-            masks = params.mask_pool(self.device)
+            if self._mask_hook is not None:
+                records, masks = self._mask_hook.prepare(unmixed, params, epoch=epoch, step=step)
+            else:
+                require_hook(params)
+                masks = params.mask_pool(self.device)
         out = allocate_output(n, self.spec.height, self.spec.width, dtype=self.dtype,
                               channels_last=self.channels_last, device=self.device)
         images = mix_normalize(images_u8, records, masks, norm=self.norm, dtype=self.dtype,
                                channels_last=self.channels_last, out=out)
-        self.last_batch = BatchInfo(epoch=epoch, step=step, sample_ids=sample_ids, params=params)
+        self.last_batch = BatchInfo(epoch=epoch, step=step, sample_ids=sample_ids, params=params, labels=labels,
+                                    unmixed=unmixed)
         if self.mix is not None:
             return images, self.mix.targets(labels, params, num_classes=self.num_classes)
         return images, labels
@@ -504,16 +537,18 @@ class _EpochIterator:
         images_u8 = torch.from_dlpack(images_tl.as_tensor())
         planned = self._take_plan(valid)
         self._plan_ahead(self.step + 1)
-        result = ld._finish(images_u8, ids[:valid], self.plan.epoch, self.step, planned)
-        if ld.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(ld.device))
-            self._held = (outputs, event)
-        else:
-            self._pipe.release_outputs()
-        self.step += 1
-        if self.step >= self.plan.num_batches:
-            self.close()
+        try:
+            result = ld._finish(images_u8, ids[:valid], self.plan.epoch, self.step, planned)
+        finally:  # a batch whose finishing fails (e.g. a mask hook error) is skipped; the next one works
+            if ld.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(ld.device))
+                self._held = (outputs, event)
+            else:
+                self._pipe.release_outputs()
+            self.step += 1
+            if self.step >= self.plan.num_batches:
+                self.close()
         return result
 
     def _take_plan(self, n: int):

@@ -141,7 +141,7 @@ class Mixer:
         if c is None:
             raise ValueError("num_classes is unknown: pass num_classes= to the mixer or use it with an ImageLoader")
         partner = torch.from_numpy(params.partner).to(labels.device, non_blocking=True)
-        lam = torch.from_numpy(params.target_lam.astype(np.float32)).to(labels.device, non_blocking=True)
+        lam = params.target_lam_tensor(labels.device)
         if self.target_form == "compact":
             return CompactTargets(labels, labels[partner], lam, self.label_smoothing)
         return soft_targets(labels, partner, lam, c, self.label_smoothing)

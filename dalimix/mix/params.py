@@ -60,6 +60,7 @@ class MixParams:
     floats: np.ndarray
     masks: list = field(default_factory=list)
     device_masks: torch.Tensor | None = None  # N x 1 x h x w masks already on the device (mask hook)
+    device_target_lam: torch.Tensor | None = None  # N target lams on the device (mask hook); else target_lam
 
     @classmethod
     def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> "MixParams":
@@ -94,40 +95,46 @@ class MixParams:
         rec["y0"], rec["x0"], rec["y1"], rec["x1"] = self.box.T
         rec["p0"], rec["p1"], rec["p2"], rec["p3"] = self.ints.T
         rec["f0"] = self.floats
-        if self.device_masks is not None:
+        offset = 0
+        if self.device_masks is not None:  # sample i -> device mask i, host masks after them
             _, _, mh, mw = self.device_masks.shape
             rec["mask_offset"] = np.arange(self.n) * mh * mw
             rec["mask_h"], rec["mask_w"] = mh, mw
-        else:
-            offset = 0
-            seen: dict[int, int] = {}
-            for i, m in enumerate(self.masks):
-                if m is None:
-                    continue
-                key = id(m)
-                if key not in seen:  # samples sharing one mask array share its pool slot
-                    seen[key] = offset
-                    offset += m.size
-                rec["mask_offset"][i] = seen[key]
-                rec["mask_h"][i], rec["mask_w"][i] = m.shape
+            offset = self.n * mh * mw
+        seen: dict[int, int] = {}
+        for i, m in enumerate(self.masks):
+            if m is None:
+                continue
+            key = id(m)
+            if key not in seen:  # samples sharing one mask array share its pool slot
+                seen[key] = offset
+                offset += m.size
+            rec["mask_offset"][i] = seen[key]
+            rec["mask_h"][i], rec["mask_w"][i] = m.shape
         return rec
 
     def mask_pool(self, device) -> torch.Tensor | None:
         """All masks in one flat float32 tensor on ``device`` (the order ``records`` assumes)."""
-        if self.device_masks is not None:
-            return self.device_masks.reshape(-1)
         unique, seen = [], set()
         for m in self.masks:
             if m is not None and id(m) not in seen:
                 seen.add(id(m))
                 unique.append(np.asarray(m, dtype=np.float32).reshape(-1))
+        device_pool = None if self.device_masks is None else self.device_masks.reshape(-1)
         if not unique:
-            return None
+            return device_pool
         pool = torch.from_numpy(np.concatenate(unique))
         device = torch.device(device)
         if device.type == "cuda":
-            return pool.pin_memory().to(device, non_blocking=True)
-        return pool
+            pool = pool.pin_memory().to(device, non_blocking=True)
+        return pool if device_pool is None else torch.cat([device_pool, pool.to(device_pool.device)])
+
+    def target_lam_tensor(self, device) -> torch.Tensor:
+        """Per-sample target lam as float32 on ``device``: ``device_target_lam`` when a mask hook set
+        it (no host round trip), else ``target_lam``."""
+        if self.device_target_lam is not None:
+            return self.device_target_lam.to(device=device, dtype=torch.float32)
+        return torch.from_numpy(self.target_lam.astype(np.float32)).to(device, non_blocking=True)
 
     def select(self, rows: np.ndarray) -> "MixParams":
         """A view of some rows (partners still index the full batch) — for reports."""

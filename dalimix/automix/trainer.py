@@ -1,0 +1,189 @@
+"""AutoMix's two-flow training step around a dalimix loader (Liu et al., "AutoMix: Unveiling the
+Power of Mixup for Stronger Classifiers", ECCV 2022; behaviour of OpenMixup's ``AutoMixup``).
+
+Per step, with ``images, targets`` from a loader the ``AutoMix`` is attached to:
+
+- the loader calls ``mask_hook`` for the batch: EMA-encoder features of the CLEAN batch, the Mix
+  Block's low-res mask logits for the loader's planned (backbone-flow) lam and partner — no
+  gradient — and the fused kernel mixes with ``sigmoid(nearest upsampling)`` of them. Targets use
+  the planned lam (``target_lam="planned"``, as AutoMix does); lam within ``mixup_margin`` of 0 or
+  1 is plain MixUp (``LearnedMask``'s fallback);
+- backbone flow: the online model on the loader's mixed batch, mixup cross-entropy;
+- clean flow: the online model on the clean batch (``loader.last_batch.unmixed``), cross-entropy;
+- Mix Block flow: a second lam ~ Beta(alpha, alpha) with its own partners, the Mix Block on the
+  cached features WITH gradient, the batch mixed differentiably here and classified by the frozen
+  EMA model: gradient reaches only the Mix Block; plus the mask loss
+  ``w * clamp(|mean(mask) - lam| - margin, 0)`` with ``w`` annealed from 0.1 to 0 by a cosine;
+- ``update(progress)`` after the optimiser step: EMA momentum rising by a cosine from 0.999 to
+  0.99999, then the EMA update.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hook import LearnedMask
+from ..losses import MixCrossEntropy
+from ..mix import Mixer, pair_indices
+from .features import FeatureTap
+from .mixblock import MixBlock
+from .momentum import cosine_decay, cosine_rise, ema_update
+
+
+def mask_spatial_std(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each mask's spatial standard deviation (masks = sigmoid(logits), low
+    res; nearest upsampling by an integer factor keeps the std). 0 for a constant mask."""
+    m = torch.sigmoid(logits.detach().float()).flatten(1)
+    return m.std(dim=1, unbiased=False).mean()
+
+
+class AutoMix(nn.Module):
+    """AutoMix around any torchvision or timm CNN classifier.
+
+    Args (keyword-only):
+        model: the classifier to train (images N x 3 x H x W -> logits N x C).
+        feature_layer: name of the module whose output feeds the Mix Block (stage 3 in the paper:
+            ``"layer3"`` for torchvision/timm ResNets, ``"stages.2"`` for timm ConvNeXt).
+        input_size: image size ``(H, W)`` (or an int) for one dry run that finds the channel count.
+        alpha: both lams ~ Beta(alpha, alpha) (2.0, the paper's ImageNet setting).
+        momentum, end_momentum: EMA momentum at the start and end of training (cosine rise).
+        mask_loss_weight, mask_loss_margin: the mask loss ``w * clamp(|mean(mask) - lam| - margin, 0)``,
+            ``w`` annealed from ``mask_loss_weight`` to 0 by a cosine.
+        mixup_margin: lam within this of 0 or 1 falls back to plain MixUp (0.08).
+        reduction, value_from: the Mix Block's (see ``MixBlock``).
+        label_smoothing: for every cross-entropy here and the loader's targets (``mixer()``).
+        seed: seed of the Mix Block flow's lam and partners.
+    """
+
+    def __init__(self, *, model: nn.Module, feature_layer: str, input_size=224, alpha: float = 2.0,
+                 momentum: float = 0.999, end_momentum: float = 0.99999, mask_loss_weight: float = 0.1,
+                 mask_loss_margin: float = 0.1, mixup_margin: float = 0.08, reduction: int = 2,
+                 value_from: str = "own", label_smoothing: float = 0.0, seed: int = 0):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module classifier, got {type(model).__name__}")
+        if not (0.0 <= momentum <= end_momentum <= 1.0):
+            raise ValueError(f"momentum={momentum}, end_momentum={end_momentum}: need 0 <= momentum <= end_momentum <= 1")
+        if mask_loss_weight < 0 or mask_loss_margin < 0:
+            raise ValueError(f"mask_loss_weight={mask_loss_weight}, mask_loss_margin={mask_loss_margin}: non-negative")
+        self.mixer_method = LearnedMask(alpha=alpha, mixup_margin=mixup_margin)  # validates alpha and margin
+        self.alpha = float(alpha)
+        self.base_momentum = float(momentum)
+        self.end_momentum = float(end_momentum)
+        self.momentum = float(momentum)
+        self.base_mask_loss_weight = float(mask_loss_weight)
+        self.mask_loss_margin = float(mask_loss_margin)
+        self.label_smoothing = float(label_smoothing)
+        self.progress = 0.0
+        self.model = model
+        self.ema = copy.deepcopy(model)
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self._tap = FeatureTap(self.ema, feature_layer)
+        self.feature_layer = feature_layer
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        self.mix_block = MixBlock(self._channels(size), reduction=reduction, value_from=value_from)
+        self.mix_block.to(self._device())
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
+        self._criterion = MixCrossEntropy()
+        self._cache = None  # (clean images, EMA features) of the batch the hook saw last
+        self.last_hook_logits = None
+
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _channels(self, size) -> int:
+        was = self.ema.training
+        self.ema.eval()
+        try:
+            with torch.no_grad():
+                feats = self._tap(torch.zeros(2, 3, *size, device=self._device()))
+        finally:
+            self.ema.train(was)
+        return int(feats.shape[1])
+
+    # --------------------------------------------------------------------- the loader side
+    def mixer(self, **kw) -> Mixer:
+        """The loader's mixer for AutoMix: ``LearnedMask`` in batch mode (one lam per batch, as in
+        the paper) with random partners; keyword arguments override ``Mixer``'s."""
+        args = dict(methods=[self.mixer_method], mode="batch", pairing="derangement",
+                    label_smoothing=self.label_smoothing)
+        args.update(kw)
+        return Mixer(**args)
+
+    def attach(self, loader) -> None:
+        """Register ``mask_hook`` on ``loader``: low-res logits, nearest upsampling and the sigmoid
+        in the kernel, targets with the planned lam."""
+        loader.set_mask_hook(self.mask_hook, interpolation="nearest", logits=True, target_lam="planned")
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """EMA-encoder features of ``images`` at ``feature_layer`` (no gradient)."""
+        return self._tap(images)
+
+    @torch.no_grad()
+    def mask_hook(self, images: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+        """The loader's hook: Mix Block logits (N x 1 x h x w) for the backbone flow's lam and partner."""
+        feats = self.features(images)
+        logits = self.mix_block(feats, lam, partner)
+        self._cache = (images, feats)
+        self.last_hook_logits = logits
+        return logits
+
+    # ------------------------------------------------------------------------ the step
+    def forward(self, images: torch.Tensor, targets, batch) -> dict:
+        """All AutoMix losses of one step; ``losses["loss"]`` is the sum to back-propagate.
+
+        Args:
+            images, targets: what the loader yielded (mixed by the kernel with the hook's mask).
+            batch: ``loader.last_batch`` (its ``unmixed`` clean batch and ``labels``).
+        """
+        clean, labels = batch.unmixed, batch.labels
+        if clean is None or labels is None:
+            raise ValueError("batch.unmixed/labels are missing: pass loader.last_batch of a loader AutoMix is attached to")
+        loss_mix = self._criterion(self.model(images), targets)
+        loss_clean = F.cross_entropy(self.model(clean), labels, label_smoothing=self.label_smoothing)
+        feats = self._cache[1] if self._cache is not None and self._cache[0] is clean else self.features(clean)
+        flow = self.mix_block_flow(clean, labels, feats)
+        total = loss_mix + loss_clean + flow["loss_mix_block"] + flow["loss_mask"]
+        return dict(loss=total, loss_mix=loss_mix.detach(), loss_clean=loss_clean.detach(),
+                    loss_mix_block=flow["loss_mix_block"].detach(), loss_mask=flow["loss_mask"].detach(),
+                    lam_mix_block=flow["lam"], mask_std=mask_spatial_std(flow["logits"]))
+
+    def mix_block_flow(self, clean: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor, *, lam=None, partner=None) -> dict:
+        """The Mix Block's loss: its mask mixes the clean batch (differentiably), the frozen EMA model
+        classifies it against the mixed labels; plus the annealed mask loss. ``lam``/``partner``
+        are drawn (seeded) unless given."""
+        n = clean.shape[0]
+        lam = float(self._rng.beta(self.alpha, self.alpha)) if lam is None else float(lam)
+        if partner is None:
+            partner = pair_indices(n, "derangement", self._rng)
+        partner = torch.as_tensor(partner, dtype=torch.long, device=clean.device)
+        logits = self.mix_block(feats, lam, partner)
+        mask = MixBlock.mask(logits, clean.shape[-2:])
+        x = clean.to(torch.float32)
+        mixed = (x[partner] + mask * (x - x[partner])).to(clean.dtype)
+        out = self.ema(mixed)
+        eps = self.label_smoothing
+        ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(out, labels[partner], label_smoothing=eps)
+        weight = cosine_decay(self.base_mask_loss_weight, self.progress)
+        gap = torch.clamp((mask.mean() - lam).abs() - self.mask_loss_margin, min=0.0)
+        return dict(loss_mix_block=ce, loss_mask=weight * gap, logits=logits, mask=mask, mixed=mixed, lam=lam, partner=partner)
+
+    @torch.no_grad()
+    def update(self, progress: float) -> None:
+        """After the optimiser step: set the schedules to ``progress`` in [0, 1] (momentum rises by a
+        cosine, the mask loss weight decays by one) and move the EMA model towards the model."""
+        self.progress = min(max(float(progress), 0.0), 1.0)
+        self.momentum = cosine_rise(self.base_momentum, self.end_momentum, self.progress)
+        ema_update(self.ema, self.model, self.momentum)
+
+    @property
+    def mask_loss_weight(self) -> float:
+        return cosine_decay(self.base_mask_loss_weight, self.progress)

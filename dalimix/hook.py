@@ -1,0 +1,335 @@
+"""The mask hook: a trainer's callable supplies low-resolution masks for the very batch being mixed.
+
+A trainer registers ``fn(images, lam, partner) -> masks`` on a loader whose mixer contains
+``LearnedMask``. For every batch the loader
+
+1. writes the batch once UNMIXED (identity records through the fused kernel: normalised, cast and
+   laid out exactly like the training batch) — these are the ``images`` the hook sees;
+2. calls ``fn`` on the current stream with the planned ``lam`` (N float32) and ``partner``
+   (N int64), both on the loader's device;
+3. checks the masks (shape, device, dtype, finite, in [0, 1] unless they are logits) and copies them
+   into one preallocated float32 device tensor shared by all batches (grown when needed);
+4. mixes with the fused kernel, which upsamples every mask (nearest or bilinear, F.interpolate's
+   index rules, ``align_corners=False``) and applies the sigmoid after upsampling for logits;
+5. sets the targets' lam of the hooked samples to the mask mean at full resolution (on the device,
+   no host round trip), or keeps the planned lam (``target_lam="planned"``, AutoMix's rule).
+
+Nothing here runs when no hook is registered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DalimixError
+from .mix.methods import MixMethod, _positive
+from .mix.params import MixParams
+from .ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
+
+INTERPOLATIONS = ("nearest", "bilinear")
+TARGET_LAMS = ("mask", "planned")
+VALIDATIONS = ("eager", "deferred")
+MASK_DTYPES = (torch.float32, torch.float16)
+
+
+class MaskHookError(DalimixError, ValueError):
+    """A mask hook raised, or returned masks the loader cannot use. The message names the problem,
+    the batch (epoch, step) and what to do; the loader stays usable (the next batch works)."""
+
+
+class LearnedMask(MixMethod):
+    """Masks from the loader's mask hook: AutoMix's Mix Block (Liu et al., "AutoMix: Unveiling the
+    Power of Mixup for Stronger Classifiers", ECCV 2022), saliency, or any policy of the trainer.
+
+    ``lam ~ Beta(alpha, alpha)`` is planned per batch/pair/sample like MixUp's and handed to the hook
+    with the partner; the hook returns the masks. Samples whose lam is within ``mixup_margin`` of 0
+    or 1 are mixed as plain MixUp instead (AutoMix's ``lam_margin``: 0.08), without the hook's mask.
+    """
+
+    name = "learned"
+
+    def __init__(self, *, alpha: float = 2.0, mixup_margin: float = 0.0):
+        self.alpha = _positive("alpha", alpha)
+        if not (0.0 <= float(mixup_margin) < 0.5):
+            raise ValueError(f"mixup_margin={mixup_margin!r}: in [0, 0.5) (AutoMix uses 0.08; 0 turns the fallback off)")
+        self.mixup_margin = float(mixup_margin)
+
+    def draw_lam(self, rng, count):
+        return rng.beta(self.alpha, self.alpha, size=count)
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        lam = np.asarray(lam, dtype=np.float64)
+        blend = np.minimum(lam, 1.0 - lam) <= self.mixup_margin
+        hooked = rows[~blend]
+        p.method[hooked] = METHOD_MASK
+        p.flags[hooked] = 0  # the loader sets the hook's interpolation and sigmoid flags
+        p.lam[hooked] = lam[~blend]
+        p.target_lam[hooked] = lam[~blend]
+        for r in hooked:
+            p.masks[r] = None
+        mixed = rows[blend]
+        p.method[mixed] = METHOD_BLEND
+        p.blend[mixed] = lam[blend].astype(np.float32)
+        p.lam[mixed] = p.blend[mixed].astype(np.float64)
+        p.target_lam[mixed] = p.lam[mixed]
+
+
+def hooked_rows(params: MixParams) -> np.ndarray:
+    """Samples whose mask comes from the hook: method MASK without a host mask."""
+    return np.flatnonzero((params.method == METHOD_MASK) & np.array([m is None for m in params.masks], dtype=bool))
+
+
+def require_hook(params: MixParams | None) -> None:
+    """Refuse a batch that needs hook masks when no hook is registered."""
+    if params is not None and len(hooked_rows(params)):
+        raise MaskHookError(
+            f"{len(hooked_rows(params))} sample(s) of this batch use LearnedMask but no mask hook is registered: "
+            "call loader.set_mask_hook(fn) first (or remove LearnedMask from the mixer)"
+        )
+
+
+# ------------------------------------------------------------------------ mask mean at full size
+def upsampling_weights(in_size: int, out_size: int, bilinear: bool) -> np.ndarray:
+    """How much each of ``in_size`` source rows contributes to the sum over ``out_size`` upsampled
+    rows, with the kernel's (F.interpolate's) float32 index rules. Nearest and bilinear upsampling
+    are linear, so ``mean(up(M)) = w_y^T M w_x / (H W)`` exactly."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    if not bilinear:
+        idx = np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
+        return np.bincount(idx, minlength=in_size).astype(np.float64)
+    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    lo = src.astype(np.int64)
+    hi = np.where(lo < in_size - 1, lo + 1, lo)
+    w_hi = (src - lo.astype(np.float32)).astype(np.float32)
+    w_lo = (np.float32(1) - w_hi).astype(np.float32)
+    return (np.bincount(lo, w_lo.astype(np.float64), minlength=in_size)
+            + np.bincount(hi, w_hi.astype(np.float64), minlength=in_size))
+
+
+_WEIGHTS: dict = {}
+
+
+def _weights(h: int, w: int, height: int, width: int, bilinear: bool, device: torch.device):
+    key = (h, w, height, width, bilinear, str(device))
+    if key not in _WEIGHTS:
+        if len(_WEIGHTS) > 64:
+            _WEIGHTS.clear()
+        wy = torch.from_numpy(upsampling_weights(h, height, bilinear) / height).to(device)
+        wx = torch.from_numpy(upsampling_weights(w, width, bilinear) / width).to(device)
+        _WEIGHTS[key] = (wy, wx)
+    return _WEIGHTS[key]
+
+
+def full_resolution_mask_mean(masks: torch.Tensor, height: int, width: int, *, bilinear: bool, logits: bool) -> torch.Tensor:
+    """Per-sample mean of ``masks`` (N x 1 x h x w) upsampled to ``height x width`` as the kernel does
+    (then the sigmoid for logits): N float32 on the masks' device, computed there.
+
+    Exact through the interpolation weight vectors (float64) for nearest and bilinear; nearest
+    commutes with the sigmoid, so nearest logits need no full-size tensor either. Bilinear logits
+    are upsampled in full (F.interpolate + sigmoid + mean): a N x H x W float32 temporary.
+    """
+    n, _, h, w = masks.shape
+    m = masks.reshape(n, h, w).to(torch.float32)
+    if logits and bilinear:
+        up = F.interpolate(m.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        return torch.sigmoid(up).mean(dim=(1, 2, 3))
+    if logits:
+        m = torch.sigmoid(m)
+    wy, wx = _weights(h, w, height, width, bilinear, m.device)
+    return torch.einsum("y,nyx,x->n", wy, m.to(torch.float64), wx).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------- validation
+_STAT_NAMES = ("nan", "inf", "below 0", "above 1")
+
+
+def _value_stats(masks: torch.Tensor, logits: bool) -> torch.Tensor:
+    """[nan, inf, below 0, above 1 counts, first bad sample, finite min, finite max] on the device."""
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1)
+    nan = torch.isnan(flat)
+    inf = torch.isinf(flat)
+    finite = ~(nan | inf)
+    if logits:
+        low = high = torch.zeros_like(nan)
+    else:
+        low = (flat < 0) & finite
+        high = (flat > 1) & finite
+    bad_rows = (nan | inf | low | high).any(dim=1)
+    first = torch.argmax(bad_rows.to(torch.int32)) if n else torch.zeros((), dtype=torch.int64, device=flat.device)
+    big = torch.tensor(float("inf"), device=flat.device, dtype=flat.dtype)
+    lo = torch.where(finite, flat, big).amin() if flat.numel() else big
+    hi = torch.where(finite, flat, -big).amax() if flat.numel() else -big
+    counts = torch.stack([nan.sum(), inf.sum(), low.sum(), high.sum(), first.to(torch.int64)]).to(torch.float64)
+    return torch.cat([counts, torch.stack([lo, hi]).to(torch.float64)])
+
+
+def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
+    counts = stats[:4]
+    if not counts.any():
+        return None
+    what = ", ".join(f"{int(c)} {name}" for c, name in zip(counts, _STAT_NAMES) if c)
+    allowed = "finite logits" if logits else "finite values in [0, 1] (1 = the sample's own image)"
+    return (f"masks hold {what} value(s) (first in sample {int(stats[4])}; finite range [{stats[5]:.4g}, {stats[6]:.4g}]); "
+            f"the hook must return {allowed}")
+
+
+@dataclass
+class MaskHook:
+    """A registered hook and how its masks are read (see ``ImageLoader.set_mask_hook``)."""
+
+    fn: object
+    interpolation: str = "nearest"
+    logits: bool = False
+    target_lam: str = "mask"
+    validate: str = "eager"
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise ValueError(f"the mask hook must be callable as fn(images, lam, partner) -> masks, got {self.fn!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={self.interpolation!r}: 'nearest' or 'bilinear' (F.interpolate, align_corners=False)")
+        if self.target_lam not in TARGET_LAMS:
+            raise ValueError(f"target_lam={self.target_lam!r}: 'mask' (the mask mean at full size) or 'planned' (the planned lam)")
+        if self.validate not in VALIDATIONS:
+            raise ValueError(f"validate={self.validate!r}: 'eager' (check before mixing) or 'deferred' (no host sync; "
+                             "a bad batch is reported at the next one)")
+        self.logits = bool(self.logits)
+
+    @property
+    def flags(self) -> int:
+        return (FLAG_BILINEAR if self.interpolation == "bilinear" else 0) | (FLAG_SIGMOID if self.logits else 0)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+
+
+class MaskHookStage:
+    """The loader's side of the hook: calls it, checks and stores its masks, builds records and lams.
+
+    Owns the shared mask tensor (float32, flat, on the loader's device; it only grows). A batch's
+    ``params.device_masks`` is a view of it: valid until the next batch is finished — clone it to
+    keep it. The copy into it is ordered after the previous batch's kernel even when the consumer
+    switches CUDA streams between batches (an event, no host sync).
+    """
+
+    def __init__(self, hook: MaskHook, device: torch.device):
+        self.hook = hook
+        self.device = torch.device(device)
+        self._buffer = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._last_stream = None
+        self._pending = None  # deferred check: (host stats, event, epoch, step)
+
+    # ------------------------------------------------------------------------- per batch
+    def prepare(self, images: torch.Tensor, params: MixParams, *, epoch: int, step: int):
+        """Run the hook for this batch; returns ``(records, mask_pool)`` for the fused kernel.
+
+        ``images``: the unmixed batch (n x 3 x H x W, the loader's dtype and layout). Raises
+        ``MaskHookError`` if the hook raises or its masks are unusable (nothing of this batch is
+        kept then), or if the previous batch's deferred check failed.
+        """
+        self.resolve_pending()
+        n, _, height, width = images.shape
+        cuda = self.device.type == "cuda"
+        lam = _to_device(params.lam.astype(np.float32), self.device, cuda)
+        partner = _to_device(params.partner.astype(np.int64), self.device, cuda)
+        where = f"epoch {epoch}, step {step}"
+        try:
+            masks = self.hook.fn(images, lam, partner)
+        except Exception as exc:
+            raise MaskHookError(f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}") from exc
+        self._check_form(masks, n, height, width, where)
+        stats = _value_stats(masks, self.hook.logits)
+        if self.hook.validate == "eager" or not cuda:
+            problem = _value_problem(stats.cpu().numpy(), self.hook.logits)
+            if problem:
+                raise MaskHookError(f"mask hook {self.hook.name} at {where}: {problem}")
+        else:
+            host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._pending = (host, event, epoch, step)
+
+        stored = self._store(masks)
+        rows = hooked_rows(params)
+        params.flags[rows] = self.hook.flags
+        params.device_masks = stored
+        if self.hook.target_lam == "mask" and len(rows):
+            mean = full_resolution_mask_mean(stored, height, width, bilinear=self.hook.interpolation == "bilinear",
+                                             logits=self.hook.logits)
+            use = np.zeros(n, dtype=bool)
+            use[rows] = True
+            planned = _to_device(params.target_lam.astype(np.float32), self.device, cuda)
+            params.device_target_lam = torch.where(_to_device(use, self.device, cuda), mean, planned)
+        return params.records(), params.mask_pool(self.device)
+
+    def resolve_pending(self) -> None:
+        """Raise the deferred check's error of an earlier batch, if it failed (waits only for that batch)."""
+        if self._pending is None:
+            return
+        host, event, epoch, step = self._pending
+        self._pending = None
+        event.synchronize()
+        problem = _value_problem(host.numpy(), self.hook.logits)
+        if problem:
+            raise MaskHookError(f"mask hook {self.hook.name} at epoch {epoch}, step {step} (checked one batch later, "
+                                f"validate='deferred'; that batch was already mixed with them): {problem}")
+
+    # ------------------------------------------------------------------------------ helpers
+    def _check_form(self, masks, n: int, height: int, width: int, where: str) -> None:
+        name = self.hook.name
+        if not isinstance(masks, torch.Tensor):
+            raise MaskHookError(f"mask hook {name} at {where} returned {type(masks).__name__}; return a torch.Tensor "
+                                f"of shape {n} x 1 x h x w")
+        shape = tuple(masks.shape)
+        if masks.dim() != 4 or shape[0] != n or shape[1] != 1 or not (1 <= shape[2] <= height and 1 <= shape[3] <= width):
+            raise MaskHookError(f"mask hook {name} at {where} returned shape {shape}; expected {n} x 1 x h x w with "
+                                f"1 <= h <= {height} and 1 <= w <= {width} (one low-res mask per sample)")
+        if masks.device != self.device and not (masks.device.type == self.device.type == "cuda"
+                                                and (masks.device.index or 0) == (self.device.index or 0)):
+            raise MaskHookError(f"mask hook {name} at {where} returned masks on {masks.device}; the loader mixes on "
+                                f"{self.device}: create them there (the images it receives are there)")
+        if masks.dtype not in MASK_DTYPES:
+            raise MaskHookError(f"mask hook {name} at {where} returned {masks.dtype} masks; use torch.float32 or torch.float16")
+
+    def _store(self, masks: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = masks.shape
+        need = n * h * w
+        if self._buffer.numel() < need:
+            self._buffer = torch.empty(max(need, 2 * self._buffer.numel()), dtype=torch.float32, device=self.device)
+        elif self.device.type == "cuda":
+            current = torch.cuda.current_stream(self.device)
+            if self._last_stream is not None and self._last_stream != current:
+                current.wait_event(self._last_stream.record_event())  # the previous kernel read the buffer there
+        if self.device.type == "cuda":
+            self._last_stream = torch.cuda.current_stream(self.device)
+        view = self._buffer[:need].view(n, 1, h, w)
+        view.copy_(masks.detach())
+        return view
+
+
+def _to_device(array: np.ndarray, device: torch.device, cuda: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if cuda:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def make_stage(loader, fn, *, interpolation: str, logits: bool, target_lam: str, validate: str) -> MaskHookStage:
+    """Check that ``loader`` can use a hook, and build its stage."""
+    hook = MaskHook(fn=fn, interpolation=interpolation, logits=logits, target_lam=target_lam, validate=validate)
+    methods = getattr(loader.mix, "methods", None) or []
+    if not any(isinstance(m, LearnedMask) for m in methods):
+        raise ValueError(
+            "set_mask_hook needs a mixer with LearnedMask, e.g. ImageLoader(..., mix=Mixer(methods=[LearnedMask(alpha=2.0)])) "
+            f"(this loader's mixer is {loader.mix!r})"
+        )
+    return MaskHookStage(hook, loader.device)
+
