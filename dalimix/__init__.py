@@ -5,7 +5,7 @@
     for images, labels in loader: ...
 """
 
-from .errors import DalimixError, DatasetError, DecodeError
+from .errors import DalimixError, DalimixWarning, DatasetError, DecodeError
 from .loader import BatchInfo, EpochPlan, ImageLoader, LastBatchPolicy, plan_epoch
 from .compat import create_loader
 from .ops import Normalization, mix_normalize
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchInfo",
     "DalimixError",
+    "DalimixWarning",
     "DatasetError",
     "DecodeError",
     "EpochPlan",

@@ -24,3 +24,7 @@ class DecodeError(DalimixError):
         self.files = files or []
         self.epoch = epoch
         self.step = step
+
+
+class DalimixWarning(UserWarning):
+    """Something dalimix worked around and wants you to know (e.g. an unreadable file it skipped)."""

@@ -16,6 +16,7 @@ dalimix does later overwrites it.
 from __future__ import annotations
 
 import enum
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ from .sources import Samples, read_file_list, scan_image_folder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+ON_ERROR = ("raise", "skip")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -145,13 +147,16 @@ class _EpochSampler:
     """``loader.sampler``: carries ``set_epoch`` for training loops that call ``loader.sampler.set_epoch(e)``."""
 
     def __init__(self, loader: "ImageLoader"):
-        self._loader = loader
+        # weak: a loader dropped by its owner is freed (and its DALI threads stopped) at once,
+        # not at some later garbage collection
+        self._loader = weakref.ref(loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self._loader.set_epoch(epoch)
+        self._loader().set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self._loader) * self._loader.batch_size
+        loader = self._loader()
+        return len(loader) * loader.batch_size
 
 
 class ImageLoader:
@@ -191,6 +196,12 @@ class ImageLoader:
         prefetch: batches DALI prepares ahead (default 2).
         mix: a mixer from ``dalimix.mix`` (or None for plain labels).
         classes: class names for a file list (default "0", "1", ...).
+        on_error: what an unreadable file does. "raise" (default): a ``DecodeError`` naming the
+            file(s), the epoch and the step. "skip": the sample is replaced by the next readable
+            sample of this rank's epoch order (wrapping around), so batches keep their size and the
+            substitute's label comes with it; each file is warned about once, listed in
+            ``loader.skipped`` (path -> reason) and kept out of later epochs, and
+            ``loader.skip_count`` counts the replaced samples handed out.
         keep_unmixed: also write each batch unmixed into ``loader.last_batch.unmixed`` (one more
             pass of the fused kernel; a registered mask hook implies it).
     """
@@ -225,6 +236,7 @@ class ImageLoader:
         prefetch: int = 2,
         mix=None,
         classes=None,
+        on_error: str = "raise",
         keep_unmixed: bool = False,
     ):
         if root is None and file_list is None and webdataset is None and samples is None:
@@ -254,6 +266,10 @@ class ImageLoader:
         self.last_batch_policy = LastBatchPolicy.parse(last_batch_policy)
         self.num_threads = default_num_threads() if num_threads is None else _positive_int("num_threads", num_threads)
         self.prefetch = _positive_int("prefetch", prefetch)
+        self.on_error = v.choice("on_error", on_error, ON_ERROR)
+        self.skipped: dict[str, str] = {}  # unreadable files met so far (on_error="skip"): path -> reason
+        self.skip_count = 0  # samples replaced so far in the batches handed out
+        self._bad_ids: set[int] = set()
         self.device = resolve_device(device)
 
         if samples is not None:
@@ -351,8 +367,9 @@ class ImageLoader:
         )
 
     def __iter__(self) -> "_EpochIterator":
-        if self._active is not None:
-            self._active.close()
+        active = self._active
+        if active is not None:
+            active.close()
         if self._iterated and not self._epoch_is_set:
             self._epoch += 1
             if self.mix is not None and hasattr(self.mix, "set_epoch"):
@@ -363,8 +380,9 @@ class ImageLoader:
         if self._resume is not None and self._resume[0] == self._epoch:
             _, start, checkpoint = self._resume
         self._resume = None
-        self._active = _EpochIterator(self, self.plan(self._epoch), start_step=start, checkpoint=checkpoint)
-        return self._active
+        it = _EpochIterator(self, self.plan(self._epoch), start_step=start, checkpoint=checkpoint)
+        self._active = it
+        return it
 
     def state_dict(self) -> dict:
         """Where this rank's loader stands: epoch, next step, DALI's checkpoint and what must match on
@@ -383,8 +401,9 @@ class ImageLoader:
 
     def close(self, *, wait: bool = True) -> None:
         """Stop DALI's threads and the planner thread now (also happens when the loader is garbage collected)."""
-        if self._active is not None:
-            self._active.close()
+        active = self._active
+        if active is not None:
+            active.close()
             self._active = None
         if self._planner_pool is not None:
             self._planner_pool.shutdown(wait=wait, cancel_futures=True)
@@ -419,14 +438,39 @@ class ImageLoader:
         if hook is not None:
             hook.resolve_pending()
 
+    # ------------------------------------------------------------------------ bad files
+    def _substitute(self, order: np.ndarray) -> np.ndarray:
+        """``order`` with every known-unreadable sample replaced by the next readable one after it
+        (cyclically); unchanged when nothing is known bad."""
+        if not self._bad_ids:
+            return order
+        bad = np.isin(order, np.fromiter(self._bad_ids, dtype=np.int64))
+        if bad.all():
+            raise DecodeError(f"every sample of this rank's epoch is unreadable ({len(self.skipped)} files skipped so far); "
+                              "check the data with `dalimix scan`", files=list(self.skipped.items()))
+        good_pos = np.flatnonzero(~bad)
+        # for each position, the first readable position at or after it, wrapping to the start
+        nxt = np.searchsorted(good_pos, np.arange(len(order)))
+        nxt = np.where(nxt < len(good_pos), good_pos[nxt % len(good_pos)], good_pos[0])
+        return order[nxt]
+
+    def _mark_bad(self, found: list[tuple[int, str]], epoch: int, step: int) -> None:
+        import warnings
+
+        from .errors import DalimixWarning
+
+        for i, reason in found:
+            path = self.samples.paths[i]
+            self._bad_ids.add(int(i))
+            if path not in self.skipped:
+                self.skipped[path] = reason
+                warnings.warn(f"dalimix: skipping {path}: {reason} (epoch {epoch}, step {step}); it is replaced by the "
+                              "next readable sample of the epoch from now on", DalimixWarning, stacklevel=3)
+
     # ------------------------------------------------------------------------- one batch
     def _plan_mix(self, n: int, epoch: int, step: int):
         """Mix parameters of batch ``step`` (``n`` samples): a function of (seed, rank, epoch, step) only."""
-        if self.mix is None:
-            return None
-        rng = rng_mod.generator(self.seed, rng_mod.MIX, self.shard_id, epoch, step)
-        params = self.mix.plan(n, rng=rng, height=self.spec.height, width=self.spec.width)
-        return params, params.records()
+        return plan_batch(self.mix, self.seed, self.shard_id, self.spec.height, self.spec.width, n, epoch, step)
 
     def _finish(self, images_u8: torch.Tensor, sample_ids: np.ndarray, epoch: int, step: int, planned=None):
         """uint8 batch (N_src x H x W x 3) -> (images, labels or targets)."""
@@ -460,6 +504,15 @@ class ImageLoader:
         return images, labels
 
 
+def plan_batch(mix, seed: int, shard_id: int, height: int, width: int, n: int, epoch: int, step: int):
+    """(MixParams, records) of one batch. A free function: the planner thread holds no loader."""
+    if mix is None:
+        return None
+    rng = rng_mod.generator(seed, rng_mod.MIX, shard_id, epoch, step)
+    params = mix.plan(n, rng=rng, height=height, width=width)
+    return params, params.records()
+
+
 class _EpochIterator:
     """Iterates one epoch: owns that epoch's DALI pipeline and releases DALI's buffers in order."""
 
@@ -473,6 +526,8 @@ class _EpochIterator:
         self._scheduled = 0
         self._held = None  # (DALI outputs, CUDA event) of the previous batch, GPU only
         self._planned = None  # (step, future) of the next batch's mix parameters
+        self._order = plan.order  # what DALI reads: the plan with known-unreadable samples replaced
+        self._good_checkpoint = checkpoint  # on_error="skip": DALI's state after the last good batch
 
     def __iter__(self):
         return self
@@ -482,7 +537,7 @@ class _EpochIterator:
 
     def _open(self) -> None:
         ld = self.loader
-        ids = self.plan.order
+        ids = self._order = ld._substitute(self.plan.order)
         reader = getattr(ld.samples, "dali_reader", None)
         self._pipe = build_pipeline(
             [ld.samples.paths[i] for i in ids], [int(i) for i in ids],
@@ -525,12 +580,7 @@ class _EpochIterator:
             self._open()
         self._release_held()
         self._schedule()
-        try:
-            outputs = self._pipe.share_outputs()
-        except RuntimeError as e:
-            err = self._decode_error(e)
-            self.close()
-            raise err from e
+        outputs = self._share_outputs()
         images_tl, ids_tl = outputs
         ids = np.asarray(ids_tl.as_tensor()).reshape(-1).astype(np.int64)
         valid = int(self.plan.valid[self.step])
@@ -546,10 +596,45 @@ class _EpochIterator:
                 self._held = (outputs, event)
             else:
                 self._pipe.release_outputs()
+            if ld._bad_ids:
+                b = ld.batch_size
+                ld.skip_count += int(np.isin(self.plan.order[self.step * b:self.step * b + valid],
+                                             np.fromiter(ld._bad_ids, dtype=np.int64)).sum())
             self.step += 1
+            if ld.on_error == "skip" and self._pipe is not None and self.step < self.plan.num_batches:
+                self._good_checkpoint = self._pipe.checkpoint()
             if self.step >= self.plan.num_batches:
                 self.close()
         return result
+
+    def _share_outputs(self):
+        """DALI's outputs for ``self.step``; under on_error="skip", unreadable files are found,
+        replaced, and the epoch's pipeline is rebuilt at this step from DALI's last good state."""
+        while True:
+            try:
+                return self._pipe.share_outputs()
+            except RuntimeError as e:
+                found = self._find_unreadable()
+                if self.loader.on_error != "skip" or not found:
+                    err = self._decode_error(e, found)
+                    self.close()
+                    raise err from e
+                self.loader._mark_bad(found, self.plan.epoch, self.step)
+                self._restart_here()
+
+    def _restart_here(self) -> None:
+        self._pipe = None  # the failed pipeline is dropped, its threads with it
+        self._held = None
+        self._start, self._checkpoint = self.step, self._good_checkpoint
+        planned = self._planned
+        self._open()
+        if planned is not None and planned[0] == self.step:
+            self._planned = planned  # the mix parameters of this step stay what they were
+
+    def _in_flight(self) -> list[int]:
+        b = self.loader.batch_size
+        ids = self._order[self.step * b: max(self._scheduled, self.step + 1) * b]
+        return list(dict.fromkeys(int(i) for i in ids))
 
     def _take_plan(self, n: int):
         if self._planned is not None and self._planned[0] == self.step:
@@ -564,30 +649,38 @@ class _EpochIterator:
         if ld.mix is None or step >= self.plan.num_batches:
             return
         n = int(self.plan.valid[step])
-        self._planned = (step, ld._planner().submit(ld._plan_mix, n, self.plan.epoch, step))
+        self._planned = (step, ld._planner().submit(plan_batch, ld.mix, ld.seed, ld.shard_id, ld.spec.height,
+                                                    ld.spec.width, n, self.plan.epoch, step))
 
-    def _decode_error(self, exc: Exception) -> DecodeError:
-        """Name the files behind a DALI failure: check the batches in flight with PIL."""
+    def _find_unreadable(self) -> list[tuple[int, str]]:
+        """The samples of the batches in flight that do not decode: PIL first; if PIL reads them
+        all, DALI's own CPU decoder one file at a time."""
+        samples = self.loader.samples
+        ids = self._in_flight()
+        found = [(i, r) for i in ids if (r := samples.check_image(i))]
+        if not found:
+            from .diagnose import dali_decode_error
+
+            found = [(i, r) for i in ids if (r := dali_decode_error(samples.read_bytes(i)))]
+        return found
+
+    def _decode_error(self, exc: Exception, found: list[tuple[int, str]]) -> DecodeError:
+        """A DecodeError naming the files behind a DALI failure, the epoch and the step."""
         ld = self.loader
-        b = ld.batch_size
-        ids = self.plan.order[self.step * b: max(self._scheduled, self.step + 1) * b]
-        suspects = []
-        for i in dict.fromkeys(int(i) for i in ids):
-            reason = ld.samples.check_image(i)
-            if reason:
-                suspects.append((ld.samples.paths[i], reason))
+        suspects = [(ld.samples.paths[i], r) for i, r in found]
         where = f"epoch {self.plan.epoch}, step {self.step}"
         if suspects:
             listing = "; ".join(f"{p} {r}" for p, r in suspects[:10])
             more = f" (and {len(suspects) - 10} more)" if len(suspects) > 10 else ""
-            msg = (f"could not decode {len(suspects)} file(s) at {where}: {listing}{more}. "
-                   "Remove or replace them (or list the good files with a file list)")
+            msg = (f"could not decode {len(suspects)} file(s) at {where}: {listing}{more}. Remove or replace them, "
+                   "list the good files with `dalimix scan DIR --fix-list OUT`, or pass on_error='skip'")
         else:
+            ids = self._in_flight()
             first = str(exc).strip().splitlines()
             detail = next((line for line in first if "rror" in line), first[0] if first else "")
-            paths = [ld.samples.paths[int(i)] for i in ids[:3]]
+            paths = [ld.samples.paths[i] for i in ids[:3]]
             msg = (f"DALI failed at {where} on one of the files {paths}{' ...' if len(ids) > 3 else ''} "
-                   f"({detail.strip()}); PIL reads them all, so check them with another decoder")
+                   f"({detail.strip()}); PIL and DALI's CPU decoder read each of them alone")
         return DecodeError(msg, files=suspects, epoch=self.plan.epoch, step=self.step)
 
     def close(self) -> None:

@@ -143,8 +143,9 @@ def restore_loader_state(loader, state) -> None:
             stacklevel=3,
         )
         checkpoint = None
-    if loader._active is not None:
-        loader._active.close()
+    active = loader._active
+    if active is not None:
+        active.close()
         loader._active = None
     loader.set_epoch(epoch)
     loader._iterated = True

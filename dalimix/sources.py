@@ -39,6 +39,11 @@ class Samples:
 
         return check_image_file(self.paths[index])
 
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded bytes of sample ``index``."""
+        with open(self.paths[index], "rb") as f:
+            return f.read()
+
 
 def _fingerprint(paths: list[str], labels: np.ndarray) -> str:
     import hashlib

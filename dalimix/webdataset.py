@@ -50,6 +50,9 @@ class TarSamples(Samples):
         """The encoded bytes of sample ``index`` (uint8, 1-D)."""
         return _TarBatchSource(self, np.array([index]), 1)(0)[0][0]
 
+    def read_bytes(self, index: int) -> bytes:
+        return self.read(index).tobytes()
+
     def check_image(self, index: int) -> str | None:
         from PIL import Image
 

@@ -209,9 +209,10 @@ def test_dropping_a_loader_mid_epoch_leaves_no_threads(small_dataset):
             next(it)
             next(it)
         del it, loader
-        gc.collect()
+        gc.collect()  # the loader and its running iterator refer to each other: a cycle for the collector
 
     run(1)  # warm up process-wide pools (torch's, DALI's) that live as long as the process
+    gc.collect()
     before = _native_threads()
     run(3)
     deadline = time.time() + 5
@@ -224,3 +225,71 @@ def test_dropping_a_loader_mid_epoch_leaves_no_threads(small_dataset):
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
     if children.exists():
         assert children.read_text().strip() == ""
+
+
+# ------------------------------------------------------------------------ on_error
+def corrupt_dataset(root: Path) -> tuple[Path, list[Path]]:
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b"):
+        for i in range(7):
+            write_image(root / cls / f"{i}.jpg", rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8))
+    bad = [root / "a" / "3.jpg", root / "b" / "5.jpg"]
+    bad[0].write_bytes(b"")
+    data = bad[1].read_bytes()
+    bad[1].write_bytes(data[: len(data) // 4])
+    return root, bad
+
+
+def run_epochs(loader, epochs):
+    out = []
+    for e in range(epochs):
+        loader.set_epoch(e)
+        for images, labels in loader:
+            ids = loader.last_batch.sample_ids.copy()
+            out.append((e, ids, images.clone(), labels.clone()))
+    return out
+
+
+def test_skip_replaces_unreadable_files_deterministically(tmp_path):
+    root, bad = corrupt_dataset(tmp_path / "data")
+    kw = dict(root=root, batch_size=4, size=16, device="cpu", seed=2, on_error="skip")
+    loader = ImageLoader(**kw)
+    bad_ids = {loader.dataset.paths.index(str(p)) for p in bad}
+    with pytest.warns(Warning) as record:
+        got = run_epochs(loader, 3)
+    warned = [str(w.message) for w in record if "dalimix: skipping" in str(w.message)]
+    assert len(warned) == 2 and all(any(str(p) in m for m in warned) for p in bad)  # once per file
+    assert set(loader.skipped) == {str(p) for p in bad}
+    assert "empty" in loader.skipped[str(bad[0])] and "truncated" in loader.skipped[str(bad[1])]
+    assert loader.skip_count == 6  # two files, three epochs
+    for epoch in range(3):
+        batches = [g for g in got if g[0] == epoch]
+        assert [len(g[1]) for g in batches] == [4, 4, 4, 2]  # sizes kept
+        ids = np.concatenate([g[1] for g in batches])
+        assert not set(ids.tolist()) & bad_ids
+        # each unreadable sample's place went to the next readable one in the epoch order
+        order = loader.plan(epoch).order[:14]
+        expected = order.copy()
+        for pos in np.flatnonzero(np.isin(order, list(bad_ids))):
+            nxt = pos + 1
+            while order[nxt % 14] in bad_ids:
+                nxt += 1
+            expected[pos] = order[nxt % 14]
+        assert ids.tolist() == expected.tolist()
+        for g in batches:
+            assert g[3].tolist() == loader.dataset.labels[g[1]].tolist()
+    # the same seed gives the same batches, whether the bad files are found during the run or known
+    again = run_epochs(ImageLoader(**kw), 3)
+    for a, b in zip(got, again):
+        assert np.array_equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+def test_raise_is_the_default_and_names_the_way_out(tmp_path):
+    root, bad = corrupt_dataset(tmp_path / "data")
+    loader = ImageLoader(root=root, batch_size=14, size=16, device="cpu")
+    with pytest.raises(DalimixError) as e:
+        list(loader)
+    msg = str(e.value)
+    assert all(str(p) in msg for p in bad) and "epoch 0, step 0" in msg and "on_error='skip'" in msg
+    with pytest.raises(ValueError, match="on_error='ignore'"):
+        ImageLoader(root=root, batch_size=4, on_error="ignore")
