@@ -61,6 +61,16 @@ class AutoAugmentPreset:
     m: int = TIMM_LEVELS
     increasing: bool = False
 
+    @property
+    def canonical(self) -> str:
+        """One spelling per preset (``"image_net"``, ``"rand-m9-n2-inc0"``, ``"trivialaugment"``): what
+        ``AugmentSpec`` keeps, so a resumed run can tell two presets apart."""
+        if self.kind == "autoaugment":
+            return self.policy
+        if self.kind == "randaugment":
+            return f"rand-m{self.m}-n{self.n}-inc{int(self.increasing)}"
+        return "trivialaugment"
+
 
 def parse_auto_augment(text) -> AutoAugmentPreset | None:
     """``"rand-m9-n2"`` -> ``AutoAugmentPreset``; ``None``, ``""`` and ``"none"`` -> ``None``.
@@ -117,11 +127,14 @@ def _section(text: str, sec: str) -> tuple[str, float]:
     return match.group(1), float(match.group(2))
 
 
-def apply_preset(images, preset: AutoAugmentPreset, *, height: int, width: int):
-    """Apply ``preset`` to a DALI batch of uint8 ``H x W x 3`` images (inside a pipeline definition
-    built with ``enable_conditionals=True``); returns the augmented batch, same shape and type."""
+def apply_preset(images, preset, *, height: int, width: int):
+    """Apply ``preset`` (an ``AutoAugmentPreset`` or its string) to a DALI batch of uint8
+    ``H x W x 3`` images (inside a pipeline definition built with ``enable_conditionals=True``);
+    returns the augmented batch, same shape and type."""
     from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
 
+    if not isinstance(preset, AutoAugmentPreset):
+        preset = parse_auto_augment(preset)
     shape = (height, width)
     if preset.kind == "autoaugment":
         if preset.policy == "reduced_image_net":  # has no translations, so takes no shape

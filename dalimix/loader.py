@@ -256,7 +256,8 @@ class ImageLoader:
         preset = None if self.policy is not None else parse_auto_augment(auto_augment)
         self.spec = AugmentSpec(
             train=v.flag("train", train), height=height, width=width, scale=scale, ratio=ratio,
-            hflip=hflip, crop_pct=crop_pct, interpolation=interpolation, auto_augment=preset,
+            hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
+            auto_augment=None if preset is None else preset.canonical,
         )
         if (preset is not None or self.policy is not None) and not self.spec.train:
             raise ValueError(f"auto_augment={auto_augment!r} augments training batches: use it with train=True")

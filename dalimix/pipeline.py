@@ -73,7 +73,7 @@ class AugmentSpec:
     hflip: float = 0.5
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
-    auto_augment: object = None  # a dalimix.autoaug.AutoAugmentPreset (train only), applied after the flip
+    auto_augment: str | None = None  # a preset's canonical string (dalimix.autoaug), train only, after the flip
 
     @property
     def resize_shorter(self) -> int:

@@ -85,3 +85,35 @@ def test_presets_run_in_dali(small_dataset, preset, device):
     assert changed >= 10  # of 20 images
     if preset == "original":  # some images skipped both steps of their sub-policy: exactly the plain crop
         assert changed < 20
+
+
+@pytest.mark.parametrize("text, canonical", [("Original", "image_net"), ("rand-n2-m9", "rand-m9-n2-inc0"),
+                                             ("rand-m5-inc1", "rand-m5-n2-inc1"), ("ta_wide", "trivialaugment")])
+def test_canonical_spelling_round_trips(text, canonical):
+    preset = parse_auto_augment(text)
+    assert preset.canonical == canonical
+    again = parse_auto_augment(canonical)
+    assert (again.kind, again.policy, again.n, again.m, again.increasing) == \
+        (preset.kind, preset.policy, preset.n, preset.m, preset.increasing)
+
+
+def test_preset_resumes_exactly_and_a_state_names_its_preset(small_dataset):
+    """DALI's checkpoint carries the preset's random streams: stop after 2 batches, resume, same batches;
+    a state saved under another preset is refused."""
+    def make(aa):
+        return ImageLoader(root=small_dataset, batch_size=6, size=24, device="cpu", seed=2, num_threads=1,
+                           auto_augment=aa)
+
+    want = [x.clone() for x, _ in make("rand-m9-n2")]
+    first = make("rand-m9-n2")
+    it = iter(first)
+    for _ in range(2):
+        next(it)
+    state = first.state_dict()
+    assert state["augment"]["auto_augment"] == "rand-m9-n2-inc0"
+    resumed = make("rand-m9-n2")
+    resumed.load_state_dict(state)
+    got = [x.clone() for x, _ in resumed]
+    assert len(got) == len(want) - 2 and all(torch.equal(a, b) for a, b in zip(got, want[2:]))
+    with pytest.raises(ValueError, match="auto_augment"):
+        make("rand-m5-n2").load_state_dict(state)

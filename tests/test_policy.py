@@ -282,3 +282,31 @@ def test_policy_runs_before_the_mix_kernel(small_dataset, device):
         torch.testing.assert_close(xm, want, atol=1e-4, rtol=1e-5)
         assert targets.shape == (x.shape[0], 4)
     assert any((d.sub_policy == 1).any() for _, _, d in plain)  # inverted images took part
+
+
+def test_policy_resumes_exactly_with_its_vector(small_dataset):
+    """The draws are a function of (seed, rank, epoch, step) and the vector: a resumed loader whose
+    policy gets the saved vector back yields the uninterrupted run's batches and draws."""
+    vec = [0.1, 0.2, 0.3, 0.4]
+
+    def make():
+        policy = Policy(sub_policies=FOUR)
+        return ImageLoader(root=small_dataset, batch_size=6, size=16, device="cpu", seed=8, num_threads=1,
+                           auto_augment=policy), policy
+
+    full, policy = make()
+    policy.set_probs(vec)
+    want = batches(full, 4)
+    first, policy = make()
+    policy.set_probs(vec)
+    it = iter(first)
+    next(it)
+    state, saved = first.state_dict(), policy.probs
+    resumed, policy = make()
+    resumed.load_state_dict(state)
+    policy.set_probs(saved)
+    got = [(x, resumed.last_batch.extra["policy"]) for x, _ in resumed]
+    assert len(got) == 3
+    for (x, d), (xw, _, dw) in zip(got, want[1:]):
+        assert torch.equal(x, xw) and np.array_equal(d.sub_policy, dw.sub_policy)
+        assert np.array_equal(d.applied, dw.applied)
