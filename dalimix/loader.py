@@ -24,11 +24,13 @@ import torch
 
 from . import rng as rng_mod
 from . import validate as v
+from .autoaug import parse_auto_augment
 from .errors import DatasetError, DecodeError
 from .hook import make_stage, require_hook
 from .ops import Normalization, allocate_output, identity_records, mix_normalize
 from .ops.kernels import OUTPUT_TYPES
 from .pipeline import INTERPOLATIONS, AugmentSpec, build_pipeline, default_num_threads, resolve_device
+from .policy import Policy, PolicyStage
 from .sources import Samples, read_file_list, scan_image_folder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,7 +133,9 @@ class BatchInfo:
     ``sample_ids`` index ``loader.dataset`` (its ``paths`` and ``labels``); ``params`` are the mix
     parameters (None without a mixer); ``labels`` the batch's int64 labels on the loader's device;
     ``unmixed`` the same batch unmixed (normalised, cast, laid out) when the loader keeps it
-    (``keep_unmixed=True`` or a mask hook), else None.
+    (``keep_unmixed=True`` or a mask hook), else None; ``extra["policy"]`` is the
+    ``dalimix.policy.PolicyBatch`` of a loader with an augmentation ``Policy`` (which sub-policy
+    each sample got, which steps ran).
     """
 
     epoch: int
@@ -195,6 +199,9 @@ class ImageLoader:
         num_threads: DALI worker threads (default: the CPU cores this process may use).
         prefetch: batches DALI prepares ahead (default 2).
         mix: a mixer from ``dalimix.mix`` (or None for plain labels).
+        auto_augment: train only: a preset string run by DALI (``"original"``, ``"rand-m9-n2"``,
+            ``"trivialaugment"``; see ``dalimix.autoaug``) or a ``dalimix.policy.Policy`` whose
+            vector the training loop may replace at any step. Applied after crop and flip, before mixing.
         classes: class names for a file list (default "0", "1", ...).
         on_error: what an unreadable file does. "raise" (default): a ``DecodeError`` naming the
             file(s), the epoch and the step. "skip": the sample is replaced by the next readable
@@ -235,6 +242,7 @@ class ImageLoader:
         num_threads: int | None = None,
         prefetch: int = 2,
         mix=None,
+        auto_augment=None,
         classes=None,
         on_error: str = "raise",
         keep_unmixed: bool = False,
@@ -256,10 +264,15 @@ class ImageLoader:
         hflip = v.number("hflip", hflip, lo=0, hi=1, hint=" (probability of a horizontal flip)")
         crop_pct = v.number("crop_pct", crop_pct, lo=0, hi=1, lo_open=True, hint=" (0.875 is the usual eval crop)")
         v.choice("interpolation", interpolation, INTERPOLATIONS)
+        self.policy = auto_augment if isinstance(auto_augment, Policy) else None
+        preset = None if self.policy is not None else parse_auto_augment(auto_augment)
         self.spec = AugmentSpec(
             train=v.flag("train", train), height=height, width=width, scale=scale, ratio=ratio,
             hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
+            auto_augment=None if preset is None else preset.canonical,
         )
+        if (preset is not None or self.policy is not None) and not self.spec.train:
+            raise ValueError(f"auto_augment={auto_augment!r} augments training batches: use it with train=True")
         self.seed = v.integer("seed", seed, lo=0, hint=" (equal on every rank)")
         self.shuffle = self.spec.train if shuffle is None else v.flag("shuffle", shuffle)
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
@@ -303,6 +316,7 @@ class ImageLoader:
         self._active: _EpochIterator | None = None
         self._resume = None  # (epoch, step, DALI checkpoint) set by load_state_dict
         self._planner_pool = None
+        self._policy_stage: PolicyStage | None = None
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -408,6 +422,9 @@ class ImageLoader:
         if self._planner_pool is not None:
             self._planner_pool.shutdown(wait=wait, cancel_futures=True)
             self._planner_pool = None
+        if self._policy_stage is not None:
+            self._policy_stage.close()
+            self._policy_stage = None
 
     def _planner(self):
         if self._planner_pool is None:
@@ -472,7 +489,17 @@ class ImageLoader:
         """Mix parameters of batch ``step`` (``n`` samples): a function of (seed, rank, epoch, step) only."""
         return plan_batch(self.mix, self.seed, self.shard_id, self.spec.height, self.spec.width, n, epoch, step)
 
-    def _finish(self, images_u8: torch.Tensor, sample_ids: np.ndarray, epoch: int, step: int, planned=None):
+    def _apply_policy(self, images_u8: torch.Tensor, epoch: int, step: int):
+        """Batch ``step``'s policy draws, made now from the vector current now, applied by the policy stage."""
+        if self._policy_stage is None:
+            self._policy_stage = PolicyStage(self.policy, device=self.device, batch_size=self.batch_size,
+                                             num_threads=self.num_threads, height=self.spec.height,
+                                             width=self.spec.width)
+        rng = rng_mod.generator(self.seed, rng_mod.POLICY, self.shard_id, epoch, step)
+        return self._policy_stage.apply(images_u8, rng)
+
+    def _finish(self, images_u8: torch.Tensor, sample_ids: np.ndarray, epoch: int, step: int, planned=None,
+                extra=None):
         """uint8 batch (N_src x H x W x 3) -> (images, labels or targets)."""
         n = len(sample_ids)
         labels_np = self.samples.labels[sample_ids]
@@ -498,7 +525,7 @@ class ImageLoader:
         images = mix_normalize(images_u8, records, masks, norm=self.norm, dtype=self.dtype,
                                channels_last=self.channels_last, out=out)
         self.last_batch = BatchInfo(epoch=epoch, step=step, sample_ids=sample_ids, params=params, labels=labels,
-                                    unmixed=unmixed)
+                                    unmixed=unmixed, extra=extra or {})
         if self.mix is not None:
             return images, self.mix.targets(labels, params, num_classes=self.num_classes)
         return images, labels
@@ -588,7 +615,11 @@ class _EpochIterator:
         planned = self._take_plan(valid)
         self._plan_ahead(self.step + 1)
         try:
-            result = ld._finish(images_u8, ids[:valid], self.plan.epoch, self.step, planned)
+            extra = {}
+            if ld.policy is not None:  # drawn now, from the vector current now (see dalimix.policy)
+                images_u8, draws = ld._apply_policy(images_u8, self.plan.epoch, self.step)
+                extra["policy"] = draws.take(valid)
+            result = ld._finish(images_u8, ids[:valid], self.plan.epoch, self.step, planned, extra)
         finally:  # a batch whose finishing fails (e.g. a mask hook error) is skipped; the next one works
             if ld.device.type == "cuda":
                 event = torch.cuda.Event()

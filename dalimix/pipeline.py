@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .autoaug import apply_preset
+
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "triangular")
 
 
@@ -71,6 +73,7 @@ class AugmentSpec:
     hflip: float = 0.5
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
+    auto_augment: str | None = None  # a preset's canonical string (dalimix.autoaug), train only, after the flip
 
     @property
     def resize_shorter(self) -> int:
@@ -142,6 +145,7 @@ def build_pipeline(
         prefetch_queue_depth=prefetch,
         enable_checkpointing=checkpointing,
         checkpoint=checkpoint,
+        enable_conditionals=spec.auto_augment is not None,  # DALI's auto_aug branches per sample
     )
     def pipe():
         if reader is not None:
@@ -168,6 +172,8 @@ def build_pipeline(
             )
             if spec.hflip > 0:
                 images = fn.flip(images, device=dev.ops, horizontal=fn.random.coin_flip(probability=spec.hflip, seed=_op_seed(seed, 2)))
+            if spec.auto_augment is not None:
+                images = apply_preset(images, spec.auto_augment, height=spec.height, width=spec.width)
         else:
             images = fn.decoders.image(encoded, device=dev.decoder, output_type=types.RGB)
             images = fn.resize(
