@@ -23,7 +23,7 @@ from .sources import Samples, _fingerprint
 # timm create_loader arguments dalimix has no equivalent for: accepted at these ("off") values,
 # refused otherwise so nothing is silently dropped.
 _OFF_ONLY = {
-    "re_prob": (0, None), "vflip": (0,), "auto_augment": (None, ""), "num_aug_repeats": (0,), "num_aug_splits": (0,),
+    "re_prob": (0, None), "vflip": (0,), "num_aug_repeats": (0,), "num_aug_splits": (0,),
     "train_crop_mode": (None, "rrc"), "grayscale_prob": (0,), "gaussian_blur_prob": (0,), "color_jitter_prob": (None,),
     "crop_border_pixels": (None,), "collate_fn": (None,), "tf_preprocessing": (False,), "input_size_choices": (None,),
     "batch_size_choices": (None,), "batch_choice_weights": (None,), "num_batches": (None,),
@@ -45,6 +45,7 @@ def create_loader(
     ratio=None,
     hflip: float = 0.5,
     color_jitter=0.4,
+    auto_augment=None,
     interpolation: str = "bilinear",
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
@@ -80,6 +81,9 @@ def create_loader(
             ``(0.08, 1)``, ``(3/4, 4/3)``, ``0.875``); ``interpolation="random"`` is not supported.
         color_jitter: dalimix's pipeline has no colour jitter: a non-zero value in training warns
             (timm's default 0.4 included; pass 0 to silence).
+        auto_augment: timm's strings (``"rand-m9-n2"``, ``"original"``, ``"trivialaugment"``, see
+            ``dalimix.autoaug``) or a ``dalimix.policy.Policy``; training only, as in timm (an eval
+            loader ignores it).
         num_workers: DALI threads (default: this process's share of the cores).
         distributed: True: shard over the ``torch.distributed`` ranks (must be initialised);
             False: every rank reads the whole data set (timm's meaning).
@@ -91,7 +95,7 @@ def create_loader(
         channels_last, seed, last_batch_policy, webdataset_keys, prefetch: ``ImageLoader``'s.
         **timm_options: the rest of timm's arguments. Those about worker processes and pinning
             (``pin_memory``, ``persistent_workers``, ``use_prefetcher``, ...) have no effect; those
-            for augmentations dalimix lacks (``re_prob``, ``vflip``, ``auto_augment``, ...) are
+            for augmentations dalimix lacks (``re_prob``, ``vflip``, ...) are
             accepted at their "off" value and raise ValueError otherwise.
     """
     for name, value in timm_options.items():
@@ -147,6 +151,7 @@ def create_loader(
         num_threads=num_workers or None,
         prefetch=prefetch,
         mix=_mixer(mix),
+        auto_augment=(auto_augment or None) if train else None,
     )
 
 

@@ -86,9 +86,20 @@ def test_datasets_from_timm_torchvision_paths_and_shards(small_dataset, tmp_path
         create_loader(object(), 32, 4, device="cpu")
 
 
+def test_auto_augment_passes_through_for_training(small_dataset):
+    kw = dict(dataset=small_dataset, input_size=32, batch_size=4, device="cpu", color_jitter=0)
+    train = create_loader(**kw, is_training=True, auto_augment="rand-m9-n2")
+    assert train.spec.auto_augment.startswith("rand-m9-n2")  # its canonical string
+    images, _ = next(iter(train))
+    assert images.shape == (4, 3, 32, 32)
+    assert create_loader(**kw, is_training=False, auto_augment="rand-m9-n2").spec.auto_augment is None  # timm: eval ignores it
+    with pytest.raises(ValueError, match="mstd0.5"):
+        create_loader(**kw, is_training=True, auto_augment="rand-m9-mstd0.5")
+
+
 def test_timm_options_without_equivalent_are_refused_not_dropped(small_dataset):
     kw = dict(dataset=small_dataset, input_size=32, batch_size=4, device="cpu")
-    for name, value in [("re_prob", 0.25), ("vflip", 0.5), ("auto_augment", "rand-m9-mstd0.5"), ("num_aug_splits", 2),
+    for name, value in [("re_prob", 0.25), ("vflip", 0.5), ("num_aug_splits", 2),
                         ("interpolation", "random"), ("crop_mode", "squash"), ("input_size", (1, 32, 32))]:
         with pytest.raises(ValueError, match=name if name != "input_size" else "3-channel"):
             create_loader(**{**kw, name: value})
