@@ -50,14 +50,16 @@ def main(argv=None) -> int:
 
     from dalimix import ImageLoader
     from dalimix.demo_data import demo_dataset
+    from dalimix.hook import LearnedMask
     from dalimix.mix import CutMix, FMix, Mixer, MixUp, ResizeMix
 
     root = args.data or str(demo_dataset(progress=True))
-    mix = Mixer(methods=[MixUp(), CutMix(), FMix(), ResizeMix()], mode="elem", label_smoothing=0.1)
+    methods = [MixUp(), CutMix(), FMix(), ResizeMix()] + ([] if args.no_hook else [LearnedMask()])
+    mix = Mixer(methods=methods, mode="elem", label_smoothing=0.1)
     loader = ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=args.device, mix=mix,
                          last_batch_policy="drop")
     hooked = False
-    if not args.no_hook and hasattr(loader, "set_mask_hook"):
+    if not args.no_hook:
         def hook(images, lam, partner):
             n = images.shape[0]
             return torch.rand(n, 1, 14, 14, device=images.device)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import validate as v
 from .errors import DalimixError
 from .mix.methods import MixMethod, _positive
 from .mix.params import MixParams
@@ -54,9 +55,8 @@ class LearnedMask(MixMethod):
 
     def __init__(self, *, alpha: float = 2.0, mixup_margin: float = 0.0):
         self.alpha = _positive("alpha", alpha)
-        if not (0.0 <= float(mixup_margin) < 0.5):
-            raise ValueError(f"mixup_margin={mixup_margin!r}: in [0, 0.5) (AutoMix uses 0.08; 0 turns the fallback off)")
-        self.mixup_margin = float(mixup_margin)
+        self.mixup_margin = v.number("mixup_margin", mixup_margin, lo=0, hi=0.5, hi_open=True,
+                                     hint=" (AutoMix uses 0.08; 0 turns the fallback off)")
 
     def draw_lam(self, rng, count):
         return rng.beta(self.alpha, self.alpha, size=count)

@@ -293,3 +293,153 @@ def test_raise_is_the_default_and_names_the_way_out(tmp_path):
     assert all(str(p) in msg for p in bad) and "epoch 0, step 0" in msg and "on_error='skip'" in msg
     with pytest.raises(ValueError, match="on_error='ignore'"):
         ImageLoader(root=root, batch_size=4, on_error="ignore")
+
+
+# ------------------------------------------------------------------------- kill -9
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    from dalimix import ImageLoader
+    from dalimix.mix import Mixup
+    root, ckpt, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    loader = ImageLoader(root=root, batch_size=3, size=16, device="cpu", seed=5, num_threads=1,
+                         mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem"))
+    seen = []
+    if mode == "resume":
+        saved = torch.load(ckpt, weights_only=True)
+        loader.load_state_dict(saved["loader"])
+        seen = list(saved["seen"])
+    loader.set_epoch(0)
+    for images, targets in loader:
+        seen += loader.last_batch.sample_ids.tolist()
+        # one atomic checkpoint after every step: what was trained on, and where to go on
+        torch.save({"loader": loader.state_dict(), "seen": seen}, ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
+        if mode == "run" and len(seen) >= 9:
+            print("ready", flush=True)
+            time.sleep(600)  # killed here, mid-epoch
+    print(" ".join(map(str, seen)), flush=True)
+    """
+)
+
+
+def test_kill_9_mid_epoch_and_resume_loses_and_repeats_nothing(small_dataset, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(KILL_SCRIPT)
+    ckpt = str(tmp_path / "ckpt.pt")
+    env = {**os.environ, "DALI_LOG_LEVEL": "3"}
+    full = subprocess.run([sys.executable, str(script), str(small_dataset), str(tmp_path / "full.pt"), "full"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert full.returncode == 0, full.stderr
+    want = [int(i) for i in full.stdout.split()]
+    victim = subprocess.Popen([sys.executable, str(script), str(small_dataset), ckpt, "run"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert victim.stdout.readline().strip() == "ready"
+    finally:
+        victim.kill()  # SIGKILL: no cleanup, no flush beyond what is on disk
+        victim.wait(timeout=30)
+    assert victim.returncode == -9
+    resumed = subprocess.run([sys.executable, str(script), str(small_dataset), ckpt, "resume"], capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    got = [int(i) for i in resumed.stdout.split()]
+    assert got == want  # the same samples in the same order: none lost, none repeated
+    assert sorted(got) == list(range(20))
+
+
+# ------------------------------------------------- random hook outputs and new arguments
+def _hook_output(draw_kind, rng, n, h, w):
+    """Masks a careless hook might return."""
+    kinds = {
+        "good": lambda: torch.rand(n, 1, 7, 5),
+        "good_f16": lambda: torch.rand(n, 1, h, w).half(),
+        "nan": lambda: torch.full((n, 1, 4, 4), float("nan")),
+        "inf": lambda: torch.full((n, 1, 4, 4), float("inf")),
+        "above_one": lambda: torch.rand(n, 1, 4, 4) + 1.5,
+        "negative": lambda: -torch.rand(n, 1, 4, 4) - 0.1,
+        "wrong_n": lambda: torch.rand(n + 1, 1, 4, 4),
+        "three_channels": lambda: torch.rand(n, 3, 4, 4),
+        "three_dims": lambda: torch.rand(n, 4, 4),
+        "too_big": lambda: torch.rand(n, 1, h + 3, w),
+        "int": lambda: torch.ones(n, 1, 4, 4, dtype=torch.int32),
+        "float64": lambda: torch.rand(n, 1, 4, 4, dtype=torch.float64),
+        "numpy": lambda: np.random.rand(n, 1, 4, 4),
+        "none": lambda: None,
+        "raises": lambda: (_ for _ in ()).throw(RuntimeError("hook bug")),
+        "empty": lambda: torch.rand(n, 1, 0, 4),
+    }
+    return kinds[draw_kind]()
+
+
+@pytest.fixture(scope="module")
+def hooked_loader(small_dataset):
+    from dalimix.hook import LearnedMask
+
+    state = {"kind": "good"}
+    loader = ImageLoader(root=small_dataset, batch_size=2, size=12, device="cpu",
+                         mix=Mixer(methods=[LearnedMask()], mode="elem", num_classes=4))
+    loader.set_mask_hook(lambda images, lam, partner: _hook_output(state["kind"], None, images.shape[0], 12, 12))
+    return loader, state
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["good", "good_f16", "nan", "inf", "above_one", "negative", "wrong_n", "three_channels",
+                             "three_dims", "too_big", "int", "float64", "numpy", "none", "raises", "empty"]))
+def test_random_hook_outputs_give_a_batch_or_a_clear_error(hooked_loader, kind):
+    from dalimix.hook import MaskHookError
+
+    loader, state = hooked_loader
+    it = getattr(hooked_loader, "_it", None)
+
+    def next_batch():
+        nonlocal it
+        for _ in range(2):
+            try:
+                return next(it)
+            except (StopIteration, TypeError):
+                it = iter(loader)
+        raise AssertionError("no batch")
+
+    state["kind"] = kind
+    try:
+        images, targets = next_batch()
+        assert kind in ("good", "good_f16", "float64") and torch.isfinite(images).all()
+    except MaskHookError as e:
+        assert kind not in ("good", "good_f16") and str(e)
+    state["kind"] = "good"
+    images, targets = next_batch()  # the loader stays usable
+    assert torch.isfinite(images).all() and torch.allclose(targets.sum(1), torch.ones(len(targets)))
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_policy_hook_and_automix_arguments_fail_cleanly(data):
+    import torchvision
+
+    from dalimix.automix import AutoMix
+    from dalimix.hook import LearnedMask
+    from dalimix.policy import Policy
+
+    which = data.draw(st.sampled_from(["policy", "probs", "learned", "automix"]))
+    try:
+        if which == "policy":
+            Policy(sub_policies=data.draw(st.one_of(junk, st.lists(st.lists(st.tuples(st.sampled_from(
+                ["rotate", "flip?", "hflip", "invert", 3]), junk, junk), max_size=2), max_size=2))),
+                probs=data.draw(junk))
+        elif which == "probs":
+            p = Policy(sub_policies=[[("hflip", 1.0, 0)], [("invert", 0.5, 0)]])
+            before = p.probs
+            try:
+                p.set_probs(data.draw(st.one_of(junk, st.lists(st.floats(allow_nan=True), max_size=3))))
+            except ValueError:
+                assert np.array_equal(p.probs, before)  # a refused vector leaves the old one in place
+        elif which == "learned":
+            LearnedMask(alpha=data.draw(junk), mixup_margin=data.draw(junk))
+        else:
+            kw = {k: data.draw(junk, label=k) for k in data.draw(st.lists(st.sampled_from(
+                ["input_size", "alpha", "momentum", "mask_loss_weight", "mixup_margin"]), max_size=2, unique=True))}
+            AutoMix(model=torchvision.models.resnet18(num_classes=4), feature_layer=data.draw(
+                st.sampled_from(["layer3", "layer9", "fc"])), **kw)
+    except (ValueError, DalimixError):
+        pass

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate as v
 from ..hook import LearnedMask
 from ..losses import MixCrossEntropy
 from ..mix import Mixer, pair_indices
@@ -67,10 +68,17 @@ class AutoMix(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module classifier, got {type(model).__name__}")
-        if not (0.0 <= momentum <= end_momentum <= 1.0):
-            raise ValueError(f"momentum={momentum}, end_momentum={end_momentum}: need 0 <= momentum <= end_momentum <= 1")
-        if mask_loss_weight < 0 or mask_loss_margin < 0:
-            raise ValueError(f"mask_loss_weight={mask_loss_weight}, mask_loss_margin={mask_loss_margin}: non-negative")
+        momentum = v.number("momentum", momentum, lo=0, hi=1)
+        end_momentum = v.number("end_momentum", end_momentum, lo=momentum, hi=1, hint=" (>= momentum)")
+        mask_loss_weight = v.number("mask_loss_weight", mask_loss_weight, lo=0)
+        mask_loss_margin = v.number("mask_loss_margin", mask_loss_margin, lo=0)
+        label_smoothing = v.number("label_smoothing", label_smoothing, lo=0, hi=1, hi_open=True)
+        seed = v.integer("seed", seed, lo=0)
+        if isinstance(input_size, (tuple, list)) and len(input_size) == 2:
+            size = tuple(v.integer("input_size", s, lo=1) for s in input_size)
+        else:
+            s = v.integer("input_size", input_size, lo=1, hint=" or (height, width)")
+            size = (s, s)
         self.mixer_method = LearnedMask(alpha=alpha, mixup_margin=mixup_margin)  # validates alpha and margin
         self.alpha = float(alpha)
         self.base_momentum = float(momentum)
@@ -86,7 +94,6 @@ class AutoMix(nn.Module):
             p.requires_grad_(False)
         self._tap = FeatureTap(self.ema, feature_layer)
         self.feature_layer = feature_layer
-        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         self.mix_block = MixBlock(self._channels(size), reduction=reduction, value_from=value_from)
         self.mix_block.to(self._device())
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
@@ -104,6 +111,9 @@ class AutoMix(nn.Module):
         try:
             with torch.no_grad():
                 feats = self._tap(torch.zeros(2, 3, *size, device=self._device()))
+        except RuntimeError as e:
+            raise ValueError(f"input_size={size}: the model cannot run images of this size up to "
+                             f"{self.feature_layer!r} ({str(e).splitlines()[0]}); use the loader's image size") from None
         finally:
             self.ema.train(was)
         return int(feats.shape[1])
