@@ -90,6 +90,13 @@ def _captions(loader, targets, info) -> list[str]:
     return out
 
 
+def cmd_bench(args) -> int:
+    """dalimix vs torchvision vs timm vs DALI + torch, mixing on and off (see ``dalimix.bench``)."""
+    from .bench.command import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalimix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mix", action="store_true", help="plain labels, no MixUp/CutMix")
     p.add_argument("--out", default="dalimix-demo.png", help="where to write the PNG grid")
     p.set_defaults(func=cmd_demo)
+
+    from .bench.command import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="images/s, CPU, memory: dalimix vs torchvision vs timm vs DALI + torch, mixing on/off")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
