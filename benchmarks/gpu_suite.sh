@@ -13,10 +13,10 @@
 #   commands and the results folder, run nothing.
 # Environment:
 #   PYTHON       the interpreter (default: python3); dalimix runs from this checkout (PYTHONPATH).
-#   DALI_WHEELS  a folder of wheels to install with `pip install --target $DALI_SITE` when
-#                nvidia.dali does not import (default: .whl when it exists). Split wheels
-#                (NAME.whl.partaa, NAME.whl.partab, ... from `split -b 60M NAME.whl NAME.whl.part`)
-#                are joined first.
+#   DALI_WHEELS  folder(s), ':'-separated, of wheels to install with `pip install --target
+#                $DALI_SITE` when nvidia.dali does not import (default: .whl when it exists).
+#                Split wheels (NAME.whl.partaa, NAME.whl.partab, ... from
+#                `split -b 60M NAME.whl NAME.whl.part`), parts in any of the folders, are joined first.
 #   DALI_SITE    where those wheels go (default /tmp/site); it is put on PYTHONPATH.
 #   RESULTS      the results folder (default benchmarks/results/<date>-<gpu-name>).
 #   OUT          if set, the results folder is also copied to $OUT/<its name>/.
@@ -51,14 +51,24 @@ DALI_WHEELS=${DALI_WHEELS:-}
 [ -z "$DALI_WHEELS" ] && [ -d "$REPO/.whl" ] && DALI_WHEELS="$REPO/.whl"
 have_dali() { "$PYTHON" -c "import nvidia.dali" >/dev/null 2>&1; }
 if [ $DRY -eq 0 ] && ! have_dali && [ -n "$DALI_WHEELS" ]; then
-  for first in "$DALI_WHEELS"/*.whl.partaa; do
-    [ -e "$first" ] || continue
-    whole=${first%.partaa}
-    [ -e "$whole" ] || cat "${whole}".part* > "$whole"
+  # wheels and wheel parts may be spread over several folders (one per upload)
+  JOINED=$(mktemp -d /tmp/dalimix-wheels.XXXXXX)
+  IFS=':' read -r -a WHEEL_DIRS <<< "$DALI_WHEELS"
+  for dir in "${WHEEL_DIRS[@]}"; do
+    for whl in "$dir"/*.whl; do [ -e "$whl" ] && cp "$whl" "$JOINED/"; done
   done
-  echo "gpu_suite: installing the wheels in $DALI_WHEELS into $DALI_SITE"
+  for first in $(for dir in "${WHEEL_DIRS[@]}"; do ls "$dir"/*.whl.partaa 2>/dev/null; done); do
+    name=$(basename "${first%.partaa}")
+    parts=$(for dir in "${WHEEL_DIRS[@]}"; do
+      for part in "$dir/$name".part*; do [ -e "$part" ] && printf '%s\t%s\n' "$(basename "$part")" "$part"; done
+    done | sort | cut -f2)
+    # shellcheck disable=SC2086
+    cat $parts > "$JOINED/$name"
+  done
+  echo "gpu_suite: installing $(ls "$JOINED" | wc -l) wheel(s) from $DALI_WHEELS into $DALI_SITE"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$DALI_SITE" \
-    "$DALI_WHEELS"/*.whl || echo "gpu_suite: pip install of $DALI_WHEELS failed" >&2
+    "$JOINED"/*.whl || echo "gpu_suite: pip install of the wheels in $DALI_WHEELS failed" >&2
+  rm -rf "$JOINED"
 fi
 [ -d "$DALI_SITE" ] && export PYTHONPATH="$PYTHONPATH:$DALI_SITE"
 
