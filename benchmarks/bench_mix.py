@@ -263,9 +263,11 @@ def stage_section(args, device, progress_factory) -> tuple[list[dict], dict]:
             row["stage_vs_dalimix"] = statistics.median(ts) / ref[method] if not name.startswith("dalimix") else None
             if name in t_op:
                 row["op_ms"] = 1e3 * statistics.median(t_op[name])
+                row["op_ms_min"] = 1e3 * min(t_op[name])
                 row["op_vs_dalimix_mixup"] = statistics.median(t_op[name]) / ref_op
             if f"{name} (mix only)" in t_op:
                 row["mix_only_ms"] = 1e3 * statistics.median(t_op[f"{name} (mix only)"])
+                row["mix_only_ms_min"] = 1e3 * min(t_op[f"{name} (mix only)"])
             if name in t_kernel and t_kernel[name]:
                 row["kernel_ms"] = 1e3 * t_kernel[name]
                 row["kernel_vs_dalimix_mixup"] = t_kernel[name] / ref_kernel if ref_kernel else None
@@ -292,7 +294,7 @@ def planning_section(args, progress_factory) -> list[dict]:
                 mixer.mode = mode
                 rng = np.random.default_rng(args.seed)
                 plan_t, pool_t = [], []
-                for _ in range(args.repeats + 1):
+                for _ in range(max(20, args.repeats) + 1):
                     t0 = time.perf_counter()
                     p = mixer.plan(n, rng=rng, height=args.size, width=args.size)
                     p.records()
@@ -301,7 +303,8 @@ def planning_section(args, progress_factory) -> list[dict]:
                     plan_t.append(t1 - t0)
                     pool_t.append(time.perf_counter() - t1)
                 rows.append({"batch_size": n, "size": args.size, "method": name, "mode": mode,
-                             "plan_ms": 1e3 * statistics.median(plan_t[1:]), "plan_ms_max": 1e3 * max(plan_t[1:]),
+                             "plan_ms": 1e3 * statistics.median(plan_t[1:]), "plan_ms_min": 1e3 * min(plan_t[1:]),
+                             "plan_ms_max": 1e3 * max(plan_t[1:]),
                              "mask_pool_ms": 1e3 * statistics.median(pool_t[1:])})
                 bar.update(1)
     bar.close()
@@ -411,6 +414,12 @@ def _fmt(v, f="{:.2f}"):
     return "–" if v is None else f.format(v)
 
 
+def _med_min(row: dict, key: str) -> str:
+    if row.get(key) is None:
+        return "–"
+    return f"{row[key]:.2f} / {row[f'{key}_min']:.2f}" if row.get(f"{key}_min") is not None else f"{row[key]:.2f}"
+
+
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     gpu = s["device"] == "cuda"
@@ -418,21 +427,22 @@ def markdown(result: dict) -> str:
              f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end. "
              f"{s['size']}×{s['size']} px, {NUM_CLASSES} classes, median of {s['repeats']} interleaved repeats. "
              f"Copy bandwidth (copy_, read + write): {result['copy']['copy_GBps']:.1f} GB/s.", ""]
-    header = ["batch", "case", "stage ms", "× dalimix", "mix only ms", "op ms", "× MixUp"]
+    header = ["batch", "case", "stage ms", "× dalimix", "mix only ms", "op ms", "op × MixUp"]
     if gpu:
         header += ["kernel ms", "kernel × MixUp", "GB/s", "% of copy"]
     body = []
     for r in result["stage"]:
-        cells = [str(r["batch_size"]), r["case"], _fmt(r["stage_ms"]), _fmt(r.get("stage_vs_dalimix"), "{:.2f}×"),
-                 _fmt(r.get("mix_only_ms")), _fmt(r.get("op_ms")), _fmt(r.get("op_vs_dalimix_mixup"), "{:.2f}×")]
+        cells = [str(r["batch_size"]), r["case"], _med_min(r, "stage_ms"), _fmt(r.get("stage_vs_dalimix"), "{:.2f}×"),
+                 _med_min(r, "mix_only_ms"), _med_min(r, "op_ms"), _fmt(r.get("op_vs_dalimix_mixup"), "{:.2f}×")]
         if gpu:
             cells += [_fmt(r.get("kernel_ms"), "{:.3f}"), _fmt(r.get("kernel_vs_dalimix_mixup"), "{:.2f}×"),
                       _fmt(r.get("effective_GBps"), "{:.0f}"), _fmt(r.get("percent_of_copy"), "{:.0f}%")]
         body.append(cells)
-    parts += ["Mixing stage, per batch (uint8 in; normalised float + soft targets out):", "", markdown_table(header, body)]
+    parts += ["Mixing stage, per batch (uint8 in; normalised float + soft targets out); times are median / minimum "
+              "of the repeats, ratios of medians:", "", markdown_table(header, body)]
     parts += ["", "Planning on the host, per batch (plan + records: planner thread; mask pool: main thread):", "",
-              markdown_table(["batch", "method", "mode", "plan ms", "plan ms max", "mask pool ms"],
-                     [[str(r["batch_size"]), r["method"], r["mode"], _fmt(r["plan_ms"]), _fmt(r["plan_ms_max"]),
+              markdown_table(["batch", "method", "mode", "plan ms (median / min)", "plan ms max", "mask pool ms"],
+                     [[str(r["batch_size"]), r["method"], r["mode"], _med_min(r, "plan_ms"), _fmt(r["plan_ms_max"]),
                        _fmt(r["mask_pool_ms"])] for r in result["planning"]])]
     if result.get("loader"):
         parts += ["", "ImageLoader, epochs interleaved (wait = main thread blocked on the next batch's plan):", "",
