@@ -523,7 +523,7 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-mix-{args.device}-{short_name(machine, args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"bench-mix-{short_name(machine, args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(text)
     print(f"json: {out / (stem + '.json')}\nmd: {out / (stem + '.md')}")

@@ -127,9 +127,9 @@ def describe(with_gpu: bool = True) -> dict:
 
 
 def short_name(machine: dict, device: str) -> str:
-    """A file-name-friendly tag: the GPU's name on CUDA, else ``cpu-<N>c``."""
+    """A file-name-friendly tag: ``cuda-<gpu name>`` on CUDA, else ``cpu-<N>c``."""
     if device == "cuda" and machine.get("gpu"):
-        return re.sub(r"[^A-Za-z0-9]+", "-", machine["gpu"]["name"]).strip("-").lower()
+        return "cuda-" + re.sub(r"[^A-Za-z0-9]+", "-", machine["gpu"]["name"]).strip("-").lower()
     return f"cpu-{machine.get('usable_cpus') or os.cpu_count()}c"
 
 

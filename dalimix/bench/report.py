@@ -179,11 +179,11 @@ def chart(raw: dict, rows: list[dict], path: Path) -> Path:
 
 
 def write(raw: dict, out_dir: str | Path, stamp: str) -> dict[str, Path]:
-    """Write ``bench-<device>-<tag>-<stamp>.{json,md,png}`` into ``out_dir``; returns the paths."""
+    """Write ``bench-<cpu-Nc | cuda-gpu-name>-<stamp>.{json,md,png}`` into ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(raw)
-    stem = f"bench-{raw['settings']['device']}-{short_name(raw['machine'], raw['settings']['device'])}-{stamp}"
+    stem = f"bench-{short_name(raw['machine'], raw['settings']['device'])}-{stamp}"
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
     full = dict(raw, summary=rows, mixing_cost=mixing_cost(rows))
     paths["json"].write_text(json.dumps(full, indent=1) + "\n")
