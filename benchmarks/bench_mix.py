@@ -120,14 +120,15 @@ def kernel_seconds(fn, device: torch.device, calls: int) -> float | None:
     """Mean device time of dalimix's fused kernel over ``calls`` calls of ``fn`` (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize(device)
     total, count = 0.0, 0
     for evt in prof.key_averages():
         if "dalimix_mix_normalize" in evt.key:
-            total += getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            device_us = getattr(evt, "device_time_total", None)  # older torch: cuda_time_total
+            total += evt.cuda_time_total if device_us is None else device_us
             count += evt.count
     return total / count / 1e6 if count else None
 
