@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -516,7 +517,7 @@ def main(argv=None) -> int:
     stage, copy = stage_section(args, device, progress_factory)
     planning = planning_section(args, progress_factory)
     loader = None if args.no_loader else loader_section(args, device, progress_factory)
-    machine["loadavg_end"] = list(__import__("os").getloadavg())
+    machine["loadavg_end"] = list(os.getloadavg())
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     result = {"kind": "dalimix-bench-mix", "machine": machine, "settings": settings, "copy": copy,
               "stage": stage, "planning": planning, "loader": loader}

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import LIBRARIES
@@ -45,8 +45,6 @@ class Settings:
     libraries: tuple[str, ...] = LIBRARIES
     mixing: tuple[bool, ...] = (True, False)
     seed: int = 0
-    timeout: float = 600.0
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **overrides) -> "Settings":
