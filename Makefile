@@ -23,5 +23,8 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
 
+bench: $(STAMP)
+	$(VENV)/bin/dalimix bench
+
 clean-venv:
 	rm -rf $(VENV)

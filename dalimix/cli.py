@@ -142,6 +142,13 @@ def _captions(loader, targets, info) -> list[str]:
     return out
 
 
+def cmd_bench(args) -> int:
+    """dalimix vs torchvision vs timm vs DALI + torch, mixing on and off (see ``dalimix.bench``)."""
+    from .bench.command import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalimix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-seed", type=int, default=None, help="store the samples in a random order drawn from this seed")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=cmd_pack)
+
+    from .bench.command import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="images/s, CPU, memory: dalimix vs torchvision vs timm vs DALI + torch, mixing on/off")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

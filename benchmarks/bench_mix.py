@@ -1,0 +1,536 @@
+"""The mixing stage alone, and what it costs the loader.
+
+    python benchmarks/bench_mix.py [--device cpu|cuda] [--batch-sizes 64,128,256] [--size 224]
+                                   [--repeats R] [--data DIR] [--quick] [--out DIR]
+
+1. Stage: the same uint8 ``N x H x W x 3`` batches (random pixels), the same labels, one process,
+   interleaved repeats, median time per batch. Every row ends with a normalised float ``N x 3 x H x W``
+   batch and ``N x 1000`` soft targets:
+   - dalimix: ``mix_normalize`` (one fused pass: gather partner, mix, normalise, cast, lay out) +
+     ``Mixer.targets``, for each method (plans made beforehand, as the loader's planner thread does);
+   - timm ``Mixup``, torchvision v2 ``MixUp``/``CutMix``, and MixUp/CutMix written with torch ops
+     (what a DALI user adds after ``crop_mirror_normalize``): "normalise + mix" = uint8 -> float,
+     ``(x - mean) / std`` as a batch, then the library's mixing (what dalimix's pass replaces);
+     "mix only" = the library's call on a batch that is already normalised float (what their
+     pipelines have at that point: per-sample normalisation in DataLoader workers or in DALI);
+   - timm ``FastCollateMixup`` (CPU only: it runs in DataLoader workers): "mix only" = the collate
+     call on per-sample uint8 ``3 x H x W`` numpy arrays; "normalise + mix" adds the prefetcher's
+     float normalisation.
+   On CUDA it also times dalimix's kernel alone (torch profiler, device time) and reports its
+   effective bandwidth — bytes = 2 uint8 images read + 1 output written per sample (1 read for no
+   mixing) — against a measured device-to-device copy (``copy_`` of a 1 GiB buffer, read + write).
+   Box and mask methods read the partner only where it shows, so their real traffic is lower.
+2. Planning (host): ``Mixer.plan`` + ``records`` (the loader runs these on its planner thread) and
+   ``mask_pool`` (main thread), per method, in "batch" and "elem" mode.
+3. Loader: ``ImageLoader`` images/s with mixing off, MixUp/CutMix, and FMix in "elem" mode,
+   epochs interleaved in one process, with the planner thread's time per batch and how long the
+   main thread waited for a plan (0 = planning hidden behind the batch before it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from dalimix.bench import handmix  # noqa: E402
+from dalimix.bench.driver import progress_bar  # noqa: E402
+from dalimix.bench.machine import describe, one_line, short_name  # noqa: E402
+from dalimix.bench.report import markdown_table  # noqa: E402
+from dalimix.mix import CutMix, FMix, GridMix, Mixer, MixUp, Mixup, ResizeMix, SamplePairing, SmoothMix  # noqa: E402
+from dalimix.ops import Normalization, allocate_output, identity_records, mix_normalize  # noqa: E402
+
+NUM_CLASSES = 1000
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dalimix_methods() -> dict:
+    """name -> a factory of the mixer whose plans the stage rows use."""
+    one = lambda m, mode="batch": (lambda: Mixer(methods=[m], mode=mode, num_classes=NUM_CLASSES, label_smoothing=0.1))  # noqa: E731
+    return {
+        "none": None,
+        "mixup": one(MixUp(alpha=0.8)),
+        "cutmix": one(CutMix(alpha=1.0)),
+        "fmix": one(FMix()),
+        "resizemix": one(ResizeMix()),
+        "gridmix": one(GridMix()),
+        "smoothmix": one(SmoothMix()),
+        "samplepairing": one(SamplePairing()),
+        "mixup|cutmix elem": lambda: Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=NUM_CLASSES),
+    }
+
+
+# --------------------------------------------------------------------------------- timing
+def timed(fn, device: torch.device, inner: int = 1) -> float:
+    """Seconds per call of ``fn`` (CUDA events on the GPU, the host clock on the CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def interleaved(cases: dict, device, repeats: int, inner: int, progress=None) -> dict:
+    """``{name: [seconds, ...]}``: one warm-up call each, then ``repeats`` rounds in rotating order."""
+    names = list(cases)
+    for name in names:
+        cases[name]()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    out = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            out[name].append(timed(cases[name], device, inner))
+            if progress is not None:
+                progress.update(1)
+    return out
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Bytes/s of ``dst.copy_(src)`` counting the read and the write."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = [timed(lambda: dst.copy_(src), device) for _ in range(repeats + 1)][1:]
+    return 2 * nbytes / statistics.median(times)
+
+
+def kernel_seconds(fn, device: torch.device, calls: int) -> float | None:
+    """Mean device time of dalimix's fused kernel over ``calls`` calls of ``fn`` (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    total, count = 0.0, 0
+    for evt in prof.key_averages():
+        if "dalimix_mix_normalize" in evt.key:
+            device_us = getattr(evt, "device_time_total", None)  # older torch: cuda_time_total
+            total += evt.cuda_time_total if device_us is None else device_us
+            count += evt.count
+    return total / count / 1e6 if count else None
+
+
+# ----------------------------------------------------------------------------- stage cases
+class Batch:
+    """The shared inputs: ``copies`` different uint8 batches (so the GPU cache does not hold them), labels."""
+
+    def __init__(self, n: int, size: int, device: torch.device, copies: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.n, self.size, self.device = n, size, device
+        self.u8 = [torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g).to(device)
+                   for _ in range(copies)]
+        self.labels = torch.randint(0, NUM_CLASSES, (n,), generator=g).to(device)
+        self.mean = torch.tensor([255 * m for m in MEAN], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in STD], device=device).view(1, 3, 1, 1)
+        self.normalised = self.normalise(self.u8[0])
+        self._turn = 0
+
+    def next_u8(self) -> torch.Tensor:
+        self._turn = (self._turn + 1) % len(self.u8)
+        return self.u8[self._turn]
+
+    def normalise(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x 3 -> float32 N x 3 x H x W, ``(x - mean) / std`` (timm's prefetcher math)."""
+        return u8.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+
+
+def dalimix_cases(b: Batch, dtype: torch.dtype, rng) -> tuple[dict, dict, dict]:
+    """(stage cases, op-only cases, bytes per call) for every dalimix method at ``dtype``."""
+    norm = Normalization(MEAN, STD)
+    stage, op, nbytes = {}, {}, {}
+    elt = torch.tensor([], dtype=dtype).element_size()
+    for name, factory in dalimix_methods().items():
+        mixer = factory() if factory else None
+        if mixer is None:
+            records, params, masks = identity_records(b.n), None, None
+        else:
+            params = mixer.plan(b.n, rng=rng, height=b.size, width=b.size)
+            records = params.records()
+            masks = params.mask_pool(b.device)
+        out = allocate_output(b.n, b.size, b.size, dtype=dtype, channels_last=False, device=b.device)
+        label = f"dalimix {name}" + ("" if dtype == torch.float32 else f" {str(dtype)[6:]}")
+
+        def run_stage(mixer=mixer, params=params, records=records):
+            masks_now = params.mask_pool(b.device) if params is not None else None
+            dst = allocate_output(b.n, b.size, b.size, dtype=dtype, channels_last=False, device=b.device)
+            mix_normalize(b.next_u8(), records, masks_now, norm=norm, dtype=dtype, out=dst)
+            if mixer is not None:
+                mixer.targets(b.labels, params, NUM_CLASSES)
+
+        def run_op(records=records, masks=masks, out=out):
+            mix_normalize(b.next_u8(), records, masks, norm=norm, dtype=dtype, out=out)
+
+        stage[label], op[label] = run_stage, run_op
+        reads = 1 if mixer is None else 2
+        nbytes[label] = b.n * b.size * b.size * 3 * (reads + elt)
+    return stage, op, nbytes
+
+
+def baseline_cases(b: Batch) -> tuple[dict, dict]:
+    """(normalise + mix cases, mix-only cases) of timm, torchvision v2 and hand-written torch."""
+    from timm.data import FastCollateMixup
+    from timm.data import Mixup as TimmMixup
+    from torchvision.transforms import v2
+
+    both, only = {}, {}
+    timm_mix = {"mixup": TimmMixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
+                "cutmix": TimmMixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES)}
+    for name, fn in timm_mix.items():
+        both[f"timm Mixup {name}"] = lambda fn=fn: fn(b.normalise(b.next_u8()), b.labels)
+        only[f"timm Mixup {name}"] = lambda fn=fn: fn(b.normalised, b.labels)
+    tv_norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=MEAN, std=STD)])
+    tv_mix = {"mixup": v2.MixUp(alpha=0.8, num_classes=NUM_CLASSES), "cutmix": v2.CutMix(alpha=1.0, num_classes=NUM_CLASSES)}
+    for name, fn in tv_mix.items():
+        both[f"torchvision v2 {name}"] = lambda fn=fn: fn(tv_norm(b.next_u8().permute(0, 3, 1, 2)), b.labels)
+        only[f"torchvision v2 {name}"] = lambda fn=fn: fn(b.normalised, b.labels)
+    rng = np.random.default_rng(0)
+    for name in ("mixup", "cutmix"):
+        kw = dict(num_classes=NUM_CLASSES, rng=rng, method=name)
+        both[f"torch by hand {name}"] = lambda kw=kw: handmix.mix_batch(b.normalise(b.next_u8()), b.labels, **kw)
+        only[f"torch by hand {name}"] = lambda kw=kw: handmix.mix_batch(b.normalised, b.labels, **kw)
+    if b.device.type == "cpu":
+        per_sample = [[(img.permute(2, 0, 1).contiguous().numpy(), int(y)) for img, y in zip(u8, b.labels)] for u8 in b.u8]
+        turn = {"i": 0}
+
+        def samples():
+            turn["i"] = (turn["i"] + 1) % len(per_sample)
+            return per_sample[turn["i"]]
+
+        fast = {"mixup": FastCollateMixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
+                "cutmix": FastCollateMixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES)}
+        for name, fn in fast.items():
+            def with_norm(fn=fn):
+                x, t = fn(samples())
+                return x.float().sub_(b.mean).div_(b.std), t
+            both[f"timm FastCollateMixup {name}"] = with_norm
+            only[f"timm FastCollateMixup {name}"] = lambda fn=fn: fn(samples())
+    return both, only
+
+
+def stage_section(args, device, progress_factory) -> tuple[list[dict], dict]:
+    """Rows of the stage table for every batch size; plus the copy bandwidth."""
+    rows = []
+    copy_bps = copy_bandwidth(device, args.copy_bytes, repeats=max(3, args.repeats))
+    rng = np.random.default_rng(args.seed)
+    for n in args.batch_sizes:
+        b = Batch(n, args.size, device, copies=3 if device.type == "cuda" else 2, seed=args.seed)
+        stage, op, nbytes = {}, {}, {}
+        for dtype_name in args.dtypes:
+            s, o, nb = dalimix_cases(b, DTYPES[dtype_name], rng)
+            stage.update(s)
+            op.update(o)
+            nbytes.update(nb)
+        both, only = baseline_cases(b)
+        bar = progress_factory(args.repeats * (len(stage) + len(op) + len(both) + len(only)), f"stage b{n}")
+        t_stage = interleaved({**stage, **both}, device, args.repeats, args.inner, bar)
+        t_op = interleaved({**op, **{f"{k} (mix only)": v for k, v in only.items()}}, device, args.repeats, args.inner, bar)
+        bar.close()
+        t_kernel = {}
+        if device.type == "cuda":
+            for name, fn in op.items():
+                t_kernel[name] = kernel_seconds(fn, device, calls=max(10, args.repeats))
+        ref = {"mixup": statistics.median(t_stage["dalimix mixup"]), "cutmix": statistics.median(t_stage["dalimix cutmix"])}
+        for name, ts in t_stage.items():
+            suffix = name[len("dalimix "):].split(" ")[-1] if name.startswith("dalimix ") else ""
+            mixup_name = "dalimix mixup" + (f" {suffix}" if suffix in DTYPES else "")
+            ref_op = statistics.median(t_op[mixup_name])
+            ref_kernel = t_kernel.get(mixup_name)
+            row = {"batch_size": n, "size": args.size, "case": name, "stage_ms": 1e3 * statistics.median(ts),
+                   "stage_ms_min": 1e3 * min(ts), "stage_ms_max": 1e3 * max(ts)}
+            method = "cutmix" if "cutmix" in name and "elem" not in name else "mixup"
+            row["stage_vs_dalimix"] = statistics.median(ts) / ref[method] if not name.startswith("dalimix") else None
+            if name in t_op:
+                row["op_ms"] = 1e3 * statistics.median(t_op[name])
+                row["op_ms_min"] = 1e3 * min(t_op[name])
+                row["op_vs_dalimix_mixup"] = statistics.median(t_op[name]) / ref_op
+            if f"{name} (mix only)" in t_op:
+                row["mix_only_ms"] = 1e3 * statistics.median(t_op[f"{name} (mix only)"])
+                row["mix_only_ms_min"] = 1e3 * min(t_op[f"{name} (mix only)"])
+            if name in t_kernel and t_kernel[name]:
+                row["kernel_ms"] = 1e3 * t_kernel[name]
+                row["kernel_vs_dalimix_mixup"] = t_kernel[name] / ref_kernel if ref_kernel else None
+                row["effective_GBps"] = nbytes[name] / t_kernel[name] / 1e9
+                row["percent_of_copy"] = 100 * nbytes[name] / t_kernel[name] / copy_bps
+            elif name in nbytes:
+                row["effective_GBps"] = nbytes[name] / statistics.median(t_op[name]) / 1e9
+                row["percent_of_copy"] = 100 * nbytes[name] / statistics.median(t_op[name]) / copy_bps
+            rows.append(row)
+    return rows, {"copy_GBps": copy_bps / 1e9, "copy_bytes": args.copy_bytes}
+
+
+# ------------------------------------------------------------------------------- planning
+def planning_section(args, progress_factory) -> list[dict]:
+    """Host cost per batch of planning each method in each mode."""
+    rows = []
+    methods = {k: v for k, v in dalimix_methods().items() if v is not None and "elem" not in k}
+    methods["mixup|cutmix"] = lambda: Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=NUM_CLASSES)
+    bar = progress_factory(len(args.batch_sizes) * len(methods) * 2, "planning")
+    for n in args.batch_sizes:
+        for name, factory in methods.items():
+            for mode in ("batch", "elem"):
+                mixer = factory()
+                mixer.mode = mode
+                rng = np.random.default_rng(args.seed)
+                plan_t, pool_t = [], []
+                for _ in range(max(20, args.repeats) + 1):
+                    t0 = time.perf_counter()
+                    p = mixer.plan(n, rng=rng, height=args.size, width=args.size)
+                    p.records()
+                    t1 = time.perf_counter()
+                    p.mask_pool("cpu")
+                    plan_t.append(t1 - t0)
+                    pool_t.append(time.perf_counter() - t1)
+                rows.append({"batch_size": n, "size": args.size, "method": name, "mode": mode,
+                             "plan_ms": 1e3 * statistics.median(plan_t[1:]), "plan_ms_min": 1e3 * min(plan_t[1:]),
+                             "plan_ms_max": 1e3 * max(plan_t[1:]),
+                             "mask_pool_ms": 1e3 * statistics.median(pool_t[1:])})
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+# --------------------------------------------------------------------------------- loader
+@contextlib.contextmanager
+def plan_probe(mixer):
+    """Time the mixer's ``plan`` (on the planner thread) and the loader's wait for it (main thread)."""
+    from dalimix import loader as loader_mod
+
+    stats = {"plan_s": 0.0, "plans": 0, "wait_s": 0.0, "waits": 0, "wait_measured": False}
+    original_plan = mixer.plan
+
+    def plan(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original_plan(*a, **k)
+        finally:
+            stats["plan_s"] += time.perf_counter() - t0
+            stats["plans"] += 1
+
+    mixer.plan = plan
+    take = getattr(loader_mod._EpochIterator, "_take_plan", None)  # the loader's hand-over point, if it has one
+    if take is not None:
+        def timed_take(self, n):
+            t0 = time.perf_counter()
+            try:
+                return take(self, n)
+            finally:
+                stats["wait_s"] += time.perf_counter() - t0
+                stats["waits"] += 1
+        loader_mod._EpochIterator._take_plan = timed_take
+        stats["wait_measured"] = True
+    try:
+        yield stats
+    finally:
+        mixer.plan = original_plan
+        if take is not None:
+            loader_mod._EpochIterator._take_plan = take
+
+
+def loader_section(args, device, progress_factory) -> list[dict]:
+    from dalimix import ImageLoader
+    from dalimix.bench.driver import make_view
+
+    root = args.data
+    if root is None:
+        from dalimix.demo_data import demo_dataset
+
+        root = str(demo_dataset(progress=True))
+    view = Path(tempfile.mkdtemp(prefix="dalimix-bench-mix-view-"))
+    try:
+        data = make_view(root, view, images=args.loader_batches * args.loader_batch, max_images=args.loader_max_images)
+        setups = {
+            "off": None,
+            "mixup|cutmix batch": Mixup(mixup_alpha=0.8, cutmix_alpha=1.0),
+            "fmix elem": Mixer(methods=[FMix()], mode="elem", label_smoothing=0.1),
+        }
+        loaders = {name: ImageLoader(root=str(view), batch_size=args.loader_batch, size=args.size, device=str(device),
+                                     mix=mix, last_batch_policy="drop", seed=args.seed)
+                   for name, mix in setups.items()}
+        results = {name: {"ips": [], "plan_ms": [], "wait_ms": []} for name in setups}
+        names = list(setups)
+        bar = progress_factory((1 + args.loader_epochs) * len(names), "loader")
+        for rnd in range(1 + args.loader_epochs):
+            for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+                ld, mix = loaders[name], setups[name]
+                with (plan_probe(mix) if mix is not None else contextlib.nullcontext({})) as stats:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    n = 0
+                    for images, _ in ld:
+                        n += images.shape[0]
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                bar.update(1)
+                if rnd == 0:
+                    continue  # warm-up
+                results[name]["ips"].append(n / dt)
+                if stats.get("plans"):
+                    results[name]["plan_ms"].append(1e3 * stats["plan_s"] / stats["plans"])
+                if stats.get("waits"):
+                    results[name]["wait_ms"].append(1e3 * stats["wait_s"] / stats["waits"])
+        bar.close()
+        for ld in loaders.values():
+            ld.close()
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    off = statistics.median(results["off"]["ips"])
+    rows = []
+    for name, r in results.items():
+        med = statistics.median(r["ips"])
+        rows.append({"setup": name, "batch_size": args.loader_batch, "size": args.size, "images_per_epoch": data["files"],
+                     "images_per_s": med, "images_per_s_min": min(r["ips"]), "images_per_s_max": max(r["ips"]),
+                     "vs_off": med / off,
+                     "plan_ms_per_batch": statistics.median(r["plan_ms"]) if r["plan_ms"] else None,
+                     "wait_ms_per_batch": statistics.median(r["wait_ms"]) if r["wait_ms"] else None})
+    return rows
+
+
+# --------------------------------------------------------------------------------- output
+def _fmt(v, f="{:.2f}"):
+    return "–" if v is None else f.format(v)
+
+
+def _med_min(row: dict, key: str) -> str:
+    if row.get(key) is None:
+        return "–"
+    return f"{row[key]:.2f} / {row[f'{key}_min']:.2f}" if row.get(f"{key}_min") is not None else f"{row[key]:.2f}"
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    gpu = s["device"] == "cuda"
+    parts = [f"{m['date'][:10]}, {one_line(m)}, device {s['device']}; load average "
+             f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end. "
+             f"{s['size']}×{s['size']} px, {NUM_CLASSES} classes, median of {s['repeats']} interleaved repeats. "
+             f"Copy bandwidth (copy_, read + write): {result['copy']['copy_GBps']:.1f} GB/s.", ""]
+    header = ["batch", "case", "stage ms", "× dalimix", "mix only ms", "op ms", "op × MixUp"]
+    if gpu:
+        header += ["kernel ms", "kernel × MixUp", "GB/s", "% of copy"]
+    body = []
+    for r in result["stage"]:
+        cells = [str(r["batch_size"]), r["case"], _med_min(r, "stage_ms"), _fmt(r.get("stage_vs_dalimix"), "{:.2f}×"),
+                 _med_min(r, "mix_only_ms"), _med_min(r, "op_ms"), _fmt(r.get("op_vs_dalimix_mixup"), "{:.2f}×")]
+        if gpu:
+            cells += [_fmt(r.get("kernel_ms"), "{:.3f}"), _fmt(r.get("kernel_vs_dalimix_mixup"), "{:.2f}×"),
+                      _fmt(r.get("effective_GBps"), "{:.0f}"), _fmt(r.get("percent_of_copy"), "{:.0f}%")]
+        body.append(cells)
+    parts += ["Mixing stage, per batch (uint8 in; normalised float + soft targets out); times are median / minimum "
+              "of the repeats, ratios of medians:", "", markdown_table(header, body)]
+    parts += ["", "Planning on the host, per batch (plan + records: planner thread; mask pool: main thread):", "",
+              markdown_table(["batch", "method", "mode", "plan ms (median / min)", "plan ms max", "mask pool ms"],
+                     [[str(r["batch_size"]), r["method"], r["mode"], _med_min(r, "plan_ms"), _fmt(r["plan_ms_max"]),
+                       _fmt(r["mask_pool_ms"])] for r in result["planning"]])]
+    if result.get("loader"):
+        parts += ["", "ImageLoader, epochs interleaved (wait = main thread blocked on the next batch's plan):", "",
+                  markdown_table(["setup", "batch", "images/s", "min–max", "vs off", "plan ms/batch", "wait ms/batch"],
+                         [[r["setup"], str(r["batch_size"]), _fmt(r["images_per_s"], "{:.0f}"),
+                           f"{r['images_per_s_min']:.0f}–{r['images_per_s_max']:.0f}", _fmt(r["vs_off"], "{:.3f}"),
+                           _fmt(r["plan_ms_per_batch"]), _fmt(r["wait_ms_per_batch"], "{:.3f}")] for r in result["loader"]])]
+    return "\n".join(parts) + "\n"
+
+
+def _int_list(text):
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--batch-sizes", type=_int_list, default=None, help="default 64,128,256")
+    p.add_argument("--size", type=int, default=None, help="default 224")
+    p.add_argument("--dtypes", default=None, help="dalimix output dtypes (default: float32 on CPU; float32,float16,bfloat16 on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 5 on CPU, 30 on CUDA)")
+    p.add_argument("--inner", type=int, default=None, help="calls per timed repeat (default 1 on CPU, 5 on CUDA)")
+    p.add_argument("--copy-bytes", type=int, default=None, help="buffer of the copy-bandwidth reference (default 1 GiB on CUDA, 256 MiB on CPU)")
+    p.add_argument("--data", default=None, help="ImageFolder tree for the loader section (default: the demo data set)")
+    p.add_argument("--loader-batch", type=int, default=None, help="default 64 on CPU, 256 on CUDA")
+    p.add_argument("--loader-batches", type=int, default=None, help="batches per loader epoch (default 6)")
+    p.add_argument("--loader-epochs", type=int, default=None, help="timed loader epochs per setup (default 3)")
+    p.add_argument("--loader-max-images", type=int, default=5000)
+    p.add_argument("--no-loader", action="store_true", help="skip the loader section")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds: a smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results", help="where the JSON and markdown go")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA GPU")
+    cuda = args.device == "cuda"
+    quick = dict(batch_sizes=(4,), size=64, repeats=2, inner=1, copy_bytes=2**20, loader_batch=4, loader_batches=2,
+                 loader_epochs=1, dtypes="float32")
+    full = dict(batch_sizes=(64, 128, 256), size=224, repeats=30 if cuda else 5, inner=5 if cuda else 1,
+                copy_bytes=2**30 if cuda else 2**28, loader_batch=256 if cuda else 64, loader_batches=6,
+                loader_epochs=3, dtypes="float32,float16,bfloat16" if cuda else "float32")
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad:
+        p.error(f"--dtypes {bad}: use {','.join(DTYPES)}")
+    if "float32" not in args.dtypes:
+        args.dtypes = ("float32", *args.dtypes)
+    if not args.batch_sizes or any(n < 2 or n % 2 for n in args.batch_sizes):
+        p.error("--batch-sizes: even integers >= 2 (timm's Mixup needs even batches)")
+    for key in ("size", "repeats", "inner", "loader_batch", "loader_batches", "loader_epochs"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')}: a positive integer")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+
+    def progress_factory(total, desc):
+        return progress_bar(total, desc, enabled=not args.no_progress, unit="run", leave=False)
+
+    machine = describe(with_gpu=device.type == "cuda")
+    stage, copy = stage_section(args, device, progress_factory)
+    planning = planning_section(args, progress_factory)
+    loader = None if args.no_loader else loader_section(args, device, progress_factory)
+    machine["loadavg_end"] = list(os.getloadavg())
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    result = {"kind": "dalimix-bench-mix", "machine": machine, "settings": settings, "copy": copy,
+              "stage": stage, "planning": planning, "loader": loader}
+    text = markdown(result)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-mix-{short_name(machine, args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"json: {out / (stem + '.json')}\nmd: {out / (stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
