@@ -79,6 +79,70 @@ __device__ __host__ __forceinline__ void dm_sample_resized(const unsigned char* 
   }
 }
 
+// Normalise, cast and write pixel r = y * W + x of sample s.
+template <class O, bool NHWC>
+__device__ __host__ __forceinline__ void dm_store(typename O::T* __restrict__ dst, int s, dm_i64 r, dm_i64 plane,
+                                                  float v0, float v1, float v2, float m0, float m1, float m2,
+                                                  float s0, float s1, float s2) {
+  const typename O::T o0 = O::cvt((v0 - m0) * s0);
+  const typename O::T o1 = O::cvt((v1 - m1) * s1);
+  const typename O::T o2 = O::cvt((v2 - m2) * s2);
+  if (NHWC) {
+    typename O::T* q = dst + ((dm_i64)s * plane + r) * 3;
+    q[0] = o0;
+    q[1] = o1;
+    q[2] = o2;
+  } else {
+    typename O::T* q = dst + (dm_i64)s * 3 * plane + r;
+    q[0] = o0;
+    q[plane] = o1;
+    q[2 * plane] = o2;
+  }
+}
+
+// One output pixel (all three channels) of sample s at (y, x); p = (s * H + y) * W + x.
+template <class O, bool NHWC>
+__device__ __host__ __forceinline__ void dm_mix_pixel(const unsigned char* __restrict__ src, const DmRecord& R,
+                                                      const float* __restrict__ masks,
+                                                      typename O::T* __restrict__ dst, int s, int y, int x,
+                                                      int h, int w, dm_i64 plane, float m0, float m1,
+                                                      float m2, float s0, float s1, float s2) {
+  const dm_i64 r = (dm_i64)y * w + x;
+  const dm_i64 p = (dm_i64)s * plane + r;
+  const unsigned char* pa = src + p * 3;
+  float v0 = pa[0], v1 = pa[1], v2 = pa[2];
+  if (R.method != DM_METHOD_NONE) {
+    const unsigned char* b = src + (dm_i64)R.partner * plane * 3;
+    const bool in_box = y >= R.y0 && y < R.y1 && x >= R.x0 && x < R.x1;
+    float wself = 1.f, b0 = 0.f, b1 = 0.f, b2 = 0.f;
+    if (R.method == DM_METHOD_RESIZE) {
+      if (in_box) {
+        wself = 0.f;
+        dm_sample_resized(b, R.flags, y - R.y0, x - R.x0, R.y1 - R.y0, R.x1 - R.x0, h, w, &b0, &b1, &b2);
+      }
+    } else {
+      if (R.method == DM_METHOD_BLEND) wself = R.lam;
+      else if (R.method == DM_METHOD_BOX) wself = in_box ? 0.f : 1.f;
+      else if (R.method == DM_METHOD_MASK) wself = dm_sample_mask(R, masks, y, x, h, w);
+      else if (R.method == DM_METHOD_GRID) wself = dm_grid_weight(R, y, x);
+      else if (R.method == DM_METHOD_SMOOTH) wself = dm_smooth_weight(R, y, x, h, w);
+      if (wself != 1.f) {
+        const unsigned char* pb = b + r * 3;
+        b0 = pb[0];
+        b1 = pb[1];
+        b2 = pb[2];
+      }
+    }
+    if (wself != 1.f) {
+      v0 = b0 + wself * (v0 - b0);
+      v1 = b1 + wself * (v1 - b1);
+      v2 = b2 + wself * (v2 - b2);
+    }
+  }
+  dm_store<O, NHWC>(dst, s, r, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
+}
+
+// The CUDA kernel: a grid-stride loop over the n * H * W output pixels.
 template <class O, bool NHWC>
 __device__ __forceinline__ void dm_mix_normalize(const unsigned char* __restrict__ src,
                                                  const DmRecord* __restrict__ rec,
@@ -95,51 +159,7 @@ __device__ __forceinline__ void dm_mix_normalize(const unsigned char* __restrict
     const int y = (int)(r / w);
     const int x = (int)(r - (dm_i64)y * w);
     const DmRecord R = rec[s];
-    const unsigned char* pa = src + p * 3;
-    float v0 = pa[0], v1 = pa[1], v2 = pa[2];
-    if (R.method != DM_METHOD_NONE) {
-      const unsigned char* b = src + (dm_i64)R.partner * plane * 3;
-      const bool in_box = y >= R.y0 && y < R.y1 && x >= R.x0 && x < R.x1;
-      float wself = 1.f, b0 = 0.f, b1 = 0.f, b2 = 0.f;
-      if (R.method == DM_METHOD_RESIZE) {
-        if (in_box) {
-          wself = 0.f;
-          dm_sample_resized(b, R.flags, y - R.y0, x - R.x0, R.y1 - R.y0, R.x1 - R.x0, h, w, &b0, &b1,
-                            &b2);
-        }
-      } else {
-        if (R.method == DM_METHOD_BLEND) wself = R.lam;
-        else if (R.method == DM_METHOD_BOX) wself = in_box ? 0.f : 1.f;
-        else if (R.method == DM_METHOD_MASK) wself = dm_sample_mask(R, masks, y, x, h, w);
-        else if (R.method == DM_METHOD_GRID) wself = dm_grid_weight(R, y, x);
-        else if (R.method == DM_METHOD_SMOOTH) wself = dm_smooth_weight(R, y, x, h, w);
-        if (wself != 1.f) {
-          const unsigned char* pb = b + r * 3;
-          b0 = pb[0];
-          b1 = pb[1];
-          b2 = pb[2];
-        }
-      }
-      if (wself != 1.f) {
-        v0 = b0 + wself * (v0 - b0);
-        v1 = b1 + wself * (v1 - b1);
-        v2 = b2 + wself * (v2 - b2);
-      }
-    }
-    const typename O::T o0 = O::cvt((v0 - m0) * s0);
-    const typename O::T o1 = O::cvt((v1 - m1) * s1);
-    const typename O::T o2 = O::cvt((v2 - m2) * s2);
-    if (NHWC) {
-      typename O::T* q = dst + p * 3;
-      q[0] = o0;
-      q[1] = o1;
-      q[2] = o2;
-    } else {
-      typename O::T* q = dst + (dm_i64)s * 3 * plane + r;
-      q[0] = o0;
-      q[plane] = o1;
-      q[2 * plane] = o2;
-    }
+    dm_mix_pixel<O, NHWC>(src, R, masks, dst, s, y, x, h, w, plane, m0, m1, m2, s0, s1, s2);
   }
 }
 

@@ -38,7 +38,7 @@ def test_wheel_carries_the_kernels(fresh_install):
     _, _, wheel, _ = fresh_install
     names = zipfile.ZipFile(wheel).namelist()
     for f in (REPO / "kernels").iterdir():
-        if f.suffix in (".cu", ".cuh"):
+        if f.suffix in (".cu", ".cuh", ".cpp"):
             assert f"dalimix/kernels/{f.name}" in names
 
 
@@ -57,12 +57,16 @@ out = np.zeros((1, 3, 2, 2), np.float32)
 n = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
 shim.launch("dalimix_mix_normalize_f32_nchw", 1, 32, img, identity_records(1), np.zeros(1, np.float32), out, 1, 2, 2, *n.mean255, *n.inv_std255)
 print(out.min(), out.max())
+from dalimix.ops import host, mix_normalize
+import torch
+assert host.available()
+print(float(mix_normalize(torch.full((1, 2, 2, 3), 255, dtype=torch.uint8), norm=n).min()))
 """
     res = subprocess.run([str(py), "-c", script], capture_output=True, text=True, cwd=tmp)
     assert res.returncode == 0, res.stderr
-    pkg, kdir, values = res.stdout.strip().splitlines()
+    pkg, kdir, values, host_value = res.stdout.strip().splitlines()
     assert pkg.startswith(str(site)) and kdir.startswith(str(site))
-    assert values == "1.0 1.0"
+    assert values == "1.0 1.0" and host_value == "1.0"  # the shim and the host backend, from the installed sources
 
 
 def test_console_script(fresh_install):

@@ -1,4 +1,5 @@
-"""The CPU backend of mix_normalize against the float64 reference, F.interpolate and the host shim."""
+"""The CPU backends of mix_normalize — the kernel compiled for the host, and the torch twin —
+against the float64 reference, F.interpolate and the host shim."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ from reference import random_records, reference_mix_normalize, resample
 from test_kernels import CASES, run_shim, ulp_tolerance
 
 
+BACKENDS = ["host", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run mix_normalize's CPU path through the host-compiled kernel, or through the torch twin."""
+    from dalimix.ops import host
+
+    if request.param == "torch":
+        monkeypatch.setattr(host, "available", lambda: False)
+    else:
+        assert host.available(), "the host kernels did not compile (is g++ installed?)"
+    return request.param
+
+
 def cpu(images, records, pool, norm, dtype, channels_last):
     out = mix_normalize(torch.from_numpy(images), records, torch.from_numpy(pool), norm=norm, dtype=dtype,
                         channels_last=channels_last)
@@ -25,7 +41,7 @@ def cpu(images, records, pool, norm, dtype, channels_last):
 @pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d_%dx%d_src%d" % (c[3], c[1], c[2], c[0]))
-def test_cpu_backend_matches_float64_reference(dtype, channels_last, case):
+def test_cpu_backends_match_float64_reference(backend, dtype, channels_last, case):
     n_src, h, w, n = case
     n_src = max(n_src, n)
     rng = np.random.default_rng(hash((h, w, n, "cpu", str(dtype), channels_last)) % 2**32)
@@ -39,7 +55,7 @@ def test_cpu_backend_matches_float64_reference(dtype, channels_last, case):
         assert not (err > ulp_tolerance(ref, dtype)).any(), f"worst {err.max()} (methods {records['method'].tolist()})"
 
 
-def test_cpu_backend_and_shim_agree(shim):
+def test_cpu_backends_and_shim_agree(backend, shim):
     """Both backends of one contract: float32 results within float32 rounding of each other (the two sum bilinear taps in different orders)."""
     rng = np.random.default_rng(7)
     norm = Normalization()
@@ -53,7 +69,7 @@ def test_cpu_backend_and_shim_agree(shim):
 
 @pytest.mark.parametrize("bilinear", [False, True], ids=["nearest", "bilinear"])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (7, 7), (14, 14), (5, 11), (28, 28), (28, 19)])
-def test_mask_upsampling_equals_interpolate(shim, bilinear, shape):
+def test_mask_upsampling_equals_interpolate(backend, shim, bilinear, shape):
     """A MASK record mixing white (255) over black (0) exposes the upsampled mask: it must equal
     F.interpolate(mode='nearest' | 'bilinear', align_corners=False) — on the CPU backend and in the kernel."""
     h, w = 28, 28
@@ -75,7 +91,7 @@ def test_mask_upsampling_equals_interpolate(shim, bilinear, shape):
     np.testing.assert_allclose(resample(mask[..., None].astype(np.float64), h, w, bilinear)[..., 0], want, atol=1e-6)
 
 
-def test_sigmoid_applies_after_upsampling(shim):
+def test_sigmoid_applies_after_upsampling(backend, shim):
     h = w = 8
     logits = np.array([[-4.0, 4.0]], np.float32)
     images = np.zeros((2, h, w, 3), np.uint8)
@@ -90,7 +106,7 @@ def test_sigmoid_applies_after_upsampling(shim):
     np.testing.assert_allclose(run_shim(shim, images, rec, logits.ravel(), norm, torch.float32, False)[0, 0], want, atol=1e-6)
 
 
-def test_resize_partner_equals_interpolate():
+def test_resize_partner_equals_interpolate(backend):
     """ResizeMix's in-kernel resize of the whole partner into the box equals F.interpolate."""
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
@@ -107,7 +123,7 @@ def test_resize_partner_equals_interpolate():
         np.testing.assert_array_equal(got[:, :3], images[0].transpose(2, 0, 1)[:, :3].astype(np.float32))
 
 
-def test_batch_of_one_and_empty():
+def test_batch_of_one_and_empty(backend):
     images = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
     assert mix_normalize(images).shape == (1, 3, 4, 4)
     assert mix_normalize(images, identity_records(0)).shape == (0, 3, 4, 4)
@@ -138,3 +154,21 @@ def test_bad_images_and_outputs_are_refused():
         mix_normalize(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), out=torch.empty(2, 3, 4, 4))
     with pytest.raises(ValueError, match="std must be positive"):
         Normalization(std=(0, 1, 1))
+
+
+def test_host_kernels_split_a_batch_over_threads_exactly():
+    """The host backend spreads samples over threads; any split gives the same bits."""
+    from dalimix.ops import host
+    from dalimix.ops.kernels import mix_normalize_entry
+
+    rng = np.random.default_rng(11)
+    images = torch.from_numpy(rng.integers(0, 256, (9, 100, 120, 3), dtype=np.uint8))  # above the one-thread size
+    records, pool = random_records(rng, 9, 9, 100, 120)
+    norm = Normalization()
+    outs = []
+    for threads in (1, 2, 4, 9):
+        out = torch.empty(9, 3, 100, 120)
+        host.mix_normalize_host(images, records, torch.from_numpy(pool), entry=mix_normalize_entry(torch.float32, False),
+                                mean255=norm.mean255, inv_std255=norm.inv_std255, out=out, threads=threads)
+        outs.append(out)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -1,7 +1,10 @@
-"""The fused mix/normalise/cast/layout operation and its two backends (CUDA, CPU).
+"""The fused mix/normalise/cast/layout operation and its backends.
 
-``mix_normalize`` is the one entry point the loader calls per batch: one kernel launch on CUDA,
-one vectorised torch pass on CPU, the same contract and the same float32 arithmetic.
+``mix_normalize`` is the one entry point the loader calls per batch: on CUDA one launch of the
+kernel in ``kernels/mix_normalize.cu`` (CuPy); on the CPU the same kernel code compiled for the
+host (``dalimix.ops.host``), or, where no C++ compiler is available, a vectorised torch twin
+(``dalimix.ops.cpu``; ``DALIMIX_CPU_BACKEND=torch`` forces it). One contract, the same float32
+arithmetic.
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ def mix_normalize(
             images, records, masks, entry=mix_normalize_entry(dtype, channels_last),
             mean255=norm.mean255, inv_std255=norm.inv_std255, out=out,
         )
+    from . import host
+
+    if host.available():
+        return host.mix_normalize_host(images, records, masks, entry=mix_normalize_entry(dtype, channels_last),
+                                       mean255=norm.mean255, inv_std255=norm.inv_std255, out=out)
     from .cpu import mix_normalize_cpu
 
     mean255, inv_std255 = norm._cpu
