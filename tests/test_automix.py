@@ -191,7 +191,7 @@ def test_momentum_schedule_and_ema_update():
 
 
 def test_arguments_are_validated():
-    with pytest.raises(ValueError, match="momentum=0.9999, end_momentum=0.999"):
+    with pytest.raises(ValueError, match=r"end_momentum=0.999: a number in \[0.9999, 1\] \(>= momentum\)"):
         make_automix(momentum=0.9999, end_momentum=0.999)
     with pytest.raises(ValueError, match="mixup_margin"):
         make_automix(mixup_margin=0.6)

@@ -33,10 +33,10 @@ def test_cuda_kernel_matches_reference_and_cpu(dtype, channels_last, case):
     assert cuda.is_cuda and cuda.dtype == dtype and cuda.is_contiguous(memory_format=fmt)
     got = cuda.float().cpu().numpy()
     ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
-    assert not (np.abs(got - ref) > ulp_tolerance(ref, dtype)).any()
+    assert not (np.abs(got - ref) > ulp_tolerance(ref, dtype, norm)).any()
     cpu = mix_normalize(torch.from_numpy(images), records, torch.from_numpy(pool), norm=norm, dtype=dtype,
                         channels_last=channels_last).float().numpy()
-    assert not (np.abs(got - cpu) > 2 * ulp_tolerance(ref, dtype)).any()
+    assert not (np.abs(got - cpu) > 2 * ulp_tolerance(ref, dtype, norm)).any()
 
 
 def test_kernel_runs_on_the_current_stream():

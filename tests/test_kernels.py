@@ -102,13 +102,26 @@ def test_f16_and_bf16_rounding_matches_numpy_and_torch(shim, tmp_path):
     assert np.isnan(bf16_bits_to_float(ybf[nan])).all()
 
 
-def ulp_tolerance(ref: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """One unit in the last place of ``dtype`` at ``ref`` (plus float32 slack): the float32 result may
-    round to the neighbour of the correctly rounded float64 value."""
+PIXEL_SLACK = 2e-3  # grey levels: float32 arithmetic on 0..255 values, FMA or not, stays well inside
+
+
+def ulp_tolerance(ref: np.ndarray, dtype: torch.dtype, norm) -> np.ndarray:
+    """How far a correct result may be from the float64 reference ``ref`` (n x 3 x H x W): one unit in
+    the last place of ``dtype`` (the float32 value may round to the other neighbour), plus the
+    float32 error of mixing 0..255 values (resampling coordinates with or without FMA differ by an
+    ulp), ``PIXEL_SLACK`` grey levels scaled by each channel's 1 / (255 std)."""
     mant = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
     tiny = {torch.float32: 2.0**-126, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-126}[dtype]
     exp = np.floor(np.log2(np.maximum(np.abs(ref), 1e-30)))
-    return np.maximum(2.0 ** (exp - mant), tiny) + 4e-6 * (1 + np.abs(ref))
+    slack = PIXEL_SLACK * np.asarray(norm.inv_std255, dtype=np.float64).reshape(1, 3, 1, 1)
+    return np.maximum(2.0 ** (exp - mant), tiny) + slack + 1e-7 * np.abs(ref)
+
+
+def stable_seed(*key) -> int:
+    """A seed from test parameters that is the same in every process (unlike hash() of strings)."""
+    import zlib
+
+    return zlib.crc32(repr(key).encode())
 
 
 def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=5, block=64):
@@ -134,7 +147,7 @@ CASES = [(1, 1, 1, 1), (1, 7, 5, 1), (4, 13, 17, 3), (5, 32, 24, 5), (3, 1, 31, 
 def test_shim_matches_float64_reference(shim, dtype, channels_last, case):
     n_src, h, w, n = case
     n_src = max(n_src, n)
-    rng = np.random.default_rng(hash((h, w, n, str(dtype), channels_last)) % 2**32)
+    rng = np.random.default_rng(stable_seed(h, w, n, str(dtype), channels_last))
     norm = Normalization(mean=rng.uniform(0.3, 0.6, 3), std=rng.uniform(0.15, 0.35, 3))
     for _ in range(3):
         images = rng.integers(0, 256, (n_src, h, w, 3), dtype=np.uint8)
@@ -142,7 +155,7 @@ def test_shim_matches_float64_reference(shim, dtype, channels_last, case):
         got = run_shim(shim, images, records, pool, norm, dtype, channels_last)
         ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
         err = np.abs(got.astype(np.float64) - ref)
-        bad = err > ulp_tolerance(ref, dtype)
+        bad = err > ulp_tolerance(ref, dtype, norm)
         assert not bad.any(), f"{bad.sum()} values off, worst {err.max()} (methods {records['method'].tolist()})"
 
 
