@@ -219,8 +219,8 @@ def test_dropping_a_loader_mid_epoch_leaves_no_threads(small_dataset):
     while _native_threads() > before and time.time() < deadline:
         time.sleep(0.05)
     assert _native_threads() == before
-    assert [t.name for t in threading.enumerate()] == ["MainThread"] or all(
-        not t.name.startswith("dalimix") for t in threading.enumerate())
+    # a loader's own threads are gone (the host kernels' pool is process-wide, like torch's)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("dalimix-planner", "dalimix-reaper"))]
     # no child processes either
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
     if children.exists():
