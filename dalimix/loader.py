@@ -209,6 +209,10 @@ class ImageLoader:
             substitute's label comes with it; each file is warned about once, listed in
             ``loader.skipped`` (path -> reason) and kept out of later epochs, and
             ``loader.skip_count`` counts the replaced samples handed out.
+        overlap_epochs: open the next epoch's DALI pipeline as soon as the current one has
+            scheduled its last batch, so DALI never waits at an epoch boundary (worth it when an
+            epoch is a few batches; two pipelines are alive for a moment, and the resident memory
+            grows by some tens of MiB over the first epochs before it settles). Default False.
         keep_unmixed: also write each batch unmixed into ``loader.last_batch.unmixed`` (one more
             pass of the fused kernel; a registered mask hook implies it).
     """
@@ -245,6 +249,7 @@ class ImageLoader:
         auto_augment=None,
         classes=None,
         on_error: str = "raise",
+        overlap_epochs: bool = False,
         keep_unmixed: bool = False,
     ):
         if root is None and file_list is None and webdataset is None and samples is None:
@@ -280,6 +285,7 @@ class ImageLoader:
         self.num_threads = default_num_threads() if num_threads is None else _positive_int("num_threads", num_threads)
         self.prefetch = _positive_int("prefetch", prefetch)
         self.on_error = v.choice("on_error", on_error, ON_ERROR)
+        self.overlap_epochs = v.flag("overlap_epochs", overlap_epochs)
         self.skipped: dict[str, str] = {}  # unreadable files met so far (on_error="skip"): path -> reason
         self.skip_count = 0  # samples replaced so far in the batches handed out
         self._bad_ids: set[int] = set()
@@ -619,7 +625,7 @@ class _EpochIterator:
         while self._scheduled < self.plan.num_batches and self._scheduled - self.step < self.loader.prefetch:
             self._pipe.schedule_run()
             self._scheduled += 1
-        if self._scheduled == self.plan.num_batches and self.loader._active is self:
+        if self._scheduled == self.plan.num_batches and self.loader.overlap_epochs and self.loader._active is self:
             self.loader._prepare_next(self.plan.epoch + 1)
 
     def dali_checkpoint(self):

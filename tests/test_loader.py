@@ -296,3 +296,24 @@ def test_accepts_dali_last_batch_policy(small_dataset):
 
     loader = ImageLoader(root=small_dataset, batch_size=6, device="cpu", last_batch_policy=DaliPolicy.FILL)
     assert loader.last_batch_policy is LastBatchPolicy.FILL
+
+
+def test_overlapping_epochs_changes_nothing_but_timing(small_dataset):
+    from dalimix.mix import Mixup
+
+    kw = dict(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, last_batch_policy="drop")
+    plain = collect(ImageLoader(mix=Mixup(), **kw), epochs=3)
+    loader = ImageLoader(mix=Mixup(), overlap_epochs=True, **kw)
+    overlapped = collect(loader, epochs=3)
+    for (ia, ba), (ib, bb) in zip(plain, overlapped):
+        assert all(np.array_equal(x, y) for x, y in zip(ia, ib))
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(ba, bb))
+    assert loader._next_iter is not None and loader._next_iter.plan.epoch == 3  # opened ahead
+    loader.set_epoch(7)  # another epoch than the one opened ahead: it is dropped, epoch 7 is read
+    ((ids, _),) = collect(loader)
+    fresh = ImageLoader(mix=Mixup(), **kw)
+    fresh.set_epoch(7)
+    ((want, _),) = collect(fresh)
+    assert all(np.array_equal(x, y) for x, y in zip(ids, want))
+    loader.close()
+    assert loader._next_iter is None
