@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="ImageFolder root for the loader part (default: the demo data set)")
     p.add_argument("--skip", nargs="*", default=[], choices=["steps", "kernel", "loader"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--save", action="store_true", help="also write benchmarks/results/<date>-automix.json")
+    p.add_argument("--save", action="store_true", help="also write benchmarks/results/<date>-automix-<device>.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,19 +16,23 @@ MIX_NAMES = ("cutmix", "fmix", "gridmix", "mixup", "resizemix", "samplepairing",
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="DIR", help="ImageFolder root (default: the embedded demo data set)")
+    p.add_argument("--data", metavar="DIR", help="ImageFolder root, or a 'path label' file list such as "
+                   "`dalimix scan --fix-list` writes (default: the embedded demo data set)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
 
 
-def _data_root(args) -> str:
+def _data_source(args) -> dict:
+    """ImageLoader's source arguments for --data: a folder is an ImageFolder root, a file a file list."""
+    import os
+
     if args.data:
-        return args.data
+        return {"file_list": args.data} if os.path.isfile(args.data) else {"root": args.data}
     from .demo_data import demo_dataset
 
-    return str(demo_dataset(progress=True))
+    return {"root": str(demo_dataset(progress=True))}
 
 
 def cmd_demo(args) -> int:
@@ -39,14 +43,14 @@ def cmd_demo(args) -> int:
     from .loader import ImageLoader
     from .viz import denormalize, save_grid
 
-    root = _data_root(args)
+    source = _data_source(args)
     mix = None
     if not args.no_mix:
         from .mix import Mixup
 
         mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
     loader = ImageLoader(
-        root=root, batch_size=args.batch_size, size=args.size, device=args.device, seed=args.seed,
+        **source, batch_size=args.batch_size, size=args.size, device=args.device, seed=args.seed,
         dtype=args.dtype, mix=mix, last_batch_policy="drop" if mix is not None else "partial",
     )
     print(f"dalimix demo: {loader}")
@@ -90,7 +94,7 @@ def cmd_preview(args) -> int:
     mixer = Mixer(methods=[method], mode=args.mode, prob=1.0)
     if args.mix == "samplepairing":
         method.set_epoch(0)
-    loader = ImageLoader(root=_data_root(args), batch_size=args.batch_size, size=args.size, device=args.device,
+    loader = ImageLoader(**_data_source(args), batch_size=args.batch_size, size=args.size, device=args.device,
                          seed=args.seed, mix=mixer, last_batch_policy="partial")
     images, targets = next(iter(loader))
     info = loader.last_batch
@@ -114,7 +118,7 @@ def cmd_scan(args) -> int:
     if args.fix_list:
         path = write_file_list(result, args.fix_list)
         print(f"clean file list ({len(result.good_indices)} files): {path.resolve()} "
-              f"(use ImageLoader(file_list=...) or --data with it)")
+              f"(ImageLoader(file_list=...) reads it, and so does --data in dalimix demo/preview)")
     return 1 if result.bad else 0
 
 

@@ -182,7 +182,7 @@ class ImageLoader:
         train: True: random resized crop + horizontal flip; False: resize shorter side + centre crop.
         size: output size, ``int`` or ``(height, width)``.
         device: ``"cuda"``/``"cuda:N"`` (nvJPEG decoding, GPU ops, CUDA kernel), ``"cpu"`` (DALI
-            CPU-only mode, torch CPU backend); default CUDA when available.
+            CPU-only mode, the kernel compiled for the CPU); default CUDA when available.
         dtype: torch.float32, torch.float16 or torch.bfloat16 (strings like "bf16" accepted).
         channels_last: write channels_last memory order.
         mean, std: per-channel normalisation on the 0..1 scale (ImageNet's by default).

@@ -167,5 +167,6 @@ def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None 
         classes=classes,
         class_to_idx={c: i for i, c in enumerate(classes)},
         source=str(file_list),
-        fingerprint=_fingerprint(paths, labels_arr),
+        # relative to the list's base: a data set moved together with its list keeps its fingerprint
+        fingerprint=_fingerprint([os.path.relpath(p, base) for p in paths], labels_arr),
     )

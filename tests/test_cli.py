@@ -42,3 +42,11 @@ def test_preview_every_method(small_dataset, tmp_path, capsys):
                      "--device", "cpu", "--out", str(out)]) == 0
         assert out.exists()
         assert re.search(rf"{name}: 6 samples \(elem mode\), lam [\d.]+\.\.[\d.]+", capsys.readouterr().out)
+
+
+def test_data_may_be_a_file_list(small_dataset, tmp_path, capsys):
+    lst = tmp_path / "clean.txt"
+    assert main(["scan", str(small_dataset), "--fix-list", str(lst), "--quiet"]) == 0
+    assert main(["demo", "--data", str(lst), "--epochs", "1", "--batch-size", "4", "--size", "32", "--device", "cpu",
+                 "--no-mix", "--out", str(tmp_path / "g.png")]) == 0
+    assert "20 images" in capsys.readouterr().out

@@ -107,3 +107,13 @@ def test_fingerprint_tracks_content(tmp_path):
     f1 = scan_image_folder(tmp_path).fingerprint
     make_tree(tmp_path, ["b/2.jpg"])
     assert scan_image_folder(tmp_path).fingerprint != f1
+
+
+def test_file_list_fingerprint_survives_moving_the_data(tmp_path):
+    import shutil
+
+    make_tree(tmp_path / "a", ["imgs/x.jpg", "imgs/y.jpg"])
+    (tmp_path / "a" / "list.txt").write_text("imgs/x.jpg 0\nimgs/y.jpg 1\n")
+    before = read_file_list(tmp_path / "a" / "list.txt").fingerprint
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert read_file_list(tmp_path / "b" / "list.txt").fingerprint == before
