@@ -258,12 +258,17 @@ class MaskHookStage:
             self._pending = (host, event, epoch, step)
 
         stored = self._store(masks)
+        flags, logits = self.hook.flags, self.hook.logits
+        if logits and self.hook.interpolation == "nearest":
+            # nearest upsampling commutes with the sigmoid: apply it to the h x w values, not the H x W pixels
+            stored.sigmoid_()
+            flags, logits = flags & ~FLAG_SIGMOID, False
         rows = hooked_rows(params)
-        params.flags[rows] = self.hook.flags
+        params.flags[rows] = flags
         params.device_masks = stored
         if self.hook.target_lam == "mask" and len(rows):
             mean = full_resolution_mask_mean(stored, height, width, bilinear=self.hook.interpolation == "bilinear",
-                                             logits=self.hook.logits)
+                                             logits=logits)
             use = np.zeros(n, dtype=bool)
             use[rows] = True
             planned = _to_device(params.target_lam.astype(np.float32), self.device, cuda)
