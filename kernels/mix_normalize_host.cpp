@@ -13,6 +13,17 @@ static thread_local dm_host_dim3 blockIdx, threadIdx, blockDim, gridDim;
 
 #include "mix_normalize.cu"
 
+#include <vector>
+
+// Pixels r0 <= r < r1 of one image (img: its first byte) normalised into sample s of dst, unmixed.
+template <class O, bool NHWC>
+static inline void dm_host_span(const unsigned char* __restrict__ img, typename O::T* __restrict__ dst, int s,
+                                dm_i64 r0, dm_i64 r1, dm_i64 plane, float m0, float m1, float m2, float s0,
+                                float s1, float s2) {
+  for (dm_i64 r = r0; r < r1; ++r)
+    dm_store<O, NHWC>(dst, s, r, plane, img[3 * r], img[3 * r + 1], img[3 * r + 2], m0, m1, m2, s0, s1, s2);
+}
+
 template <class O, bool NHWC>
 static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
                                   const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
@@ -35,6 +46,43 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
           v2 = b2 + lam * (v2 - b2);
         }
         dm_store<O, NHWC>(dst, s, r, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
+      }
+      continue;
+    }
+    if (R.method == DM_METHOD_BOX) {
+      // CutMix: each row is at most three straight spans, own / partner / own
+      const unsigned char* a = src + (dm_i64)s * plane * 3;
+      const unsigned char* b = src + (dm_i64)R.partner * plane * 3;
+      for (int y = 0; y < h; ++y) {
+        const dm_i64 row = (dm_i64)y * w;
+        if (y < R.y0 || y >= R.y1 || R.x0 >= R.x1) {
+          dm_host_span<O, NHWC>(a, dst, s, row, row + w, plane, m0, m1, m2, s0, s1, s2);
+        } else {
+          dm_host_span<O, NHWC>(a, dst, s, row, row + R.x0, plane, m0, m1, m2, s0, s1, s2);
+          dm_host_span<O, NHWC>(b, dst, s, row + R.x0, row + R.x1, plane, m0, m1, m2, s0, s1, s2);
+          dm_host_span<O, NHWC>(a, dst, s, row + R.x1, row + w, plane, m0, m1, m2, s0, s1, s2);
+        }
+      }
+      continue;
+    }
+    if (R.method == DM_METHOD_MASK && !(R.flags & (DM_FLAG_BILINEAR | DM_FLAG_SIGMOID))) {
+      // FMix and nearest hook masks: the mask row and column of every pixel looked up once per sample
+      const unsigned char* a = src + (dm_i64)s * plane * 3;
+      const unsigned char* b = src + (dm_i64)R.partner * plane * 3;
+      std::vector<int> col(w);
+      for (int x = 0; x < w; ++x) col[x] = dm_nearest_index(x, R.mask_w, w);
+      for (int y = 0; y < h; ++y) {
+        const float* mrow = masks + R.mask_offset + (dm_i64)dm_nearest_index(y, R.mask_h, h) * R.mask_w;
+        const dm_i64 row = (dm_i64)y * w;
+        for (int x = 0; x < w; ++x) {
+          const dm_i64 r = row + x;
+          const float wself = mrow[col[x]];
+          const float b0 = b[3 * r], b1 = b[3 * r + 1], b2 = b[3 * r + 2];
+          const float v0 = b0 + wself * (a[3 * r] - b0);
+          const float v1 = b1 + wself * (a[3 * r + 1] - b1);
+          const float v2 = b2 + wself * (a[3 * r + 2] - b2);
+          dm_store<O, NHWC>(dst, s, r, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
+        }
       }
       continue;
     }
