@@ -333,10 +333,10 @@ def plan_probe(mixer):
     mixer.plan = plan
     take = getattr(loader_mod._EpochIterator, "_take_plan", None)  # the loader's hand-over point, if it has one
     if take is not None:
-        def timed_take(self, n):
+        def timed_take(self, *args):
             t0 = time.perf_counter()
             try:
-                return take(self, n)
+                return take(self, *args)
             finally:
                 stats["wait_s"] += time.perf_counter() - t0
                 stats["waits"] += 1

@@ -260,7 +260,7 @@ class ImageLoader:
         if len(given) > 1 and given != ["root", "file_list"]:
             raise ValueError(f"{' and '.join(given)} given: name the data once (root= goes with file_list= only)")
         self.batch_size = _positive_int("batch_size", batch_size)
-        height, width = _size(size)
+        height, width = v.size("size", size, hint=", e.g. 224 or (224, 224)")
         self.dtype = _dtype(dtype)
         self.channels_last = v.flag("channels_last", channels_last)
         self.norm = Normalization(mean, std)
@@ -453,21 +453,23 @@ class ImageLoader:
             self._policy_stage.close()
             self._policy_stage = None
 
+    def _thread(self, attr: str):
+        """The loader's own single-thread executor ``attr`` ("_planner_pool", "_reaper_pool"), made on first use."""
+        pool = getattr(self, attr)
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dalimix-" + attr[1:].split("_")[0])
+            setattr(self, attr, pool)
+        return pool
+
     def _retire(self, pipe) -> None:
         """Shut a finished epoch's DALI pipeline down on a background thread (the last reference
         goes with the work item, so DALI's shutdown runs there)."""
-        if self._reaper_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._reaper_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dalimix-reaper")
-        self._reaper_pool.submit(_drop, pipe)
+        self._thread("_reaper_pool").submit(_drop, pipe)
 
     def _planner(self):
-        if self._planner_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dalimix-planner")
-        return self._planner_pool
+        return self._thread("_planner_pool")
 
     def __del__(self):
         # The cyclic GC may run this on any thread, even one that is starting up inside Python's
@@ -655,7 +657,7 @@ class _EpochIterator:
         ids = np.asarray(ids_tl.as_tensor()).reshape(-1).astype(np.int64)
         valid = int(self.plan.valid[self.step])
         images_u8 = torch.from_dlpack(images_tl.as_tensor())
-        planned = self._take_plan(valid)
+        planned = self._take_plan()
         self._plan_ahead(self.step + 1)
         try:
             extra = {}
@@ -710,7 +712,7 @@ class _EpochIterator:
         ids = self._order[self.step * b: max(self._scheduled, self.step + 1) * b]
         return list(dict.fromkeys(int(i) for i in ids))
 
-    def _take_plan(self, n: int):
+    def _take_plan(self):
         if self._planned is not None and self._planned[0] == self.step:
             return self._planned[1].result()
         return None
@@ -772,20 +774,6 @@ class _EpochIterator:
 
 def _positive_int(name: str, value) -> int:
     return v.integer(name, value, lo=1)
-
-
-def _size(value) -> tuple[int, int]:
-    size = value
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (size, size)
-    try:
-        h, w = (int(s) for s in size)
-        ok = all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or h < 1 or w < 1:
-        raise ValueError(f"size={value!r}: an int or (height, width) of positive ints, e.g. 224 or (224, 224)")
-    return h, w
 
 
 def _dtype(dtype) -> torch.dtype:

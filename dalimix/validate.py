@@ -55,6 +55,20 @@ def pair(name: str, value, *, lo=None, hi=None, lo_open: bool = False, ordered: 
     return a, b
 
 
+def size(name: str, value, *, lo: int = 1, hint: str = "") -> tuple[int, int]:
+    """An int ``s`` (-> ``(s, s)``) or a ``(height, width)`` pair of ints, each >= ``lo``."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = value
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        pair = (value, value)
+    else:
+        pair = None
+    try:
+        return tuple(integer(name, s, lo=lo) for s in pair)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: an int or (height, width) of ints >= {lo}{hint}") from None
+
+
 def flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name}={value!r}: True or False")

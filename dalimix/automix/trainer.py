@@ -74,11 +74,7 @@ class AutoMix(nn.Module):
         mask_loss_margin = v.number("mask_loss_margin", mask_loss_margin, lo=0)
         label_smoothing = v.number("label_smoothing", label_smoothing, lo=0, hi=1, hi_open=True)
         seed = v.integer("seed", seed, lo=0)
-        if isinstance(input_size, (tuple, list)) and len(input_size) == 2:
-            size = tuple(v.integer("input_size", s, lo=1) for s in input_size)
-        else:
-            s = v.integer("input_size", input_size, lo=1, hint=" or (height, width)")
-            size = (s, s)
+        size = v.size("input_size", input_size)
         self.mixer_method = LearnedMask(alpha=alpha, mixup_margin=mixup_margin)  # validates alpha and margin
         self.alpha = float(alpha)
         self.base_momentum = float(momentum)

@@ -322,13 +322,7 @@ class FMix(MixMethod):
     def __init__(self, *, alpha: float = 1.0, decay_power: float = 3.0, mask_size=None, mask_scale: int = 4):
         self.alpha = _positive("alpha", alpha)
         self.decay_power = v.number("decay_power", decay_power, lo=0, hi=10, lo_open=True)
-        if mask_size is None:
-            self.mask_size = None
-        elif isinstance(mask_size, (tuple, list)) and len(mask_size) == 2:
-            self.mask_size = tuple(v.integer("mask_size", s, lo=1) for s in mask_size)
-        else:
-            s = v.integer("mask_size", mask_size, lo=1, hint=" or (height, width)")
-            self.mask_size = (s, s)
+        self.mask_size = None if mask_size is None else v.size("mask_size", mask_size)
         self.mask_scale = v.integer("mask_scale", mask_scale, lo=1, hint=" (output size / mask size)")
 
     def draw_lam(self, rng, count):

@@ -135,12 +135,3 @@ class MixParams:
         if self.device_target_lam is not None:
             return self.device_target_lam.to(device=device, dtype=torch.float32)
         return torch.from_numpy(self.target_lam.astype(np.float32)).to(device, non_blocking=True)
-
-    def select(self, rows: np.ndarray) -> "MixParams":
-        """A view of some rows (partners still index the full batch) — for reports."""
-        return MixParams(
-            n=len(rows), names=self.names, method=self.method[rows], kind=self.kind[rows],
-            partner=self.partner[rows], lam=self.lam[rows], target_lam=self.target_lam[rows],
-            blend=self.blend[rows], box=self.box[rows], flags=self.flags[rows], ints=self.ints[rows],
-            floats=self.floats[rows], masks=[self.masks[i] for i in rows],
-        )
