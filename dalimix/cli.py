@@ -111,7 +111,7 @@ def cmd_scan(args) -> int:
     from .scan import load_samples, scan, write_file_list
 
     samples = load_samples(args.data, args.file_list)
-    result = scan(samples, workers=args.workers, progress=not args.quiet)
+    result = scan(samples, strict=args.strict, workers=args.workers, progress=not args.quiet)
     for i, reason in result.bad:
         print(f"{samples.paths[i]}: {reason}")
     print(f"scanned {len(samples)} files in {len(samples.classes)} classes: {len(result.bad)} unreadable")
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DIR", help="ImageFolder root (or the root for --file-list's relative paths)")
     p.add_argument("--file-list", help="scan this 'path label' list instead of an ImageFolder tree")
     p.add_argument("--fix-list", metavar="OUT", help="write the readable files as a file list the loader accepts")
+    p.add_argument("--strict", action="store_true", help="also refuse files PIL cannot decode in full, as ImageLoader(strict=True) does")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_scan)

@@ -141,7 +141,7 @@ def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None 
                 raise DatasetError(f"{file_list}:{lineno}: label {label} is negative; labels are class indices 0..C-1")
             p = Path(parts[0]).expanduser()
             p = p if p.is_absolute() else base / p
-            if not p.is_file():
+            if not p.exists():  # other kinds than regular files are refused by the loader, by name
                 missing.append(f"{file_list}:{lineno}: {p}")
             paths.append(str(p))
             labels.append(label)
