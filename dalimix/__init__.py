@@ -5,7 +5,7 @@
     for images, labels in loader: ...
 """
 
-from .errors import DalimixError, DalimixWarning, DatasetError, DecodeError
+from .errors import DalimixError, DalimixWarning, DatasetError, DecodeError, StateError
 from .loader import BatchInfo, EpochPlan, ImageLoader, LastBatchPolicy, plan_epoch
 from .compat import create_loader
 from .ops import Normalization, mix_normalize
@@ -17,6 +17,7 @@ __all__ = [
     "DalimixError",
     "DalimixWarning",
     "DatasetError",
+    "StateError",
     "DecodeError",
     "EpochPlan",
     "ImageLoader",

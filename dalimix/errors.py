@@ -28,3 +28,7 @@ class DecodeError(DalimixError):
 
 class DalimixWarning(UserWarning):
     """Something dalimix worked around and wants you to know (e.g. an unreadable file it skipped)."""
+
+
+class StateError(DalimixError, ValueError):
+    """A loader state given to ``load_state_dict`` is malformed, or does not belong to this loader's data."""

@@ -199,7 +199,7 @@ class MaskHook:
         if self.validate not in VALIDATIONS:
             raise ValueError(f"validate={self.validate!r}: 'eager' (check before mixing) or 'deferred' (no host sync; "
                              "a bad batch is reported at the next one)")
-        self.logits = bool(self.logits)
+        self.logits = v.flag("logits", self.logits)
 
     @property
     def flags(self) -> int:

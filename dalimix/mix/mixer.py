@@ -22,7 +22,7 @@ import torch
 
 from ..ops import Normalization, allocate_output, mix_normalize
 from .. import validate as v
-from .methods import CutMix, MixMethod, MixUp
+from .methods import CutMix, MixUp
 from .params import PAIRINGS, MixParams, pair_indices
 from .targets import CompactTargets, soft_targets
 
@@ -58,9 +58,7 @@ class Mixer:
         num_classes: int | None = None,
         targets: str = "soft",
     ):
-        methods = list(methods)
-        if not methods or not all(isinstance(m, MixMethod) for m in methods):
-            raise ValueError(f"methods={methods!r}: a non-empty list of dalimix.mix methods (MixUp(), CutMix(), ...)")
+        methods = v.methods(methods)
         self.methods = methods
         self.names = tuple(m.name for m in methods)
         if probs is None:
