@@ -31,6 +31,7 @@ from .ops import Normalization, allocate_output, identity_records, mix_normalize
 from .ops.kernels import OUTPUT_TYPES
 from .pipeline import INTERPOLATIONS, AugmentSpec, build_pipeline, default_num_threads, resolve_device
 from .policy import Policy, PolicyStage
+from .scan import check_loader_files
 from .sources import Samples, read_file_list, scan_image_folder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,6 +216,10 @@ class ImageLoader:
             grows by some tens of MiB over the first epochs before it settles). Default False.
         keep_unmixed: also write each batch unmixed into ``loader.last_batch.unmixed`` (one more
             pass of the fused kernel; a registered mask hook implies it).
+        strict: check every file once at construction as ``dalimix scan --strict`` does (DALI and
+            PIL both decode it in full; verdicts cached by file size and mtime): bad files raise a
+            ``DecodeError`` naming them, or are skipped under ``on_error="skip"``. See the README's
+            Reliability section for what is checked with and without it.
     """
 
     def __init__(
@@ -251,6 +256,7 @@ class ImageLoader:
         on_error: str = "raise",
         overlap_epochs: bool = False,
         keep_unmixed: bool = False,
+        strict: bool = False,
     ):
         if root is None and file_list is None and webdataset is None and samples is None:
             raise ValueError("give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
@@ -259,10 +265,13 @@ class ImageLoader:
                  if v is not None]
         if len(given) > 1 and given != ["root", "file_list"]:
             raise ValueError(f"{' and '.join(given)} given: name the data once (root= goes with file_list= only)")
+        v.data_source(root=root, file_list=file_list, webdataset=webdataset, samples=samples, classes=classes)
+        v.mixer(mix)
         self.batch_size = _positive_int("batch_size", batch_size)
         height, width = v.size("size", size, hint=", e.g. 224 or (224, 224)")
         self.dtype = _dtype(dtype)
         self.channels_last = v.flag("channels_last", channels_last)
+        v.normalization(mean, std)
         self.norm = Normalization(mean, std)
         scale = v.pair("scale", scale, lo=0, hi=1, lo_open=True, hint=" (area fraction of the random crop)")
         ratio = v.pair("ratio", ratio, lo=0, lo_open=True, hint=" (aspect ratio range of the random crop)")
@@ -283,13 +292,15 @@ class ImageLoader:
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
         self.last_batch_policy = LastBatchPolicy.parse(last_batch_policy)
         self.num_threads = default_num_threads() if num_threads is None else _positive_int("num_threads", num_threads)
-        self.prefetch = _positive_int("prefetch", prefetch)
+        self.prefetch = v.prefetch(prefetch)
         self.on_error = v.choice("on_error", on_error, ON_ERROR)
         self.overlap_epochs = v.flag("overlap_epochs", overlap_epochs)
         self.skipped: dict[str, str] = {}  # unreadable files met so far (on_error="skip"): path -> reason
         self.skip_count = 0  # samples replaced so far in the batches handed out
         self._bad_ids: set[int] = set()
         self.device = resolve_device(device)
+        v.loader_memory(batch_size=self.batch_size, height=height, width=width, prefetch=self.prefetch,
+                        itemsize=self.dtype.itemsize, device=self.device, keep_unmixed=keep_unmixed)
 
         if samples is not None:
             if not isinstance(samples, Samples):
@@ -308,13 +319,14 @@ class ImageLoader:
                 f"{self.samples.source}: {len(self.samples)} samples over {self.num_shards} shard(s) make no batch of "
                 f"{self.batch_size} under {self.last_batch_policy.name}; use a smaller batch_size or last_batch_policy='partial'"
             )
+        self._files = check_loader_files(self, strict)
         self.mix = mix
         if mix is not None and hasattr(mix, "bind"):
             mix.bind(self)
         self.sampler = _EpochSampler(self)
         self.batch_sampler = None
         self.last_batch: BatchInfo | None = None
-        self.keep_unmixed = bool(keep_unmixed)
+        self.keep_unmixed = v.flag("keep_unmixed", keep_unmixed)
         self._mask_hook = None
         self._epoch = 0
         self._epoch_is_set = False
@@ -729,16 +741,13 @@ class _EpochIterator:
                                                     ld.spec.width, n, self.plan.epoch, step))
 
     def _find_unreadable(self) -> list[tuple[int, str]]:
-        """The samples of the batches in flight that do not decode: PIL first; if PIL reads them
-        all, DALI's own CPU decoder one file at a time."""
-        samples = self.loader.samples
-        ids = self._in_flight()
-        found = [(i, r) for i in ids if (r := samples.check_image(i))]
-        if not found:
-            from .diagnose import dali_decode_error
+        """The samples of the batches in flight that do not decode: each file alone, with the
+        pipeline's own decoder (``dalimix.diagnose.find_unreadable``)."""
+        from .diagnose import find_unreadable
+        from .pipeline import device_strings
 
-            found = [(i, r) for i in ids if (r := dali_decode_error(samples.read_bytes(i)))]
-        return found
+        dev = device_strings(self.loader.device)
+        return find_unreadable(self.loader.samples, self._in_flight(), decoder=dev.decoder, device_id=dev.device_id)
 
     def _decode_error(self, exc: Exception, found: list[tuple[int, str]]) -> DecodeError:
         """A DecodeError naming the files behind a DALI failure, the epoch and the step."""

@@ -23,6 +23,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+from .scan import loader_content
+from .validate import check_state
+
 STATE_FORMAT = 1
 _KEY = "dalimix_loader_state"
 
@@ -72,7 +75,7 @@ def loader_state(loader) -> dict:
         "dali_version": _dali_version(),
         "mixup_enabled": None if loader.mix is None else bool(loader.mixup_enabled),
         "dataset": {"fingerprint": loader.samples.fingerprint, "num_samples": len(loader.samples),
-                    "source": loader.samples.source},
+                    "source": loader.samples.source, "content": loader_content(loader)},
         "batch_size": loader.batch_size,
         "seed": loader.seed,
         "shuffle": loader.shuffle,
@@ -94,10 +97,7 @@ def _pick_rank(loader, state):
 
 
 def _check(loader, state: dict) -> None:
-    if not isinstance(state, dict) or _KEY not in state:
-        raise ValueError("load_state_dict: not a dalimix loader state; pass what ImageLoader.state_dict() returned")
-    if state[_KEY] != STATE_FORMAT:
-        raise ValueError(f"load_state_dict: state format {state[_KEY]} is not this dalimix's ({STATE_FORMAT})")
+    check_state(loader, state, format_key=_KEY, format_version=STATE_FORMAT)  # keys, types, content digest
     data = state["dataset"]
     if data["fingerprint"] != loader.samples.fingerprint or data["num_samples"] != len(loader.samples):
         raise ValueError(
