@@ -181,7 +181,8 @@ class ImageLoader:
         samples: a ``dalimix.sources.Samples`` built elsewhere (e.g. ``dalimix.create_loader``).
         batch_size: samples per batch (per rank).
         train: True: random resized crop + horizontal flip; False: resize shorter side + centre crop.
-        size: output size, ``int`` or ``(height, width)``.
+        size: output size, ``int`` or ``(height, width)``, at most 4096 per side; refused when the
+            estimated buffers exceed the memory available (``validate.loader_memory``).
         device: ``"cuda"``/``"cuda:N"`` (nvJPEG decoding, GPU ops, CUDA kernel), ``"cpu"`` (DALI
             CPU-only mode, the kernel compiled for the CPU); default CUDA when available.
         dtype: torch.float32, torch.float16 or torch.bfloat16 (strings like "bf16" accepted).
@@ -198,7 +199,7 @@ class ImageLoader:
             when it is initialised, else 0 and 1.
         last_batch_policy: DROP, PARTIAL (default) or FILL; see ``LastBatchPolicy``.
         num_threads: DALI worker threads (default: the CPU cores this process may use).
-        prefetch: batches DALI prepares ahead (default 2).
+        prefetch: batches DALI prepares ahead (default 2, at most ``validate.MAX_PREFETCH`` = 32).
         mix: a mixer from ``dalimix.mix`` (or None for plain labels).
         auto_augment: train only: a preset string run by DALI (``"original"``, ``"rand-m9-n2"``,
             ``"trivialaugment"``; see ``dalimix.autoaug``) or a ``dalimix.policy.Policy`` whose
