@@ -101,27 +101,66 @@ FUZZ_SCRIPT = textwrap.dedent(
         log.write(json.dumps({"outcome": outcome}) + "\\n"); log.flush()
 
     check()
+
+    # the kinds a fuzzer rarely finds, each once, under raise, skip and strict: files PIL reads and
+    # DALI cannot, headers claiming 60000x60000, byte flips PIL refuses, a FIFO named like an image
+    sys.path.insert(0, sys.argv[3])
+    import badfiles
+    import dalimix.scan
+    from pathlib import Path
+    from dalimix import DatasetError
+    dalimix.scan._cache_dir = lambda: Path(work) / "cache"  # strict verdicts cached here, not in ~/.cache
+    specials = {name: data for name, (data, _) in badfiles.corpus().items()}
+    specials["fifo.jpg"] = None
+    good = {f"{work}/data/a/good{i}.jpg" for i in range(2)}
+    for name, data in specials.items():
+        for old in os.listdir(f"{work}/data/a"):
+            if old.startswith("fuzz"):
+                os.remove(f"{work}/data/a/{old}")
+        path = f"{target}-{name}"
+        os.mkfifo(path) if data is None else open(path, "wb").write(data)
+        log.write(json.dumps({"special": name}) + "\\n"); log.flush()
+        for strict in (False, True):
+            try:
+                loader = ImageLoader(root=f"{work}/data", batch_size=3, size=16, device="cpu", num_threads=1,
+                                     train=False, strict=strict)
+                for images, labels in loader:
+                    assert bool(images.isfinite().all())
+                assert not strict and name == "flipped.jpg", name  # only DALI-decodable damage passes, unless strict
+            except (DecodeError, DatasetError) as e:
+                assert [p for p, _ in getattr(e, "files", [])] in ([path], []) and path in str(e), str(e)
+                assert not any(g in str(e) for g in good), str(e)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loader = ImageLoader(root=f"{work}/data", batch_size=3, size=16, device="cpu", num_threads=1,
+                                 on_error="skip")
+            seen = {loader.dataset.paths[i] for _ in loader for i in loader.last_batch.sample_ids}
+        assert set(loader.skipped) <= {path} and good <= seen, (name, loader.skipped, seen)
+        log.write(json.dumps({"outcome": "special"}) + "\\n"); log.flush()
     print("ok")
     """
 )
 
 
+@pytest.mark.slow
 def test_fuzzed_files_give_an_image_or_a_dalimix_error(tmp_path):
-    """Random truncations, byte flips and empty files of JPEG/PNG/WebP: every case yields a
-    correct batch or a DecodeError naming the file; the process neither crashes nor hangs
-    (it runs in a subprocess with a time bound)."""
+    """Random truncations, byte flips and empty files of JPEG/PNG/WebP, then each kind of
+    ``tests/badfiles.py`` and a FIFO: every case yields a correct batch or a dalimix error naming
+    that file and no other (under "skip": only that file dropped); the process neither crashes nor
+    hangs (it runs in a subprocess with a time bound)."""
     script = tmp_path / "fuzz.py"
     script.write_text(FUZZ_SCRIPT)
     env = {**os.environ, "DALI_LOG_LEVEL": "3"}
     try:
-        res = subprocess.run([sys.executable, str(script), str(tmp_path), "40"], capture_output=True, text=True,
-                             timeout=240, env=env)
+        res = subprocess.run([sys.executable, str(script), str(tmp_path), "40", str(Path(__file__).parent)],
+                             capture_output=True, text=True, timeout=240, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"fuzzing hung; last inputs: {(tmp_path / 'log.jsonl').read_text()[-500:]}")
     log = (tmp_path / "log.jsonl").read_text().splitlines()
     assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}\nlast input: {log[-1:]}"
     outcomes = [json.loads(line)["outcome"] for line in log if "outcome" in line]
-    assert len(outcomes) >= 40 and {"decoded", "error"} <= set(outcomes)
+    assert len(outcomes) >= 40 + 9 and {"decoded", "error"} <= set(outcomes) and outcomes.count("special") == 9
 
 
 # -------------------------------------------------------------- random invalid arguments
@@ -443,3 +482,306 @@ def test_policy_hook_and_automix_arguments_fail_cleanly(data):
                 st.sampled_from(["layer3", "layer9", "fc"])), **kw)
     except (ValueError, DalimixError):
         pass
+
+
+# ------------------------------------------- bad files: the right one is named, no good one dropped
+import badfiles  # noqa: E402
+from dalimix import DatasetError, DecodeError, StateError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return badfiles.corpus()
+
+
+def mixed_folder(root: Path, bad: dict[str, bytes], n_good=6) -> tuple[Path, set[str], set[str]]:
+    """Good photo-like JPEGs in two classes, the bad files among them; (root, good paths, bad paths)."""
+    good = set()
+    for k in range(n_good):
+        cls = "ab"[k % 2]
+        p = root / cls / f"good{k}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(badfiles.jpeg_bytes(badfiles.photo(40 + k, 52, seed=k + 10)))
+        good.add(str(p))
+    bad_paths = set()
+    for k, (name, data) in enumerate(bad.items()):
+        p = root / "ab"[k % 2] / name
+        p.write_bytes(data)
+        bad_paths.add(str(p))
+    return root, good, bad_paths
+
+
+def epoch_ids(loader, epoch=0):
+    loader.set_epoch(epoch)
+    ids = []
+    for _ in loader:
+        ids += loader.last_batch.sample_ids.tolist()
+    return ids
+
+
+@pytest.mark.parametrize("name", ["dht_zeroed.jpg", "idat_crc.png", "no_iend.png", "truncated.png", "huge_header.jpg",
+                                  "huge_header.png"])
+def test_a_file_dali_cannot_decode_is_named_alone(tmp_path, corpus, name):
+    """Files PIL reads but DALI does not, and headers claiming 60000x60000: under "raise" the
+    DecodeError names that file and no good one; under "skip" only that file is dropped."""
+    root, good, bad = mixed_folder(tmp_path / "data", {name: corpus[name][0]})
+    with pytest.raises(DecodeError) as e:
+        epoch_ids(ImageLoader(root=root, batch_size=4, size=16, device="cpu", train=False))
+    assert [p for p, _ in e.value.files] == sorted(bad), e.value.files
+    assert not [p for p in good if p in str(e.value)]
+    loader = ImageLoader(root=root, batch_size=4, size=16, device="cpu", on_error="skip", seed=3)
+    with pytest.warns(Warning, match="dalimix: skipping"):
+        ids = epoch_ids(loader) + epoch_ids(loader, 1)
+    assert set(loader.skipped) == bad
+    delivered = {loader.dataset.paths[i] for i in ids}
+    assert delivered == good  # every good photo, in both epochs, and nothing else
+
+
+@pytest.mark.gpu
+def test_a_gpu_loader_names_the_file_nvjpeg_cannot_decode(tmp_path, corpus):
+    """The diagnosis uses the pipeline's decoder: nvJPEG ("mixed") on a GPU loader."""
+    root, good, bad = mixed_folder(tmp_path / "data", {"dht_zeroed.jpg": corpus["dht_zeroed.jpg"][0]})
+    with pytest.raises(DecodeError) as e:
+        epoch_ids(ImageLoader(root=root, batch_size=4, size=16, device="cuda", train=False))
+    assert [p for p, _ in e.value.files] == sorted(bad)
+    loader = ImageLoader(root=root, batch_size=4, size=16, device="cuda", on_error="skip")
+    with pytest.warns(Warning, match="dalimix: skipping"):
+        ids = epoch_ids(loader)
+    assert set(loader.skipped) == bad and {loader.dataset.paths[i] for i in ids} == good
+
+
+def test_the_per_file_check_uses_dali_and_works(corpus):
+    """The fallback check itself: a good file passes, each DALI-undecodable file fails with a reason."""
+    from dalimix.diagnose import dali_decode_error
+
+    assert dali_decode_error(badfiles.jpeg_bytes(badfiles.photo())) is None
+    assert dali_decode_error(badfiles.png_bytes(badfiles.photo())) is None
+    for name, (data, who) in corpus.items():
+        reason = dali_decode_error(data)
+        assert (reason is None) == (who == "dali"), (name, reason)
+    assert "60000x60000" in dali_decode_error(corpus["huge_header.jpg"][0])
+
+
+# ------------------------------------------------------------------- not regular files
+FIFO_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, warnings
+    from dalimix import ImageLoader, DatasetError
+    from dalimix.scan import load_samples, scan
+    root, fifo = sys.argv[1], sys.argv[2]
+    try:
+        ImageLoader(root=root, batch_size=2, size=16, device="cpu")
+        print("built")
+    except DatasetError as e:
+        print("refused:", e)
+    loader = ImageLoader(root=root, batch_size=2, size=16, device="cpu", on_error="skip")
+    n = sum(len(y) for _, y in loader)
+    print("skip delivered", n, "skipped", loader.skipped)
+    print("scan", scan(load_samples(root)).bad)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
+    """A FIFO named x.jpg: refused at construction naming it, skipped under "skip", reported by
+    scan as a FIFO; in a subprocess with a time bound, so a regression cannot hang the suite."""
+    root, good, _ = mixed_folder(tmp_path / "data", {}, n_good=4)
+    fifo = root / "a" / "x.jpg"
+    os.mkfifo(fifo)
+    script = tmp_path / "fifo.py"
+    script.write_text(FIFO_SCRIPT)
+    try:
+        res = subprocess.run([sys.executable, str(script), str(root), str(fifo)], capture_output=True, text=True,
+                             timeout=90, env={**os.environ, "DALI_LOG_LEVEL": "3"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("a FIFO among the samples hangs the loader")
+    out = res.stdout
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"refused: {root}: 1 sample(s) are not regular files: {fifo} is a FIFO (named pipe)" in out
+    assert "skip delivered 5 skipped {'" + str(fifo) + "': 'is a FIFO (named pipe), not a regular file'}" in out, out
+    assert out.splitlines()[-1] == "scan [(2, 'is a FIFO (named pipe), not a regular file')]"
+
+
+def test_file_kinds_are_told_apart(tmp_path):
+    from dalimix.diagnose import check_image_file, file_kind
+
+    (tmp_path / "ok.jpg").write_bytes(badfiles.jpeg_bytes(badfiles.photo()))
+    (tmp_path / "dir.jpg").mkdir()
+    os.symlink(tmp_path / "ok.jpg", tmp_path / "link.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
+    assert file_kind(str(tmp_path / "ok.jpg")) is None and file_kind(str(tmp_path / "link.jpg")) is None
+    assert file_kind(str(tmp_path / "dir.jpg")) == "is a folder, not a regular file"
+    assert file_kind(str(tmp_path / "broken.jpg")) == "is a broken symbolic link"
+    assert file_kind(str(tmp_path / "none.jpg")) == "does not exist"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "p.jpg")
+        assert check_image_file(str(tmp_path / "p.jpg")) == "is a FIFO (named pipe), not a regular file"
+
+
+def test_a_file_list_naming_a_fifo_says_so(tmp_path):
+    root, good, _ = mixed_folder(tmp_path / "data", {}, n_good=4)
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs os.mkfifo")
+    os.mkfifo(root / "a" / "p.jpg")
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p} 0\n" for p in sorted(good)) + f"{root / 'a' / 'p.jpg'} 1\n")
+    with pytest.raises(DatasetError, match="p.jpg is a FIFO"):
+        ImageLoader(file_list=lst, batch_size=2, size=16, device="cpu")
+    loader = ImageLoader(file_list=lst, batch_size=2, size=16, device="cpu", on_error="skip")
+    assert len(loader.skipped) == 1 and sum(len(y) for _, y in loader) == 5  # the FIFO's place filled
+
+
+# --------------------------------------------------------- strict decoding, scan agreement
+def test_strict_refuses_silent_garbage_and_scan_agrees(tmp_path, corpus, monkeypatch, capsys):
+    """Byte flips PIL refuses (DALI would deliver them) and truncated JPEGs (a random crop may miss
+    the gap in one epoch and meet it in another) are refused by strict=True at construction; `dalimix
+    scan` gives each file the verdict the loader gives it, with and without --strict."""
+    monkeypatch.setattr("dalimix.scan._cache_dir", lambda: tmp_path / "cache")
+    bad = {name: data for name, (data, _) in corpus.items()}
+    root, good, bad_paths = mixed_folder(tmp_path / "data", bad, n_good=6)
+    dali_ok = {p for p in bad_paths if corpus[Path(p).name][1] == "dali"}
+    assert dali_ok == {str(p) for p in root.glob("*/flipped.jpg")}
+
+    # without strict, what the loader finds decoding whole images is what scan reports
+    assert main(["scan", str(root), "--quiet"]) == 1
+    scanned = {line.split(": ", 1)[0] for line in capsys.readouterr().out.splitlines() if ": " in line
+               and not line.startswith("scanned")}
+    loader = ImageLoader(root=root, batch_size=4, size=16, device="cpu", train=False, on_error="skip")
+    with pytest.warns(Warning):
+        ids = epoch_ids(loader)
+    assert set(loader.skipped) == scanned == bad_paths - dali_ok
+    assert dali_ok <= {loader.dataset.paths[i] for i in ids}  # DALI decodes it: delivered, damage and all
+
+    # strict: refused at construction, named; scan --strict reports the same files
+    with pytest.raises(DecodeError) as e:
+        ImageLoader(root=root, batch_size=4, size=16, device="cpu", strict=True)
+    assert {p for p, _ in e.value.files} == bad_paths and "flipped.jpg" in str(e.value)
+    assert main(["scan", str(root), "--strict", "--quiet"]) == 1
+    strict_scanned = {line.split(": ", 1)[0] for line in capsys.readouterr().out.splitlines() if ": " in line
+                      and not line.startswith("scanned")}
+    assert strict_scanned == bad_paths
+    with pytest.warns(Warning, match="strict check at construction"):
+        loader = ImageLoader(root=root, batch_size=4, size=16, device="cpu", strict=True, on_error="skip", seed=1)
+    assert set(loader.skipped) == bad_paths
+    for epoch in range(3):  # train mode: random crops, nothing bad ever reaches a batch, every good file does
+        assert {loader.dataset.paths[i] for i in epoch_ids(loader, epoch)} == good
+
+
+def test_strict_verdicts_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import dalimix.scan as scan_mod
+
+    monkeypatch.setattr("dalimix.scan._cache_dir", lambda: tmp_path / "cache")
+    root, good, _ = mixed_folder(tmp_path / "data", {}, n_good=6)
+    calls = []
+    real = scan_mod.verdicts
+    monkeypatch.setattr(scan_mod, "verdicts", lambda s, idx=None, **kw: calls.append(len(idx)) or real(s, idx, **kw))
+    ImageLoader(root=root, batch_size=2, size=16, device="cpu", strict=True)
+    ImageLoader(root=root, batch_size=2, size=16, device="cpu", strict=True)
+    victim = sorted(good)[0]
+    data = Path(victim).read_bytes()
+    Path(victim).write_bytes(data[: len(data) // 2])  # changed since: checked again
+    with pytest.raises(DecodeError, match=Path(victim).name):
+        ImageLoader(root=root, batch_size=2, size=16, device="cpu", strict=True)
+    assert calls == [6, 0, 1]
+
+
+# ------------------------------------------------------------- arguments refused up front
+class _NotAMixer(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mix": "mixup"}, "mix='mixup' is not a dalimix mixer"),
+    ({"mix": torch.nn.Identity()}, "is not a dalimix mixer"),
+    ({"mix": MixUp()}, r"mix=Mixer\(methods=\[MixUp"),
+    ({"root": 123}, "root=123: a path"),
+    ({"mean": (128, 128, 128)}, "0..255 scale"),
+    ({"std": (58.4, 57.1, 57.4)}, "0..255 scale"),
+    ({"mean": (0.5, 0.5, 1.5)}, r"each value in \[0, 1\]"),
+    ({"classes": ["x", "y"]}, "classes= names the labels of a file_list"),
+    ({"keep_unmixed": "no"}, "keep_unmixed='no': True or False"),
+    ({"strict": "yes"}, "strict='yes': True or False"),
+    ({"prefetch": 10000}, r"prefetch=10000: an int in \[1, 32\]"),
+    ({"size": 8192}, "above dalimix's bound of 4096"),
+])
+def test_bad_arguments_are_refused_at_construction(small_dataset, kwargs, match):
+    kw = {"root": small_dataset, "batch_size": 4, "size": 16, "device": "cpu", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ImageLoader(**kw)
+
+
+def test_more_bad_arguments_are_refused(small_dataset, monkeypatch):
+    from dalimix import validate as v
+    from dalimix.hook import LearnedMask
+
+    with pytest.raises(ValueError, match=r"methods=\[MixUp"):
+        Mixer(methods=MixUp())
+    loader = ImageLoader(root=small_dataset, batch_size=2, size=12, device="cpu",
+                         mix=Mixer(methods=[LearnedMask()], num_classes=4))
+    with pytest.raises(ValueError, match="logits='yes': True or False"):
+        loader.set_mask_hook(lambda x, lam, partner: torch.rand(2, 1, 4, 4), logits="yes")
+    loader.close()
+    # the memory estimate, against what this machine has
+    monkeypatch.setattr(v, "_available_bytes", lambda device: (2**30, "available host memory"))
+    with pytest.raises(ValueError, match=r"needs about 2\.2 GiB .* more than the 1\.0 GiB available host memory"):
+        ImageLoader(root=small_dataset, batch_size=64, size=1024, device="cpu")
+    ImageLoader(root=small_dataset, batch_size=4, size=256, device="cpu").close()
+
+
+# --------------------------------------------------------------------- resume validation
+def test_resume_refuses_swapped_class_folders(tmp_path):
+    root = tmp_path / "data"
+    for cls, h in (("a", 30), ("b", 44)):
+        for k in range(4):
+            write_image(root / cls / f"{k}.jpg", badfiles.photo(h + k, 36, seed=k))
+    kw = dict(root=root, batch_size=2, size=16, device="cpu", seed=1)
+    loader = ImageLoader(**kw)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    loader.close()
+    os.rename(root / "a", root / "tmp")
+    os.rename(root / "b", root / "a")
+    os.rename(root / "tmp", root / "b")
+    fresh = ImageLoader(**kw)
+    assert fresh.dataset.fingerprint == state["dataset"]["fingerprint"]  # the same names and labels
+    with pytest.raises(StateError, match=r"other contents: the files of class\(es\) 'a', 'b' differ"):
+        fresh.load_state_dict(state)
+    # the same files copied elsewhere (new mtimes, same sizes) resume fine
+    import shutil
+
+    os.rename(root / "a", root / "tmp")
+    os.rename(root / "b", root / "a")
+    os.rename(root / "tmp", root / "b")
+    shutil.copytree(root, tmp_path / "copy")
+    ImageLoader(**{**kw, "root": tmp_path / "copy"}).load_state_dict(state)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.pop("seed"), "the state has no 'seed' entry"),
+    (lambda s: s.update(step=-1), r"state\['step'\]=-1: a non-negative int"),
+    (lambda s: s.update(epoch="1"), r"state\['epoch'\]='1': a non-negative int"),
+    (lambda s: s.update(shuffle="yes"), r"state\['shuffle'\]='yes': True or False"),
+    (lambda s: s.update(dali_checkpoint=b"garbage"), r"state\['dali_checkpoint'\]=b'garbage': None or the bytes"),
+    (lambda s: s.update(dali_checkpoint=s["dali_checkpoint"][:-7]), r"state\['dali_checkpoint'\]"),
+    (lambda s: s.update(dali_checkpoint="text"), r"state\['dali_checkpoint'\]='text'"),
+    (lambda s: s["dataset"].pop("fingerprint"), r"state\['dataset'\] has no 'fingerprint'"),
+    (lambda s: s.update(dataset=[1]), r"state\['dataset'\]=\[1\]: a dict"),
+])
+def test_hand_made_states_are_refused_by_name(small_dataset, edit, match):
+    import copy
+
+    kw = dict(root=small_dataset, batch_size=4, size=16, device="cpu", seed=2)
+    loader = ImageLoader(**kw)
+    it = iter(loader)
+    next(it)
+    state = copy.deepcopy(loader.state_dict())
+    loader.close()
+    assert state["dali_checkpoint"]
+    edit(state)
+    fresh = ImageLoader(**kw)
+    with pytest.raises(StateError, match=match):
+        fresh.load_state_dict(state)
+    fresh.close()
