@@ -766,7 +766,7 @@ class _EpochIterator:
             detail = next((line for line in first if "rror" in line), first[0] if first else "")
             paths = [ld.samples.paths[i] for i in ids[:3]]
             msg = (f"DALI failed at {where} on one of the files {paths}{' ...' if len(ids) > 3 else ''} "
-                   f"({detail.strip()}); PIL and DALI's CPU decoder read each of them alone")
+                   f"({detail.strip()}); the pipeline's decoder reads each of them alone")
         return DecodeError(msg, files=suspects, epoch=self.plan.epoch, step=self.step)
 
     def close(self, *, retire: bool = False) -> None:
