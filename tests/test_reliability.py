@@ -582,6 +582,7 @@ FIFO_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess: a few seconds of imports
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
     """A FIFO named x.jpg: refused at construction naming it, skipped under "skip", reported by
