@@ -123,10 +123,14 @@ class AutoMix(nn.Module):
         args.update(kw)
         return Mixer(**args)
 
-    def attach(self, loader) -> None:
+    def attach(self, loader, *, validate: str = "deferred") -> None:
         """Register ``mask_hook`` on ``loader``: low-res logits, nearest upsampling and the sigmoid
-        in the kernel, targets with the planned lam."""
-        loader.set_mask_hook(self.mask_hook, interpolation="nearest", logits=True, target_lam="planned")
+        in the kernel, targets with the planned lam. ``validate="deferred"`` (the default here)
+        checks the logits on the device and reads the result one batch later: no host sync per
+        batch on CUDA; non-finite logits are then reported at the next batch (``"eager"``: at
+        once, with a sync). On CPU both check at once."""
+        loader.set_mask_hook(self.mask_hook, interpolation="nearest", logits=True, target_lam="planned",
+                             validate=validate)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
