@@ -225,6 +225,76 @@ def test_report_ratios_and_tables():
     assert "not measured: ImportError: no timm" in md
 
 
+class _FakeDevice:
+    """A GPU seen device-wide: a base use plus what each live process holds; a process's memory
+    comes back a couple of readings after it ended (as the driver hands it back)."""
+
+    def __init__(self, total=80 << 30, base=600 << 20):
+        self.total, self.base, self.held, self.leaving = total, base, {}, []
+
+    def read(self):
+        if self.leaving:
+            self.leaving[0][1] -= 1
+            if self.leaving[0][1] <= 0:
+                self.held.pop(self.leaving.pop(0)[0])
+        return self.total - self.base - sum(self.held.values()), self.total
+
+
+class _FakeRunner:
+    def __init__(self, device, key, holds):
+        self.device, self.key = device, key
+        device.held[key] = holds
+
+    def stop(self):
+        self.device.leaving.append([self.key, 2])
+
+
+def test_gpu_memory_is_what_the_device_gets_back_from_each_process():
+    """Each process's figure is everything it held (context + torch + DALI pools, here one number
+    per fake process), measured the same way for every loader, whatever the others hold."""
+    device = _FakeDevice()
+    memory = procstat.DeviceMemory(device.read, "fake")
+    holds = {("dalimix", True, 64): 1500 << 20, ("dali", True, 64): 2100 << 20, ("torchvision", True, 64): 500 << 20}
+    runners = [_FakeRunner(device, key, value) for key, value in holds.items()]
+    assert memory.used_bytes() == device.base + sum(holds.values())
+    assert procstat.stop_and_measure(runners, memory) == holds
+    assert device.held == {}
+    # no reader: stopped together, nothing measured
+    runners = [_FakeRunner(device, ("timm", False, 64), 1 << 20)]
+    assert procstat.stop_and_measure(runners, None) == {("timm", False, 64): None}
+    # a reader that fails gives None, not a wrong number
+    broken = procstat.DeviceMemory(lambda: 1 / 0, "broken")
+    assert broken.used_bytes() is None
+    assert procstat.stop_and_measure([_FakeRunner(_FakeDevice(), "k", 5)], broken) == {"k": None}
+
+
+def test_report_prefers_the_device_measure_and_says_when_rows_differ():
+    def rec(lib, freed=None, nvml=None, torch_peak=None):
+        epoch = {"images": 100, "batches": 1, "wall_s": 1.0, "cpu_s": 1.0, "memory_peak_bytes": report.MIB,
+                 "memory_kind": "pss", "torch_gpu_peak_bytes": torch_peak, "nvml_gpu_peak_bytes": nvml}
+        return {"library": lib, "mix": True, "batch_size": 64, "setup_s": 1.0, "epochs": [epoch],
+                "gpu_freed_bytes": freed}
+
+    raw = {
+        "machine": {"date": "2026-01-01T00:00:00", "cpu_model": "X", "usable_cpus": 2, "memory_gib": 8,
+                    "gpu": {"name": "G", "memory_gib": 80}, "versions": {}, "loadavg_start": [1.0], "loadavg_end": [2.0]},
+        "settings": {"device": "cuda", "size": 224, "epochs": 1, "warmup": 1},
+        "data": {"classes": 8, "distinct_files": 384, "repeats": 3, "files": 1152},
+        "worker_mapping": "W = 2",
+        "results": [rec("dalimix", freed=1000 * report.MIB, torch_peak=200 * report.MIB),
+                    rec("dali", freed=3000 * report.MIB, torch_peak=100 * report.MIB)],
+        "errors": [],
+    }
+    rows = {r["library"]: r for r in report.summarize(raw)}
+    assert rows["dali"]["gpu_kind"] == "device" and rows["dali"]["gpu_mib"] == pytest.approx(3000)
+    assert rows["dali"]["gpu_mib_vs_dalimix"] == pytest.approx(3.0)  # not torch's 0.5
+    md = report.markdown(raw)
+    assert "GPU: what the device got back" in md and "NOT like with like" not in md
+    raw["results"][1]["gpu_freed_bytes"] = None  # one process could not be measured that way
+    md = report.markdown(raw)
+    assert "NOT like with like" in md and "DALI + torch mixing mixing on b64: torch" in md
+
+
 def test_handmix_matches_reference_and_timm_targets():
     from timm.data.mixup import mixup_target
 
