@@ -139,6 +139,96 @@ def _batches(loader, count):
                 return
 
 
+STANDALONE_PATHS = ["plain", "mixup_cutmix_elem", "mask_hook", "automix"]
+
+
+def standalone_path(name, device="cuda", n=8, size=64, dtype=torch.bfloat16):
+    """``step(i)``: batch ``i`` of one hot path without DALI (uint8 batches made on the device, the
+    loader's finishing done by hand: planning, the hook stage, the fused kernel, targets, and for
+    AutoMix its training step), so the first GPU call needs no DALI."""
+    from types import SimpleNamespace
+
+    from dalimix.automix import AutoMix
+    from dalimix.hook import LearnedMask, MaskHook, MaskHookStage
+    from dalimix.mix import Mixer
+    from dalimix.ops.record import identity_records
+    from test_automix import TinyNet
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    sources = [torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, device=device, generator=gen) for _ in range(4)]
+    labels = [torch.randint(0, 4, (n,), device=device, generator=gen) for _ in range(4)]
+    fmt = dict(dtype=dtype, channels_last=True)
+    total = torch.zeros((), device=device)
+
+    def consume(images, targets):
+        total.add_(images.float().mean()).add_(targets.float().mean())
+
+    if name == "plain":
+        return lambda i: consume(mix_normalize(sources[i % 4], **fmt), labels[i % 4])
+    if name == "mixup_cutmix_elem":
+        mixer = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=4)
+        return lambda i: consume(*mixer(sources[i % 4], labels[i % 4], rng=np.random.default_rng(i), **fmt))
+    am = None
+    if name == "automix":
+        torch.manual_seed(0)
+        am = AutoMix(model=TinyNet(), feature_layer="stage3", input_size=size).to(device)
+        mixer = am.mixer(num_classes=4)
+        hook = MaskHook(fn=am.mask_hook, interpolation="nearest", logits=True, target_lam="planned", validate="deferred")
+        opt = torch.optim.SGD(am.parameters(), lr=0.01)
+    else:
+        assert name == "mask_hook"
+        mixer = Mixer(methods=[LearnedMask(alpha=1.0)], num_classes=4)
+        hook = MaskHook(fn=_hook, validate="deferred")
+    stage = MaskHookStage(hook, torch.device(device))
+
+    def step(i):
+        images_u8, y = sources[i % 4], labels[i % 4]
+        unmixed = mix_normalize(images_u8, identity_records(n), None, **fmt)
+        params = mixer.plan(n, rng=np.random.default_rng(i), height=size, width=size)
+        records, masks = stage.prepare(unmixed, params, epoch=0, step=i)
+        images = mix_normalize(images_u8, records, masks, **fmt)
+        targets = mixer.targets(y, params, num_classes=4)
+        if am is None:
+            return consume(images, targets)
+        with torch.autocast(device, dtype=dtype):
+            losses = am(images, targets, SimpleNamespace(unmixed=unmixed, labels=y))
+        step.losses = losses
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        am.update((i + 1) / 21)
+
+    step.automix = am
+    return step
+
+
+@pytest.mark.parametrize("path", STANDALONE_PATHS)
+def test_standalone_twenty_batches_without_a_host_sync(path):
+    """Without DALI: after the first batch, 20 batches of each hot path under
+    ``torch.cuda.set_sync_debug_mode("error")`` (the loader's version is the next test)."""
+    step = standalone_path(path)
+    step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 21):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_standalone_automix_on_half_precision_batches(dtype):
+    """Without DALI: AutoMix's hook and step on bf16 / fp16 CUDA batches (a float32 model)."""
+    step = standalone_path("automix", dtype=dtype)
+    for i in range(3):
+        step(i)
+        assert all(torch.isfinite(v).all() for v in step.losses.values() if isinstance(v, torch.Tensor))
+    am = step.automix
+    assert am.last_hook_logits.dtype == torch.float32 and am.last_hook_logits.is_cuda
+
+
 @pytest.mark.parametrize("path", SYNC_PATHS)
 def test_twenty_batches_without_a_host_sync(eighty_images, path):
     """After the first batch, 20 batches (across an epoch boundary) and what the training step does
