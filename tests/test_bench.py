@@ -94,22 +94,75 @@ def test_bench_mix_quick(small_dataset, tmp_path):
     assert "Mixing stage" in out.stdout and "Planning" in out.stdout
 
 
-def test_gpu_suite_dry_run_names_every_part():
+def test_gpu_suite_dry_run_shows_three_stages_that_fit_one_call_each():
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "pytest -q -m gpu" in out.stdout
-    assert "bench_mix.py --device cuda" in out.stdout
-    assert "dalimix.cli bench --device cuda" in out.stdout
-    assert "results: benchmarks/results/" in out.stdout
+    text = out.stdout
+    stages = text.split("\nstage ")[1:]
+    assert [s.split(":")[0] for s in stages] == ["1", "2", "3"]
+    for i, stage in enumerate(stages):
+        assert f"bash benchmarks/gpu_suite.sh {i + 1}" in stage
+        assert f"dali-py312.tar.xz.part0{i}" in stage and "SHA256SUMS" in stage
+        budget = int(stage.split("budget: ")[1].split(" s")[0])
+        assert 60 <= budget <= 540  # inside the 600 s call limit, with room for the call itself
+        travels = stage.split("travels: ")[1].split(" MiB")[0]
+        if travels != "?":  # the bundle was built here: each call stays under 64 MiB
+            assert float(travels) <= 64
+    assert sum(int(s.split("budget: ")[1].split(" s")[0]) for s in stages) <= 13 * 60  # + start-up: 15 min
+    assert "bench_mix.py --device cuda --no-loader --batch-sizes 256" in stages[0]
+    assert "nvidia" not in stages[0].split("run:")[0] or "xz -d" not in stages[0]  # no DALI before stage 3
+    assert "xz -d" in stages[2] and "-m gpu" in stages[2] and "dalimix.cli bench --device cuda" in stages[2]
+    assert "results:" in text
+
+
+def test_gpu_suite_stage_commands_select_tests_that_exist():
+    """The -k expressions of stages 1 and 3 select tests (a typo would select none), stage 1 none
+    that needs DALI, and between them every GPU test of tests/test_gpu.py once."""
+    import shlex
+
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=60).stdout
+    selected = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("run: python3 -m pytest") and " -k " in line:
+            args = shlex.split(line[len("run: python3 "):])
+            res = subprocess.run([sys.executable, *args, "--collect-only"], capture_output=True, text=True, cwd=REPO,
+                                 env=_env(), timeout=120)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+            selected.append({n for n in res.stdout.split() if "::" in n})
+    stage1, stage3 = selected
+    assert stage1 and stage3 and not stage1 & stage3
+    assert not any("loader" in n or "policy" in n or "dataset" in n for n in stage1)
+    assert any("standalone_twenty_batches" in n for n in stage1) and any("twenty_batches_without" in n and
+                                                                          "standalone" not in n for n in stage3)
+    gpu_tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "--collect-only",
+                                "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=REPO, env=_env(),
+                               timeout=120).stdout
+    assert {n for n in gpu_tests.split() if "::" in n} <= stage1 | stage3
+
+
+def test_gpu_bundle_pins():
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_bundle.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pins = dict(line.split("wheel: ")[1].split("==") for line in out.stdout.splitlines() if line.startswith("wheel: "))
+    assert pins["nvidia-dali-cuda130"] == "2.4.0" and pins["nvidia-libnvcomp-cu13"] == "5.3.0.16"
+    assert pins["nvidia-nvimgcodec-cu13"].startswith("0.9.") and "nvidia-nvjpeg" in pins
+    assert {"six", "packaging", "astunparse", "gast", "optree"} <= set(pins)
+    assert "nvidia-nvjpeg2k-cu13" not in pins and "numpy" not in pins
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_gpu_suite_refuses_without_a_gpu():
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "mix"], capture_output=True, text=True,
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "1"], capture_output=True, text=True,
                          env=dict(_env(), PYTHON=sys.executable), timeout=120)
     assert out.returncode == 1
     assert "no CUDA GPU" in out.stderr
+    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "tests"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "1, 2 or 3" in bad.stderr
 
 
 @pytest.mark.gpu
