@@ -33,7 +33,7 @@ DALI_DIR=${DALI_DIR:-/tmp/dalimix-dali}
 PART_PREFIX=dali-py312.tar.xz.part
 # device-time plan for 15 minutes: ~2 min start-up, calls back to back (a warm machine is kept
 # only briefly between calls), each stage well inside its call's 10-minute limit
-declare -A BUDGET=([1]=210 [2]=150 [3]=420)
+declare -A BUDGET=([1]=200 [2]=120 [3]=360)
 CALL_LIMIT_MIB=64
 
 # ---------------------------------------------------------------------------- the commands
