@@ -43,7 +43,10 @@ STAGE1_TESTS=("$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.p
 STAGE1_BENCH=("$PYTHON" benchmarks/bench_mix.py --device cuda --no-loader --batch-sizes 256 --repeats 20 --no-progress)
 STAGE2_BENCH=("$PYTHON" benchmarks/bench_mix.py --device cuda --no-loader --batch-sizes 64,128 --repeats 20 --no-progress)
 STAGE2_AUTOMIX=("$PYTHON" benchmarks/bench_automix.py --device cuda --batch-size 128 --size 224 --skip loader)
-GPU_TEST_FILES=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
+# the modules that hold GPU tests (only these are collected: the others may need scipy or
+# hypothesis), the sync-debug tests first and the slow bench smoke run last
+GPU_TEST_FILES="tests/test_gpu.py $(grep -l "pytest.mark.gpu" tests/test_*.py | grep -v -e test_gpu.py -e test_bench.py |
+  tr '\n' ' ')tests/test_bench.py"
 # shellcheck disable=SC2206
 STAGE3_TESTS=("$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors $GPU_TEST_FILES
               -k "not standalone and not test_cuda_kernel_matches and not current_stream and not mix_block_flow")
