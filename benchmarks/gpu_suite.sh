@@ -40,9 +40,9 @@ CALL_LIMIT_MIB=64
 STAGE1_KERNELS=("$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py)
 STAGE1_TESTS=("$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_automix_precision.py
               -k "test_cuda_kernel_matches or current_stream or standalone or mix_block_flow")
-STAGE1_BENCH=("$PYTHON" benchmarks/bench_mix.py --device cuda --no-loader --batch-sizes 256 --repeats 20 --no-progress)
-STAGE2_BENCH=("$PYTHON" benchmarks/bench_mix.py --device cuda --no-loader --batch-sizes 64,128 --repeats 20 --no-progress)
-STAGE2_AUTOMIX=("$PYTHON" benchmarks/bench_automix.py --device cuda --batch-size 128 --size 224 --skip loader)
+STAGE1_BENCH=("$PYTHON" benchmarks/bench_mix.py --device cuda --no-loader --batch-sizes 256 --repeats 10 --no-progress)
+STAGE2_BENCH=("$PYTHON" benchmarks/bench_mix.py --device cuda --no-loader --batch-sizes 64,128 --repeats 10 --no-progress)
+STAGE2_AUTOMIX=("$PYTHON" benchmarks/bench_automix.py --device cuda --batch-size 128 --size 224 --skip loader --save)
 # the modules that hold GPU tests (only these are collected: the others may need scipy or
 # hypothesis), the sync-debug tests first and the slow bench smoke run last
 GPU_TEST_FILES="tests/test_gpu.py $(grep -l "pytest.mark.gpu" tests/test_*.py | grep -v -e test_gpu.py -e test_bench.py |
@@ -120,6 +120,7 @@ GPU_NAME=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))")
 SLUG=$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 RESULTS=${RESULTS:-benchmarks/results/$(date +%Y-%m-%d)-$SLUG}
 mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
 LOG="$RESULTS/stage$STAGE.log"
 : > "$LOG"
 OUT_DIR=${OUT:-}
@@ -164,8 +165,8 @@ fi
 
 case $STAGE in
 1)
-  step "kernel tests (nvcc, NVRTC, host shim)" $(( $(left) - 150 )) "${STAGE1_KERNELS[@]}"
-  step "CUDA kernel, hook and AutoMix tests without DALI" $(( $(left) - 90 )) "${STAGE1_TESTS[@]}"
+  step "kernel tests (nvcc, NVRTC, host shim)" $(( $(left) - 120 )) "${STAGE1_KERNELS[@]}"
+  step "CUDA kernel, hook and AutoMix tests without DALI" $(( $(left) - 75 )) "${STAGE1_TESTS[@]}"
   step "bench_mix, batch 256" $(( $(left) - 5 )) "${STAGE1_BENCH[@]}" --out "$RESULTS"
   ship "$(newest "$RESULTS"/bench-mix-cuda-*.json)" "$(newest "$RESULTS"/bench-mix-cuda-*.md)"
   ;;
@@ -173,6 +174,8 @@ case $STAGE in
   step "bench_mix, batch 64 and 128" $(( $(left) - 50 )) "${STAGE2_BENCH[@]}" --out "$RESULTS"
   ship "$(newest "$RESULTS"/bench-mix-cuda-*.json)" "$(newest "$RESULTS"/bench-mix-cuda-*.md)"
   step "bench_automix, step and kernel" $(( $(left) - 5 )) "${STAGE2_AUTOMIX[@]}"
+  saved=$(newest benchmarks/results/*-automix-cuda*.json)
+  [ -n "$saved" ] && mv "$saved" "$RESULTS/" && ship "$RESULTS/$(basename "$saved")"
   ;;
 3)
   missing=""
@@ -183,7 +186,7 @@ case $STAGE in
   if [ -n "$missing" ] || [ "$n_parts" -eq 0 ]; then
     say "DALI bundle incomplete (missing:$missing): the machine was not kept between the calls; run stages 1-3 back to back"
     STATUS=1
-  elif ! (cd "$PARTS_DIR" && sha256sum -c --quiet SHA256SUMS 2>&1 | tee -a "$REPO/$LOG"); then
+  elif ! (cd "$PARTS_DIR" && sha256sum -c --quiet SHA256SUMS >> "$LOG" 2>&1); then
     say "DALI bundle parts do not match SHA256SUMS"
     STATUS=1
   else
@@ -202,7 +205,11 @@ case $STAGE in
     step "GPU tests with DALI" $(( $(left) - 150 )) "${STAGE3_TESTS[@]}"
     grep -E "passed|failed|error" "$LOG" | tail -n 3 > "$RESULTS/pytest-stage3-summary.txt"
     ship "$RESULTS/pytest-stage3-summary.txt"
-    step "bench_automix, loader" $(( $(left) > 200 ? 60 : 0 )) "${STAGE3_AUTOMIX[@]}"
+    if [ "$(left)" -gt 200 ]; then
+      step "bench_automix, loader" 60 "${STAGE3_AUTOMIX[@]}"
+    else
+      say "bench_automix, loader: not run, the $(left) s left go to dalimix bench"
+    fi
     cmd=$(bench_cmd $(( $(left) - 15 )))
     if [ -n "$cmd" ]; then
       # shellcheck disable=SC2086
