@@ -333,9 +333,19 @@ class PolicyStage:
     """The second DALI pipeline: applies a ``Policy``'s draws to one uint8 ``N x H x W x 3`` batch.
 
     It is fed one batch at a time (``apply``) and never runs ahead, so each batch's sub-policies
-    are drawn when the batch is asked for. Its output stays valid until the next ``apply`` (the
-    loader has finished with a batch's DALI buffers by then) or ``close``.
+    are drawn when the batch is asked for.
+
+    On CUDA it works in stream order, without host synchronisation: DALI copies the input on the
+    current stream of the images' device (not of the current device: the loader's device may be
+    another one) and binds its output to that stream. A batch's output must stay valid until the
+    work queued on that stream by the end of the ``next()`` that used it has run (the fused
+    kernel reads it there): at the next ``apply`` an event is recorded on that stream and the
+    output is kept until the event has completed (polled, never waited for, unless more than
+    ``HELD`` outputs are pending: then the oldest is waited for). On CPU the output stays valid
+    until the next ``apply`` or ``close``.
     """
+
+    HELD = 3  # outputs kept at most while the GPU catches up (each N x H x W x 3 bytes)
 
     def __init__(self, policy: Policy, *, device: torch.device, batch_size: int, num_threads: int,
                  height: int, width: int):
@@ -372,29 +382,56 @@ class PolicyStage:
         self._pipe = stage()
         self._pipe.build()
         self._holding = False
+        self._last = None  # (DALI output, the stream it is bound to) of the previous batch, CUDA
+        self._held: list = []  # [(DALI output, event)] released once the event has completed
 
     def apply(self, images_u8: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, PolicyBatch]:
         """Draw the policy for this batch now and apply it: (augmented N x H x W x 3 uint8, draws)."""
         self.release()
         batch = self.policy.sample(images_u8.shape[0], rng)
         pipe = self._pipe
-        # CUDA: DALI copies on torch's current stream (where the loader's kernels run); CPU: numpy view
-        pipe.feed_input("images", images_u8 if images_u8.is_cuda else images_u8.numpy(), layout="HWC")
+        cuda = images_u8.is_cuda
+        # CUDA: the stream of the images' device, where the loader's kernels run; CPU: a numpy view
+        stream = torch.cuda.current_stream(images_u8.device) if cuda else None
+        if cuda:
+            pipe.feed_input("images", images_u8, layout="HWC", cuda_stream=stream)
+        else:
+            pipe.feed_input("images", images_u8.numpy(), layout="HWC")
         pipe.feed_input("ops", batch.stage_ops)
         if self._feeds_magnitude:
             pipe.feed_input("mags", batch.magnitude)
         if self._feeds_sign:
             pipe.feed_input("signs", batch.negated.astype(np.int32))
         pipe.schedule_run()
-        (out,) = pipe.share_outputs()
+        # bound to the consumer's stream: ready there, no host wait (None: synchronised with the host)
+        (out,) = pipe.share_outputs(cuda_stream=stream) if cuda else pipe.share_outputs()
         self._holding = True
+        if cuda:
+            self._last = (out, stream)
         return torch.from_dlpack(out.as_tensor()), batch
 
     def release(self) -> None:
+        """Hand the previous batch's output back to DALI: at once on CPU; on CUDA once the work
+        queued until now on its stream (its consumers) has run."""
+        if self._last is not None:
+            out, stream = self._last
+            self._last = None
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._held.append((out, event))
+        self._held = [(out, event) for out, event in self._held if not event.query()]
+        while len(self._held) > self.HELD:
+            self._held.pop(0)[1].synchronize()  # the GPU is more than HELD batches behind
         if self._holding:
             self._holding = False
             self._pipe.release_outputs()
 
     def close(self) -> None:
+        for _, event in self._held:
+            event.synchronize()
+        if self._last is not None:
+            self._last[1].synchronize()
+        self._held = []
+        self._last = None
         self._holding = False
         self._pipe = None

@@ -94,22 +94,75 @@ def test_bench_mix_quick(small_dataset, tmp_path):
     assert "Mixing stage" in out.stdout and "Planning" in out.stdout
 
 
-def test_gpu_suite_dry_run_names_every_part():
+def test_gpu_suite_dry_run_shows_three_stages_that_fit_one_call_each():
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "pytest -q -m gpu" in out.stdout
-    assert "bench_mix.py --device cuda" in out.stdout
-    assert "dalimix.cli bench --device cuda" in out.stdout
-    assert "results: benchmarks/results/" in out.stdout
+    text = out.stdout
+    stages = text.split("\nstage ")[1:]
+    assert [s.split(":")[0] for s in stages] == ["1", "2", "3"]
+    for i, stage in enumerate(stages):
+        assert f"bash benchmarks/gpu_suite.sh {i + 1}" in stage
+        assert f"dali-py312.tar.xz.part0{i}" in stage and "SHA256SUMS" in stage
+        budget = int(stage.split("budget: ")[1].split(" s")[0])
+        assert 60 <= budget <= 540  # inside the 600 s call limit, with room for the call itself
+        travels = stage.split("travels: ")[1].split(" MiB")[0]
+        if travels != "?":  # the bundle was built here: each call stays under 64 MiB
+            assert float(travels) <= 64
+    assert sum(int(s.split("budget: ")[1].split(" s")[0]) for s in stages) <= 12 * 60  # + start-up and transfers: 15 min
+    assert "bench_mix.py --device cuda --no-loader --batch-sizes 256" in stages[0]
+    assert "nvidia" not in stages[0].split("run:")[0] or "xz -d" not in stages[0]  # no DALI before stage 3
+    assert "xz -d" in stages[2] and "-m gpu" in stages[2] and "dalimix.cli bench --device cuda" in stages[2]
+    assert "results:" in text
+
+
+def test_gpu_suite_stage_commands_select_tests_that_exist():
+    """The -k expressions of stages 1 and 3 select tests (a typo would select none), stage 1 none
+    that needs DALI, and between them every GPU test of tests/test_gpu.py once."""
+    import shlex
+
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=60).stdout
+    selected = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("run: python3 -m pytest") and " -k " in line:
+            args = shlex.split(line[len("run: python3 "):])
+            res = subprocess.run([sys.executable, *args, "--collect-only"], capture_output=True, text=True, cwd=REPO,
+                                 env=_env(), timeout=120)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+            selected.append({n for n in res.stdout.split() if "::" in n})
+    stage1, stage3 = selected
+    assert stage1 and stage3 and not stage1 & stage3
+    assert not any("loader" in n or "policy" in n or "dataset" in n for n in stage1)
+    assert any("standalone_twenty_batches" in n for n in stage1) and any("twenty_batches_without" in n and
+                                                                          "standalone" not in n for n in stage3)
+    gpu_tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "--collect-only",
+                                "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=REPO, env=_env(),
+                               timeout=120).stdout
+    assert {n for n in gpu_tests.split() if "::" in n} <= stage1 | stage3
+
+
+def test_gpu_bundle_pins():
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_bundle.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pins = dict(line.split("wheel: ")[1].split("==") for line in out.stdout.splitlines() if line.startswith("wheel: "))
+    assert pins["nvidia-dali-cuda130"] == "2.4.0" and pins["nvidia-libnvcomp-cu13"] == "5.3.0.16"
+    assert pins["nvidia-nvimgcodec-cu13"].startswith("0.9.") and "nvidia-nvjpeg" in pins
+    assert {"six", "packaging", "astunparse", "gast", "optree"} <= set(pins)
+    assert "nvidia-nvjpeg2k-cu13" not in pins and "numpy" not in pins
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_gpu_suite_refuses_without_a_gpu():
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "mix"], capture_output=True, text=True,
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "1"], capture_output=True, text=True,
                          env=dict(_env(), PYTHON=sys.executable), timeout=120)
     assert out.returncode == 1
     assert "no CUDA GPU" in out.stderr
+    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "tests"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "1, 2 or 3" in bad.stderr
 
 
 @pytest.mark.gpu
@@ -223,6 +276,76 @@ def test_report_ratios_and_tables():
     md = report.markdown(raw)
     assert "| torchvision DataLoader + v2 | on" in md and "0.25×" in md
     assert "not measured: ImportError: no timm" in md
+
+
+class _FakeDevice:
+    """A GPU seen device-wide: a base use plus what each live process holds; a process's memory
+    comes back a couple of readings after it ended (as the driver hands it back)."""
+
+    def __init__(self, total=80 << 30, base=600 << 20):
+        self.total, self.base, self.held, self.leaving = total, base, {}, []
+
+    def read(self):
+        if self.leaving:
+            self.leaving[0][1] -= 1
+            if self.leaving[0][1] <= 0:
+                self.held.pop(self.leaving.pop(0)[0])
+        return self.total - self.base - sum(self.held.values()), self.total
+
+
+class _FakeRunner:
+    def __init__(self, device, key, holds):
+        self.device, self.key = device, key
+        device.held[key] = holds
+
+    def stop(self):
+        self.device.leaving.append([self.key, 2])
+
+
+def test_gpu_memory_is_what_the_device_gets_back_from_each_process():
+    """Each process's figure is everything it held (context + torch + DALI pools, here one number
+    per fake process), measured the same way for every loader, whatever the others hold."""
+    device = _FakeDevice()
+    memory = procstat.DeviceMemory(device.read, "fake")
+    holds = {("dalimix", True, 64): 1500 << 20, ("dali", True, 64): 2100 << 20, ("torchvision", True, 64): 500 << 20}
+    runners = [_FakeRunner(device, key, value) for key, value in holds.items()]
+    assert memory.used_bytes() == device.base + sum(holds.values())
+    assert procstat.stop_and_measure(runners, memory) == holds
+    assert device.held == {}
+    # no reader: stopped together, nothing measured
+    runners = [_FakeRunner(device, ("timm", False, 64), 1 << 20)]
+    assert procstat.stop_and_measure(runners, None) == {("timm", False, 64): None}
+    # a reader that fails gives None, not a wrong number
+    broken = procstat.DeviceMemory(lambda: 1 / 0, "broken")
+    assert broken.used_bytes() is None
+    assert procstat.stop_and_measure([_FakeRunner(_FakeDevice(), "k", 5)], broken) == {"k": None}
+
+
+def test_report_prefers_the_device_measure_and_says_when_rows_differ():
+    def rec(lib, freed=None, nvml=None, torch_peak=None):
+        epoch = {"images": 100, "batches": 1, "wall_s": 1.0, "cpu_s": 1.0, "memory_peak_bytes": report.MIB,
+                 "memory_kind": "pss", "torch_gpu_peak_bytes": torch_peak, "nvml_gpu_peak_bytes": nvml}
+        return {"library": lib, "mix": True, "batch_size": 64, "setup_s": 1.0, "epochs": [epoch],
+                "gpu_freed_bytes": freed}
+
+    raw = {
+        "machine": {"date": "2026-01-01T00:00:00", "cpu_model": "X", "usable_cpus": 2, "memory_gib": 8,
+                    "gpu": {"name": "G", "memory_gib": 80}, "versions": {}, "loadavg_start": [1.0], "loadavg_end": [2.0]},
+        "settings": {"device": "cuda", "size": 224, "epochs": 1, "warmup": 1},
+        "data": {"classes": 8, "distinct_files": 384, "repeats": 3, "files": 1152},
+        "worker_mapping": "W = 2",
+        "results": [rec("dalimix", freed=1000 * report.MIB, torch_peak=200 * report.MIB),
+                    rec("dali", freed=3000 * report.MIB, torch_peak=100 * report.MIB)],
+        "errors": [],
+    }
+    rows = {r["library"]: r for r in report.summarize(raw)}
+    assert rows["dali"]["gpu_kind"] == "device" and rows["dali"]["gpu_mib"] == pytest.approx(3000)
+    assert rows["dali"]["gpu_mib_vs_dalimix"] == pytest.approx(3.0)  # not torch's 0.5
+    md = report.markdown(raw)
+    assert "GPU: what the device got back" in md and "NOT like with like" not in md
+    raw["results"][1]["gpu_freed_bytes"] = None  # one process could not be measured that way
+    md = report.markdown(raw)
+    assert "NOT like with like" in md and "DALI + torch mixing mixing on b64: torch" in md
 
 
 def test_handmix_matches_reference_and_timm_targets():

@@ -37,19 +37,90 @@ def test_nvcc_compiles_without_spills(tmp_path, arch, file):
     assert max(regs) <= 64, f"more than 64 registers per thread limits occupancy:\n{log}"
 
 
-@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("file", KERNEL_FILES)
-def test_nvrtc_compiles_runtime_source(arch, file):
-    """The exact text and options CuPy's RawModule compiles at run time, through NVRTC itself."""
+def test_nvrtc_compiles_runtime_source(arch, file, monkeypatch):
+    """The exact text and options CuPy 14's RawModule compiles at run time, through CuPy's own
+    NVRTC path (only the device query and, without a GPU, the module load are stood in for).
+
+    CuPy adds to dalimix's options its include paths, ``-ftz=true``, ``-arch=sm_XX`` (a cubin:
+    NVRTC 13 knows up to sm_121) and ``--device-as-default-execution-space``.
+
+    fp32 subnormals: ``-ftz=true`` makes every fp32 operation the compiler emits flush subnormal
+    inputs and results to sign-preserving zero on the GPU (``.ftz`` on each f32 instruction in the
+    PTX, checked below); the host shim, built by g++, keeps them. The kernel's values are uint8
+    pixels, blend weights and mask values in [0, 1] and normalised outputs of order 1: only a
+    weight or mask value below 1.18e-38 is subnormal, and its share of an output (< 1e-35) is
+    lost in any dtype's rounding, so GPU and host shim agree on every output the tests compare.
+    """
+    import contextlib
+    import os
+
+    cupy = pytest.importorskip("cupy")
     nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
-    err, prog = nvrtc.nvrtcCreateProgram(kernel_source(file).encode(), file.encode(), 0, [], [])
+    from cupy._core import core
+    from cupy.cuda import compiler
+
+    from dalimix.ops import cuda as dm_cuda
+
+    # 1. dalimix's RawModule arguments, as dalimix.ops.cuda builds them
+    made = {}
+
+    class RawModule:
+        def __init__(self, **kw):
+            made.update(kw)
+
+        def get_function(self, name):
+            return name
+
+    monkeypatch.setattr(cupy, "RawModule", RawModule)
+    monkeypatch.setattr(cupy.cuda, "Device", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(dm_cuda, "_modules", {})
+    entry = next(name for name, e in ENTRIES.items() if e.file == file)
+    dm_cuda._function(torch.device("cuda", 0), entry)
+    assert made["code"] == kernel_source(file)
+
+    # 2. CuPy's compile of them (RawModule -> compile_with_cache), recording what NVRTC receives
+    monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")  # no cubin from the disk cache: CuPy compiles
+    monkeypatch.setattr(compiler, "_get_arch", lambda: arch)
+    arch_option = compiler._get_arch_for_options_for_nvrtc.__wrapped__  # CuPy's own choice, minus the device cache
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda a=None: arch_option(a or arch))
+    compiled = []
+    real_compile = compiler._NVRTCProgram.compile
+
+    def compile_and_record(self, options=(), log_stream=None):
+        result = real_compile(self, options, log_stream)
+        compiled.append(tuple(options))
+        return result
+
+    monkeypatch.setattr(compiler._NVRTCProgram, "compile", compile_and_record)
+    kw = {k: made[k] for k in ("backend", "translate_cucomplex", "enable_cooperative_groups", "name_expressions",
+                               "jitify") if k in made}
+    try:
+        core.compile_with_cache(made["code"], tuple(made.get("options", ())), prepend_cupy_headers=False, **kw)
+    except compiler.CompileException as exc:
+        pytest.fail(f"NVRTC rejects {file} for sm_{arch}:\n{exc}")
+    except (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError):
+        if torch.cuda.is_available():  # loading the cubin needs a GPU; where there is one, it must load
+            raise
+    opts = compiled[-1]
+    for flag in ("--std=c++17", f"-I{kernel_dir()}", "-ftz=true", f"-arch=sm_{arch}",
+                 "--device-as-default-execution-space"):
+        assert flag in opts, f"{flag} not among CuPy's NVRTC options {opts}"
+
+    # 3. the same options to PTX: every fp32 operation flushes subnormals
+    ptx_opts = [o.encode() for o in opts if not o.startswith("-arch=")] + [f"-arch=compute_{arch}".encode()]
+    err, prog = nvrtc.nvrtcCreateProgram(made["code"].encode(), os.path.basename(file).encode(), 0, [], [])
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    opts = [b"--std=c++17", f"-I{kernel_dir()}".encode(), f"--gpu-architecture={arch}".encode()]
-    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(ptx_opts), ptx_opts)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    _, size = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    f32_ops = re.findall(r"^\s*((?:add|sub|mul|fma|mad|div|rcp|sqrt|rsqrt|min|max|neg|abs|ex2|lg2|setp)\.[\w.]*f32)\b",
+                         ptx.decode(), flags=re.M)
+    assert f32_ops, "no fp32 arithmetic found in the PTX"
+    assert all(".ftz" in op for op in f32_ops), sorted({op for op in f32_ops if ".ftz" not in op})
 
 
 def test_record_layout_matches_struct(tmp_path):

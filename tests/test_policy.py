@@ -5,13 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from dalimix import ImageLoader
 from dalimix.mix import Mixer, MixUp
 from dalimix.policy import OPERATIONS, Policy, PolicyBatch
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _stats():
+    """scipy.stats, imported by the tests that use it (a run of the GPU tests alone needs no scipy)."""
+    return pytest.importorskip("scipy.stats")
+
 
 # cheap operations whose effect is recognisable exactly
 FOUR = [[("identity", 1.0, None)], [("hflip", 1.0, None)], [("vflip", 1.0, None)], [("invert", 1.0, None)]]
@@ -53,6 +58,7 @@ def batches(loader, count, on_batch=None):
 
 # ------------------------------------------------------------------------------ the vector (host)
 def test_sampled_histogram_follows_the_vector():
+    stats = _stats()
     p = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
     policy = Policy(sub_policies=[[("identity", 1.0, None)]] * 5, probs=p)
     counts = sum(policy.sample(1000, np.random.default_rng([7, i])).counts() for i in range(20))
@@ -62,6 +68,7 @@ def test_sampled_histogram_follows_the_vector():
 
 
 def test_zero_probability_is_never_drawn_and_step_coins_follow_their_probability():
+    stats = _stats()
     policy = Policy(sub_policies=[[("rotate", 0.3, 4), ("equalize", 0.8, None)], [("hflip", 1.0, None)],
                                   [("invert", 0.0, None)]], probs=[0.0, 1.0, 0.0])
     assert (policy.sample(50000, np.random.default_rng(1)).sub_policy == 1).all()
@@ -210,6 +217,7 @@ def test_a_new_vector_applies_from_the_next_batch(small_dataset, device):
 
 def test_histogram_in_the_loader_follows_each_vector(small_dataset):
     """Chi-square on the sub-policies the loader reports, before and after a vector change."""
+    stats = _stats()
     p1, p2 = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.6, 0.0, 0.1, 0.3])
     policy = Policy(sub_policies=FOUR, probs=p1)
     loader = loader_for(small_dataset, policy, batch_size=10, size=8)
@@ -310,3 +318,89 @@ def test_policy_resumes_exactly_with_its_vector(small_dataset):
     for (x, d), (xw, _, dw) in zip(got, want[1:]):
         assert torch.equal(x, xw) and np.array_equal(d.sub_policy, dw.sub_policy)
         assert np.array_equal(d.applied, dw.applied)
+
+
+# ------------------------------------------------------------------------- the stage on CUDA
+class _FakeEvent:
+    def __init__(self):
+        self.stream, self.done, self.waited = None, False, False
+
+    def record(self, stream):
+        self.stream = stream
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited = self.done = True
+
+
+class _FakeStream(str):
+    synced = False
+
+    def synchronize(self):
+        self.synced = True
+
+
+class _FakePipe:
+    def __init__(self):
+        self.fed, self.shared, self.released = {}, [], 0
+
+    def feed_input(self, name, data, layout=None, cuda_stream=None):
+        self.fed[name] = cuda_stream
+
+    def schedule_run(self):
+        pass
+
+    def share_outputs(self, cuda_stream=None):
+        self.shared.append(cuda_stream)
+        return (type("Out", (), {"as_tensor": lambda self: self})(),)
+
+    def release_outputs(self):
+        self.released += 1
+
+
+def test_cuda_stage_uses_the_images_device_stream_and_keeps_outputs_until_their_consumers_ran(monkeypatch):
+    """On CUDA the stage feeds DALI on, and binds its output to, the current stream of the images'
+    device (cuda:1 here while the current device is cuda:0), and hands a batch's output back only
+    once an event recorded after its consumers has completed, never waiting unless more than HELD
+    outputs are pending. DALI and the GPU are stood in for: this runs without either."""
+    from dalimix.policy import PolicyStage
+
+    streams = {}
+
+    def current_stream(device=None):
+        index = "current" if device is None else torch.device(device).index
+        return streams.setdefault(index, _FakeStream(f"stream of {index}"))
+
+    events = []
+
+    def event():
+        events.append(_FakeEvent())
+        return events[-1]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", event)
+    monkeypatch.setattr(torch, "from_dlpack", lambda out: out)
+    stage = PolicyStage.__new__(PolicyStage)
+    stage.policy = Policy(sub_policies=[[("hflip", 1.0, None)]])
+    stage._pipe, stage._feeds_magnitude, stage._feeds_sign = _FakePipe(), False, False
+    stage._holding, stage._last, stage._held = False, None, []
+    images = type("Images", (), {"is_cuda": True, "device": torch.device("cuda", 1), "shape": (4, 8, 8, 3)})()
+    rng = np.random.default_rng(0)
+
+    out1, _ = stage.apply(images, rng)
+    assert stage._pipe.fed["images"] == "stream of 1" and stage._pipe.shared == ["stream of 1"]
+    assert "current" not in streams  # the current device's stream was never asked for
+    out2, _ = stage.apply(images, rng)
+    assert len(events) == 1 and events[0].stream == "stream of 1"
+    assert [o for o, _ in stage._held] == [out1]  # kept: its consumers have not run yet
+    events[0].done = True
+    stage.apply(images, rng)
+    assert [o for o, _ in stage._held] == [out2]  # out1 handed back, out2 still pending
+    for _ in range(PolicyStage.HELD):  # HELD + 1 pending after the last: the oldest (out2) is waited for
+        stage.apply(images, rng)
+    assert len(stage._held) == PolicyStage.HELD and events[1].waited  # the oldest was waited for
+    assert not any(e.waited for e in events[2:])
+    stage.close()
+    assert stage._held == [] and all(e.done for e in events) and streams[1].synced

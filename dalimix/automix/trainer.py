@@ -123,21 +123,39 @@ class AutoMix(nn.Module):
         args.update(kw)
         return Mixer(**args)
 
-    def attach(self, loader) -> None:
+    def attach(self, loader, *, validate: str = "deferred") -> None:
         """Register ``mask_hook`` on ``loader``: low-res logits, nearest upsampling and the sigmoid
-        in the kernel, targets with the planned lam."""
-        loader.set_mask_hook(self.mask_hook, interpolation="nearest", logits=True, target_lam="planned")
+        in the kernel, targets with the planned lam. ``validate="deferred"`` (the default here)
+        checks the logits on the device and reads the result one batch later: no host sync per
+        batch on CUDA; non-finite logits are then reported at the next batch (``"eager"``: at
+        once, with a sync). On CPU both check at once."""
+        loader.set_mask_hook(self.mask_hook, interpolation="nearest", logits=True, target_lam="planned",
+                             validate=validate)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """EMA-encoder features of ``images`` at ``feature_layer`` (no gradient)."""
+        """EMA-encoder features of ``images`` at ``feature_layer`` (no gradient).
+
+        Images of another floating dtype than the encoder's weights (a loader with
+        ``dtype=torch.bfloat16`` or ``float16`` and a float32 model) are cast to the weights' dtype
+        first: the hook runs inside the loader, outside the training step's autocast."""
+        weight = next((p for p in self.ema.parameters() if p.is_floating_point()), None)
+        if weight is not None and images.is_floating_point() and images.dtype != weight.dtype:
+            images = images.to(weight.dtype)
         return self._tap(images)
+
+    def _mix_block(self, feats: torch.Tensor, lam, partner) -> torch.Tensor:
+        """The Mix Block in float32 whatever autocast is active (its softmax and 1x1 convs are
+        tiny; the same math in the hook and in the Mix Block flow)."""
+        with torch.autocast(feats.device.type, enabled=False):
+            return self.mix_block(feats, lam, partner)
 
     @torch.no_grad()
     def mask_hook(self, images: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-        """The loader's hook: Mix Block logits (N x 1 x h x w) for the backbone flow's lam and partner."""
+        """The loader's hook: Mix Block logits (N x 1 x h x w, float32) for the backbone flow's lam
+        and partner. ``images`` may be float32, float16 or bfloat16 (see ``features``)."""
         feats = self.features(images)
-        logits = self.mix_block(feats, lam, partner)
+        logits = self._mix_block(feats, lam, partner)
         self._cache = (images, feats)
         self.last_hook_logits = logits
         return logits
@@ -170,8 +188,10 @@ class AutoMix(nn.Module):
         lam = float(self._rng.beta(self.alpha, self.alpha)) if lam is None else float(lam)
         if partner is None:
             partner = pair_indices(n, "derangement", self._rng)
-        partner = torch.as_tensor(partner, dtype=torch.long, device=clean.device)
-        logits = self.mix_block(feats, lam, partner)
+        partner = _on_device(partner, clean.device)
+        # lam as a device tensor filled there: a Python float would be copied to the GPU with a host sync
+        lam_t = torch.full((n,), lam, dtype=torch.float32, device=clean.device)
+        logits = self._mix_block(feats, lam_t, partner)
         mask = MixBlock.mask(logits, clean.shape[-2:])
         x = clean.to(torch.float32)
         mixed = (x[partner] + mask * (x - x[partner])).to(clean.dtype)
@@ -193,3 +213,14 @@ class AutoMix(nn.Module):
     @property
     def mask_loss_weight(self) -> float:
         return cosine_decay(self.base_mask_loss_weight, self.progress)
+
+
+def _on_device(partner, device: torch.device) -> torch.Tensor:
+    """Partner indices as int64 on ``device``: a host array goes through pinned memory with a
+    non-blocking copy (no host sync; the caching host allocator keeps the pinned block until the copy ran)."""
+    if isinstance(partner, torch.Tensor) and partner.device == device:
+        return partner.to(torch.long)
+    host = torch.as_tensor(np.asarray(partner.cpu() if isinstance(partner, torch.Tensor) else partner), dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

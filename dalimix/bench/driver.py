@@ -3,7 +3,9 @@
 For each batch size, one process per (library, mixing on/off) builds its loader; then, round by
 round, each process runs one epoch while the others wait (the order rotates every round). The
 first ``warmup`` rounds are not counted. While an epoch runs the driver samples that process
-tree's memory (and, with NVML, its GPU memory).
+tree's memory (and, with NVML, its GPU memory). On CUDA the processes are stopped one at a time
+at the end and each one's GPU memory is what the device gets back when it ends (see
+``procstat.stop_and_measure``).
 
 The data: an ImageFolder tree (``--data``, or the demo data set). So that an epoch has at least
 ``min_batches`` batches of the largest batch size, the benchmark reads a *view* of it: a temporary
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from . import LIBRARIES
 from .contenders import Config
-from .procstat import PeakSampler, nvml
+from .procstat import DeviceMemory, PeakSampler, nvml, stop_and_measure
 
 
 @dataclass
@@ -217,6 +219,7 @@ def run(settings: Settings, *, progress: bool = True, log_dir: str | os.PathLike
     try:
         data = make_view(root, view_dir, images=epoch_images, max_images=settings.max_images)
         gpu = nvml(0) if settings.device == "cuda" else None
+        device_memory = DeviceMemory.open(0) if settings.device == "cuda" else None
         configs = [(lib, mix) for lib in settings.libraries for mix in settings.mixing]
         rounds = settings.warmup + settings.epochs
         bar = progress_bar(len(settings.batch_sizes) * len(configs) * rounds, enabled=progress)
@@ -227,8 +230,8 @@ def run(settings: Settings, *, progress: bool = True, log_dir: str | os.PathLike
                               device=settings.device, seed=settings.seed), logs)
                 for lib, mix in configs
             ]
+            records = {r.key: _record(r.cfg) for r in runners}
             try:
-                records = {r.key: _record(r.cfg) for r in runners}
                 for r in runners:
                     bar.set_postfix_str(f"starting {r.cfg.library} b{batch_size}")
                     if not r.wait_ready():
@@ -260,10 +263,11 @@ def run(settings: Settings, *, progress: bool = True, log_dir: str | os.PathLike
                         records[r.key][key].append(reply)
                 results.extend(rec for rec in records.values() if rec["epochs"])
             finally:
-                for r in runners:  # in parallel: each takes about a second to tear torch down
-                    r.ask_to_stop()
-                for r in runners:
-                    r.stop()
+                # on CUDA one at a time, each measured; else in parallel (a second each to tear torch down)
+                freed = stop_and_measure(runners, device_memory)
+                for key, value in freed.items():
+                    records[key]["gpu_freed_bytes"] = value
+                    records[key]["gpu_freed_source"] = device_memory.source if device_memory else None
         bar.close()
     finally:
         shutil.rmtree(view_dir, ignore_errors=True)

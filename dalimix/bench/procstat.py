@@ -7,12 +7,20 @@ difference of two readings is the CPU time the whole tree spent in between, what
 Memory: PSS (proportional set size: each shared page split between the processes that map it),
 so forked workers that share the parent's pages are not counted twice. Where ``smaps_rollup`` is
 not readable the RSS is used instead (an over-count for forked workers); ``memory_kind`` says which.
+
+GPU memory: NVML's per-process list is empty inside most containers (other PID namespace) and
+torch's ``max_memory_reserved`` leaves out the CUDA context and DALI's own pools. ``DeviceMemory``
+reads the device-wide used memory instead (NVML's device counters, else CUDA's free/total), and
+``stop_and_measure`` stops processes one at a time: what the device gets back when a process ends
+is everything it held (context, torch's cache, DALI's pools), the same measure for every loader.
+Caching allocators keep what they reserved, so at the end this is the process's peak.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -124,6 +132,83 @@ def nvml(device_index: int = 0):
         return _Nvml(device_index)
     except Exception:
         return None
+
+
+class DeviceMemory:
+    """Used bytes of one GPU, device-wide (all processes): ``read()`` returns ``(free, total)``.
+
+    ``DeviceMemory.open(i)`` reads NVML's device counters where NVML starts, else
+    ``torch.cuda.mem_get_info`` (which makes a CUDA context in this process: a constant offset
+    that cancels in differences); None without either."""
+
+    def __init__(self, read, source: str):
+        self.read = read
+        self.source = source
+
+    @classmethod
+    def open(cls, device_index: int = 0) -> "DeviceMemory | None":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+
+            def read_nvml():
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                return int(info.free), int(info.total)
+
+            read_nvml()
+            return cls(read_nvml, "nvml")
+        except Exception:
+            pass
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return None
+            torch.cuda.mem_get_info(device_index)
+            return cls(lambda: tuple(int(v) for v in torch.cuda.mem_get_info(device_index)), "cuda")
+        except Exception:
+            return None
+
+    def used_bytes(self) -> int | None:
+        try:
+            free, total = self.read()
+        except Exception:
+            return None
+        return total - free
+
+    def settled(self, *, timeout: float = 5.0, interval: float = 0.05) -> int | None:
+        """Used bytes once two readings ``interval`` apart agree (the driver hands a finished
+        process's memory back within moments), or the last reading after ``timeout``."""
+        last = self.used_bytes()
+        deadline = time.monotonic() + timeout
+        while last is not None and time.monotonic() < deadline:
+            time.sleep(interval)
+            now = self.used_bytes()
+            if now == last:
+                return now
+            last = now
+        return last
+
+
+def stop_and_measure(runners, memory: DeviceMemory | None) -> dict:
+    """Stop ``runners`` (objects with ``key`` and ``stop()``) one after the other; returns
+    ``{key: bytes the device got back when it ended, or None}``. Without ``memory`` they are asked
+    to stop together (``ask_to_stop()`` when they have it) and nothing is measured."""
+    if memory is None:
+        for r in runners:
+            getattr(r, "ask_to_stop", lambda: None)()
+        for r in runners:
+            r.stop()
+        return {r.key: None for r in runners}
+    freed = {}
+    for r in runners:
+        before = memory.settled()
+        r.stop()
+        after = memory.settled()
+        freed[r.key] = before - after if before is not None and after is not None and before > after else None
+    return freed
 
 
 class PeakSampler:

@@ -4,9 +4,11 @@ Per (library, mixing, batch size): images/s as the median over the timed epochs 
 minimum and maximum; CPU cores used (process-tree CPU seconds / wall seconds, median) and CPU
 milliseconds per image (process-tree CPU seconds / images, median: less moved by other
 work on a shared machine, which lowers cores used and images/s but not CPU per image); peak memory
-(process tree PSS, the largest sample over the timed epochs); peak GPU memory (NVML per process
-when available, else torch's peak reserved memory, which leaves out DALI's own pools); each also as
-a ratio to dalimix at the same batch size and mixing setting.
+(process tree PSS, the largest sample over the timed epochs); GPU memory: what the device got back
+when the loader's process ended (its CUDA context, torch's cache and DALI's pools, read as
+device-wide used memory before and after, one process at a time; see ``procstat``), else NVML's
+per-process peak, else torch's peak reserved memory (which leaves out the context and DALI's
+pools); each also as a ratio to dalimix at the same batch size and mixing setting.
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ def summarize(raw: dict) -> list[dict]:
             "cpu_ms_per_image": statistics.median(cpu_ms) if cpu_ms else None,
             "memory_mib": max(e["memory_peak_bytes"] for e in ep) / MIB if ep else None,
             "memory_kind": "rss" if any(e.get("memory_kind") == "rss" for e in ep) else "pss",
-            "gpu_mib": (max(gpu_nvml) if gpu_nvml else max(gpu_torch)) / MIB if (gpu_nvml or gpu_torch) else None,
-            "gpu_kind": "nvml" if gpu_nvml else ("torch" if gpu_torch else None),
+            **_gpu_memory(rec.get("gpu_freed_bytes"), gpu_nvml, gpu_torch),
             "setup_s": rec.get("setup_s"),
             "first_batch": ep[0].get("first_batch") if ep else None,
         })
@@ -56,6 +57,25 @@ def summarize(raw: dict) -> list[dict]:
             value, ref_value = r[key], (ref or {}).get(key)
             r[f"{key}_vs_dalimix"] = value / ref_value if value is not None and ref_value else None
     return rows
+
+
+GPU_NOTES = {
+    "device": "what the device got back when each loader's process ended (CUDA context, torch's cache and "
+              "DALI's pools; device-wide used memory before and after, one process at a time)",
+    "nvml": "per-process use from NVML",
+    "torch": "torch's peak reserved memory (the CUDA context and DALI's own pools not included)",
+}
+
+
+def _gpu_memory(freed, nvml_peaks: list, torch_peaks: list) -> dict:
+    """One GPU memory figure per row, and which measure it is ("device", "nvml", "torch" or None)."""
+    if freed:
+        return {"gpu_mib": freed / MIB, "gpu_kind": "device"}
+    if nvml_peaks:
+        return {"gpu_mib": max(nvml_peaks) / MIB, "gpu_kind": "nvml"}
+    if torch_peaks:
+        return {"gpu_mib": max(torch_peaks) / MIB, "gpu_kind": "torch"}
+    return {"gpu_mib": None, "gpu_kind": None}
 
 
 def mixing_cost(rows: list[dict]) -> list[dict]:
@@ -132,9 +152,13 @@ def markdown(raw: dict, rows: list[dict] | None = None) -> str:
     kinds = {r["memory_kind"] for r in rows}
     note = "Memory: peak PSS of the process and its workers" if kinds == {"pss"} else "Memory: peak RSS (PSS unreadable here)"
     if gpu:
-        gk = {r["gpu_kind"] for r in rows if r["gpu_kind"]}
-        note += "; GPU: " + ("per-process use from NVML" if gk == {"nvml"} else
-                             "torch's peak reserved memory (DALI's own pools not included)")
+        gk = sorted({r["gpu_kind"] for r in rows if r["gpu_kind"]})
+        if len(gk) == 1:
+            note += "; GPU: " + GPU_NOTES[gk[0]]
+        else:  # some process could not be measured like the others: say so per row
+            note += "; GPU: NOT like with like, rows measured differently: " + "; ".join(
+                f"{LABELS.get(r['library'], r['library'])} mixing {'on' if r['mix'] else 'off'} b{r['batch_size']}: "
+                f"{r['gpu_kind']}" for r in rows if r["gpu_kind"])
     parts += ["", note + "."]
     for e in raw.get("errors", []):
         parts.append(f"- {LABELS.get(e['library'], e['library'])}, mixing {'on' if e['mix'] else 'off'}, "
