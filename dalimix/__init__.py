@@ -33,7 +33,21 @@ _EXPORTS = {
     "mix_normalize": "ops",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "BatchInfo",
+    "DalimixError",
+    "DalimixWarning",
+    "DatasetError",
+    "DecodeError",
+    "EpochPlan",
+    "ImageLoader",
+    "LastBatchPolicy",
+    "Normalization",
+    "create_loader",
+    "mix_normalize",
+    "plan_epoch",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from .compat import create_loader

@@ -97,7 +97,7 @@ def method_table(image_a: np.ndarray, image_b: np.ndarray, methods, lams=(0.8, 0
     scale = max(1, int(np.ceil(min_tile / max(h, w))))
     tw, th = w * scale, h * scale
     fpx = max(11, tw // 11)
-    font, head_font = _font(fpx), _font(int(fpx * 1.15))
+    head_font = _font(int(fpx * 1.15))
     pad, cap_h = max(4, fpx // 3), int(fpx * 1.6)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(probe.textbbox((0, 0), r[0], font=head_font)[2] for r in rows) + 2 * pad
