@@ -197,6 +197,11 @@ def test_preset_prints_no_dali_deprecation_warnings(small_dataset):
                       "auto_augment='rand-m9-n2')\n"
                       "for e in range(2):\n"
                       "    for _ in l: pass\n"
+                      "from dalimix.policy import Policy\n"
+                      "p = Policy(sub_policies=[[('equalize', 1.0, None)], [('sharpness', 0.5, 4)]])\n"
+                      f"l = ImageLoader(root={str(small_dataset)!r}, batch_size=4, size=16, device='cpu', "
+                      "auto_augment=p)\n"
+                      "for _ in l: pass\n"
                       "warnings.warn('other warnings still show', DeprecationWarning)\n")
     assert res.returncode == 0, res.stderr
     assert "is now deprecated" not in res.stderr

@@ -130,3 +130,28 @@ def test_diff_block_matches_the_examples(page, line, code):
             assert body in new, f"{page}:{line}: not in examples/train_plain.py: {body!r}"
         if sign in "- ":
             assert body in old, f"{page}:{line}: not in examples/train_plain_torchvision.py: {body!r}"
+
+
+def test_readme_is_short_and_its_quick_start_fits_ten_lines():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= 15 * 1024
+    quick = readme.split("## Quick start", 1)[1]
+    code = FENCE.search(quick)
+    assert code.group(1) == "python"
+    assert len([line for line in code.group(2).splitlines() if line.strip()]) <= 10
+    assert "demo_dataset()" in code.group(2) and 'device="cpu"' in code.group(2)
+
+
+def test_readme_says_how_to_install_both_ways():
+    readme = (REPO / "README.md").read_text()
+    for text in ("source .venv/bin/activate", "pip install .", "pip install '.[cuda]'", "pip install '.[bench]'",
+                 "make demo", "make test"):
+        assert text in readme, text
+
+
+def test_docs_links_resolve():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: link to {target} which does not exist"
