@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack an ImageFolder tree into WebDataset .tar shards (image + .cls per sample)")
     p.add_argument("src", metavar="DIR", help="ImageFolder root: DIR/<class>/<image>")
     p.add_argument("out", metavar="OUT", help="folder for the shards (created)")
-    p.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ...")
     p.add_argument("--shuffle-seed", type=int, default=None, help="store the samples in a random order drawn from this seed")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
