@@ -1,29 +1,57 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv on first use
-# (and again only when the requirements or pyproject.toml change), then runs.
+# (and again only when a requirements file or pyproject.toml changes), then runs.
+#   make demo  installs what the CPU path needs (requirements/base.txt), plus CuPy
+#              (requirements/cuda.txt, dalimix[cuda]) where nvidia-smi sees a GPU or with CUDA=1;
+#   make test  adds the test, benchmark, lint and docs tools, then runs `make lint`, `make docs`
+#              and the test suite (.ci/run is `make test`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+CUDA_REQ := $(if $(filter 1,$(CUDA)),-r requirements/cuda.txt,)
+DEMO_STAMP := $(VENV)/.installed-demo$(if $(filter 1,$(CUDA)),-cuda,)
+TEST_STAMP := $(VENV)/.installed-test$(if $(filter 1,$(CUDA)),-cuda,)
 
-.PHONY: demo test test-gpu bench clean-venv
+.PHONY: demo test lint docs format test-gpu bench clean-venv
 
-$(STAMP): requirements/base.txt requirements/test.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -r requirements/test.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): requirements/base.txt requirements/cuda.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -r requirements/base.txt $(CUDA_REQ)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+$(TEST_STAMP): $(DEMO_STAMP) requirements/bench.txt requirements/test.txt requirements/dev.txt
+	$(PY) -m pip install --quiet -r requirements/test.txt -r requirements/dev.txt $(CUDA_REQ)
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/dalimix demo
 
-test: $(STAMP)
+test: lint docs
 	$(PY) -m pytest -q
 
-test-gpu: $(STAMP)
+# ruff (lint + format check) over the tree, mypy over the public modules (config: pyproject.toml)
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# the docs site (mkdocs.yml, docs/), warnings as errors, into build/site
+docs: $(TEST_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+# rewrite the tree in ruff's format and apply ruff's safe fixes
+format: $(TEST_STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test-gpu: $(TEST_STAMP)
 	$(PY) -m pytest -q -m gpu
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(VENV)/bin/dalimix bench
 
 clean-venv:

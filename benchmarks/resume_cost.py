@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     def take(step):
         if step == k:
             t0 = time.perf_counter()
-            ckpt["data"] = pipe.checkpoint()
+            ckpt["data"] = pipe.checkpoint()  # noqa: F821 (the enclosing pipe, deleted after use)
             times.append(time.perf_counter() - t0)
 
     drive(pipe, 0, k + 1, take)

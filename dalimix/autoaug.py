@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ._quiet import dali_alias_warnings_silenced
+
 AUTOAUGMENT_POLICIES = {
     "original": "image_net",
     "autoaug": "image_net",
@@ -131,10 +133,15 @@ def apply_preset(images, preset, *, height: int, width: int):
     """Apply ``preset`` (an ``AutoAugmentPreset`` or its string) to a DALI batch of uint8
     ``H x W x 3`` images (inside a pipeline definition built with ``enable_conditionals=True``);
     returns the augmented batch, same shape and type."""
-    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
-
     if not isinstance(preset, AutoAugmentPreset):
         preset = parse_auto_augment(preset)
+    with dali_alias_warnings_silenced():  # DALI's augmentations use aliases DALI deprecates
+        return _apply_preset(images, preset, height=height, width=width)
+
+
+def _apply_preset(images, preset, *, height: int, width: int):
+    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+
     shape = (height, width)
     if preset.kind == "autoaugment":
         if preset.policy == "reduced_image_net":  # has no translations, so takes no shape

@@ -118,19 +118,38 @@ def _encode(img: np.ndarray, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def generate(dest: str | os.PathLike, *, per_class: int = PER_CLASS, seed: int = 0, classes=CLASSES) -> Path:
-    """Write ``dest/<class>/<class>_<i>.jpg`` (an ImageFolder tree) and return ``dest``."""
+def generate(dest: str | os.PathLike, *, per_class: int = PER_CLASS, seed: int = 0, classes=CLASSES,
+             progress: bool = False) -> Path:
+    """Write ``dest/<class>/<class>_<i>.jpg`` (an ImageFolder tree) and return ``dest``.
+
+    ``progress``: show a progress bar (tqdm, on stderr) while the images are drawn.
+    """
     dest = Path(dest)
-    for ci, cls in enumerate(classes):
-        (dest / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            rng = np.random.default_rng([seed, ci, i])
-            (dest / cls / f"{cls}_{i:03d}.jpg").write_bytes(_encode(render_image(cls, rng), rng))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(classes) * per_class, desc="demo data", unit="image", leave=False)
+    try:
+        for ci, cls in enumerate(classes):
+            (dest / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                rng = np.random.default_rng([seed, ci, i])
+                (dest / cls / f"{cls}_{i:03d}.jpg").write_bytes(_encode(render_image(cls, rng), rng))
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
     return dest
 
 
 def demo_dataset(progress: bool = False) -> Path:
-    """The cached demo data set, generated on first use (a few seconds). Returns its ImageFolder root."""
+    """The cached demo data set, generated on first use. Returns its ImageFolder root.
+
+    Generating takes 20 s to a couple of minutes on a CPU; ``progress=True`` prints where it goes
+    and shows a progress bar meanwhile.
+    """
     root = cache_root() / f"demo-v{VERSION}"
     if (root / ".complete").exists():
         return root
@@ -139,7 +158,7 @@ def demo_dataset(progress: bool = False) -> Path:
     try:
         if progress:
             print(f"dalimix: generating the demo data set ({len(CLASSES)} classes x {PER_CLASS} JPEGs) in {root} ...", flush=True)
-        generate(tmp)
+        generate(tmp, progress=progress)
         (tmp / ".complete").write_text(f"dalimix demo data v{VERSION}\n")
         try:
             os.rename(tmp, root)

@@ -25,6 +25,7 @@ import torch
 from . import rng as rng_mod
 from . import validate as v
 from .autoaug import parse_auto_augment
+from ._keywords import suggest_keywords
 from .errors import DatasetError, DecodeError
 from .hook import make_stage, require_hook
 from .ops import Normalization, allocate_output, identity_records, mix_normalize
@@ -223,6 +224,8 @@ class ImageLoader:
             Reliability section for what is checked with and without it.
     """
 
+    @suggest_keywords({"num_workers": "num_threads= (DALI threads)", "drop_last": "last_batch_policy='drop'",
+                       "image_size": "size=", "input_size": "size="})
     def __init__(
         self,
         *,

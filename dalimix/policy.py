@@ -352,6 +352,7 @@ class PolicyStage:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.auto_aug.core import select, signed_bin
 
+        from ._quiet import dali_alias_warnings_silenced
         from .pipeline import device_strings
 
         self.policy = policy
@@ -379,7 +380,8 @@ class PolicyStage:
                                 num_magnitude_bins=bins, **op_kwargs)
             return images
 
-        self._pipe = stage()
+        with dali_alias_warnings_silenced():  # DALI's augmentations use aliases DALI deprecates
+            self._pipe = stage()
         self._pipe.build()
         self._holding = False
         self._last = None  # (DALI output, the stream it is bound to) of the previous batch, CUDA

@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import torch
 
+from .._optional import require
 from .kernels import ENTRIES, kernel_dir, kernel_source
 
 _BLOCK = 256
@@ -20,8 +21,7 @@ _modules: dict[tuple[int, str], object] = {}
 
 def _function(device: torch.device, name: str):
     """The compiled CuPy function for entry ``name`` on ``device`` (compiled once per device and file)."""
-    import cupy
-
+    cupy = require("cupy", "cuda", "the CUDA path (device='cuda')")
     entry = ENTRIES[name]
     key = (device.index or 0, entry.file)
     with _lock:
@@ -58,7 +58,7 @@ def mix_normalize_cuda(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Launch entry ``entry`` once for the whole batch; see ``dalimix.ops.mix_normalize``."""
-    import cupy
+    cupy = require("cupy", "cuda", "the CUDA path (device='cuda')")
 
     device = images.device
     n = len(records)
