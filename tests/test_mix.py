@@ -24,6 +24,7 @@ from dalimix.mix import (
     pair_indices,
     soft_targets,
 )
+from dalimix.mix.params import DISTINCT_PAIRINGS
 from dalimix.ops import Normalization, mix_normalize
 from dalimix.ops.record import METHOD_NONE
 
@@ -322,9 +323,12 @@ def test_pairings():
     rng = np.random.default_rng(0)
     assert pair_indices(5, "flip").tolist() == [4, 3, 2, 1, 0]
     assert pair_indices(5, "roll").tolist() == [4, 0, 1, 2, 3]
-    for n in (2, 3, 10, 257):
-        d = pair_indices(n, "derangement", rng)
-        assert sorted(d.tolist()) == list(range(n)) and (d != np.arange(n)).all()
+    for n in (2, 3, 4, 10, 257):
+        for _ in range(20):
+            d = pair_indices(n, "derangement", rng)
+            assert sorted(d.tolist()) == list(range(n)) and (d != np.arange(n)).all()
+            if n >= 3:  # no 2-cycle: no two samples mix the same pair of images
+                assert (d[d] != np.arange(n)).all()
     assert pair_indices(1, "derangement", rng).tolist() == [0]
     with pytest.raises(ValueError, match="pairing='zigzag'"):
         pair_indices(3, "zigzag")
@@ -379,8 +383,55 @@ def test_samplepairing_keeps_the_label_and_follows_its_schedule():
     images, labels = batch(n=4, h=8, w=8)
     x, t = mixer(images, labels, params=p)
     assert t.argmax(1).tolist() == labels.tolist()
-    want = normalised(((images.float() + images.flip(0).float()) / 2).round().to(torch.uint8))
+    partner = torch.from_numpy(p.partner)
+    assert (partner != torch.arange(4)).all()
+    want = normalised(((images.float() + images[partner].float()) / 2).round().to(torch.uint8))
     torch.testing.assert_close(x, want, atol=0.02, rtol=0)  # the reference rounded to uint8; we did not
+
+
+def _distinct_images(n, size=6, seed=0):
+    """n uint8 images of which no two averages of two different pairs coincide (random pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+
+
+@pytest.mark.parametrize("pairing", DISTINCT_PAIRINGS)
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+@pytest.mark.parametrize("n", [3, 4, 5, 8, 9, 16])
+def test_samplepairing_never_repeats_an_image_pair(pairing, mode, n):
+    """The paper pairs each image with a random other one: no two outputs may be the same image."""
+    mixer = Mixer(methods=[SamplePairing(pairing=pairing)], mode=mode, num_classes=10)
+    images, labels = _distinct_images(n, seed=n)
+    for seed in range(5):
+        p = mixer.plan(n, rng=np.random.default_rng(seed), height=6, width=6)
+        assert (p.partner != np.arange(n)).all()
+        pairs = {frozenset((i, int(j))) for i, j in enumerate(p.partner)}
+        assert len(pairs) == n
+        x, _ = mixer(images, labels, params=p)
+        flat = x.reshape(n, -1)
+        assert (torch.cdist(flat, flat) + torch.eye(n) * 1e9).min() > 1e-3
+
+
+def test_samplepairing_default_pairing_is_distinct_and_flip_stays_selectable():
+    n = 6
+    images, labels = _distinct_images(n)
+    default = Mixer(methods=[SamplePairing()], num_classes=10)  # the mixer's own pairing is "flip"
+    p = default.plan(n, rng=np.random.default_rng(0), height=6, width=6)
+    assert len({frozenset((i, int(j))) for i, j in enumerate(p.partner)}) == n
+    flip = Mixer(methods=[SamplePairing(pairing="flip")], num_classes=10)
+    p = flip.plan(n, rng=np.random.default_rng(0), height=6, width=6)
+    assert p.partner.tolist() == [5, 4, 3, 2, 1, 0]
+    x, _ = flip(images, labels, params=p)
+    torch.testing.assert_close(x[0], x[5])  # flip: samples i and n-1-i are one image with two labels
+    # in "elem" mode only SamplePairing's rows take its partners; the other methods keep the mixer's
+    mixed = Mixer(methods=[MixUp(), SamplePairing()], mode="elem", num_classes=10)
+    p = mixed.plan(64, rng=np.random.default_rng(1), height=6, width=6)
+    mix_rows = p.kind == 0
+    assert (p.partner[mix_rows] == (63 - np.arange(64))[mix_rows]).all()
+    assert (p.partner[p.kind == 1] != np.arange(64)[p.kind == 1]).all()
+    with pytest.raises(ValueError, match="cannot choose other partners"):
+        Mixer(methods=[SamplePairing()], mode="pair")
+    assert Mixer(methods=[SamplePairing(pairing="flip")], mode="pair").mode == "pair"
 
 
 def test_mixup_disabled_gives_smoothed_one_hots():

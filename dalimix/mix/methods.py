@@ -30,7 +30,7 @@ from ..ops.record import (
     METHOD_SMOOTH,
 )
 from .. import validate as v
-from .params import MixParams, pair_indices
+from .params import PAIRINGS, MixParams, pair_indices
 
 
 def _positive(name: str, value) -> float:
@@ -76,11 +76,14 @@ class MixMethod:
     def active(self) -> bool:
         return True
 
-    def params(self, n: int, *, height: int, width: int, lam=None, partner="flip", rng=None, **explicit) -> MixParams:
+    def params(self, n: int, *, height: int, width: int, lam=None, partner=None, rng=None, **explicit) -> MixParams:
         """A batch of ``n`` samples mixed by this method; ``lam`` (scalar or per sample), ``partner``
-        (a pairing name or an index array) and method-specific geometry may be given explicitly."""
+        (a pairing name or an index array; default: the method's own ``pairing`` if it has one, else
+        "flip") and method-specific geometry may be given explicitly."""
         rng = _rng(rng)
         p = MixParams.unmixed(n, (self.name,))
+        if partner is None:
+            partner = getattr(self, "pairing", None) or "flip"
         p.partner = pair_indices(n, partner, rng) if isinstance(partner, str) else _check_partner(partner, n)
         rows = np.arange(n)
         lam_rows = self.draw_lam(rng, n) if lam is None else _as_rows(lam, rows, np.float64)
@@ -131,15 +134,22 @@ class MixUp(MixMethod):
 class SamplePairing(MixMethod):
     """SamplePairing (Inoue, "Data Augmentation by Pairing Samples for Images Classification", 2018).
 
-    ``x = (x_i + x_j) / 2`` and the label stays ``y_i``. On an epoch schedule: active from
-    ``start_epoch`` until ``end_epoch`` (exclusive, None = forever), in cycles of ``on_epochs``
-    epochs on and ``off_epochs`` off (``off_epochs=0``: always on within the range). The loader's
-    ``set_epoch`` switches it; while off, the samples that chose it stay unmixed.
+    ``x = (x_i + x_j) / 2`` and the label stays ``y_i``, with ``x_j`` a random other image of the
+    batch (the paper's pairing). SamplePairing chooses its samples' partners itself, whatever the
+    mixer's ``pairing``: ``pairing="derangement"`` (default: a random permutation with no fixed point
+    and no 2-cycle, so no two samples of a batch of 3 or more hold the same average), ``"roll"``
+    (i with i-1, also distinct) or ``"flip"`` (i with n-1-i, timm's pairing: samples i and n-1-i
+    then hold the SAME image with two labels). On an epoch schedule: active from ``start_epoch``
+    until ``end_epoch`` (exclusive, None = forever), in cycles of ``on_epochs`` epochs on and
+    ``off_epochs`` off (``off_epochs=0``: always on within the range). The loader's ``set_epoch``
+    switches it; while off, the samples that chose it stay unmixed.
     """
 
     name = "samplepairing"
 
-    def __init__(self, *, start_epoch: int = 0, end_epoch: int | None = None, on_epochs: int = 1, off_epochs: int = 0):
+    def __init__(self, *, pairing: str = "derangement", start_epoch: int = 0, end_epoch: int | None = None,
+                 on_epochs: int = 1, off_epochs: int = 0):
+        self.pairing = v.choice("pairing", pairing, PAIRINGS)
         self.start_epoch = v.integer("start_epoch", start_epoch, lo=0)
         self.end_epoch = None if end_epoch is None else v.integer("end_epoch", end_epoch, lo=self.start_epoch,
                                                                    hint=" (>= start_epoch, or None for no end)")

@@ -10,7 +10,9 @@ per-sample parameter array (``MixParams``), and "elem" mode costs the kernel wha
 Pairing: ``flip`` by default (i <-> n-1-i, timm's ``x.flip(0)``): it is what timm does, so
 results match timm's Mixup for the same parameters, and it is an involution, which "pair" mode
 needs (both samples of a pair share one lam and one geometry). ``roll`` is torchvision's pairing,
-``derangement`` a random partner that is never the sample itself. With flip, the middle sample
+``derangement`` a random partner that is never the sample itself (and never a sample whose partner
+it is: no two samples mix the same two images). A method with its own ``pairing`` (SamplePairing)
+draws the partners of the samples it mixes itself. With flip, the middle sample
 of an odd batch (and the only sample of a batch of 1) is paired with itself: mixing it is a no-op
 and its target is its own label.
 """
@@ -77,6 +79,11 @@ class Mixer:
         self.pairing = v.choice("pairing", pairing, PAIRINGS)
         if mode == "pair" and pairing != "flip":
             raise ValueError("mode='pair' mixes i with n-1-i and back: it needs pairing='flip'")
+        for m in methods:
+            own = getattr(m, "pairing", None)
+            if mode == "pair" and own not in (None, "flip"):
+                raise ValueError(f"mode='pair' mixes i with n-1-i and back: {type(m).__name__}(pairing={own!r}) "
+                                 "cannot choose other partners; use mode='elem' or pairing='flip'")
         self.label_smoothing = v.number("label_smoothing", label_smoothing, lo=0, hi=1, hi_open=True)
         self.num_classes = None if num_classes is None else v.integer("num_classes", num_classes, lo=1)
         self.target_form = v.choice("targets", targets, TARGET_FORMS)
@@ -131,6 +138,9 @@ class Mixer:
                 if self.mode == "pair":
                     _copy_rows(p, rows, p.partner[rows])
                     rows = np.concatenate([rows, p.partner[rows]])
+            own = getattr(method, "pairing", None)
+            if partner is None and own is not None and own != self.pairing:
+                p.partner[rows] = pair_indices(n, own, rng)[rows]
             p.kind[rows] = mi
         return p
 
