@@ -237,7 +237,7 @@ def test_mixup_lam_follows_beta(alpha):
 def test_elem_mode_lams_follow_beta_and_fmix_means_equal_lam():
     mixer = Mixer(methods=[FMix(alpha=1.0)], mode="elem", num_classes=10)
     p = mixer.plan(400, rng=np.random.default_rng(0), height=32, width=32)
-    means = np.array([m.mean() for m in p.masks])  # 32 is a multiple of the 8x8 mask: mean is exact
+    means = np.array([m.mean() for m in p.masks])  # full-resolution masks: the mean is the lam
     np.testing.assert_allclose(p.lam, means, atol=1e-12)
     assert stats.kstest(p.lam, stats.beta(1.0, 1.0).cdf).pvalue > 1e-3
     # masks are binary and spatially coherent (low-frequency): neighbours mostly agree
@@ -255,6 +255,84 @@ def test_fmix_lam_exact_when_upsampling_is_uneven():
     p.partner = np.array([1, 0, 2])
     out = mix_normalize(images, p.records(), p.mask_pool("cpu"), norm=Normalization(mean=(0, 0, 0), std=(1, 1, 1)))
     assert out[0].double().mean().item() == pytest.approx(p.lam[0], abs=1e-9)
+
+
+def test_fmix_samples_masks_at_full_resolution_by_default():
+    """At 32 px a quarter-resolution mask is 4 x 4 blocks with lam on a 1/64 grid; the default is the
+    release's full resolution (lam on a 1/1024 grid, edges at pixel level)."""
+    p = FMix().params(64, height=32, width=32, rng=np.random.default_rng(0))
+    assert {m.shape for m in p.masks} == {(32, 32)}
+    lam_grid = p.lam * 32 * 32
+    np.testing.assert_allclose(lam_grid, np.rint(lam_grid), atol=1e-9)
+    assert (np.abs(p.lam * 64 - np.rint(p.lam * 64)) > 1e-6).mean() > 0.5  # not on the coarse grid
+    m = np.stack(p.masks)
+    blocky = (m.reshape(64, 8, 4, 8, 4) == m[:, ::4, ::4].reshape(64, 8, 1, 8, 1)).all()
+    assert not blocky
+    coarse = FMix(mask_scale=4).params(4, height=32, width=32, rng=np.random.default_rng(0))
+    assert {m.shape for m in coarse.masks} == {(8, 8)}
+
+
+def test_fmix_spectrum_follows_the_decay_power():
+    """The low-frequency image's Fourier amplitude is proportional to 1 / max(f, 1/max(h, w)) ** decay."""
+    h, w, decay = 16, 20, 2.0
+    f = FMix(decay_power=decay)
+    imgs = f.low_freq_images(np.random.default_rng(0), 4000, h, w).astype(np.float64)
+    amp = np.abs(np.fft.rfft2(imgs)).mean(0)
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    scale = 1.0 / np.maximum(np.sqrt(fy**2 + fx**2), 1.0 / max(h, w)) ** decay
+    ratio = amp / scale
+    inner = ratio[1:-1, 1:-1]  # edges of the real FFT (DC, Nyquist) have real parts only
+    assert inner.std() / inner.mean() < 0.05
+
+
+def release_binarise(mask: np.ndarray, lam: float, max_soft: float) -> np.ndarray:
+    """The FMix release's ``binarise_mask`` in float64, with its random ceil/floor replaced by round."""
+    idx = mask.reshape(-1).argsort(kind="stable")[::-1]
+    out = mask.reshape(-1).astype(np.float64).copy()
+    num = int(np.rint(lam * out.size))
+    eff_soft = min(lam, 1 - lam) if (max_soft > lam or max_soft > 1 - lam) else max_soft
+    soft = int(out.size * eff_soft)
+    low, high = num - soft, num + soft
+    out[idx[:high]] = 1
+    out[idx[low:]] = 0
+    out[idx[low:high]] = np.linspace(1, 0, len(idx[low:high]))
+    return out.reshape(mask.shape)
+
+
+@pytest.mark.parametrize("max_soft", [0.0, 0.05, 0.3, 0.5])
+def test_fmix_binarisation_and_soft_edges_match_the_release(max_soft):
+    f = FMix(max_soft=max_soft)
+    rng = np.random.default_rng(3)
+    imgs = f.low_freq_images(rng, 12, 13, 17)
+    lam = rng.uniform(0.02, 0.98, size=12)
+    lam[:2] = (0.5, 0.04)
+    got = f.binarize(imgs, lam)
+    # the release ranks descending with ties broken by position from the end; there are no ties here
+    want = np.stack([release_binarise(-(-im), l, max_soft) for im, l in zip(imgs.astype(np.float64), lam)])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    p = f.params(12, height=13, width=17, rng=rng)
+    np.testing.assert_allclose(p.lam, [m.mean() for m in p.masks], atol=1e-12)
+
+
+def test_fmix_reformulate_draws_lam_from_beta_alpha_plus_one():
+    lam = FMix(alpha=1.0, reformulate=True).draw_lam(np.random.default_rng(0), 3000)
+    assert stats.kstest(lam, stats.beta(2.0, 1.0).cdf).pvalue > 1e-3
+    assert stats.kstest(lam, stats.beta(1.0, 1.0).cdf).pvalue < 1e-6
+
+
+def test_resizemix_use_alpha_draws_tau_from_beta_within_scope():
+    lo, hi, a = 0.1, 0.8, 2.0
+    taus = ResizeMix(scope=(lo, hi), use_alpha=True, alpha=a).draw_lam(np.random.default_rng(0), 4000)
+    assert taus.min() >= lo and taus.max() <= hi
+    b = stats.beta(a, a)
+    out = b.cdf(lo) + b.sf(hi)  # the redrawn share, uniform over the scope
+
+    def cdf(t):
+        return b.cdf(t) - b.cdf(lo) + out * (t - lo) / (hi - lo)
+
+    assert stats.kstest(taus, cdf).pvalue > 1e-3
+    assert stats.kstest(taus, stats.uniform(lo, hi - lo).cdf).pvalue < 1e-6
 
 
 def test_resizemix_tau_is_uniform():
@@ -457,6 +535,8 @@ def test_mixup_disabled_gives_smoothed_one_hots():
         (lambda: Mixer(methods=[MixUp()], mode="pair", pairing="roll"), "needs pairing='flip'"),
         (lambda: MixUp(alpha=0), "alpha=0"),
         (lambda: FMix(decay_power=-1), "decay_power"),
+        (lambda: FMix(max_soft=0.6), "max_soft=0.6"),
+        (lambda: FMix(reformulate="yes"), "reformulate"),
         (lambda: ResizeMix(scope=(0.5, 2)), "scope="),
         (lambda: ResizeMix(interpolation="cubic"), "interpolation="),
         (lambda: SamplePairing(on_epochs=0), "on_epochs=0"),
