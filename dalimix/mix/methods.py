@@ -552,5 +552,3 @@ class SmoothMix(MixMethod):
             p.lam[r] = 1.0 - self.partner_fraction(oy, ox, k, height, width)
             p.target_lam[r] = p.lam[r]
 
-
-METHODS = {cls.name: cls for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix)}

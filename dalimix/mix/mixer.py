@@ -25,7 +25,9 @@ import torch
 from ..ops import Normalization, allocate_output, mix_normalize
 from .. import validate as v
 from .methods import CutMix, MixMethod, MixUp
+from ..ops.record import METHOD_MASK
 from .params import PAIRINGS, MixParams, pair_indices
+from .saliency import MaskPolicy
 from .targets import CompactTargets, soft_targets
 
 MODES = ("batch", "pair", "elem")
@@ -88,6 +90,9 @@ class Mixer:
         self.num_classes = None if num_classes is None else v.integer("num_classes", num_classes, lo=1)
         self.target_form = v.choice("targets", targets, TARGET_FORMS)
         self.mixup_enabled = True
+        if len([m for m in methods if isinstance(m, MaskPolicy)]) > 1:
+            raise ValueError("a mixer takes one mask policy (SaliencyMix or AttentiveMix): the loader has one mask hook; "
+                             "mix two policies in separate loaders or write one hook that does both")
 
     def __repr__(self) -> str:
         methods = ", ".join(f"{m!r}: p={p:.2f}" for m, p in zip(self.methods, self.probs))
@@ -96,11 +101,22 @@ class Mixer:
 
     # ------------------------------------------------------------------ loader protocol
     def bind(self, loader) -> None:
-        """Called by ``ImageLoader``: take C from the data set, check it otherwise."""
+        """Called by ``ImageLoader``: take C from the data set, check it otherwise; register the mask
+        hook of a built-in mask policy (SaliencyMix, AttentiveMix) if the mixer has one."""
         if self.num_classes is None:
             self.num_classes = loader.num_classes
         elif self.num_classes < loader.num_classes:
             raise ValueError(f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes")
+        policy = self.mask_policy
+        if policy is not None and hasattr(loader, "set_mask_hook"):
+            policy.bind(loader)
+            loader.set_mask_hook(policy.mask_policy, **policy.hook_options)
+
+    @property
+    def mask_policy(self):
+        """The mixer's built-in mask policy (a ``MaskPolicy`` method), or None."""
+        policies = [m for m in self.methods if isinstance(m, MaskPolicy)]
+        return policies[0] if policies else None
 
     def set_epoch(self, epoch: int) -> None:
         for m in self.methods:
@@ -174,8 +190,19 @@ class Mixer:
             rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             params = self.plan(n, rng=rng, height=h, width=w)
         out = allocate_output(n, h, w, dtype=dtype, channels_last=channels_last, device=images.device)
-        mixed = mix_normalize(images, params.records(), params.mask_pool(images.device), norm=norm, dtype=dtype,
-                              channels_last=channels_last, out=out)
+        records, pool = params.records(), None
+        policy = self.mask_policy
+        if policy is not None and (params.method == METHOD_MASK).any() and params.device_masks is None:
+            from ..hook import MaskHook, MaskHookStage  # the loader's hook stage, run here for a tensor batch
+
+            unmixed = mix_normalize(images, None, None, norm=norm, dtype=dtype, channels_last=channels_last)
+            if policy._norm is None:
+                policy._norm = norm or Normalization()
+            stage = MaskHookStage(MaskHook(fn=policy.mask_policy, **policy.hook_options), images.device)
+            records, pool = stage.prepare(unmixed, params, epoch=0, step=0)
+        else:
+            pool = params.mask_pool(images.device)
+        mixed = mix_normalize(images, records, pool, norm=norm, dtype=dtype, channels_last=channels_last, out=out)
         return mixed, self.targets(labels, params, self.num_classes)
 
 
