@@ -364,3 +364,66 @@ def test_automix_step_on_a_cuda_loader(small_dataset):
         opt.step()
         am.update((step + 1) / len(loader))
         assert torch.isfinite(losses["loss"])
+
+
+def reference_samix_partner_logits(mb: MixBlock, z: torch.Tensor, lam: np.ndarray, partner: np.ndarray) -> np.ndarray:
+    """OpenMixup's PixelMixBlock with SAMix's released settings (lam_mul + lam_residual, x_qk_concat,
+    a ConvNeck value: conv - BN (eval) - ELU - conv - dropout (eval)) in float64: the logits ``P v_j``
+    of the partner's weight."""
+    d = lambda t: t.detach().double().numpy()  # noqa: E731
+    wq, bq = d(mb.query.weight)[:, :, 0, 0], d(mb.query.bias)
+    wk, bk = d(mb.key.weight)[:, :, 0, 0], d(mb.key.bias)
+    conv1, bn, _, conv2, _ = mb.value
+    w1, w2 = d(conv1.weight)[:, :, 0, 0], d(conv2.weight)[:, :, 0, 0]
+    gamma, beta, mean, var = d(bn.weight), d(bn.bias), d(bn.running_mean), d(bn.running_var)
+    n, c, h, w = z.shape
+    zz = z.double().numpy().reshape(n, c, h * w)
+    out = np.empty((n, h * w))
+    for s in range(n):
+        xi, xj = zz[s] * (1 + lam[s]), zz[partner[s]] * (1 + (1 - lam[s]))
+        both = np.concatenate([xi, xj])
+        q, k = wq @ both + bq[:, None], wk @ both + bk[:, None]
+        scores = q.T @ k / math.sqrt(mb.inter_channels)
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        hid = (w1 @ xj - mean[:, None]) / np.sqrt(var[:, None] + bn.eps) * gamma[:, None] + beta[:, None]
+        hid = np.where(hid > 0, hid, np.expm1(hid))
+        out[s] = p @ (w2 @ hid)[0]
+    return out.reshape(n, 1, h, w)
+
+
+def test_samix_mix_block_matches_openmixups_released_settings():
+    torch.manual_seed(3)
+    n, c, h, w = 4, 8, 3, 4
+    mb = MixBlock.samix(c, init_std=0.4)
+    assert mb.query.in_channels == 2 * c and mb.key is not None and not mb.lam_concat and mb.lam_mul
+    bn = mb.value[1]
+    bn.running_mean.normal_(0, 0.1)
+    bn.running_var.uniform_(0.5, 2.0)
+    nn.init.normal_(bn.weight, 1.0, 0.2)
+    nn.init.normal_(bn.bias, 0.0, 0.2)
+    mb.eval()
+    z = torch.randn(n, c, h, w)
+    lam = np.random.default_rng(0).random(n)
+    partner = np.array([1, 2, 3, 0])
+    got = mb(z, torch.from_numpy(lam), torch.from_numpy(partner))
+    np.testing.assert_allclose(got.detach().numpy(), -reference_samix_partner_logits(mb, z, lam, partner),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="choose one"):
+        MixBlock(c, lam_concat=True, lam_mul=True)
+
+
+def test_samix_variant_trains_its_mix_block_with_the_variance_mask_loss():
+    am = make_automix(variant="samix")
+    assert am.mix_block.qk_concat and am.mix_block.lam_mul and isinstance(am.mix_block.value, nn.Sequential)
+    clean = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    flow = am.mix_block_flow(clean, labels, am.features(clean), lam=0.3, partner=[1, 2, 3, 0])
+    mask = flow["mask"].detach()
+    want = 0.1 * (torch.clamp((mask.mean() - 0.3).abs() - 0.1, min=0) - 2 * mask.var(unbiased=False))
+    torch.testing.assert_close(flow["loss_mask"].detach(), want)
+    (flow["loss_mix_block"] + flow["loss_mask"]).backward()
+    assert all(p.grad is not None for p in am.mix_block.parameters())
+    assert all(p.grad is None for p in am.model.parameters())
+    with pytest.raises(ValueError, match="variant"):
+        make_automix(variant="puzzlemix")

@@ -35,12 +35,21 @@ class MixBlock(nn.Module):
       with ``upsampling`` "nearest" or "bilinear" (``F.interpolate``, ``align_corners=False``):
       ``mask()`` does it here (differentiable), the loader's kernel does it for the mask hook.
 
+    SAMix's variant (Li et al., "Boosting Discriminative Visual Representation Learning with
+    Scenario-Agnostic Mixup", 2021; its released configs: ``MixBlock.samix(C)``): ``lam_mul=True``
+    scales the features by lam instead of a channel (``x_i = z_i (1 + lam)``, ``x_j = z_j (2 - lam)``,
+    OpenMixup's ``lam_mul=True, lam_residual=True``); ``qk_concat=True`` computes query and key with
+    two convs from the same ``[x_i, x_j]`` (2C channels); ``value_hidden=c`` makes the value a
+    non-linear neck ``conv(C -> c) -> BatchNorm -> ELU -> conv(c -> 1) -> dropout(value_dropout)``
+    (convs without bias, OpenMixup's ``ConvNeck``).
+
     The convs start from N(0, 0.01) weights and zero biases (OpenMixup's init), so the first masks
     are close to a constant 0.5.
     """
 
     def __init__(self, in_channels: int, *, reduction: int = 2, value_from: str = "partner", lam_concat: bool = True,
-                 init_std: float = 0.01):
+                 lam_mul: bool = False, qk_concat: bool = False, value_hidden: int | None = None,
+                 value_dropout: float = 0.0, init_std: float = 0.01):
         super().__init__()
         if isinstance(in_channels, bool) or int(in_channels) < 1:
             raise ValueError(f"in_channels={in_channels!r}: the feature map's channel count (e.g. 256 for ResNet-18's layer3)")
@@ -51,16 +60,45 @@ class MixBlock(nn.Module):
                              "'own' (an early variant: P^T v_i)")
         if not isinstance(lam_concat, bool):
             raise ValueError(f"lam_concat={lam_concat!r}: True (lam as an extra channel, ImageNet configs) or False (CIFAR)")
+        for name, flag in (("lam_mul", lam_mul), ("qk_concat", qk_concat)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r}: True or False")
+        if lam_mul and lam_concat:
+            raise ValueError("lam_concat and lam_mul both carry lam into the features: choose one (SAMix: lam_mul)")
+        if value_hidden is not None and (isinstance(value_hidden, bool) or int(value_hidden) < 1):
+            raise ValueError(f"value_hidden={value_hidden!r}: the value neck's hidden channels (SAMix: in_channels // 2) or None")
+        if not 0 <= float(value_dropout) < 1:
+            raise ValueError(f"value_dropout={value_dropout!r}: a probability in [0, 1)")
         self.in_channels = int(in_channels)
         self.inter_channels = max(self.in_channels // int(reduction), 1)
         self.value_from = value_from
         self.lam_concat = lam_concat
+        self.lam_mul = lam_mul
+        self.qk_concat = qk_concat
         width = self.in_channels + int(lam_concat)
-        self.query = nn.Conv2d(width, self.inter_channels, kernel_size=1)  # shared by q and k
-        self.value = nn.Conv2d(width, 1, kernel_size=1)
-        for conv in (self.query, self.value):
-            nn.init.normal_(conv.weight, std=init_std)
-            nn.init.zeros_(conv.bias)
+        qk_width = 2 * self.in_channels if qk_concat else width
+        self.query = nn.Conv2d(qk_width, self.inter_channels, kernel_size=1)  # shared by q and k unless qk_concat
+        self.key = nn.Conv2d(qk_width, self.inter_channels, kernel_size=1) if qk_concat else None
+        if value_hidden is None:
+            self.value = nn.Conv2d(width, 1, kernel_size=1)
+        else:
+            self.value = nn.Sequential(nn.Conv2d(width, int(value_hidden), 1, bias=False), nn.BatchNorm2d(int(value_hidden)),
+                                       nn.ELU(), nn.Conv2d(int(value_hidden), 1, 1, bias=False), nn.Dropout(float(value_dropout)))
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.normal_(conv.weight, std=init_std)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+
+    @classmethod
+    def samix(cls, in_channels: int, **overrides) -> "MixBlock":
+        """SAMix's Mix Block as its released configs build it: no lam channel, lam multiplied
+        (residual), query and key from ``[x_i, x_j]``, a non-linear value neck of ``C / 2`` hidden
+        channels with dropout 0.1."""
+        args = dict(lam_concat=False, lam_mul=True, qk_concat=True, value_hidden=max(int(in_channels) // 2, 1),
+                    value_dropout=0.1)
+        args.update(overrides)
+        return cls(in_channels, **args)
 
     def forward(self, features: torch.Tensor, lam, partner) -> torch.Tensor:
         """Mask logits N x 1 x h x w (float32) of each sample's OWN image weight.
@@ -87,8 +125,15 @@ class MixBlock(nn.Module):
             lam_map = lam.view(n, 1, 1, 1).expand(n, 1, h, w)
             x_i = torch.cat([x_i, lam_map], dim=1)
             x_j = torch.cat([x_j, 1.0 - lam_map], dim=1)
-        q = self.query(x_i).flatten(2)  # N x d x hw
-        k = self.query(x_j).flatten(2)
+        if self.lam_mul:
+            x_i = x_i * (1.0 + lam.view(n, 1, 1, 1))
+            x_j = x_j * (2.0 - lam.view(n, 1, 1, 1))
+        if self.qk_concat:
+            both = torch.cat([x_i, x_j], dim=1)
+            q, k = self.query(both).flatten(2), self.key(both).flatten(2)
+        else:
+            q = self.query(x_i).flatten(2)  # N x d x hw
+            k = self.query(x_j).flatten(2)
         attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(self.inter_channels), dim=-1)  # N x hw_i x hw_j
         if self.value_from == "own":
             v = self.value(x_i).flatten(2).transpose(1, 2)  # N x hw x 1

@@ -58,6 +58,8 @@ class AutoMix(nn.Module):
         mixup_margin: lam within this of 0 or 1 falls back to plain MixUp (0.08).
         reduction, value_from, lam_concat: the Mix Block's (see ``MixBlock``; the defaults are the
             released ImageNet configs, ``lam_concat=False`` the CIFAR ones).
+        variant: "automix" (default) or "samix": SAMix's Mix Block (``MixBlock.samix``) and mask loss
+            (OpenMixup's "L1+Variance": the L1 term minus twice the masks' variance).
         upsampling: "nearest" (default) or "bilinear": how the Mix Block's h x w logits reach the
             image size, in both flows (OpenMixup's ``unsampling_mode``).
         mask_adjust: probability per step that the backbone flow's masks are rescaled to mean lam
@@ -72,7 +74,7 @@ class AutoMix(nn.Module):
     def __init__(self, *, model: nn.Module, feature_layer: str, input_size=224, alpha: float = 2.0,
                  momentum: float = 0.999, end_momentum: float = 0.99999, mask_loss_weight: float = 0.1,
                  mask_loss_margin: float = 0.1, mixup_margin: float = 0.08, reduction: int = 2,
-                 value_from: str = "partner", lam_concat: bool = True, upsampling: str = "nearest",
+                 value_from: str = "partner", lam_concat: bool = True, variant: str = "automix", upsampling: str = "nearest",
                  mask_adjust: float = 0.0, switch_off: float = 0.0, label_smoothing: float = 0.0, seed: int = 0):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -85,6 +87,7 @@ class AutoMix(nn.Module):
         seed = v.integer("seed", seed, lo=0)
         size = v.size("input_size", input_size)
         self.upsampling = v.choice("upsampling", upsampling, UPSAMPLINGS)
+        self.variant = v.choice("variant", variant, ("automix", "samix"))
         self.mask_adjust = v.number("mask_adjust", mask_adjust, lo=0, hi=1, hint=" (a probability per step)")
         self.switch_off = v.number("switch_off", switch_off, lo=0, hi=1, hint=" (0 = the Mix Block flow always trains)")
         self.mixer_method = LearnedMask(alpha=alpha, mixup_margin=mixup_margin)  # validates alpha and margin
@@ -102,7 +105,10 @@ class AutoMix(nn.Module):
             p.requires_grad_(False)
         self._tap = FeatureTap(self.ema, feature_layer)
         self.feature_layer = feature_layer
-        self.mix_block = MixBlock(self._channels(size), reduction=reduction, value_from=value_from, lam_concat=lam_concat)
+        if self.variant == "samix":
+            self.mix_block = MixBlock.samix(self._channels(size), reduction=reduction, value_from=value_from)
+        else:
+            self.mix_block = MixBlock(self._channels(size), reduction=reduction, value_from=value_from, lam_concat=lam_concat)
         self.mix_block.to(self._device())
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
         self._criterion = MixCrossEntropy()
@@ -197,6 +203,8 @@ class AutoMix(nn.Module):
             ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(out, labels[partner], label_smoothing=eps)
         weight = cosine_decay(self.base_mask_loss_weight, self.progress)
         gap = torch.clamp((mask.mean() - lam).abs() - self.mask_loss_margin, min=0.0)
+        if self.variant == "samix":  # OpenMixup's "L1+Variance": also reward masks that are not flat
+            gap = gap - 2.0 * mask.var(unbiased=False)
         return dict(loss_mix_block=ce, loss_mask=weight * gap, logits=logits, mask=mask, mixed=mixed, lam=lam, partner=partner)
 
     @torch.no_grad()
