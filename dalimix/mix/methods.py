@@ -389,9 +389,9 @@ class FMix(MixMethod):
             soft = (size * np.minimum(self.max_soft, np.minimum(lam, 1.0 - lam))).astype(np.int64)
             if soft.any():
                 return self._soft(flat, keep, soft).reshape(count, h, w)
-        # the k-th largest value by selection (O(h w) per mask, not a sort)
+        # each mask's k-th largest value by selection, row by row (O(h w) per mask, not a sort)
         kth = np.clip(size - keep, 0, size - 1)
-        threshold = np.partition(flat, kth, axis=1)[np.arange(count), kth] if count else np.zeros(0, np.float32)
+        threshold = np.array([np.partition(row, k)[k] for row, k in zip(flat, kth)], dtype=np.float32).reshape(count)
         masks = flat >= threshold[:, None]
         masks[keep <= 0] = False
         return masks.astype(np.float32).reshape(count, h, w)
@@ -422,6 +422,8 @@ class FMix(MixMethod):
             p.masks[r] = m
         if all(m is masks[0] for m in masks):
             lam = full_resolution_mean(masks[0], height, width)
+        elif all(m.shape == (height, width) for m in masks):  # full resolution: the plain mean
+            lam = np.stack(masks).mean(axis=(1, 2), dtype=np.float64)
         else:
             lam = full_resolution_means(masks, height, width)
         p.lam[rows] = lam
