@@ -86,14 +86,15 @@ def spectral_residual(images: torch.Tensor, *, norm=None, work_size: int = 64) -
         N x H x W float32 saliency (larger = more salient).
     """
     n, c, h, w = images.shape
-    x = images.to(torch.float32)
+    # resize first: de-normalising and the grey weights are affine per pixel, bilinear weights sum
+    # to 1, so they commute with the resize (and then touch 64 x 64 pixels, not H x W)
+    x = F.interpolate(images.to(torch.float32), size=(work_size, work_size), mode="bilinear", align_corners=False)
     if norm is not None:
         std = torch.tensor(norm.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         mean = torch.tensor(norm.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         x = x * std + mean
     luma = torch.tensor(LUMA, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    grey = (x * luma).sum(dim=1, keepdim=True)
-    small = F.interpolate(grey, size=(work_size, work_size), mode="bilinear", align_corners=False)
+    small = (x * luma).sum(dim=1, keepdim=True)
     spec = torch.fft.fft2(small)
     amp = spec.abs().clamp_min(1e-20)
     log_amp = torch.log(amp)
@@ -119,11 +120,12 @@ def box_around(peak_y: torch.Tensor, peak_x: torch.Tensor, lam: torch.Tensor, he
 
 def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """N x 1 x H x W float32: 0 inside each box (the partner shows), 1 outside."""
-    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
-    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
-    y0, x0, y1, x1 = (boxes[:, k].view(-1, 1, 1) for k in range(4))
-    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-    return (~inside).to(torch.float32).unsqueeze(1)
+    ys = torch.arange(height, device=boxes.device).view(1, height)
+    xs = torch.arange(width, device=boxes.device).view(1, width)
+    y0, x0, y1, x1 = (boxes[:, k].view(-1, 1) for k in range(4))
+    rows = ((ys >= y0) & (ys < y1)).to(torch.float32)  # N x H
+    cols = ((xs >= x0) & (xs < x1)).to(torch.float32)  # N x W
+    return (1.0 - rows.unsqueeze(2) * cols.unsqueeze(1)).unsqueeze(1)
 
 
 class SaliencyMix(MaskPolicy):
