@@ -29,7 +29,8 @@ class MaskPolicy(MixMethod):
     from ``mask_policy(images, lam, partner)`` (N x 1 x h x w in [0, 1], 1 = own image) through the
     mask hook, targets from the mask mean."""
 
-    hook_options = dict(interpolation="nearest", logits=False, target_lam="mask")
+    # masks built here are 0/1 by construction: checked one batch later, without a host sync on the GPU
+    hook_options = dict(interpolation="nearest", logits=False, target_lam="mask", validate="deferred")
 
     def __init__(self, *, alpha: float = 1.0):
         self.alpha = _positive("alpha", alpha)
@@ -172,7 +173,8 @@ class AttentiveMix(MaskPolicy):
 
     A feature extractor you give (``features(images) -> N x C x h x w``, e.g. a pretrained
     ResNet-50 up to its last stage: a 7 x 7 grid at 224 px; ``dalimix.automix.FeatureTap`` taps
-    any named layer) scores the h x w grid cells by their channel-mean activation; the ``top_k``
+    any named layer; put the model in eval mode, it runs under ``torch.no_grad()`` on the loader's
+    normalised batch) scores the h x w grid cells by their channel-mean activation; the ``top_k``
     most attentive cells are exchanged, upsampled nearest to the image (cells of ``H / h`` pixels):
 
     - ``patches_from="partner"`` (the paper): the partner's ``top_k`` most attentive cells are pasted
