@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from .mix.params import MixParams
 from .mix.targets import CompactTargets, soft_targets
@@ -232,7 +231,7 @@ class ClsAttention:
         probs = inputs[0]  # N x heads x tokens x tokens, after the softmax
         self.attention = probs.detach()[:, :, 0, self.prefix:].mean(dim=1)
 
-    def __enter__(self) -> "ClsAttention":
+    def __enter__(self) -> ClsAttention:
         self.attention = None
         self._fused = getattr(self.module, "fused_attn", None)
         if self._fused is not None:

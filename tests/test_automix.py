@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalimix import ImageLoader
-from dalimix.automix import AutoMix, FeatureTap, MixBlock, adjust_to_lam, cosine_decay, cosine_rise, mask_spatial_std
+from dalimix.automix import (
+    AutoMix,
+    FeatureTap,
+    MixBlock,
+    adjust_to_lam,
+    cosine_decay,
+    cosine_rise,
+    mask_spatial_std,
+)
 
 
 class TinyNet(nn.Module):
@@ -370,7 +378,7 @@ def reference_samix_partner_logits(mb: MixBlock, z: torch.Tensor, lam: np.ndarra
     """OpenMixup's PixelMixBlock with SAMix's released settings (lam_mul + lam_residual, x_qk_concat,
     a ConvNeck value: conv - BN (eval) - ELU - conv - dropout (eval)) in float64: the logits ``P v_j``
     of the partner's weight."""
-    d = lambda t: t.detach().double().numpy()  # noqa: E731
+    d = lambda t: t.detach().double().numpy()
     wq, bq = d(mb.query.weight)[:, :, 0, 0], d(mb.query.bias)
     wk, bk = d(mb.key.weight)[:, :, 0, 0], d(mb.key.bias)
     conv1, bn, _, conv2, _ = mb.value

@@ -22,7 +22,7 @@ def reference(z, y_a, y_b, lam, eta, mode, thr, power, eps=0.0):
     for zi, a, b, l in zip(z.astype(np.float64), y_a, y_b, lam.astype(np.float64)):
         c = len(zi)
         ls = log_softmax(zi)
-        smooth = lambda k: -((1 - eps) * ls[k] + eps * ls.mean())  # noqa: E731
+        smooth = lambda k: -((1 - eps) * ls[k] + eps * ls.mean())
         loss = l * smooth(a) + (1 - l) * smooth(b)
         if a != b:
             wa = wb = eta

@@ -11,7 +11,7 @@ import torch
 from dalimix import ImageLoader
 from dalimix.cli import main
 from dalimix.mix import AttentiveMix, Mixer, MixUp, SaliencyMix, spectral_residual
-from dalimix.ops import Normalization, mix_normalize
+from dalimix.ops import Normalization
 from tests.reference import resample
 
 PLAIN = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
@@ -145,7 +145,7 @@ def test_attentivemix_against_the_float64_reference(patches_from, top_k):
 
 
 def test_a_mixer_takes_one_policy_and_validates():
-    net = lambda x: x  # noqa: E731
+    net = lambda x: x
     with pytest.raises(ValueError, match="one mask policy"):
         Mixer(methods=[SaliencyMix(), AttentiveMix(features=net)])
     with pytest.raises(ValueError, match="features=None"):

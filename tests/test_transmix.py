@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from dalimix import ImageLoader
 from dalimix.mix import CompactTargets, CutMix, MixUp, Mixup, one_hot_smoothed
 from dalimix.mix.params import MixParams
-from dalimix.transmix import ClsAttention, token_box_mask, transmix_lam, transmix_targets
+from dalimix.transmix import (
+    ClsAttention,
+    token_box_mask,
+    transmix_lam,
+    transmix_targets,
+)
 
 
 def cutmix_params(n, h, w, box, partner="flip"):
@@ -173,9 +178,9 @@ def test_example_runs(small_dataset, capsys):
 
 
 # ------------------------------------------------ re-weighting for any method and weighting
-from dalimix.mix import FMix, GridMix, Mixer, ResizeMix, SamplePairing, SmoothMix  # noqa: E402
-from dalimix.transmix import own_weight_maps, reweighted_lam, reweighted_targets  # noqa: E402
-from tests.reference import reference_mix_normalize  # noqa: E402
+from dalimix.mix import FMix, GridMix, Mixer, ResizeMix, SamplePairing, SmoothMix
+from dalimix.transmix import own_weight_maps, reweighted_lam, reweighted_targets
+from tests.reference import reference_mix_normalize
 
 
 def reference_own_maps(params, h, w):

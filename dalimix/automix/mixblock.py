@@ -91,7 +91,7 @@ class MixBlock(nn.Module):
                     nn.init.zeros_(conv.bias)
 
     @classmethod
-    def samix(cls, in_channels: int, **overrides) -> "MixBlock":
+    def samix(cls, in_channels: int, **overrides) -> MixBlock:
         """SAMix's Mix Block as its released configs build it: no lam channel, lam multiplied
         (residual), query and key from ``[x_i, x_j]``, a non-linear value neck of ``C / 2`` hidden
         channels with dropout 0.1."""

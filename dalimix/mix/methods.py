@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .. import validate as v
 from ..ops.record import (
     FLAG_BILINEAR,
     METHOD_BLEND,
@@ -29,7 +30,6 @@ from ..ops.record import (
     METHOD_RESIZE,
     METHOD_SMOOTH,
 )
-from .. import validate as v
 from .params import PAIRINGS, MixParams, pair_indices
 
 
@@ -398,7 +398,7 @@ class FMix(MixMethod):
 
     @staticmethod
     def _soft(flat: np.ndarray, keep: np.ndarray, soft: np.ndarray) -> np.ndarray:
-        count, size = flat.shape
+        size = flat.shape[1]
         order = np.argsort(-flat, axis=1, kind="stable")  # rank r -> pixel
         rank = np.arange(size)[None, :]
         low, high = (keep - soft)[:, None], (keep + soft)[:, None]

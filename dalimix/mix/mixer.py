@@ -22,10 +22,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops import Normalization, allocate_output, mix_normalize
 from .. import validate as v
-from .methods import CutMix, MixMethod, MixUp
+from ..ops import Normalization, allocate_output, mix_normalize
 from ..ops.record import METHOD_MASK
+from .methods import CutMix, MixMethod, MixUp
 from .params import PAIRINGS, MixParams, pair_indices
 from .saliency import MaskPolicy
 from .targets import CompactTargets, soft_targets
@@ -193,7 +193,10 @@ class Mixer:
         records, pool = params.records(), None
         policy = self.mask_policy
         if policy is not None and (params.method == METHOD_MASK).any() and params.device_masks is None:
-            from ..hook import MaskHook, MaskHookStage  # the loader's hook stage, run here for a tensor batch
+            from ..hook import (  # the loader's hook stage, run here for a tensor batch
+                MaskHook,
+                MaskHookStage,
+            )
 
             unmixed = mix_normalize(images, None, None, norm=norm, dtype=dtype, channels_last=channels_last)
             if policy._norm is None:

@@ -11,14 +11,12 @@ per mixer). Their targets use the mask mean at full resolution (exactly the pixe
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ops.record import METHOD_MASK
 from .. import validate as v
+from ..ops.record import METHOD_MASK
 from .methods import MixMethod, _positive
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, OpenCV's RGB -> grey
@@ -86,7 +84,7 @@ def spectral_residual(images: torch.Tensor, *, norm=None, work_size: int = 64) -
     Returns:
         N x H x W float32 saliency (larger = more salient).
     """
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     # resize first: de-normalising and the grey weights are affine per pixel, bilinear weights sum
     # to 1, so they commute with the resize (and then touch 64 x 64 pixels, not H x W)
     x = F.interpolate(images.to(torch.float32), size=(work_size, work_size), mode="bilinear", align_corners=False)
