@@ -51,7 +51,9 @@ from dalimix.bench import handmix  # noqa: E402
 from dalimix.bench.driver import progress_bar  # noqa: E402
 from dalimix.bench.machine import describe, one_line, short_name  # noqa: E402
 from dalimix.bench.report import markdown_table  # noqa: E402
-from dalimix.mix import CutMix, FMix, GridMix, Mixer, MixUp, Mixup, ResizeMix, SamplePairing, SmoothMix  # noqa: E402
+from dalimix.mix import (  # noqa: E402
+    AttentiveMix, CutMix, FMix, GridMix, Mixer, MixUp, Mixup, ResizeMix, SaliencyMix, SamplePairing, SmoothMix,
+)
 from dalimix.ops import Normalization, allocate_output, identity_records, mix_normalize  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -72,6 +74,11 @@ def dalimix_methods() -> dict:
         "gridmix": one(GridMix()),
         "smoothmix": one(SmoothMix()),
         "samplepairing": one(SamplePairing()),
+        "fmix 1/4 res": one(FMix(mask_scale=4)),
+        # mask policies: through the loader's hook stage (unmixed pass, masks on the device, checks, mix);
+        # AttentiveMix's features here are a 32x average pooling: the user's network is not dalimix's cost
+        "saliencymix": one(SaliencyMix()),
+        "attentivemix": one(AttentiveMix(features=lambda x: torch.nn.functional.avg_pool2d(x, 32, ceil_mode=True))),
         "mixup|cutmix elem": lambda: Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=NUM_CLASSES),
     }
 
@@ -184,10 +191,44 @@ def dalimix_cases(b: Batch, dtype: torch.dtype, rng) -> tuple[dict, dict, dict]:
         def run_op(records=records, masks=masks, out=out):
             mix_normalize(b.next_u8(), records, masks, norm=norm, dtype=dtype, out=out)
 
+        if mixer is not None and mixer.mask_policy is not None:
+            run_stage, run_op = _policy_cases(mixer, params, b, norm, dtype, out)
+
         stage[label], op[label] = run_stage, run_op
         reads = 1 if mixer is None else 2
         nbytes[label] = b.n * b.size * b.size * 3 * (reads + elt)
     return stage, op, nbytes
+
+
+def _policy_cases(mixer, params, b: Batch, norm, dtype, out):
+    """(stage, op) of a mask policy as the loader runs it: the unmixed pass, the policy's masks on the
+    device, the hook stage's checks and copy, the mix, the targets; op = the mix alone."""
+    import copy
+
+    from dalimix.hook import MaskHook, MaskHookStage
+
+    policy = mixer.mask_policy
+    policy._norm = norm
+    hook = MaskHookStage(MaskHook(fn=policy.mask_policy, **policy.hook_options), b.device)
+
+    def run_stage():
+        u8, p = b.next_u8(), copy.copy(params)
+        p.flags = params.flags.copy()
+        unmixed = mix_normalize(u8, None, None, norm=norm, dtype=dtype)
+        records, pool = hook.prepare(unmixed, p, epoch=0, step=0)
+        dst = allocate_output(b.n, b.size, b.size, dtype=dtype, channels_last=False, device=b.device)
+        mix_normalize(u8, records, pool, norm=norm, dtype=dtype, out=dst)
+        mixer.targets(b.labels, p, NUM_CLASSES)
+
+    first = copy.copy(params)
+    first.flags = params.flags.copy()
+    records, pool = hook.prepare(mix_normalize(b.u8[0], None, None, norm=norm, dtype=dtype), first, epoch=0, step=0)
+    pool = pool.clone()
+
+    def run_op():
+        mix_normalize(b.next_u8(), records, pool, norm=norm, dtype=dtype, out=out)
+
+    return run_stage, run_op
 
 
 def baseline_cases(b: Batch) -> tuple[dict, dict]:

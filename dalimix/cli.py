@@ -13,7 +13,8 @@ import time
 
 
 # dalimix.mix.METHODS' names, listed here so that `dalimix --help` does not import torch
-MIX_NAMES = ("cutmix", "fmix", "gridmix", "mixup", "resizemix", "samplepairing", "smoothmix")
+MIX_NAMES = ("attentivemix", "cutmix", "fmix", "gridmix", "mixup", "resizemix", "saliencymix", "samplepairing",
+             "smoothmix")
 
 
 def _positive_int(text: str) -> int:
@@ -177,7 +178,16 @@ def cmd_preview(args) -> int:
     from .mix import METHODS, Mixer
     from .viz import denormalize, save_grid
 
-    method = METHODS[args.mix]()
+    if args.mix == "attentivemix":  # needs a feature extractor: an untrained ResNet-18's last stage shows the mechanics
+        import torchvision
+
+        from .automix import FeatureTap
+
+        net = torchvision.models.resnet18().eval()
+        tap = FeatureTap(net, "layer4")
+        method = METHODS[args.mix](features=lambda x: tap(x) if net.to(x.device) is not None else None)
+    else:
+        method = METHODS[args.mix]()
     mixer = Mixer(methods=[method], mode=args.mode, prob=1.0)
     if args.mix == "samplepairing":
         method.set_epoch(0)

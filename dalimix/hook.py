@@ -29,6 +29,7 @@ from . import validate as v
 from .errors import DalimixError
 from .mix.methods import MixMethod, _positive
 from .mix.params import MixParams
+from .mix.saliency import MaskPolicy
 from .ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
 
 INTERPOLATIONS = ("nearest", "bilinear")
@@ -331,7 +332,7 @@ def make_stage(loader, fn, *, interpolation: str, logits: bool, target_lam: str,
     """Check that ``loader`` can use a hook, and build its stage."""
     hook = MaskHook(fn=fn, interpolation=interpolation, logits=logits, target_lam=target_lam, validate=validate)
     methods = getattr(loader.mix, "methods", None) or []
-    if not any(isinstance(m, LearnedMask) for m in methods):
+    if not any(isinstance(m, (LearnedMask, MaskPolicy)) for m in methods):
         raise ValueError(
             "set_mask_hook needs a mixer with LearnedMask, e.g. ImageLoader(..., mix=Mixer(methods=[LearnedMask(alpha=2.0)])) "
             f"(this loader's mixer is {loader.mix!r})"

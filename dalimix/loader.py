@@ -325,13 +325,13 @@ class ImageLoader:
             )
         self._files = check_loader_files(self, strict)
         self.mix = mix
+        self._mask_hook = None  # before bind: a mixer with a mask policy registers its hook there
         if mix is not None and hasattr(mix, "bind"):
             mix.bind(self)
         self.sampler = _EpochSampler(self)
         self.batch_sampler = None
         self.last_batch: BatchInfo | None = None
         self.keep_unmixed = v.flag("keep_unmixed", keep_unmixed)
-        self._mask_hook = None
         self._epoch = 0
         self._epoch_is_set = False
         self._iterated = False

@@ -28,3 +28,69 @@ class MixCrossEntropy(torch.nn.Module):
         if target.shape != logits.shape:
             raise ValueError(f"soft targets {tuple(target.shape)} do not match logits {tuple(logits.shape)}")
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+DECOUPLE_MODES = ("both", "less", "more")
+
+
+class DecoupledMixCrossEntropy(torch.nn.Module):
+    """DecoupleMix's loss (Liu et al., "Harnessing Hard Mixed Samples with Decoupled Regularizer",
+    NeurIPS 2023; OpenMixup's ``CrossEntropyLoss(use_soft=True, use_mix_decouple=True)``).
+
+    For logits ``z`` (N x C) of samples mixed from classes ``a`` (weight ``lam``) and ``b``:
+
+        loss = lam CE(z, a) + (1 - lam) CE(z, b)                      (mixup cross-entropy)
+             + w_a (-log softmax(z without z_b)[a]) + w_b (-log softmax(z without z_a)[b])
+
+    the decoupled terms classify each mixed class with the OTHER mixed class removed from the
+    softmax, so a confident prediction of one class does not suppress the other. Weights (OpenMixup's
+    ``ClsMixupHead(eta_weight=dict(eta, mode, thr))``): ``mode="both"``: ``w_a = w_b = eta``;
+    ``"less"``: only the class whose weight is below ``thr`` (``w_a`` if ``lam < thr``, else ``w_b``);
+    ``"more"``: only the other one; ``lam_power=p`` scales each by its class weight ``** p``
+    (``lam_scale_mode="pow", lam_thr=1, lam_idx=p``; 0 = unscaled). Samples mixed within one class
+    (``a == b``) get the mixup term only. Mean over the batch.
+
+    Takes ``CompactTargets`` (the mixer's ``targets="compact"``); their label smoothing applies to
+    the mixup term.
+    """
+
+    def __init__(self, *, eta: float = 0.1, mode: str = "both", thr: float = 0.5, lam_power: float = 0.0):
+        super().__init__()
+        from . import validate as v
+
+        self.eta = v.number("eta", eta, lo=0, hint=" (the decoupled terms' weight)")
+        self.mode = v.choice("mode", mode, DECOUPLE_MODES)
+        self.thr = v.number("thr", thr, lo=0, hi=1)
+        self.lam_power = v.number("lam_power", lam_power, lo=0, hi=100)
+
+    def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
+        if not isinstance(target, CompactTargets):
+            raise ValueError("DecoupledMixCrossEntropy needs CompactTargets (y_a, y_b, lam): build the mixer with "
+                             "targets='compact'")
+        z = logits.float()
+        y_a, y_b = target.y_a.long(), target.y_b.long()
+        lam = target.lam.to(z.dtype).reshape(-1)
+        eps = float(target.smoothing)
+        mix = lam * F.cross_entropy(z, y_a, reduction="none", label_smoothing=eps) \
+            + (1 - lam) * F.cross_entropy(z, y_b, reduction="none", label_smoothing=eps)
+        if self.eta == 0:
+            return mix.mean()
+        w_a = torch.full_like(lam, self.eta)
+        w_b = torch.full_like(lam, self.eta)
+        if self.mode != "both":
+            below = lam < self.thr
+            pick_a = below if self.mode == "less" else ~below
+            w_a, w_b = torch.where(pick_a, w_a, 0.0), torch.where(pick_a, 0.0, w_b)
+        if self.lam_power:
+            w_a, w_b = w_a * lam ** self.lam_power, w_b * (1 - lam) ** self.lam_power
+        distinct = (y_a != y_b).to(z.dtype)
+        loss = mix + distinct * (w_a * self._without(z, y_a, y_b) + w_b * self._without(z, y_b, y_a))
+        return loss.mean()
+
+    @staticmethod
+    def _without(z: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """``-log softmax(z without class drop)[keep]`` per sample (0 where keep == drop)."""
+        masked = z.scatter(1, drop.view(-1, 1), float("-inf"))
+        picked = z.gather(1, keep.view(-1, 1)).squeeze(1)
+        out = torch.logsumexp(masked, dim=1) - picked
+        return torch.where(keep == drop, torch.zeros_like(out), out)

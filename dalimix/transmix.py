@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .mix.params import MixParams
 from .mix.targets import CompactTargets, soft_targets
-from .ops.record import METHOD_BOX
+from .ops import Normalization, mix_normalize
+from .ops.record import METHOD_BOX, METHOD_NONE
 
 
 def _nearest_sources(in_size: int, out_size: int) -> np.ndarray:
@@ -65,7 +67,9 @@ def token_box_mask(params: MixParams, grid, *, height: int, width: int, device=N
 
 
 def transmix_lam(params: MixParams, attention: torch.Tensor, *, height: int, width: int, grid=None) -> torch.Tensor:
-    """Per-sample lam (weight of the sample's own image and label), N float32 on ``attention.device``.
+    """Per-sample lam (weight of the sample's own image and label), N float32 on ``attention.device``:
+    ``reweighted_lam`` with TransMix's settings (CutMix samples only, tokens by nearest resizing,
+    ``attention_weight=0.5``).
 
     Args:
         params: the batch's mix parameters (``loader.last_batch.params``).
@@ -74,32 +78,126 @@ def transmix_lam(params: MixParams, attention: torch.Tensor, *, height: int, wid
         height, width: the image size the boxes refer to.
         grid: (rows, cols) of the patch grid (default: square).
     """
-    if attention.dim() != 2 or attention.shape[0] != params.n:
-        raise ValueError(f"attention must be N x T with N = {params.n} (one row per sample), got {tuple(attention.shape)}")
-    gh, gw = _grid(attention.shape[1], grid)
-    attn = attention.detach().to(torch.float32)
-    mask = token_box_mask(params, (gh, gw), height=height, width=width, device=attn.device).reshape(params.n, -1)
-    inside = (mask * attn).sum(dim=1)
-    total = attn.sum(dim=1)
-    lam1 = inside / total.clamp_min(torch.finfo(torch.float32).tiny)
-    area = (params.box[:, 2] - params.box[:, 0]).astype(np.float64) * (params.box[:, 3] - params.box[:, 1])
-    lam0 = torch.from_numpy((area / float(height * width)).astype(np.float32)).to(attn.device)
-    own = 1.0 - (lam0 + lam1) / 2.0
-    boxed = torch.from_numpy(params.method == METHOD_BOX).to(attn.device)
-    return torch.where(boxed, own, params.target_lam_tensor(attn.device))
+    return reweighted_lam(params, attention, height=height, width=width, grid=grid, attention_weight=0.5,
+                          tokens="nearest", rows=params.method == METHOD_BOX)
 
 
 def transmix_targets(labels: torch.Tensor, params: MixParams, attention: torch.Tensor, *, num_classes: int, height: int,
                      width: int, grid=None, smoothing: float = 0.0, form: str = "soft"):
     """The targets that follow from ``transmix_lam``: soft N x C (timm's rule with ``smoothing``) or
     ``CompactTargets`` (``form="compact"``), on ``labels.device``."""
-    lam = transmix_lam(params, attention, height=height, width=width, grid=grid).to(labels.device)
+    lam = transmix_lam(params, attention, height=height, width=width, grid=grid)
+    return lam_targets(labels, params, lam, num_classes=num_classes, smoothing=smoothing, form=form)
+
+
+# ------------------------------------------------------------- any attention, any method
+TOKEN_RULES = ("area", "nearest")
+_PROBE = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0 / 255.0,) * 3)  # uint8 value v -> exactly v
+
+
+def own_weight_maps(params: MixParams, *, height: int, width: int, device=None) -> torch.Tensor:
+    """N x H x W float32: the weight of each sample's OWN image at every pixel, for any method, from
+    the fused kernel itself (it mixes an all-ones batch with an all-zeros partner, so every method's
+    geometry — boxes, masks, hook masks, grids, blobs, resized boxes — has one definition)."""
+    device = torch.device(device if device is not None else (params.device_masks.device if params.device_masks is not None
+                                                             else "cpu"))
+    n = params.n
+    probe = torch.ones(n + 1, height, width, 3, dtype=torch.uint8, device=device)
+    probe[n] = 0
+    rec = params.records()
+    rec["partner"] = n  # every partner is the zero image
+    out = mix_normalize(probe, rec, params.mask_pool(device), norm=_PROBE, dtype=torch.float32)
+    return out[:, 0]
+
+
+def token_own_fraction(own: torch.Tensor, grid, rule: str = "area") -> torch.Tensor:
+    """N x rows x cols: each token's share of own image. ``"area"``: the mean over the token's pixels
+    (adaptive average pooling; TokenMix/TLA-style token labels); ``"nearest"``: the pixel nearest
+    resizing samples for it (TransMix's official rule)."""
+    gh, gw = (int(g) for g in grid)
+    if rule == "area":
+        return F.adaptive_avg_pool2d(own.unsqueeze(1), (gh, gw)).squeeze(1)
+    if rule == "nearest":
+        _, h, w = own.shape
+        ys = torch.from_numpy(_nearest_sources(h, gh)).to(own.device)
+        xs = torch.from_numpy(_nearest_sources(w, gw)).to(own.device)
+        return own[:, ys][:, :, xs]
+    raise ValueError(f"tokens={rule!r}: 'area' (mean over the token's pixels) or 'nearest' (TransMix's rule)")
+
+
+def reweighted_lam(params: MixParams, weights: torch.Tensor, *, height: int, width: int, grid=None,
+                   attention_weight=0.5, tokens: str = "area", rows=None) -> torch.Tensor:
+    """Label re-weighting after the forward pass, for any attention or region weighting and any
+    mixing method: N float32 own-label weights on ``weights.device``.
+
+    ``lam' = (1 - a) * lam_pixels + a * lam_attention`` with ``lam_pixels`` the own image's pixel
+    share (exact, from the kernel: ``own_weight_maps``) and ``lam_attention = sum(A * own) / sum(A)``
+    the share of the weighting ``A`` (N x T tokens in row-major order, or N x rows x cols) that
+    falls on the own image's tokens (``own`` from ``token_own_fraction`` with ``tokens``):
+
+    - TransMix (Chen et al., CVPR 2022): class-token attention, ``a = 0.5``, ``tokens="nearest"``,
+      CutMix samples (``transmix_lam``);
+    - TokenMix (Liu et al., ECCV 2022) and TLA-style token-label alignment (Xiao et al., 2022):
+      a (teacher's) activation or token attention, ``a = 1``, ``tokens="area"``;
+    - MixPro's progressive attention labeling (Zhao et al., ICLR 2023): ``a`` the progressive factor
+      (a float or N values, e.g. rising with training progress or per-sample confidence).
+
+    Args:
+        params: the batch's mix parameters (``loader.last_batch.params``).
+        weights: non-negative N x T or N x rows x cols weighting (detached here).
+        height, width: the image size.
+        grid: (rows, cols) for N x T weights (default: square).
+        attention_weight: ``a``, a float in [0, 1] or N values.
+        tokens: "area" or "nearest" (see ``token_own_fraction``).
+        rows: N booleans: which samples to re-weight (default: every mixed sample whose label follows
+            its pixels, i.e. all but unmixed and SamplePairing samples); the others keep their lam.
+    """
+    if weights.dim() == 3:
+        if weights.shape[0] != params.n:
+            raise ValueError(f"weights must be N x rows x cols with N = {params.n}, got {tuple(weights.shape)}")
+        gh, gw = weights.shape[1:]
+    elif weights.dim() == 2 and weights.shape[0] == params.n:
+        gh, gw = _grid(weights.shape[1], grid)
+    else:
+        raise ValueError(f"attention must be N x T with N = {params.n} (one row per sample), got {tuple(weights.shape)}")
+    if tokens not in TOKEN_RULES:
+        raise ValueError(f"tokens={tokens!r}: 'area' (mean over the token's pixels) or 'nearest' (TransMix's rule)")
+    attn = weights.detach().to(torch.float32).reshape(params.n, gh * gw)
+    device = attn.device
+    a = torch.as_tensor(attention_weight, dtype=torch.float32, device=device).reshape(-1)
+    if a.numel() not in (1, params.n) or not bool(((a >= 0) & (a <= 1)).all()):
+        raise ValueError(f"attention_weight must be in [0, 1]: a float or {params.n} values")
+    own = own_weight_maps(params, height=height, width=width, device=device)
+    lam_pixels = own.to(torch.float64).mean(dim=(1, 2)).to(torch.float32)
+    frac = token_own_fraction(own, (gh, gw), tokens).reshape(params.n, -1)
+    lam_attention = (frac * attn).sum(dim=1) / attn.sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    lam = (1 - a) * lam_pixels + a * lam_attention
+    if rows is None:
+        rows = (params.method != METHOD_NONE) & (params.target_lam == params.lam)
+    use = torch.from_numpy(np.asarray(rows, dtype=bool)).to(device)
+    return torch.where(use, lam, params.target_lam_tensor(device))
+
+
+def lam_targets(labels: torch.Tensor, params: MixParams, lam: torch.Tensor, *, num_classes: int, smoothing: float = 0.0,
+                form: str = "soft"):
+    """Targets of the batch with per-sample own-label weights ``lam`` (from ``reweighted_lam``):
+    soft N x C (timm's rule with ``smoothing``) or ``CompactTargets``, on ``labels.device``."""
+    lam = lam.to(labels.device)
     partner = torch.from_numpy(params.partner).to(labels.device)
     if form == "compact":
         return CompactTargets(labels, labels[partner], lam, smoothing)
     if form != "soft":
         raise ValueError(f"form={form!r}: 'soft' or 'compact'")
     return soft_targets(labels, partner, lam, num_classes, smoothing)
+
+
+def reweighted_targets(labels: torch.Tensor, params: MixParams, weights: torch.Tensor, *, num_classes: int, height: int,
+                       width: int, grid=None, attention_weight=0.5, tokens: str = "area", rows=None,
+                       smoothing: float = 0.0, form: str = "soft"):
+    """``lam_targets`` of ``reweighted_lam`` (same arguments): the one call after the forward pass."""
+    lam = reweighted_lam(params, weights, height=height, width=width, grid=grid, attention_weight=attention_weight,
+                         tokens=tokens, rows=rows)
+    return lam_targets(labels, params, lam, num_classes=num_classes, smoothing=smoothing, form=form)
 
 
 class ClsAttention:
@@ -133,7 +231,7 @@ class ClsAttention:
         probs = inputs[0]  # N x heads x tokens x tokens, after the softmax
         self.attention = probs.detach()[:, :, 0, self.prefix:].mean(dim=1)
 
-    def __enter__(self) -> "ClsAttention":
+    def __enter__(self) -> ClsAttention:
         self.attention = None
         self._fused = getattr(self.module, "fused_attn", None)
         if self._fused is not None:

@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalimix import ImageLoader
-from dalimix.automix import AutoMix, FeatureTap, MixBlock, cosine_decay, cosine_rise, mask_spatial_std
+from dalimix.automix import (
+    AutoMix,
+    FeatureTap,
+    MixBlock,
+    adjust_to_lam,
+    cosine_decay,
+    cosine_rise,
+    mask_spatial_std,
+)
 
 
 class TinyNet(nn.Module):
@@ -42,25 +50,56 @@ def reference_logits(mb: MixBlock, z: torch.Tensor, lam: np.ndarray, partner: np
     zz = z.double().numpy().reshape(n, c, h * w)
     out = np.empty((n, h * w))
     for s in range(n):
-        xi = np.concatenate([zz[s], np.full((1, h * w), lam[s])])
-        xj = np.concatenate([zz[partner[s]], np.full((1, h * w), 1 - lam[s])])
+        xi, xj = zz[s], zz[partner[s]]
+        if mb.lam_concat:
+            xi = np.concatenate([xi, np.full((1, h * w), lam[s])])
+            xj = np.concatenate([xj, np.full((1, h * w), 1 - lam[s])])
         q, k = wq @ xi + bq[:, None], wq @ xj + bq[:, None]
         scores = q.T @ k / math.sqrt(mb.inter_channels)
         p = np.exp(scores - scores.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         if mb.value_from == "own":
             out[s] = p.T @ (wv @ xi + bv)
-        else:
-            out[s] = p @ (wv @ xj + bv)
+        else:  # OpenMixup's PixelMixBlock: P v_j is the logit of the partner's weight
+            out[s] = -(p @ (wv @ xj + bv))
     return out.reshape(n, 1, h, w)
 
 
+def openmixup_own_mask(mb: MixBlock, z, lam, partner, size, mode) -> np.ndarray:
+    """OpenMixup's PixelMixBlock (value from the partner) in float64: ``mask_lam_ = sigmoid(up(P v_j))``
+    is the partner's weight and ``mask[:, 0] = 1 - mask_lam_`` the own image's."""
+    partner_logits = -torch.from_numpy(reference_logits(mb, z, lam, partner))
+    extra = {} if mode == "nearest" else {"align_corners": False}
+    return (1 - torch.sigmoid(F.interpolate(partner_logits, size=size, mode=mode, **extra))).numpy()
+
+
+@pytest.mark.parametrize("lam_concat", [True, False])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_default_mix_block_is_openmixups_pixel_mix_block(lam_concat, mode):
+    """The released AutoMix/SAMix configs take the value from the partner; the own image's weight is
+    1 - sigmoid(upsample(P v_j)), with or without the lam channel, nearest or bilinear."""
+    torch.manual_seed(1)
+    n, c, h, w = 4, 6, 3, 5
+    mb = MixBlock(c, lam_concat=lam_concat, init_std=0.5)
+    assert mb.value_from == "partner" and mb.query.in_channels == c + lam_concat
+    nn.init.normal_(mb.value.bias, std=0.3)
+    z = torch.randn(n, c, h, w)
+    lam = np.random.default_rng(0).random(n)
+    partner = np.array([2, 3, 1, 0])
+    got = MixBlock.mask(mb(z, torch.from_numpy(lam), torch.from_numpy(partner)), (12, 20), mode)
+    np.testing.assert_allclose(got.detach().numpy(), openmixup_own_mask(mb, z, lam, partner, (12, 20), mode),
+                               rtol=1e-4, atol=1e-5)
+    am = AutoMix(model=TinyNet(), feature_layer="stage3", input_size=32)
+    assert am.mix_block.value_from == "partner" and am.mix_block.lam_concat
+
+
 @pytest.mark.parametrize("value_from", ["own", "partner"])
+@pytest.mark.parametrize("lam_concat", [True, False])
 @pytest.mark.parametrize("shape", [(3, 16, 4, 4), (4, 7, 3, 5), (1, 2, 1, 1)])
-def test_mix_block_matches_float64_formula(value_from, shape):
+def test_mix_block_matches_float64_formula(value_from, lam_concat, shape):
     torch.manual_seed(0)
     n, c, h, w = shape
-    mb = MixBlock(c, value_from=value_from, init_std=0.5)
+    mb = MixBlock(c, value_from=value_from, lam_concat=lam_concat, init_std=0.5)
     nn.init.normal_(mb.query.bias, std=0.3)
     nn.init.normal_(mb.value.bias, std=0.3)
     z = torch.randn(shape)
@@ -93,6 +132,58 @@ def test_mix_block_shapes_and_lam_embedding():
         mb(z, [0.1, 0.2, 0.3], [1, 0])
     with pytest.raises(ValueError, match="value_from='v'"):
         MixBlock(4, value_from="v")
+    with pytest.raises(ValueError, match="lam_concat=1"):
+        MixBlock(4, lam_concat=1)
+    with pytest.raises(ValueError, match="mode='cubic'"):
+        MixBlock.mask(logits, (4, 4), "cubic")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("size", [(24, 40), (23, 37)])
+def test_mask_adjust_rescales_each_mask_to_its_lam(mode, size):
+    """OpenMixup's mask_adjust in float64: above lam m * lam / mean, below 1 - (1 - m)(1 - lam)/(1 - mean);
+    the kernel's upsampling of the returned logits gives masks of mean lam exactly."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1, 3, 5) * 2
+    lam = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.95])
+    adjusted = adjust_to_lam(logits, lam, size, mode)
+    assert adjusted.shape[-2:] == ((3, 5) if mode == "nearest" else size)
+    extra = {} if mode == "nearest" else {"align_corners": False}
+    m = torch.sigmoid(F.interpolate(logits.double(), size=size, mode=mode, **extra)).clamp(1e-8, 1 - 1e-8)
+    mean = m.mean(dim=(1, 2, 3), keepdim=True)
+    lam64 = lam.double().view(-1, 1, 1, 1)
+    want = torch.where(mean > lam64, m * lam64 / mean, 1 - (1 - m) * (1 - lam64) / (1 - mean))
+    got = torch.sigmoid(F.interpolate(adjusted.double(), size=size, mode=mode, **extra))
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.mean(dim=(1, 2, 3)), lam.double(), rtol=0, atol=2e-6)
+
+
+def test_switch_off_skips_the_mix_block_classification_loss_on_schedule():
+    am = make_automix(switch_off=1.0)
+    clean = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    feats = am.features(clean)
+    calls = []
+    am.ema.register_forward_hook(lambda *a: calls.append(1))
+    am.update(0.0)  # c = 1: always trained
+    flows = [am.mix_block_flow(clean, labels, feats, lam=0.3, partner=[1, 2, 3, 0]) for _ in range(5)]
+    assert len(calls) == 5 and all(float(f["loss_mix_block"].detach()) > 0 for f in flows)
+    am.update(1.0)  # c = 0: never trained, the mask loss stays
+    calls.clear()
+    flow = am.mix_block_flow(clean, labels, feats, lam=0.9, partner=[1, 2, 3, 0])
+    assert calls == [] and float(flow["loss_mix_block"].detach()) == 0.0
+    half = make_automix(switch_off=0.5)
+    half.update(0.0)
+    half.ema.register_forward_hook(lambda *a: calls.append(1))
+    for _ in range(400):
+        half.mix_block_flow(clean, labels, feats, lam=0.3, partner=[1, 2, 3, 0])
+    assert 150 < len(calls) < 250  # trained with probability switch_off * c = 0.5
+    with pytest.raises(ValueError, match="switch_off"):
+        make_automix(switch_off=2)
+    with pytest.raises(ValueError, match="mask_adjust"):
+        make_automix(mask_adjust=-0.1)
+    with pytest.raises(ValueError, match="upsampling"):
+        make_automix(upsampling="area")
 
 
 def test_feature_tap_stops_after_the_layer_and_shares_parameters():
@@ -201,8 +292,10 @@ def test_arguments_are_validated():
         AutoMix(model="resnet", feature_layer="layer3")
 
 
-def test_automix_step_on_the_loader(small_dataset):
-    am = make_automix(mixup_margin=0.0)
+@pytest.mark.parametrize("upsampling, mask_adjust", [("nearest", 0.0), ("bilinear", 0.0), ("nearest", 1.0),
+                                                     ("bilinear", 1.0)])
+def test_automix_step_on_the_loader(small_dataset, upsampling, mask_adjust):
+    am = make_automix(mixup_margin=0.0, upsampling=upsampling, mask_adjust=mask_adjust)
     loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, mix=am.mixer())
     hook_calls = []
     hook = am.mask_hook
@@ -223,7 +316,10 @@ def test_automix_step_on_the_loader(small_dataset):
         # the kernel mixed with sigmoid(nearest upsampling) of the hook's (detached) logits
         logits = am.last_hook_logits
         assert not logits.requires_grad
-        m = torch.sigmoid(F.interpolate(logits, size=(32, 32), mode="nearest"))
+        extra = {} if upsampling == "nearest" else {"align_corners": False}
+        m = torch.sigmoid(F.interpolate(logits, size=(32, 32), mode=upsampling, **extra))
+        if mask_adjust:  # every backbone mask rescaled to its planned lam
+            torch.testing.assert_close(m.mean(dim=(1, 2, 3)), torch.from_numpy(p.lam).float(), rtol=0, atol=1e-5)
         clean = info.unmixed
         torch.testing.assert_close(images, m * clean + (1 - m) * clean[torch.from_numpy(p.partner)], rtol=0, atol=2e-5)
         # targets carry the planned lam (AutoMix's rule), not the mask mean
@@ -276,3 +372,66 @@ def test_automix_step_on_a_cuda_loader(small_dataset):
         opt.step()
         am.update((step + 1) / len(loader))
         assert torch.isfinite(losses["loss"])
+
+
+def reference_samix_partner_logits(mb: MixBlock, z: torch.Tensor, lam: np.ndarray, partner: np.ndarray) -> np.ndarray:
+    """OpenMixup's PixelMixBlock with SAMix's released settings (lam_mul + lam_residual, x_qk_concat,
+    a ConvNeck value: conv - BN (eval) - ELU - conv - dropout (eval)) in float64: the logits ``P v_j``
+    of the partner's weight."""
+    d = lambda t: t.detach().double().numpy()
+    wq, bq = d(mb.query.weight)[:, :, 0, 0], d(mb.query.bias)
+    wk, bk = d(mb.key.weight)[:, :, 0, 0], d(mb.key.bias)
+    conv1, bn, _, conv2, _ = mb.value
+    w1, w2 = d(conv1.weight)[:, :, 0, 0], d(conv2.weight)[:, :, 0, 0]
+    gamma, beta, mean, var = d(bn.weight), d(bn.bias), d(bn.running_mean), d(bn.running_var)
+    n, c, h, w = z.shape
+    zz = z.double().numpy().reshape(n, c, h * w)
+    out = np.empty((n, h * w))
+    for s in range(n):
+        xi, xj = zz[s] * (1 + lam[s]), zz[partner[s]] * (1 + (1 - lam[s]))
+        both = np.concatenate([xi, xj])
+        q, k = wq @ both + bq[:, None], wk @ both + bk[:, None]
+        scores = q.T @ k / math.sqrt(mb.inter_channels)
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        hid = (w1 @ xj - mean[:, None]) / np.sqrt(var[:, None] + bn.eps) * gamma[:, None] + beta[:, None]
+        hid = np.where(hid > 0, hid, np.expm1(hid))
+        out[s] = p @ (w2 @ hid)[0]
+    return out.reshape(n, 1, h, w)
+
+
+def test_samix_mix_block_matches_openmixups_released_settings():
+    torch.manual_seed(3)
+    n, c, h, w = 4, 8, 3, 4
+    mb = MixBlock.samix(c, init_std=0.4)
+    assert mb.query.in_channels == 2 * c and mb.key is not None and not mb.lam_concat and mb.lam_mul
+    bn = mb.value[1]
+    bn.running_mean.normal_(0, 0.1)
+    bn.running_var.uniform_(0.5, 2.0)
+    nn.init.normal_(bn.weight, 1.0, 0.2)
+    nn.init.normal_(bn.bias, 0.0, 0.2)
+    mb.eval()
+    z = torch.randn(n, c, h, w)
+    lam = np.random.default_rng(0).random(n)
+    partner = np.array([1, 2, 3, 0])
+    got = mb(z, torch.from_numpy(lam), torch.from_numpy(partner))
+    np.testing.assert_allclose(got.detach().numpy(), -reference_samix_partner_logits(mb, z, lam, partner),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="choose one"):
+        MixBlock(c, lam_concat=True, lam_mul=True)
+
+
+def test_samix_variant_trains_its_mix_block_with_the_variance_mask_loss():
+    am = make_automix(variant="samix")
+    assert am.mix_block.qk_concat and am.mix_block.lam_mul and isinstance(am.mix_block.value, nn.Sequential)
+    clean = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    flow = am.mix_block_flow(clean, labels, am.features(clean), lam=0.3, partner=[1, 2, 3, 0])
+    mask = flow["mask"].detach()
+    want = 0.1 * (torch.clamp((mask.mean() - 0.3).abs() - 0.1, min=0) - 2 * mask.var(unbiased=False))
+    torch.testing.assert_close(flow["loss_mask"].detach(), want)
+    (flow["loss_mix_block"] + flow["loss_mask"]).backward()
+    assert all(p.grad is not None for p in am.mix_block.parameters())
+    assert all(p.grad is None for p in am.model.parameters())
+    with pytest.raises(ValueError, match="variant"):
+        make_automix(variant="puzzlemix")

@@ -78,7 +78,7 @@ def test_bench_mix_quick(small_dataset, tmp_path):
     result = json.loads(next(tmp_path.glob("bench-mix-cpu-*.json")).read_text())
     cases = {r["case"]: r for r in result["stage"]}
     for method in ("none", "mixup", "cutmix", "fmix", "resizemix", "gridmix", "smoothmix", "samplepairing",
-                   "mixup|cutmix elem"):
+                   "fmix 1/4 res", "saliencymix", "attentivemix", "mixup|cutmix elem"):
         assert cases[f"dalimix {method}"]["stage_ms"] > 0 and cases[f"dalimix {method}"]["op_ms"] > 0
     for base in ("timm Mixup", "torchvision v2", "torch by hand", "timm FastCollateMixup"):
         for method in ("mixup", "cutmix"):
@@ -86,7 +86,7 @@ def test_bench_mix_quick(small_dataset, tmp_path):
             assert row["stage_ms"] > 0 and row["mix_only_ms"] > 0 and row["stage_vs_dalimix"] > 0
     assert cases["dalimix mixup"]["op_vs_dalimix_mixup"] == pytest.approx(1.0)
     plans = {(r["method"], r["mode"]) for r in result["planning"]}
-    assert ("fmix", "elem") in plans and ("mixup|cutmix", "batch") in plans and len(plans) == 16
+    assert ("fmix", "elem") in plans and ("mixup|cutmix", "batch") in plans and len(plans) == 22
     loader = {r["setup"]: r for r in result["loader"]}
     assert set(loader) == {"off", "mixup|cutmix batch", "fmix elem"}
     assert loader["off"]["vs_off"] == pytest.approx(1.0)

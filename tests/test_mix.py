@@ -24,6 +24,7 @@ from dalimix.mix import (
     pair_indices,
     soft_targets,
 )
+from dalimix.mix.params import DISTINCT_PAIRINGS
 from dalimix.ops import Normalization, mix_normalize
 from dalimix.ops.record import METHOD_NONE
 
@@ -236,7 +237,7 @@ def test_mixup_lam_follows_beta(alpha):
 def test_elem_mode_lams_follow_beta_and_fmix_means_equal_lam():
     mixer = Mixer(methods=[FMix(alpha=1.0)], mode="elem", num_classes=10)
     p = mixer.plan(400, rng=np.random.default_rng(0), height=32, width=32)
-    means = np.array([m.mean() for m in p.masks])  # 32 is a multiple of the 8x8 mask: mean is exact
+    means = np.array([m.mean() for m in p.masks])  # full-resolution masks: the mean is the lam
     np.testing.assert_allclose(p.lam, means, atol=1e-12)
     assert stats.kstest(p.lam, stats.beta(1.0, 1.0).cdf).pvalue > 1e-3
     # masks are binary and spatially coherent (low-frequency): neighbours mostly agree
@@ -254,6 +255,84 @@ def test_fmix_lam_exact_when_upsampling_is_uneven():
     p.partner = np.array([1, 0, 2])
     out = mix_normalize(images, p.records(), p.mask_pool("cpu"), norm=Normalization(mean=(0, 0, 0), std=(1, 1, 1)))
     assert out[0].double().mean().item() == pytest.approx(p.lam[0], abs=1e-9)
+
+
+def test_fmix_samples_masks_at_full_resolution_by_default():
+    """At 32 px a quarter-resolution mask is 4 x 4 blocks with lam on a 1/64 grid; the default is the
+    release's full resolution (lam on a 1/1024 grid, edges at pixel level)."""
+    p = FMix().params(64, height=32, width=32, rng=np.random.default_rng(0))
+    assert {m.shape for m in p.masks} == {(32, 32)}
+    lam_grid = p.lam * 32 * 32
+    np.testing.assert_allclose(lam_grid, np.rint(lam_grid), atol=1e-9)
+    assert (np.abs(p.lam * 64 - np.rint(p.lam * 64)) > 1e-6).mean() > 0.5  # not on the coarse grid
+    m = np.stack(p.masks)
+    blocky = (m.reshape(64, 8, 4, 8, 4) == m[:, ::4, ::4].reshape(64, 8, 1, 8, 1)).all()
+    assert not blocky
+    coarse = FMix(mask_scale=4).params(4, height=32, width=32, rng=np.random.default_rng(0))
+    assert {m.shape for m in coarse.masks} == {(8, 8)}
+
+
+def test_fmix_spectrum_follows_the_decay_power():
+    """The low-frequency image's Fourier amplitude is proportional to 1 / max(f, 1/max(h, w)) ** decay."""
+    h, w, decay = 16, 20, 2.0
+    f = FMix(decay_power=decay)
+    imgs = f.low_freq_images(np.random.default_rng(0), 4000, h, w).astype(np.float64)
+    amp = np.abs(np.fft.rfft2(imgs)).mean(0)
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    scale = 1.0 / np.maximum(np.sqrt(fy**2 + fx**2), 1.0 / max(h, w)) ** decay
+    ratio = amp / scale
+    inner = ratio[1:-1, 1:-1]  # edges of the real FFT (DC, Nyquist) have real parts only
+    assert inner.std() / inner.mean() < 0.05
+
+
+def release_binarise(mask: np.ndarray, lam: float, max_soft: float) -> np.ndarray:
+    """The FMix release's ``binarise_mask`` in float64, with its random ceil/floor replaced by round."""
+    idx = mask.reshape(-1).argsort(kind="stable")[::-1]
+    out = mask.reshape(-1).astype(np.float64).copy()
+    num = int(np.rint(lam * out.size))
+    eff_soft = min(lam, 1 - lam) if (max_soft > lam or max_soft > 1 - lam) else max_soft
+    soft = int(out.size * eff_soft)
+    low, high = num - soft, num + soft
+    out[idx[:high]] = 1
+    out[idx[low:]] = 0
+    out[idx[low:high]] = np.linspace(1, 0, len(idx[low:high]))
+    return out.reshape(mask.shape)
+
+
+@pytest.mark.parametrize("max_soft", [0.0, 0.05, 0.3, 0.5])
+def test_fmix_binarisation_and_soft_edges_match_the_release(max_soft):
+    f = FMix(max_soft=max_soft)
+    rng = np.random.default_rng(3)
+    imgs = f.low_freq_images(rng, 12, 13, 17)
+    lam = rng.uniform(0.02, 0.98, size=12)
+    lam[:2] = (0.5, 0.04)
+    got = f.binarize(imgs, lam)
+    # the release ranks descending with ties broken by position from the end; there are no ties here
+    want = np.stack([release_binarise(im, l, max_soft) for im, l in zip(imgs.astype(np.float64), lam)])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    p = f.params(12, height=13, width=17, rng=rng)
+    np.testing.assert_allclose(p.lam, [m.mean() for m in p.masks], atol=1e-12)
+
+
+def test_fmix_reformulate_draws_lam_from_beta_alpha_plus_one():
+    lam = FMix(alpha=1.0, reformulate=True).draw_lam(np.random.default_rng(0), 3000)
+    assert stats.kstest(lam, stats.beta(2.0, 1.0).cdf).pvalue > 1e-3
+    assert stats.kstest(lam, stats.beta(1.0, 1.0).cdf).pvalue < 1e-6
+
+
+def test_resizemix_use_alpha_draws_tau_from_beta_within_scope():
+    lo, hi, a = 0.1, 0.8, 2.0
+    taus = ResizeMix(scope=(lo, hi), use_alpha=True, alpha=a).draw_lam(np.random.default_rng(0), 4000)
+    assert taus.min() >= lo and taus.max() <= hi
+    b = stats.beta(a, a)
+    out = b.cdf(lo) + b.sf(hi)  # the redrawn share, uniform over the scope
+
+    def cdf(t):
+        return b.cdf(t) - b.cdf(lo) + out * (t - lo) / (hi - lo)
+
+    assert stats.kstest(taus, cdf).pvalue > 1e-3
+    assert stats.kstest(taus, stats.uniform(lo, hi - lo).cdf).pvalue < 1e-6
 
 
 def test_resizemix_tau_is_uniform():
@@ -322,9 +401,12 @@ def test_pairings():
     rng = np.random.default_rng(0)
     assert pair_indices(5, "flip").tolist() == [4, 3, 2, 1, 0]
     assert pair_indices(5, "roll").tolist() == [4, 0, 1, 2, 3]
-    for n in (2, 3, 10, 257):
-        d = pair_indices(n, "derangement", rng)
-        assert sorted(d.tolist()) == list(range(n)) and (d != np.arange(n)).all()
+    for n in (2, 3, 4, 10, 257):
+        for _ in range(20):
+            d = pair_indices(n, "derangement", rng)
+            assert sorted(d.tolist()) == list(range(n)) and (d != np.arange(n)).all()
+            if n >= 3:  # no 2-cycle: no two samples mix the same pair of images
+                assert (d[d] != np.arange(n)).all()
     assert pair_indices(1, "derangement", rng).tolist() == [0]
     with pytest.raises(ValueError, match="pairing='zigzag'"):
         pair_indices(3, "zigzag")
@@ -379,8 +461,55 @@ def test_samplepairing_keeps_the_label_and_follows_its_schedule():
     images, labels = batch(n=4, h=8, w=8)
     x, t = mixer(images, labels, params=p)
     assert t.argmax(1).tolist() == labels.tolist()
-    want = normalised(((images.float() + images.flip(0).float()) / 2).round().to(torch.uint8))
+    partner = torch.from_numpy(p.partner)
+    assert (partner != torch.arange(4)).all()
+    want = normalised(((images.float() + images[partner].float()) / 2).round().to(torch.uint8))
     torch.testing.assert_close(x, want, atol=0.02, rtol=0)  # the reference rounded to uint8; we did not
+
+
+def _distinct_images(n, size=6, seed=0):
+    """n uint8 images of which no two averages of two different pairs coincide (random pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+
+
+@pytest.mark.parametrize("pairing", DISTINCT_PAIRINGS)
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+@pytest.mark.parametrize("n", [3, 4, 5, 8, 9, 16])
+def test_samplepairing_never_repeats_an_image_pair(pairing, mode, n):
+    """The paper pairs each image with a random other one: no two outputs may be the same image."""
+    mixer = Mixer(methods=[SamplePairing(pairing=pairing)], mode=mode, num_classes=10)
+    images, labels = _distinct_images(n, seed=n)
+    for seed in range(5):
+        p = mixer.plan(n, rng=np.random.default_rng(seed), height=6, width=6)
+        assert (p.partner != np.arange(n)).all()
+        pairs = {frozenset((i, int(j))) for i, j in enumerate(p.partner)}
+        assert len(pairs) == n
+        x, _ = mixer(images, labels, params=p)
+        flat = x.reshape(n, -1)
+        assert (torch.cdist(flat, flat) + torch.eye(n) * 1e9).min() > 1e-3
+
+
+def test_samplepairing_default_pairing_is_distinct_and_flip_stays_selectable():
+    n = 6
+    images, labels = _distinct_images(n)
+    default = Mixer(methods=[SamplePairing()], num_classes=10)  # the mixer's own pairing is "flip"
+    p = default.plan(n, rng=np.random.default_rng(0), height=6, width=6)
+    assert len({frozenset((i, int(j))) for i, j in enumerate(p.partner)}) == n
+    flip = Mixer(methods=[SamplePairing(pairing="flip")], num_classes=10)
+    p = flip.plan(n, rng=np.random.default_rng(0), height=6, width=6)
+    assert p.partner.tolist() == [5, 4, 3, 2, 1, 0]
+    x, _ = flip(images, labels, params=p)
+    torch.testing.assert_close(x[0], x[5])  # flip: samples i and n-1-i are one image with two labels
+    # in "elem" mode only SamplePairing's rows take its partners; the other methods keep the mixer's
+    mixed = Mixer(methods=[MixUp(), SamplePairing()], mode="elem", num_classes=10)
+    p = mixed.plan(64, rng=np.random.default_rng(1), height=6, width=6)
+    mix_rows = p.kind == 0
+    assert (p.partner[mix_rows] == (63 - np.arange(64))[mix_rows]).all()
+    assert (p.partner[p.kind == 1] != np.arange(64)[p.kind == 1]).all()
+    with pytest.raises(ValueError, match="cannot choose other partners"):
+        Mixer(methods=[SamplePairing()], mode="pair")
+    assert Mixer(methods=[SamplePairing(pairing="flip")], mode="pair").mode == "pair"
 
 
 def test_mixup_disabled_gives_smoothed_one_hots():
@@ -406,6 +535,8 @@ def test_mixup_disabled_gives_smoothed_one_hots():
         (lambda: Mixer(methods=[MixUp()], mode="pair", pairing="roll"), "needs pairing='flip'"),
         (lambda: MixUp(alpha=0), "alpha=0"),
         (lambda: FMix(decay_power=-1), "decay_power"),
+        (lambda: FMix(max_soft=0.6), "max_soft=0.6"),
+        (lambda: FMix(reformulate="yes"), "reformulate"),
         (lambda: ResizeMix(scope=(0.5, 2)), "scope="),
         (lambda: ResizeMix(interpolation="cubic"), "interpolation="),
         (lambda: SamplePairing(on_epochs=0), "on_epochs=0"),

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from dalimix import ImageLoader
 from dalimix.mix import CompactTargets, CutMix, MixUp, Mixup, one_hot_smoothed
 from dalimix.mix.params import MixParams
-from dalimix.transmix import ClsAttention, token_box_mask, transmix_lam, transmix_targets
+from dalimix.transmix import (
+    ClsAttention,
+    token_box_mask,
+    transmix_lam,
+    transmix_targets,
+)
 
 
 def cutmix_params(n, h, w, box, partner="flip"):
@@ -170,3 +175,83 @@ def test_example_runs(small_dataset, capsys):
     assert main(["--data", str(small_dataset), "--device", "cpu", "--steps", "6", "--batch-size", "6", "--size", "32"]) == 0
     text = capsys.readouterr().out
     assert "clean-image accuracy" in text and "step    5" in text
+
+
+# ------------------------------------------------ re-weighting for any method and weighting
+from dalimix.mix import FMix, GridMix, Mixer, ResizeMix, SamplePairing, SmoothMix
+from dalimix.transmix import own_weight_maps, reweighted_lam, reweighted_targets
+from tests.reference import reference_mix_normalize
+
+
+def reference_own_maps(params, h, w):
+    """Own-image weight per pixel in float64: the reference mix of an all-ones batch with a zero partner."""
+    n = params.n
+    probe = np.ones((n + 1, h, w, 3), np.uint8)
+    probe[n] = 0
+    rec = params.records()
+    rec["partner"] = n
+    pool = params.mask_pool("cpu")
+    out = reference_mix_normalize(probe, rec, None if pool is None else pool.numpy(), (0, 0, 0), (1 / 255,) * 3)
+    return out[:, 0]
+
+
+ANY_METHODS = [MixUp(), CutMix(), FMix(mask_scale=3), ResizeMix(), GridMix(n_holes=(2, 4)), SmoothMix(), SamplePairing()]
+
+
+@pytest.mark.parametrize("size, grid", [((32, 32), (4, 4)), ((30, 45), (5, 3))])
+def test_reweighting_any_method_matches_the_float64_reference(size, grid):
+    h, w = size
+    n = 28
+    p = Mixer(methods=ANY_METHODS, mode="elem", prob=0.9).plan(n, rng=np.random.default_rng(5), height=h, width=w)
+    own = own_weight_maps(p, height=h, width=w)
+    want = reference_own_maps(p, h, w)
+    np.testing.assert_allclose(own.numpy(), want, atol=1e-6)
+    # the pixel share is the method's own lam (exact for every method)
+    mixed = p.method != 0
+    np.testing.assert_allclose(want.mean(axis=(1, 2))[mixed & (p.kind != 6)], p.lam[mixed & (p.kind != 6)], atol=1e-6)
+    torch.manual_seed(0)
+    attn = torch.rand(n, grid[0] * grid[1])
+    a = torch.rand(n)
+    lam = reweighted_lam(p, attn, height=h, width=w, grid=grid, attention_weight=a)
+    # float64 reference: token share = mean of the own map over the token's pixels (adaptive pooling bins)
+    frac = np.empty((n,) + grid)
+    for ty in range(grid[0]):
+        ys = slice((ty * h) // grid[0], -(-((ty + 1) * h) // grid[0]))
+        for tx in range(grid[1]):
+            xs = slice((tx * w) // grid[1], -(-((tx + 1) * w) // grid[1]))
+            frac[:, ty, tx] = want[:, ys, xs].mean(axis=(1, 2))
+    att = attn.double().numpy()
+    lam_att = (frac.reshape(n, -1) * att).sum(1) / att.sum(1)
+    ref = (1 - a.double().numpy()) * want.mean(axis=(1, 2)) + a.double().numpy() * lam_att
+    keep = ~mixed | (p.kind == 6)  # unmixed and SamplePairing samples keep their lam (1: the label stays)
+    ref[keep] = p.target_lam[keep]
+    np.testing.assert_allclose(lam.numpy(), ref, atol=1e-5)
+    assert (lam.numpy()[p.kind == 6] == 1).all()
+
+
+def test_reweighting_hook_masks_and_special_cases():
+    """Hook masks on the device count too; a = 0 gives the pixel share, N x rows x cols weights work,
+    and the TransMix settings on CutMix give transmix_lam."""
+    n, h, w = 4, 16, 16
+    p = MixParams.unmixed(n, ("learned",))
+    p.method[:] = 3  # METHOD_MASK from the hook
+    p.partner = np.array([1, 2, 3, 0])
+    p.lam[:] = p.target_lam[:] = 0.5
+    masks = torch.rand(n, 1, 4, 4)
+    p.device_masks = masks
+    attn = torch.rand(n, 4, 4)
+    lam0 = reweighted_lam(p, attn, height=h, width=w, attention_weight=0.0)
+    torch.testing.assert_close(lam0, masks.mean(dim=(1, 2, 3)), atol=1e-6, rtol=0)
+    lam1 = reweighted_lam(p, attn, height=h, width=w, attention_weight=1.0)  # 4x4 tokens = the mask cells
+    want = (masks[:, 0] * attn).sum((1, 2)) / attn.sum((1, 2))
+    torch.testing.assert_close(lam1, want, atol=1e-6, rtol=0)
+    t = reweighted_targets(torch.arange(n), p, attn, num_classes=4, height=h, width=w, attention_weight=1.0)
+    torch.testing.assert_close(t.diagonal(), want, atol=1e-6, rtol=0)
+    c = cutmix_params(3, 20, 20, (2, 3, 13, 17))
+    att = torch.rand(3, 25)
+    torch.testing.assert_close(reweighted_lam(c, att, height=20, width=20, tokens="nearest"),
+                               transmix_lam(c, att, height=20, width=20))
+    with pytest.raises(ValueError, match="attention_weight"):
+        reweighted_lam(c, att, height=20, width=20, attention_weight=1.5)
+    with pytest.raises(ValueError, match="tokens='box'"):
+        reweighted_lam(c, att, height=20, width=20, tokens="box")

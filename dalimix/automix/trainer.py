@@ -32,7 +32,7 @@ from ..hook import LearnedMask
 from ..losses import MixCrossEntropy
 from ..mix import Mixer, pair_indices
 from .features import FeatureTap
-from .mixblock import MixBlock
+from .mixblock import UPSAMPLINGS, MixBlock, adjust_to_lam
 from .momentum import cosine_decay, cosine_rise, ema_update
 
 
@@ -56,7 +56,17 @@ class AutoMix(nn.Module):
         mask_loss_weight, mask_loss_margin: the mask loss ``w * clamp(|mean(mask) - lam| - margin, 0)``,
             ``w`` annealed from ``mask_loss_weight`` to 0 by a cosine.
         mixup_margin: lam within this of 0 or 1 falls back to plain MixUp (0.08).
-        reduction, value_from: the Mix Block's (see ``MixBlock``).
+        reduction, value_from, lam_concat: the Mix Block's (see ``MixBlock``; the defaults are the
+            released ImageNet configs, ``lam_concat=False`` the CIFAR ones).
+        variant: "automix" (default) or "samix": SAMix's Mix Block (``MixBlock.samix``) and mask loss
+            (OpenMixup's "L1+Variance": the L1 term minus twice the masks' variance).
+        upsampling: "nearest" (default) or "bilinear": how the Mix Block's h x w logits reach the
+            image size, in both flows (OpenMixup's ``unsampling_mode``).
+        mask_adjust: probability per step that the backbone flow's masks are rescaled to mean lam
+            (``adjust_to_lam``; OpenMixup's ``mask_adjust``, 0 = never).
+        switch_off: > 0 trains the Mix Block flow's classification loss only with probability
+            ``switch_off * c``, ``c`` a cosine from 1 to 0 over training (OpenMixup's ``switch_off``,
+            for faster training; the mask loss stays on). 0 = always.
         label_smoothing: for every cross-entropy here and the loader's targets (``mixer()``).
         seed: seed of the Mix Block flow's lam and partners.
     """
@@ -64,7 +74,8 @@ class AutoMix(nn.Module):
     def __init__(self, *, model: nn.Module, feature_layer: str, input_size=224, alpha: float = 2.0,
                  momentum: float = 0.999, end_momentum: float = 0.99999, mask_loss_weight: float = 0.1,
                  mask_loss_margin: float = 0.1, mixup_margin: float = 0.08, reduction: int = 2,
-                 value_from: str = "own", label_smoothing: float = 0.0, seed: int = 0):
+                 value_from: str = "partner", lam_concat: bool = True, variant: str = "automix", upsampling: str = "nearest",
+                 mask_adjust: float = 0.0, switch_off: float = 0.0, label_smoothing: float = 0.0, seed: int = 0):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module classifier, got {type(model).__name__}")
@@ -75,6 +86,10 @@ class AutoMix(nn.Module):
         label_smoothing = v.number("label_smoothing", label_smoothing, lo=0, hi=1, hi_open=True)
         seed = v.integer("seed", seed, lo=0)
         size = v.size("input_size", input_size)
+        self.upsampling = v.choice("upsampling", upsampling, UPSAMPLINGS)
+        self.variant = v.choice("variant", variant, ("automix", "samix"))
+        self.mask_adjust = v.number("mask_adjust", mask_adjust, lo=0, hi=1, hint=" (a probability per step)")
+        self.switch_off = v.number("switch_off", switch_off, lo=0, hi=1, hint=" (0 = the Mix Block flow always trains)")
         self.mixer_method = LearnedMask(alpha=alpha, mixup_margin=mixup_margin)  # validates alpha and margin
         self.alpha = float(alpha)
         self.base_momentum = float(momentum)
@@ -90,7 +105,10 @@ class AutoMix(nn.Module):
             p.requires_grad_(False)
         self._tap = FeatureTap(self.ema, feature_layer)
         self.feature_layer = feature_layer
-        self.mix_block = MixBlock(self._channels(size), reduction=reduction, value_from=value_from)
+        if self.variant == "samix":
+            self.mix_block = MixBlock.samix(self._channels(size), reduction=reduction, value_from=value_from)
+        else:
+            self.mix_block = MixBlock(self._channels(size), reduction=reduction, value_from=value_from, lam_concat=lam_concat)
         self.mix_block.to(self._device())
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
         self._criterion = MixCrossEntropy()
@@ -124,12 +142,12 @@ class AutoMix(nn.Module):
         return Mixer(**args)
 
     def attach(self, loader, *, validate: str = "deferred") -> None:
-        """Register ``mask_hook`` on ``loader``: low-res logits, nearest upsampling and the sigmoid
-        in the kernel, targets with the planned lam. ``validate="deferred"`` (the default here)
+        """Register ``mask_hook`` on ``loader``: low-res logits, ``upsampling`` and the sigmoid in
+        the kernel, targets with the planned lam. ``validate="deferred"`` (the default here)
         checks the logits on the device and reads the result one batch later: no host sync per
         batch on CUDA; non-finite logits are then reported at the next batch (``"eager"``: at
         once, with a sync). On CPU both check at once."""
-        loader.set_mask_hook(self.mask_hook, interpolation="nearest", logits=True, target_lam="planned",
+        loader.set_mask_hook(self.mask_hook, interpolation=self.upsampling, logits=True, target_lam="planned",
                              validate=validate)
 
     @torch.no_grad()
@@ -156,6 +174,8 @@ class AutoMix(nn.Module):
         and partner. ``images`` may be float32, float16 or bfloat16 (see ``features``)."""
         feats = self.features(images)
         logits = self._mix_block(feats, lam, partner)
+        if self.mask_adjust > 0 and self._rng.random() < self.mask_adjust:
+            logits = adjust_to_lam(logits, lam, images.shape[-2:], self.upsampling)
         self._cache = (images, feats)
         self.last_hook_logits = logits
         return logits
@@ -192,14 +212,19 @@ class AutoMix(nn.Module):
         # lam as a device tensor filled there: a Python float would be copied to the GPU with a host sync
         lam_t = torch.full((n,), lam, dtype=torch.float32, device=clean.device)
         logits = self._mix_block(feats, lam_t, partner)
-        mask = MixBlock.mask(logits, clean.shape[-2:])
+        mask = MixBlock.mask(logits, clean.shape[-2:], self.upsampling)
         x = clean.to(torch.float32)
         mixed = (x[partner] + mask * (x - x[partner])).to(clean.dtype)
-        out = self.ema(mixed)
-        eps = self.label_smoothing
-        ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(out, labels[partner], label_smoothing=eps)
+        if self.switch_off > 0 and self._rng.random() >= self.switch_off * cosine_decay(1.0, self.progress):
+            ce = mask.sum() * 0.0  # switched off this step: no EMA forward pass, no classification loss
+        else:
+            out = self.ema(mixed)
+            eps = self.label_smoothing
+            ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(out, labels[partner], label_smoothing=eps)
         weight = cosine_decay(self.base_mask_loss_weight, self.progress)
         gap = torch.clamp((mask.mean() - lam).abs() - self.mask_loss_margin, min=0.0)
+        if self.variant == "samix":  # OpenMixup's "L1+Variance": also reward masks that are not flat
+            gap = gap - 2.0 * mask.var(unbiased=False)
         return dict(loss_mix_block=ce, loss_mask=weight * gap, logits=logits, mask=mask, mixed=mixed, lam=lam, partner=partner)
 
     @torch.no_grad()

@@ -1,12 +1,17 @@
 """Mixing methods and mixers: parameters sampled on the host, applied by the one fused kernel."""
 
-from .methods import METHODS, CutMix, FMix, GridMix, MixMethod, MixUp, ResizeMix, SamplePairing, SmoothMix
+from .methods import CutMix, FMix, GridMix, MixMethod, MixUp, ResizeMix, SamplePairing, SmoothMix
 from .mixer import MODES, Mixer, Mixup
 from .params import PAIRINGS, MixParams, pair_indices
+from .saliency import AttentiveMix, MaskPolicy, SaliencyMix, spectral_residual
 from .targets import CompactTargets, one_hot_smoothed, soft_targets
 
+# every method by name (``dalimix preview --mix NAME``)
+METHODS = {cls.name: cls for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix, SaliencyMix,
+                                     AttentiveMix)}
+
 __all__ = [
-    "METHODS", "MODES", "PAIRINGS", "CompactTargets", "CutMix", "FMix", "GridMix", "MixMethod", "MixParams",
-    "MixUp", "Mixer", "Mixup", "ResizeMix", "SamplePairing", "SmoothMix", "one_hot_smoothed", "pair_indices",
-    "soft_targets",
+    "METHODS", "MODES", "PAIRINGS", "AttentiveMix", "CompactTargets", "CutMix", "FMix", "GridMix", "MaskPolicy",
+    "MixMethod", "MixParams", "MixUp", "Mixer", "Mixup", "ResizeMix", "SaliencyMix", "SamplePairing", "SmoothMix",
+    "one_hot_smoothed", "pair_indices", "soft_targets", "spectral_residual",
 ]

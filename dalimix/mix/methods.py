@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .. import validate as v
 from ..ops.record import (
     FLAG_BILINEAR,
     METHOD_BLEND,
@@ -29,8 +30,7 @@ from ..ops.record import (
     METHOD_RESIZE,
     METHOD_SMOOTH,
 )
-from .. import validate as v
-from .params import MixParams, pair_indices
+from .params import PAIRINGS, MixParams, pair_indices
 
 
 def _positive(name: str, value) -> float:
@@ -76,11 +76,14 @@ class MixMethod:
     def active(self) -> bool:
         return True
 
-    def params(self, n: int, *, height: int, width: int, lam=None, partner="flip", rng=None, **explicit) -> MixParams:
+    def params(self, n: int, *, height: int, width: int, lam=None, partner=None, rng=None, **explicit) -> MixParams:
         """A batch of ``n`` samples mixed by this method; ``lam`` (scalar or per sample), ``partner``
-        (a pairing name or an index array) and method-specific geometry may be given explicitly."""
+        (a pairing name or an index array; default: the method's own ``pairing`` if it has one, else
+        "flip") and method-specific geometry may be given explicitly."""
         rng = _rng(rng)
         p = MixParams.unmixed(n, (self.name,))
+        if partner is None:
+            partner = getattr(self, "pairing", None) or "flip"
         p.partner = pair_indices(n, partner, rng) if isinstance(partner, str) else _check_partner(partner, n)
         rows = np.arange(n)
         lam_rows = self.draw_lam(rng, n) if lam is None else _as_rows(lam, rows, np.float64)
@@ -131,15 +134,22 @@ class MixUp(MixMethod):
 class SamplePairing(MixMethod):
     """SamplePairing (Inoue, "Data Augmentation by Pairing Samples for Images Classification", 2018).
 
-    ``x = (x_i + x_j) / 2`` and the label stays ``y_i``. On an epoch schedule: active from
-    ``start_epoch`` until ``end_epoch`` (exclusive, None = forever), in cycles of ``on_epochs``
-    epochs on and ``off_epochs`` off (``off_epochs=0``: always on within the range). The loader's
-    ``set_epoch`` switches it; while off, the samples that chose it stay unmixed.
+    ``x = (x_i + x_j) / 2`` and the label stays ``y_i``, with ``x_j`` a random other image of the
+    batch (the paper's pairing). SamplePairing chooses its samples' partners itself, whatever the
+    mixer's ``pairing``: ``pairing="derangement"`` (default: a random permutation with no fixed point
+    and no 2-cycle, so no two samples of a batch of 3 or more hold the same average), ``"roll"``
+    (i with i-1, also distinct) or ``"flip"`` (i with n-1-i, timm's pairing: samples i and n-1-i
+    then hold the SAME image with two labels). On an epoch schedule: active from ``start_epoch``
+    until ``end_epoch`` (exclusive, None = forever), in cycles of ``on_epochs`` epochs on and
+    ``off_epochs`` off (``off_epochs=0``: always on within the range). The loader's ``set_epoch``
+    switches it; while off, the samples that chose it stay unmixed.
     """
 
     name = "samplepairing"
 
-    def __init__(self, *, start_epoch: int = 0, end_epoch: int | None = None, on_epochs: int = 1, off_epochs: int = 0):
+    def __init__(self, *, pairing: str = "derangement", start_epoch: int = 0, end_epoch: int | None = None,
+                 on_epochs: int = 1, off_epochs: int = 0):
+        self.pairing = v.choice("pairing", pairing, PAIRINGS)
         self.start_epoch = v.integer("start_epoch", start_epoch, lo=0)
         self.end_epoch = None if end_epoch is None else v.integer("end_epoch", end_epoch, lo=self.start_epoch,
                                                                    hint=" (>= start_epoch, or None for no end)")
@@ -237,18 +247,28 @@ class ResizeMix(MixMethod):
 
     ``tau ~ U(scope)``; a box of ``int(tau * H) x int(tau * W)`` at a uniform centre, clipped at
     the edges, receives the WHOLE partner image resized to the box (in the kernel, nearest by
-    default or bilinear); ``lam = 1 - box_area / (H * W)``.
+    default or bilinear); ``lam = 1 - box_area / (H * W)``. ``use_alpha=True`` (OpenMixup's option,
+    for self-supervised use): ``tau ~ Beta(alpha, alpha)``, redrawn ``~ U(scope)`` when it falls
+    outside ``scope``.
     """
 
     name = "resizemix"
 
-    def __init__(self, *, scope=(0.1, 0.8), interpolation: str = "nearest"):
+    def __init__(self, *, scope=(0.1, 0.8), interpolation: str = "nearest", use_alpha: bool = False, alpha: float = 1.0):
         self.scope = _range("scope", scope, 0.0, 1.0)
         self.interpolation = v.choice("interpolation", interpolation, ("nearest", "bilinear"))
+        self.use_alpha = v.flag("use_alpha", use_alpha)
+        self.alpha = _positive("alpha", alpha)
 
     def draw_lam(self, rng, count):
         """The scale ``tau`` of each box (ResizeMix's own parameter), not the final lam."""
-        return rng.uniform(self.scope[0], self.scope[1], size=count)
+        lo, hi = self.scope
+        if not self.use_alpha:
+            return rng.uniform(lo, hi, size=count)
+        tau = rng.beta(self.alpha, self.alpha, size=count)
+        outside = (tau < lo) | (tau > hi)
+        tau[outside] = rng.uniform(lo, hi, size=int(outside.sum()))
+        return tau
 
     def boxes(self, rng, tau: np.ndarray, height: int, width: int) -> np.ndarray:
         tau = np.clip(np.asarray(tau, dtype=np.float64), self.scope[0], self.scope[1])
@@ -305,28 +325,37 @@ def full_resolution_means(masks, height: int, width: int) -> np.ndarray:
 
 
 class FMix(MixMethod):
-    """FMix (Harris et al., "FMix: Enhancing Mixed Sample Data Augmentation", 2020).
+    """FMix (Harris et al., "FMix: Enhancing Mixed Sample Data Augmentation", 2020), as the FMix
+    release samples it.
 
     A low-frequency mask: Gaussian noise in Fourier space scaled by ``1 / f ** decay_power``
     (frequencies below ``1 / max(h, w)`` clamped), inverse FFT, and the top ``lam`` fraction of
-    its pixels set to 1 (own image), the rest 0 (partner); ``lam ~ Beta(alpha, alpha)``.
+    its pixels set to 1 (own image), the rest 0 (partner); ``lam ~ Beta(alpha, alpha)``, or
+    ``Beta(alpha + 1, alpha)`` with ``reformulate=True`` (the release's reformulation).
+    ``max_soft`` (in [0, 0.5]) softens the edge as the release does: the ``2 * s`` pixels ranked
+    around the threshold, ``s = int(h * w * min(max_soft, lam, 1 - lam))``, fall linearly from 1 to 0.
 
-    The mask is sampled at ``mask_size`` (default: a quarter of the output size, rounded up, e.g.
-    56 x 56 for 224 x 224) and upsampled nearest in the kernel; the spectrum above that
-    resolution's Nyquist frequency carries at most ``(1/4) ** decay_power`` of the lowest
-    frequency's amplitude. The reported ``lam`` is the mask mean at full resolution, exactly.
+    The mask is sampled at the output size by default (``mask_scale=1``, as the release). A
+    coarser mask (``mask_scale=k``: ``ceil(H / k) x ceil(W / k)``, or ``mask_size``) is upsampled
+    nearest in the kernel: cheaper to plan and to read, but its edges move in k x k blocks and lam
+    lies on a 1 / (h * w) grid (at 32 px and k = 4: 4 x 4 blocks, lam in steps of 1/64), and the
+    spectrum above that resolution's Nyquist frequency is lost (at decay_power 1 a visible part).
+    The reported ``lam`` is the mask mean at full resolution, exactly.
     """
 
     name = "fmix"
 
-    def __init__(self, *, alpha: float = 1.0, decay_power: float = 3.0, mask_size=None, mask_scale: int = 4):
+    def __init__(self, *, alpha: float = 1.0, decay_power: float = 3.0, max_soft: float = 0.0,
+                 reformulate: bool = False, mask_size=None, mask_scale: int = 1):
         self.alpha = _positive("alpha", alpha)
         self.decay_power = v.number("decay_power", decay_power, lo=0, hi=10, lo_open=True)
+        self.max_soft = v.number("max_soft", max_soft, lo=0, hi=0.5, hint=" (the release's soft-edge width, 0 = hard)")
+        self.reformulate = v.flag("reformulate", reformulate)
         self.mask_size = None if mask_size is None else v.size("mask_size", mask_size)
-        self.mask_scale = v.integer("mask_scale", mask_scale, lo=1, hint=" (output size / mask size)")
+        self.mask_scale = v.integer("mask_scale", mask_scale, lo=1, hint=" (output size / mask size; 1 = full resolution)")
 
     def draw_lam(self, rng, count):
-        return rng.beta(self.alpha, self.alpha, size=count)
+        return rng.beta(self.alpha + 1.0 if self.reformulate else self.alpha, self.alpha, size=count)
 
     def resolution(self, height: int, width: int) -> tuple[int, int]:
         if self.mask_size is not None:
@@ -348,16 +377,36 @@ class FMix(MixMethod):
         return torch.fft.irfft2(torch.view_as_complex(noise) * scale, s=(h, w)).numpy()
 
     def binarize(self, images: np.ndarray, lam: np.ndarray) -> np.ndarray:
-        """1 on the top ``round(lam * h * w)`` pixels of each image, 0 elsewhere (float32)."""
+        """Per image: 1 on its top ``round(lam * h * w)`` pixels, 0 elsewhere (float32); with
+        ``max_soft``, the release's linear ramp from 1 to 0 over the ``2 * s`` pixels ranked
+        ``[keep - s, keep + s)``."""
         count, h, w = images.shape
         flat = images.reshape(count, -1).astype(np.float32, copy=False)
         size = flat.shape[1]
-        keep = np.rint(np.asarray(lam, dtype=np.float64) * size).astype(np.int64)
-        ordered = np.sort(flat, axis=1)
-        threshold = ordered[np.arange(count), np.clip(size - keep, 0, size - 1)]
+        lam = np.asarray(lam, dtype=np.float64)
+        keep = np.rint(lam * size).astype(np.int64)
+        if self.max_soft > 0:
+            soft = (size * np.minimum(self.max_soft, np.minimum(lam, 1.0 - lam))).astype(np.int64)
+            if soft.any():
+                return self._soft(flat, keep, soft).reshape(count, h, w)
+        # each mask's k-th largest value by selection, row by row (O(h w) per mask, not a sort)
+        kth = np.clip(size - keep, 0, size - 1)
+        threshold = np.array([np.partition(row, k)[k] for row, k in zip(flat, kth)], dtype=np.float32).reshape(count)
         masks = flat >= threshold[:, None]
         masks[keep <= 0] = False
         return masks.astype(np.float32).reshape(count, h, w)
+
+    @staticmethod
+    def _soft(flat: np.ndarray, keep: np.ndarray, soft: np.ndarray) -> np.ndarray:
+        size = flat.shape[1]
+        order = np.argsort(-flat, axis=1, kind="stable")  # rank r -> pixel
+        rank = np.arange(size)[None, :]
+        low, high = (keep - soft)[:, None], (keep + soft)[:, None]
+        ramp = 1.0 - (rank - low) / np.maximum(high - low - 1, 1)  # np.linspace(1, 0, high - low)
+        by_rank = np.where(rank < low, 1.0, np.where(rank < high, ramp, 0.0)).astype(np.float32)
+        out = np.empty_like(flat)
+        np.put_along_axis(out, order, by_rank, axis=1)
+        return out
 
     def fill(self, p, rows, lam, *, rng, height, width, shared):
         lam = np.asarray(lam, dtype=np.float64)
@@ -373,6 +422,8 @@ class FMix(MixMethod):
             p.masks[r] = m
         if all(m is masks[0] for m in masks):
             lam = full_resolution_mean(masks[0], height, width)
+        elif all(m.shape == (height, width) for m in masks):  # full resolution: the plain mean
+            lam = np.stack(masks).mean(axis=(1, 2), dtype=np.float64)
         else:
             lam = full_resolution_means(masks, height, width)
         p.lam[rows] = lam
@@ -503,5 +554,3 @@ class SmoothMix(MixMethod):
             p.lam[r] = 1.0 - self.partner_fraction(oy, ox, k, height, width)
             p.target_lam[r] = p.lam[r]
 
-
-METHODS = {cls.name: cls for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix)}

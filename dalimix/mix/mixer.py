@@ -10,7 +10,9 @@ per-sample parameter array (``MixParams``), and "elem" mode costs the kernel wha
 Pairing: ``flip`` by default (i <-> n-1-i, timm's ``x.flip(0)``): it is what timm does, so
 results match timm's Mixup for the same parameters, and it is an involution, which "pair" mode
 needs (both samples of a pair share one lam and one geometry). ``roll`` is torchvision's pairing,
-``derangement`` a random partner that is never the sample itself. With flip, the middle sample
+``derangement`` a random partner that is never the sample itself (and never a sample whose partner
+it is: no two samples mix the same two images). A method with its own ``pairing`` (SamplePairing)
+draws the partners of the samples it mixes itself. With flip, the middle sample
 of an odd batch (and the only sample of a batch of 1) is paired with itself: mixing it is a no-op
 and its target is its own label.
 """
@@ -20,10 +22,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops import Normalization, allocate_output, mix_normalize
 from .. import validate as v
+from ..ops import Normalization, allocate_output, mix_normalize
+from ..ops.record import METHOD_MASK
 from .methods import CutMix, MixUp
 from .params import PAIRINGS, MixParams, pair_indices
+from .saliency import MaskPolicy
 from .targets import CompactTargets, soft_targets
 
 MODES = ("batch", "pair", "elem")
@@ -75,10 +79,18 @@ class Mixer:
         self.pairing = v.choice("pairing", pairing, PAIRINGS)
         if mode == "pair" and pairing != "flip":
             raise ValueError("mode='pair' mixes i with n-1-i and back: it needs pairing='flip'")
+        for m in methods:
+            own = getattr(m, "pairing", None)
+            if mode == "pair" and own not in (None, "flip"):
+                raise ValueError(f"mode='pair' mixes i with n-1-i and back: {type(m).__name__}(pairing={own!r}) "
+                                 "cannot choose other partners; use mode='elem' or pairing='flip'")
         self.label_smoothing = v.number("label_smoothing", label_smoothing, lo=0, hi=1, hi_open=True)
         self.num_classes = None if num_classes is None else v.integer("num_classes", num_classes, lo=1)
         self.target_form = v.choice("targets", targets, TARGET_FORMS)
         self.mixup_enabled = True
+        if len([m for m in methods if isinstance(m, MaskPolicy)]) > 1:
+            raise ValueError("a mixer takes one mask policy (SaliencyMix or AttentiveMix): the loader has one mask hook; "
+                             "mix two policies in separate loaders or write one hook that does both")
 
     def __repr__(self) -> str:
         methods = ", ".join(f"{m!r}: p={p:.2f}" for m, p in zip(self.methods, self.probs))
@@ -87,11 +99,22 @@ class Mixer:
 
     # ------------------------------------------------------------------ loader protocol
     def bind(self, loader) -> None:
-        """Called by ``ImageLoader``: take C from the data set, check it otherwise."""
+        """Called by ``ImageLoader``: take C from the data set, check it otherwise; register the mask
+        hook of a built-in mask policy (SaliencyMix, AttentiveMix) if the mixer has one."""
         if self.num_classes is None:
             self.num_classes = loader.num_classes
         elif self.num_classes < loader.num_classes:
             raise ValueError(f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes")
+        policy = self.mask_policy
+        if policy is not None and hasattr(loader, "set_mask_hook"):
+            policy.bind(loader)
+            loader.set_mask_hook(policy.mask_policy, **policy.hook_options)
+
+    @property
+    def mask_policy(self):
+        """The mixer's built-in mask policy (a ``MaskPolicy`` method), or None."""
+        policies = [m for m in self.methods if isinstance(m, MaskPolicy)]
+        return policies[0] if policies else None
 
     def set_epoch(self, epoch: int) -> None:
         for m in self.methods:
@@ -129,6 +152,9 @@ class Mixer:
                 if self.mode == "pair":
                     _copy_rows(p, rows, p.partner[rows])
                     rows = np.concatenate([rows, p.partner[rows]])
+            own = getattr(method, "pairing", None)
+            if partner is None and own is not None and own != self.pairing:
+                p.partner[rows] = pair_indices(n, own, rng)[rows]
             p.kind[rows] = mi
         return p
 
@@ -162,8 +188,22 @@ class Mixer:
             rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             params = self.plan(n, rng=rng, height=h, width=w)
         out = allocate_output(n, h, w, dtype=dtype, channels_last=channels_last, device=images.device)
-        mixed = mix_normalize(images, params.records(), params.mask_pool(images.device), norm=norm, dtype=dtype,
-                              channels_last=channels_last, out=out)
+        records, pool = params.records(), None
+        policy = self.mask_policy
+        if policy is not None and (params.method == METHOD_MASK).any() and params.device_masks is None:
+            from ..hook import (  # the loader's hook stage, run here for a tensor batch
+                MaskHook,
+                MaskHookStage,
+            )
+
+            unmixed = mix_normalize(images, None, None, norm=norm, dtype=dtype, channels_last=channels_last)
+            if policy._norm is None:
+                policy._norm = norm or Normalization()
+            stage = MaskHookStage(MaskHook(fn=policy.mask_policy, **policy.hook_options), images.device)
+            records, pool = stage.prepare(unmixed, params, epoch=0, step=0)
+        else:
+            pool = params.mask_pool(images.device)
+        mixed = mix_normalize(images, records, pool, norm=norm, dtype=dtype, channels_last=channels_last, out=out)
         return mixed, self.targets(labels, params, self.num_classes)
 
 

@@ -10,12 +10,16 @@ import torch
 from ..ops.record import METHOD_NONE, RECORD_DTYPE
 
 PAIRINGS = ("flip", "roll", "derangement")
+# pairings under which no two samples of a batch (n >= 3) mix the same two images: the partner
+# permutation has no fixed point and no 2-cycle (flip is all 2-cycles: i and n-1-i mix one pair)
+DISTINCT_PAIRINGS = ("roll", "derangement")
 
 
 def pair_indices(n: int, pairing: str, rng: np.random.Generator | None = None) -> np.ndarray:
     """Partner of every sample: ``flip`` i <-> n-1-i (timm's ``x.flip(0)``), ``roll`` i -> i-1
-    (torchvision's ``roll(1, 0)``), ``derangement`` a random permutation with no fixed point
-    (for n >= 2; n = 1 pairs the sample with itself)."""
+    (torchvision's ``roll(1, 0)``), ``derangement`` a random permutation with no fixed point and,
+    for n >= 3, no 2-cycle — so no two samples mix the same two images (n = 2 can only swap; n = 1
+    pairs the sample with itself)."""
     if pairing == "flip":
         return np.arange(n - 1, -1, -1, dtype=np.int64)
     if pairing == "roll":
@@ -25,9 +29,16 @@ def pair_indices(n: int, pairing: str, rng: np.random.Generator | None = None) -
             return np.arange(n, dtype=np.int64)
         if rng is None:
             raise ValueError("pairing='derangement' needs a random generator")
-        # a random cyclic shift of a random permutation has no fixed point
+        # a random cyclic shift s of a random permutation: cycles of length n / gcd(n, s), so no
+        # fixed point (s != 0) and no 2-cycle (s != n / 2)
         perm = rng.permutation(n)
-        shift = int(rng.integers(1, n))
+        if n == 2:
+            shift = 1
+        else:
+            even = n % 2 == 0
+            shift = 1 + int(rng.integers(0, n - 1 - even))  # uniform over {1..n-1} without n / 2
+            if even and 2 * shift >= n:
+                shift += 1
         partner = np.empty(n, dtype=np.int64)
         partner[perm] = perm[(np.arange(n) + shift) % n]
         return partner
