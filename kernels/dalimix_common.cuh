@@ -21,6 +21,9 @@ typedef long long dm_i64;
 
 #define DM_FLAG_BILINEAR 1  // mask / resize sampling: bilinear (align_corners=False) instead of nearest
 #define DM_FLAG_SIGMOID 2   // mask holds logits: the sigmoid is applied after upsampling
+#define DM_FLAG_FLIP_SELF 4     // read the sample's own image a mirrored left-right (column w-1-x)
+#define DM_FLAG_FLIP_PARTNER 8  // read the partner image b mirrored left-right; boxes/masks stay in
+                                // output coordinates: the result is "flip each image, then mix"
 
 struct DmRecord {
   int partner;      // batch index of the partner image b

@@ -51,7 +51,8 @@ __device__ __host__ __forceinline__ float dm_smooth_weight(const DmRecord& r, in
   return 1.f - expf(-(dy * dy + dx * dx) * r.f0);
 }
 
-// The whole partner image b, resized to the box (bh x bw), sampled at box-relative (dy, dx).
+// The whole partner image b, resized to the box (bh x bw), sampled at box-relative (dy, dx); with
+// DM_FLAG_FLIP_PARTNER the mirrored b is resized (source columns taken as w - 1 - x).
 __device__ __host__ __forceinline__ void dm_sample_resized(const unsigned char* b, int flags, int dy,
                                                            int dx, int bh, int bw, int h, int w,
                                                            float* o0, float* o1, float* o2) {
@@ -60,6 +61,10 @@ __device__ __host__ __forceinline__ void dm_sample_resized(const unsigned char* 
     float wy, wx;
     dm_linear_coord(dy, h, bh, &y0, &y1, &wy);
     dm_linear_coord(dx, w, bw, &x0, &x1, &wx);
+    if (flags & DM_FLAG_FLIP_PARTNER) {
+      x0 = w - 1 - x0;
+      x1 = w - 1 - x1;
+    }
     const unsigned char* p00 = b + ((dm_i64)y0 * w + x0) * 3;
     const unsigned char* p01 = b + ((dm_i64)y0 * w + x1) * 3;
     const unsigned char* p10 = b + ((dm_i64)y1 * w + x0) * 3;
@@ -72,6 +77,7 @@ __device__ __host__ __forceinline__ void dm_sample_resized(const unsigned char* 
   } else {
     int sy = dm_nearest_index(dy, h, bh);
     int sx = dm_nearest_index(dx, w, bw);
+    if (flags & DM_FLAG_FLIP_PARTNER) sx = w - 1 - sx;
     const unsigned char* p = b + ((dm_i64)sy * w + sx) * 3;
     *o0 = p[0];
     *o1 = p[1];
@@ -100,7 +106,8 @@ __device__ __host__ __forceinline__ void dm_store(typename O::T* __restrict__ ds
   }
 }
 
-// One output pixel (all three channels) of sample s at (y, x); p = (s * H + y) * W + x.
+// One output pixel (all three channels) of sample s at (y, x); p = (s * H + y) * W + x. The flip
+// flags mirror the columns read from a and b, never the output position.
 template <class O, bool NHWC>
 __device__ __host__ __forceinline__ void dm_mix_pixel(const unsigned char* __restrict__ src, const DmRecord& R,
                                                       const float* __restrict__ masks,
@@ -108,8 +115,9 @@ __device__ __host__ __forceinline__ void dm_mix_pixel(const unsigned char* __res
                                                       int h, int w, dm_i64 plane, float m0, float m1,
                                                       float m2, float s0, float s1, float s2) {
   const dm_i64 r = (dm_i64)y * w + x;
-  const dm_i64 p = (dm_i64)s * plane + r;
-  const unsigned char* pa = src + p * 3;
+  const dm_i64 row = (dm_i64)y * w;
+  const int ax = (R.flags & DM_FLAG_FLIP_SELF) ? w - 1 - x : x;
+  const unsigned char* pa = src + ((dm_i64)s * plane + row + ax) * 3;
   float v0 = pa[0], v1 = pa[1], v2 = pa[2];
   if (R.method != DM_METHOD_NONE) {
     const unsigned char* b = src + (dm_i64)R.partner * plane * 3;
@@ -127,7 +135,8 @@ __device__ __host__ __forceinline__ void dm_mix_pixel(const unsigned char* __res
       else if (R.method == DM_METHOD_GRID) wself = dm_grid_weight(R, y, x);
       else if (R.method == DM_METHOD_SMOOTH) wself = dm_smooth_weight(R, y, x, h, w);
       if (wself != 1.f) {
-        const unsigned char* pb = b + r * 3;
+        const int bx = (R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - x : x;
+        const unsigned char* pb = b + (row + bx) * 3;
         b0 = pb[0];
         b1 = pb[1];
         b2 = pb[2];

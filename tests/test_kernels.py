@@ -13,7 +13,7 @@ import torch
 
 from dalimix.ops import Normalization
 from dalimix.ops.kernels import ENTRIES, KERNEL_FILES, OUTPUT_TYPES, kernel_dir, kernel_source, mix_normalize_entry
-from dalimix.ops.record import RECORD_DTYPE, identity_records
+from dalimix.ops.record import FLAG_BILINEAR, FLAG_FLIP_PARTNER, FLAG_FLIP_SELF, RECORD_DTYPE, identity_records, set_flips
 from dalimix.testing.hostshim import SHIM_PRELUDE, bf16_bits_to_float, half_bits_to_float
 from reference import random_records, reference_mix_normalize
 
@@ -179,3 +179,56 @@ def test_unmixed_records_only_normalize(shim):
     got = run_shim(shim, images, identity_records(4), np.zeros(1, np.float32), norm, torch.float32, False)
     ref = (images.astype(np.float64) / 255 - np.array(norm.mean)) / np.array(norm.std)
     np.testing.assert_allclose(got, ref.transpose(0, 3, 1, 2), atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------- flips
+@pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d_%dx%d_src%d" % (c[3], c[1], c[2], c[0]))
+def test_shim_flips_match_float64_reference(shim, dtype, channels_last, case):
+    """Flip flags on every method: the kernel equals "flip each source image, then mix" in float64."""
+    n_src, h, w, n = case
+    n_src = max(n_src, n)
+    rng = np.random.default_rng(stable_seed("flip", h, w, n, str(dtype), channels_last))
+    norm = Normalization(mean=rng.uniform(0.3, 0.6, 3), std=rng.uniform(0.15, 0.35, 3))
+    for _ in range(3):
+        images = rng.integers(0, 256, (n_src, h, w, 3), dtype=np.uint8)
+        records, pool = random_records(rng, n, n_src, h, w)
+        set_flips(records, rng.random(n_src) < 0.5)
+        got = run_shim(shim, images, records, pool, norm, dtype, channels_last)
+        ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
+        err = np.abs(got.astype(np.float64) - ref)
+        bad = err > ulp_tolerance(ref, dtype, norm)
+        assert not bad.any(), f"{bad.sum()} values off, worst {err.max()} (flags {records['flags'].tolist()})"
+
+
+def test_set_flips_marks_self_and_partner():
+    rec = identity_records(4)
+    rec["partner"] = [2, 0, 3, 3]
+    rec["flags"] = [FLAG_BILINEAR, 0, FLAG_FLIP_SELF | FLAG_FLIP_PARTNER, 0]
+    set_flips(rec, np.array([True, False, False, True, True]))  # one more source image than records
+    assert rec["flags"].tolist() == [FLAG_BILINEAR | FLAG_FLIP_SELF, FLAG_FLIP_PARTNER, FLAG_FLIP_PARTNER,
+                                     FLAG_FLIP_SELF | FLAG_FLIP_PARTNER]
+    with pytest.raises(ValueError, match="one per source image"):
+        set_flips(rec, np.array([True, False]))
+    with pytest.raises(ValueError, match="1-D bool array"):
+        set_flips(rec, np.ones((4, 1), bool))
+
+
+def test_shim_flip_is_a_mirror_and_the_box_stays_put(shim):
+    """Independent of the reference: flipping reads columns w-1-x; a CutMix box is where the record says."""
+    rng = np.random.default_rng(9)
+    images = rng.integers(0, 256, (2, 6, 9, 3), dtype=np.uint8)
+    norm = Normalization(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))  # out = x
+    rec = identity_records(2)
+    set_flips(rec, np.array([True, False]))
+    got = run_shim(shim, images, rec, np.zeros(1, np.float32), norm, torch.float32, False)
+    np.testing.assert_array_equal(got[0], images[0, :, ::-1].transpose(2, 0, 1))
+    np.testing.assert_array_equal(got[1], images[1].transpose(2, 0, 1))
+    rec = identity_records(1)
+    rec["method"], rec["partner"], rec["y0"], rec["x0"], rec["y1"], rec["x1"] = 2, 1, 1, 0, 4, 3
+    set_flips(rec, np.array([False, True]))
+    got = run_shim(shim, images, rec, np.zeros(1, np.float32), norm, torch.float32, True)[0].transpose(1, 2, 0)
+    want = images[0].astype(np.float32).copy()
+    want[1:4, 0:3] = images[1, 1:4, ::-1][:, 0:3]  # the left 3 columns of the mirrored partner
+    np.testing.assert_array_equal(got, want)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from dalimix.ops import Normalization, mix_normalize
 from dalimix.ops.kernels import OUTPUT_TYPES
-from dalimix.ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_MASK, METHOD_RESIZE, RECORD_DTYPE, identity_records
+from dalimix.ops.record import (FLAG_BILINEAR, FLAG_SIGMOID, METHOD_MASK, METHOD_RESIZE, RECORD_DTYPE, identity_records,
+                                set_flips)
 from reference import random_records, reference_mix_normalize, resample
 from test_kernels import CASES, run_shim, stable_seed, ulp_tolerance
 
@@ -172,3 +173,34 @@ def test_host_kernels_split_a_batch_over_threads_exactly():
                                 mean255=norm.mean255, inv_std255=norm.inv_std255, out=out, threads=threads)
         outs.append(out)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d_%dx%d_src%d" % (c[3], c[1], c[2], c[0]))
+def test_cpu_backends_flip_then_mix(backend, dtype, channels_last, case):
+    """Flip flags on every method through the host backend and the torch twin: flip first, then mix."""
+    n_src, h, w, n = case
+    n_src = max(n_src, n)
+    rng = np.random.default_rng(stable_seed(h, w, n, "cpu-flip", str(dtype), channels_last))
+    norm = Normalization(mean=rng.uniform(0.3, 0.6, 3), std=rng.uniform(0.15, 0.35, 3))
+    for _ in range(3):
+        images = rng.integers(0, 256, (n_src, h, w, 3), dtype=np.uint8)
+        records, pool = random_records(rng, n, n_src, h, w)
+        set_flips(records, rng.random(n_src) < 0.5)
+        got = cpu(images, records, pool, norm, dtype, channels_last)
+        ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
+        err = np.abs(got - ref)
+        assert not (err > ulp_tolerance(ref, dtype, norm)).any(), f"worst {err.max()} (flags {records['flags'].tolist()})"
+
+
+def test_flipped_identity_equals_flipped_input(backend):
+    """Unmixed samples with FLAG_FLIP_SELF are exactly the normalised torch.flip of the image (large
+    enough for the host backend's threaded, vectorised loops)."""
+    rng = np.random.default_rng(12)
+    images = torch.from_numpy(rng.integers(0, 256, (5, 64, 67, 3), dtype=np.uint8))
+    flip = np.array([True, False, True, True, False])
+    rec = set_flips(identity_records(5), flip)
+    got = mix_normalize(images, rec)
+    want = mix_normalize(torch.where(torch.from_numpy(flip).view(-1, 1, 1, 1), images.flip(2), images).contiguous())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
