@@ -1,5 +1,5 @@
-// Host (CPU) entry points of the fused kernel: the very per-pixel code the GPU runs (dm_mix_pixel
-// in mix_normalize.cu), looped over samples, rows and pixels in memory order. Compiled with the C++
+// Host (CPU) entry points of the fused kernel: the very group code the GPU runs (dm_dispatch in
+// mix_normalize.cu) called row by row, with straight vectorisable loops for the commonest cases. Compiled with the C++
 // compiler at run time by dalimix.ops.host (never by nvcc or NVRTC); each call handles samples
 // [s_begin, s_end), so callers spread a batch over threads.
 #include <math.h>
@@ -14,6 +14,26 @@ static thread_local dm_host_dim3 blockIdx, threadIdx, blockDim, gridDim;
 #include "mix_normalize.cu"
 
 #include <vector>
+
+// Normalise, cast and write pixel r = y * W + x of sample s (the host loops' store).
+template <class O, bool NHWC>
+static inline void dm_store(typename O::T* __restrict__ dst, int s, dm_i64 r, dm_i64 plane, float v0, float v1,
+                            float v2, float m0, float m1, float m2, float s0, float s1, float s2) {
+  const typename O::T o0 = O::cvt((v0 - m0) * s0);
+  const typename O::T o1 = O::cvt((v1 - m1) * s1);
+  const typename O::T o2 = O::cvt((v2 - m2) * s2);
+  if (NHWC) {
+    typename O::T* q = dst + ((dm_i64)s * plane + r) * 3;
+    q[0] = o0;
+    q[1] = o1;
+    q[2] = o2;
+  } else {
+    typename O::T* q = dst + (dm_i64)s * 3 * plane + r;
+    q[0] = o0;
+    q[plane] = o1;
+    q[2 * plane] = o2;
+  }
+}
 
 // Pixels x0 <= x < x1 of row y of one image (img: its first byte; read mirrored when flip)
 // normalised into sample s of dst, unmixed.
@@ -121,9 +141,14 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
       }
       continue;
     }
-    for (int y = 0; y < h; ++y)
-      for (int x = 0; x < w; ++x)
-        dm_mix_pixel<O, NHWC>(src, R, masks, dst, s, y, x, h, w, plane, m0, m1, m2, s0, s1, s2);
+    // everything else: the GPU kernel's own group code, one row at a time (memory order)
+    const DmNorm N = {m0, m1, m2, s0, s1, s2, -m0 * s0, -m1 * s1, -m2 * s2};
+    const bool vec = dm_vector_ok(src, dst, w);
+    const int kind = dm_kind(R);
+    for (int y = 0; y < h; ++y) {
+      if (vec) dm_dispatch<O, NHWC, true>(kind, src, rec, masks, dst, s, h, w, N, 0, 1, y, h);
+      else dm_dispatch<O, NHWC, false>(kind, src, rec, masks, dst, s, h, w, N, 0, 1, y, h);
+    }
   }
 }
 
