@@ -303,3 +303,25 @@ def test_ptx_has_no_64_bit_division_and_uses_hardware_half_conversion(tmp_path, 
             assert "cvt.rn.bf16x2.f32" in body, name
         store = "st.global.v4.u32" if "_f32_" in name else "st.global.v2.u32"
         assert store in body, f"{name}: no {store} (wide stores)"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_bench_sass_counter_finds_the_vector_main_loop(tmp_path):
+    """benchmarks/bench_mix.py's SASS count: for the MixUp loop it finds the wide-store loop, 4
+    pixels per path, and an instruction count (the figure itself is reported, not asserted)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_mix
+
+    cuobjdump = bench_mix.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
+    funcs = bench_mix._compile_sass(kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": "DMK_BLEND"}, "sm_90",
+                                    cuobjdump, tmp_path)
+    assert sorted(funcs) == sorted(ENTRIES)
+    for name, code in funcs.items():
+        cost = bench_mix.main_loop_cost(code, 4 if "_f32_" in name else 2)
+        assert cost.get("pixels_per_path") == 4 and cost["paths"] == 1 and cost["per_pixel"] > 0, (name, cost)
