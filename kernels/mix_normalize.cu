@@ -499,9 +499,26 @@ __device__ __forceinline__ void dm_mix_normalize(const unsigned char* __restrict
     dm_mix_normalize<OUT, NHWC>(src, rec, masks, dst, n, h, w, m0, m1, m2, s0, s1, s2);           \
   }
 
+// DM_ENTRY_MASK (bit i = the i-th entry below, the order of dalimix.ops.kernels.ENTRIES) compiles a
+// subset: the CUDA backend builds only the entry it launches (NVRTC time is per entry).
+#ifndef DM_ENTRY_MASK
+#define DM_ENTRY_MASK 63
+#endif
+#if DM_ENTRY_MASK & 1
 DM_MIX_NORMALIZE_ENTRY(dalimix_mix_normalize_f32_nchw, DmOutF32, false)
+#endif
+#if DM_ENTRY_MASK & 2
 DM_MIX_NORMALIZE_ENTRY(dalimix_mix_normalize_f32_nhwc, DmOutF32, true)
+#endif
+#if DM_ENTRY_MASK & 4
 DM_MIX_NORMALIZE_ENTRY(dalimix_mix_normalize_f16_nchw, DmOutF16, false)
+#endif
+#if DM_ENTRY_MASK & 8
 DM_MIX_NORMALIZE_ENTRY(dalimix_mix_normalize_f16_nhwc, DmOutF16, true)
+#endif
+#if DM_ENTRY_MASK & 16
 DM_MIX_NORMALIZE_ENTRY(dalimix_mix_normalize_bf16_nchw, DmOutBF16, false)
+#endif
+#if DM_ENTRY_MASK & 32
 DM_MIX_NORMALIZE_ENTRY(dalimix_mix_normalize_bf16_nhwc, DmOutBF16, true)
+#endif

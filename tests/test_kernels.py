@@ -325,3 +325,10 @@ def test_bench_sass_counter_finds_the_vector_main_loop(tmp_path):
     for name, code in funcs.items():
         cost = bench_mix.main_loop_cost(code, 4 if "_f32_" in name else 2)
         assert cost.get("pixels_per_path") == 4 and cost["paths"] == 1 and cost["per_pixel"] > 0, (name, cost)
+
+
+def test_entry_mask_bits_follow_the_entries_order():
+    """The CUDA backend compiles entry i alone with -DDM_ENTRY_MASK=1<<i (i = its place in ENTRIES)."""
+    text = kernel_source("mix_normalize.cu")
+    bits = re.findall(r"#if DM_ENTRY_MASK & (\d+)\nDM_MIX_NORMALIZE_ENTRY\((\w+),", text)
+    assert [(int(b), name) for b, name in bits] == [(1 << i, name) for i, name in enumerate(ENTRIES)]

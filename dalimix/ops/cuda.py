@@ -24,7 +24,7 @@ import torch
 from .kernels import ENTRIES, kernel_dir, kernel_source, launch_config
 
 _lock = threading.Lock()
-_modules: dict[tuple[int, str], object] = {}
+_modules: dict[tuple[int, str, str], object] = {}
 _sms: dict[int, int] = {}
 _placeholders: dict[int, torch.Tensor] = {}
 _streams: OrderedDict = OrderedDict()
@@ -33,18 +33,20 @@ _MAX_STREAMS = 64
 
 
 def _function(device: torch.device, name: str):
-    """The compiled CuPy function for entry ``name`` on ``device`` (compiled once per device and file)."""
+    """The compiled CuPy function for entry ``name`` on ``device``: each entry is compiled alone
+    (``-DDM_ENTRY_MASK``), once per device, so a loader pays NVRTC only for the one it launches."""
     import cupy
 
     entry = ENTRIES[name]
-    key = (device.index or 0, entry.file)
+    key = (device.index or 0, entry.file, name)
     with _lock:
         module = _modules.get(key)
         if module is None:
+            bit = [e for e in ENTRIES if ENTRIES[e].file == entry.file].index(name)
             with cupy.cuda.Device(key[0]):
                 module = cupy.RawModule(
                     code=kernel_source(entry.file),
-                    options=("--std=c++17", f"-I{kernel_dir()}"),
+                    options=("--std=c++17", f"-I{kernel_dir()}", f"-DDM_ENTRY_MASK={1 << bit}"),
                 )
             _modules[key] = module
     return module.get_function(name)
