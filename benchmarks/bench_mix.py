@@ -33,8 +33,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +83,215 @@ def dalimix_methods() -> dict:
         "attentivemix": one(AttentiveMix(features=lambda x: torch.nn.functional.avg_pool2d(x, 32, ceil_mode=True))),
         "mixup|cutmix elem": lambda: Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=NUM_CLASSES),
     }
+
+
+# ------------------------------------------------------------------ SASS instructions per pixel
+# (label, loop variant of today's kernel (DMK_*), (method, flags) the old kernel is specialised to)
+SASS_VARIANTS = [
+    ("none (normalise only)", "DMK_NONE", (0, 0)),
+    ("blend (MixUp)", "DMK_BLEND", (1, 0)),
+    ("box (CutMix)", "DMK_BOX", (2, 0)),
+    ("mask nearest (FMix)", "DMK_MASK_NEAREST", (3, 0)),
+    ("mask bilinear", "DMK_MASK_BILINEAR", (3, 1)),
+    ("mask nearest + sigmoid", "DMK_MASK_NEAREST_SIGMOID", (3, 2)),
+    ("mask bilinear + sigmoid", "DMK_MASK_BILINEAR_SIGMOID", (3, 3)),
+    ("resize nearest (ResizeMix)", "DMK_RESIZE_NEAREST", (4, 0)),
+    ("resize bilinear", "DMK_RESIZE_BILINEAR", (4, 1)),
+    ("grid (GridMix)", "DMK_GRID", (5, 0)),
+    ("smooth (SmoothMix)", "DMK_SMOOTH", (6, 0)),
+]
+OLD_RECORD_LINE = "    const DmRecord R = rec[s];\n"
+
+
+def find_cuobjdump() -> str | None:
+    """cuobjdump from PATH, the CUDA toolkit next to nvcc, or triton's bundled copy."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parent / "cuobjdump"] if nvcc else []
+    with contextlib.suppress(ImportError):
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+def sass_functions(sass: str) -> dict[str, list[tuple[int, str]]]:
+    """``cuobjdump -sass`` text -> {function: [(address, instruction text)]}."""
+    funcs, name = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\w+)", line)
+        if m:
+            name = m.group(1)
+            funcs[name] = []
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m and name:
+            funcs[name].append((int(m.group(1), 16), m.group(2)))
+    return funcs
+
+
+def _store_bytes(ins: str) -> int | None:
+    m = re.match(r"(?:@!?U?P\w+\s+)?STG\.E(\S*)", ins)
+    if not m:
+        return None
+    width = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
+    return next((b for k, b in width.items() if k in m.group(1)), 4)
+
+
+def main_loop_cost(code: list[tuple[int, str]], out_bytes: int) -> dict:
+    """Static SASS instructions per output pixel of the main loop of one function.
+
+    Loops are the backward branches. The main loop is the innermost loop holding the function's
+    widest global stores; each path through it that writes one group of pixels ends in three of
+    them (one per channel in NCHW, three wide stores of 4 interleaved pixels in channels_last), so
+    ``paths = stores / 3`` and ``pixels per path = store width / element size``. Where an
+    enclosing loop exists (today's kernel: the column loop inside the row loop, one group per thread
+    and row at the launch's shape) its own instructions are added once per path: the per-row cost.
+    ``per pixel = (inner / paths + (outer - inner)) / pixels per path``.
+    """
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    loops = []
+    for i, (addr, ins) in enumerate(code):
+        m = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
+            loops.append((index[int(m.group(1), 16)], i))
+    stores = [(i, _store_bytes(ins)) for i, (_, ins) in enumerate(code) if _store_bytes(ins)]
+    if not loops or not stores:
+        return {"error": "no loop with global stores found"}
+    widest = max(b for _, b in stores)
+    holding = [(lo, hi) for lo, hi in loops if any(lo <= i <= hi and b == widest for i, b in stores)]
+    if not holding:
+        return {"error": "the widest stores are outside every loop"}
+    inner = min(holding, key=lambda l: l[1] - l[0])
+    outer = [l for l in loops if l[0] <= inner[0] and l[1] >= inner[1] and l != inner]
+    outer = min(outer, key=lambda l: l[1] - l[0]) if outer else None
+    n_inner = inner[1] - inner[0] + 1
+    n_stores = sum(1 for i, b in stores if inner[0] <= i <= inner[1] and b == widest)
+    paths = max(1, n_stores // 3)
+    pixels = widest // out_bytes if widest >= out_bytes else 1
+    extra = (outer[1] - outer[0] + 1 - n_inner) if outer else 0
+    return {"inner_instructions": n_inner, "outer_extra": extra, "paths": paths, "pixels_per_path": pixels,
+            "per_pixel": (n_inner / paths + extra) / pixels}
+
+
+def _compile_sass(src_dir: Path, file: str, defines: dict, arch: str, cuobjdump: str, work: Path) -> dict:
+    cubin = work / ("k-" + "-".join(f"{k}{v}" for k, v in defines.items()) + ".cubin")
+    cmd = ["nvcc", "-cubin", f"-arch={arch}", f"-I{src_dir}", *(f"-D{k}={v}" for k, v in defines.items()),
+           str(src_dir / file), "-o", str(cubin)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed: {' '.join(cmd)}\n{res.stderr}")
+    dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return sass_functions(dump)
+
+
+def old_kernel_sources(ref: str, work: Path) -> Path:
+    """The kernel sources at git ``ref`` with the record's method and flags made compile-time
+    constants (so nvcc keeps one method's code in the loop, like today's per-variant loops)."""
+    d = work / "old"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("mix_normalize.cu", "dalimix_common.cuh"):
+        text = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:kernels/{f}"], capture_output=True, text=True,
+                              check=True).stdout
+        if f == "mix_normalize.cu":
+            if OLD_RECORD_LINE not in text:
+                raise RuntimeError(f"{ref}:kernels/{f} has no line {OLD_RECORD_LINE.strip()!r} to specialise")
+            text = text.replace(OLD_RECORD_LINE, "    DmRecord R = rec[s];\n    R.method = DM_SASS_METHOD;\n"
+                                                 "    R.flags = DM_SASS_FLAGS;\n")
+        (d / f).write_text(text)
+    return d
+
+
+def sass_section(args) -> dict:
+    """Instructions per output pixel of the main loop, per entry and loop variant, for today's kernel
+    and the kernel at ``args.sass_baseline`` (nvcc -cubin for ``args.sass_arch``, cuobjdump -sass)."""
+    from dalimix.ops.kernels import ENTRIES, kernel_dir
+
+    cuobjdump = find_cuobjdump()
+    if shutil.which("nvcc") is None or cuobjdump is None:
+        return {"error": "needs nvcc and cuobjdump (CUDA toolkit) on PATH"}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        old_dir = None
+        if args.sass_baseline:
+            try:
+                old_dir = old_kernel_sources(args.sass_baseline, work)
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                print(f"baseline {args.sass_baseline}: {e}", file=sys.stderr)
+        for label, kind, (method, flags) in SASS_VARIANTS:
+            new = _compile_sass(kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": kind}, args.sass_arch, cuobjdump, work)
+            old = (_compile_sass(old_dir, "mix_normalize.cu", {"DM_SASS_METHOD": method, "DM_SASS_FLAGS": flags},
+                                 args.sass_arch, cuobjdump, work) if old_dir else {})
+            for entry in ENTRIES:
+                elt = 4 if "_f32_" in entry else 2
+                row = {"variant": label, "entry": entry, "after": main_loop_cost(new[entry], elt)}
+                if entry in old:
+                    row["before"] = main_loop_cost(old[entry], elt)
+                rows.append(row)
+    return {"arch": args.sass_arch, "baseline": args.sass_baseline, "rows": rows}
+
+
+def kernels_markdown(rows: list[dict], copy_gbps: float) -> str:
+    header = ["method", "dtype", "layout", "kernel µs", "GB/s", "% of copy"]
+    body = [[r["method"], r["dtype"], r["layout"], _fmt(r["kernel_us"], "{:.1f}"), _fmt(r["GBps"], "{:.0f}"),
+             _fmt(r["percent_of_copy"], "{:.0f}%")] for r in rows]
+    return (f"Fused kernel alone (device time), batch {rows[0]['batch_size']} x {rows[0]['size']}², against a measured "
+            f"device copy of {copy_gbps:.0f} GB/s (read + write)\n\n" + markdown_table(header, body) + "\n")
+
+
+def sass_markdown(sass: dict) -> str:
+    if "error" in sass:
+        return f"SASS counts skipped: {sass['error']}\n"
+    entries = sorted({r["entry"] for r in sass["rows"]}, key=lambda e: list(dict.fromkeys(r["entry"] for r in sass["rows"])).index(e))
+    short = [e.replace("dalimix_mix_normalize_", "") for e in entries]
+    lines = [f"SASS instructions per output pixel, main loop, {sass['arch']} (before = {sass['baseline']} → after)", "",
+             "| variant | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    by = {(r["variant"], r["entry"]): r for r in sass["rows"]}
+    for label, _, _ in SASS_VARIANTS:
+        cells = []
+        for e in entries:
+            r = by.get((label, e))
+            after = r["after"].get("per_pixel") if r else None
+            before = r.get("before", {}).get("per_pixel") if r else None
+            cell = f"{after:.1f}" if after is not None else "?"
+            cells.append(f"{before:.0f} → {cell}" if before is not None else cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ kernel GB/s, every layout (GPU)
+def kernel_section(args, device, copy_bps: float) -> list[dict]:
+    """The fused kernel alone (device time) for every method, dtype and layout, as GB/s and % of copy."""
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    norm = Normalization(MEAN, STD)
+    n, size = max(args.batch_sizes), args.size
+    b = Batch(n, size, device, copies=3, seed=args.seed)
+    for name, factory in dalimix_methods().items():
+        mixer = factory() if factory else None
+        params = mixer.plan(n, rng=rng, height=size, width=size) if mixer else None
+        records = params.records() if params is not None else identity_records(n)
+        masks = params.mask_pool(device) if params is not None else None
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            elt = torch.tensor([], dtype=dtype).element_size()
+            for channels_last in (False, True):
+                out = allocate_output(n, size, size, dtype=dtype, channels_last=channels_last, device=device)
+
+                def run(records=records, masks=masks, out=out, dtype=dtype, channels_last=channels_last):
+                    mix_normalize(b.next_u8(), records, masks, norm=norm, dtype=dtype, channels_last=channels_last, out=out)
+
+                run()
+                sec = kernel_seconds(run, device, calls=max(10, args.repeats))
+                nbytes = n * size * size * 3 * ((1 if mixer is None else 2) + elt)
+                rows.append({"method": name, "dtype": dtype_name, "layout": "channels_last" if channels_last else "nchw",
+                             "batch_size": n, "size": size, "kernel_us": 1e6 * sec if sec else None,
+                             "GBps": nbytes / sec / 1e9 if sec else None,
+                             "percent_of_copy": 100 * nbytes / sec / copy_bps if sec else None})
+    return rows
 
 
 # --------------------------------------------------------------------------------- timing
@@ -519,6 +730,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="where the JSON and markdown go")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sass-only", action="store_true",
+                   help="only the SASS instructions-per-pixel table (no GPU needed: nvcc + cuobjdump)")
+    p.add_argument("--no-sass", action="store_true", help="skip the SASS table")
+    p.add_argument("--sass-arch", default="sm_90", help="architecture of the SASS table (default sm_90)")
+    p.add_argument("--sass-baseline", default="main",
+                   help="git revision whose kernel is the table's 'before' column (default main; '' for none)")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -533,6 +750,8 @@ def parse_args(argv=None):
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.quick and not args.sass_only:
+        args.no_sass = True  # a smoke run: the SASS table takes ~22 nvcc builds
     args.dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad:
@@ -555,18 +774,29 @@ def main(argv=None) -> int:
         return progress_bar(total, desc, enabled=not args.no_progress, unit="run", leave=False)
 
     machine = describe(with_gpu=device.type == "cuda")
-    stage, copy = stage_section(args, device, progress_factory)
-    planning = planning_section(args, progress_factory)
-    loader = None if args.no_loader else loader_section(args, device, progress_factory)
-    machine["loadavg_end"] = list(os.getloadavg())
+    sass = None if args.no_sass else sass_section(args)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    result = {"kind": "dalimix-bench-mix", "machine": machine, "settings": settings, "copy": copy,
-              "stage": stage, "planning": planning, "loader": loader}
-    text = markdown(result)
+    if args.sass_only:
+        result = {"kind": "dalimix-bench-mix-sass", "machine": machine, "settings": settings, "sass": sass}
+        text = sass_markdown(sass)
+    else:
+        stage, copy = stage_section(args, device, progress_factory)
+        kernels = kernel_section(args, device, copy["copy_GBps"] * 1e9) if device.type == "cuda" else None
+        planning = planning_section(args, progress_factory)
+        loader = None if args.no_loader else loader_section(args, device, progress_factory)
+        machine["loadavg_end"] = list(os.getloadavg())
+        result = {"kind": "dalimix-bench-mix", "machine": machine, "settings": settings, "copy": copy,
+                  "stage": stage, "kernels": kernels, "planning": planning, "loader": loader, "sass": sass}
+        text = markdown(result)
+        if kernels:
+            text += "\n" + kernels_markdown(kernels, copy["copy_GBps"])
+        if sass is not None:
+            text += "\n" + sass_markdown(sass)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-mix-{short_name(machine, args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    kind = "bench-mix-sass" if args.sass_only else "bench-mix"
+    stem = f"{kind}-{short_name(machine, args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(text)
     print(f"json: {out / (stem + '.json')}\nmd: {out / (stem + '.md')}")

@@ -19,6 +19,7 @@ Nothing here runs when no hook is registered.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ from .ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
 
 INTERPOLATIONS = ("nearest", "bilinear")
 TARGET_LAMS = ("mask", "planned")
-VALIDATIONS = ("eager", "deferred")
+VALIDATIONS = ("auto", "eager", "deferred")
 MASK_DTYPES = (torch.float32, torch.float16)
 
 
@@ -120,8 +121,10 @@ def _weights(h: int, w: int, height: int, width: int, bilinear: bool, device: to
     if key not in _WEIGHTS:
         if len(_WEIGHTS) > 64:
             _WEIGHTS.clear()
-        wy = torch.from_numpy(upsampling_weights(h, height, bilinear) / height).to(device)
-        wx = torch.from_numpy(upsampling_weights(w, width, bilinear) / width).to(device)
+        wy = torch.from_numpy(upsampling_weights(h, height, bilinear) / height)
+        wx = torch.from_numpy(upsampling_weights(w, width, bilinear) / width)
+        if torch.device(device).type == "cuda":  # once per shape; still no blocking copy
+            wy, wx = wy.pin_memory().to(device, non_blocking=True), wx.pin_memory().to(device, non_blocking=True)
         _WEIGHTS[key] = (wy, wx)
     return _WEIGHTS[key]
 
@@ -163,7 +166,7 @@ def _value_stats(masks: torch.Tensor, logits: bool) -> torch.Tensor:
         high = (flat > 1) & finite
     bad_rows = (nan | inf | low | high).any(dim=1)
     first = torch.argmax(bad_rows.to(torch.int32)) if n else torch.zeros((), dtype=torch.int64, device=flat.device)
-    big = torch.tensor(float("inf"), device=flat.device, dtype=flat.dtype)
+    big = torch.full((), float("inf"), device=flat.device, dtype=flat.dtype)  # a fill, not a host->device copy
     lo = torch.where(finite, flat, big).amin() if flat.numel() else big
     hi = torch.where(finite, flat, -big).amax() if flat.numel() else -big
     counts = torch.stack([nan.sum(), inf.sum(), low.sum(), high.sum(), first.to(torch.int64)]).to(torch.float64)
@@ -188,7 +191,7 @@ class MaskHook:
     interpolation: str = "nearest"
     logits: bool = False
     target_lam: str = "mask"
-    validate: str = "eager"
+    validate: str = "auto"
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -198,8 +201,9 @@ class MaskHook:
         if self.target_lam not in TARGET_LAMS:
             raise ValueError(f"target_lam={self.target_lam!r}: 'mask' (the mask mean at full size) or 'planned' (the planned lam)")
         if self.validate not in VALIDATIONS:
-            raise ValueError(f"validate={self.validate!r}: 'eager' (check before mixing) or 'deferred' (no host sync; "
-                             "a bad batch is reported at the next one)")
+            raise ValueError(f"validate={self.validate!r}: 'auto' (eager on the CPU, deferred on CUDA), 'eager' (check "
+                             "before mixing; on CUDA a host sync per batch) or 'deferred' (no host sync; a bad batch is "
+                             "reported one batch later)")
         self.logits = v.flag("logits", self.logits)
 
     @property
@@ -224,8 +228,12 @@ class MaskHookStage:
         self.hook = hook
         self.device = torch.device(device)
         self._buffer = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._buffer_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._last_stream = None
-        self._pending = None  # deferred check: (host stats, event, epoch, step)
+        self._pending = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
+        self._stat_buffers: list = []  # pinned stats buffers whose check was read, for reuse
+        self._ring = None  # pinned staging of lam / partner / target lam (CUDA)
+        self._ring_stream = None
 
     # ------------------------------------------------------------------------- per batch
     def prepare(self, images: torch.Tensor, params: MixParams, *, epoch: int, step: int):
@@ -235,58 +243,108 @@ class MaskHookStage:
         ``MaskHookError`` if the hook raises or its masks are unusable (nothing of this batch is
         kept then), or if the previous batch's deferred check failed.
         """
-        self.resolve_pending()
+        self.resolve_pending(wait=False)
         n, _, height, width = images.shape
         cuda = self.device.type == "cuda"
-        lam = _to_device(params.lam.astype(np.float32), self.device, cuda)
-        partner = _to_device(params.partner.astype(np.int64), self.device, cuda)
-        where = f"epoch {epoch}, step {step}"
+        use = np.zeros(n, dtype=bool)
+        use[hooked_rows(params)] = True
+        lam, partner, planned, use_t = self._upload(
+            [params.lam.astype(np.float32), params.partner.astype(np.int64), params.target_lam.astype(np.float32), use])
         try:
-            masks = self.hook.fn(images, lam, partner)
-        except Exception as exc:
-            raise MaskHookError(f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}") from exc
-        self._check_form(masks, n, height, width, where)
-        stats = _value_stats(masks, self.hook.logits)
-        if self.hook.validate == "eager" or not cuda:
-            problem = _value_problem(stats.cpu().numpy(), self.hook.logits)
+            if cuda:  # the hook may keep lam and partner: its own copies, not views of the staging ring
+                lam, partner = lam.clone(), partner.clone()
+            where = f"epoch {epoch}, step {step}"
+            try:
+                masks = self.hook.fn(images, lam, partner)
+            except Exception as exc:
+                raise MaskHookError(f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}") from exc
+            self._check_form(masks, n, height, width, where)
+            masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
+            stats = _value_stats(masks, self.hook.logits)
+            if self.hook.validate == "eager" or not cuda:
+                problem = _value_problem(stats.cpu().numpy(), self.hook.logits)  # host sync: validate='eager' / CPU
+                if problem:
+                    raise MaskHookError(f"mask hook {self.hook.name} at {where}: {problem}")
+            else:
+                self._defer(stats, epoch, step)
+
+            stored = self._store(masks)
+            flags, logits = self.hook.flags, self.hook.logits
+            if logits and self.hook.interpolation == "nearest":
+                # nearest upsampling commutes with the sigmoid: apply it to the h x w values, not the H x W pixels
+                stored.sigmoid_()
+                flags, logits = flags & ~FLAG_SIGMOID, False
+            rows = hooked_rows(params)
+            params.flags[rows] = flags
+            params.device_masks = stored
+            if self.hook.target_lam == "mask" and len(rows):
+                mean = full_resolution_mask_mean(stored, height, width, bilinear=self.hook.interpolation == "bilinear",
+                                                 logits=logits)
+                params.device_target_lam = torch.where(use_t, mean, planned)
+            return params.records(), params.mask_pool(self.device)
+        finally:
+            self._release()  # the staged inputs are read by the work queued so far
+
+    def resolve_pending(self, wait: bool = True) -> None:
+        """Raise the deferred check's error of an earlier batch, if it failed.
+
+        Each batch's check is computed on the device and copied to pinned memory behind an event.
+        ``wait=False`` (every batch): read the checks whose copy has completed, oldest first, and
+        leave the others for a later batch — never a host wait, so with the GPU one batch behind an
+        invalid mask is reported at the next batch (later if the GPU is further behind).
+        ``wait=True`` (the hook is removed or replaced): wait for all of them.
+        """
+        while self._pending:
+            host, event, epoch, step = self._pending[0]
+            if not wait and not event.query():
+                return
+            if wait:
+                event.synchronize()  # host sync: wait=True only (hook removed)
+            self._pending.popleft()
+            problem = _value_problem(host.numpy(), self.hook.logits)
+            self._stat_buffers.append((host, event))
             if problem:
-                raise MaskHookError(f"mask hook {self.hook.name} at {where}: {problem}")
+                self._pending.clear()
+                raise MaskHookError(f"mask hook {self.hook.name} at epoch {epoch}, step {step} (checked later, "
+                                    f"validate='deferred'; that batch was already mixed with them): {problem}")
+
+    def _defer(self, stats: torch.Tensor, epoch: int, step: int) -> None:
+        """Queue this batch's device-side check: copied to a reused pinned buffer behind an event."""
+        stream = torch.cuda.current_stream(self.device)
+        if self._stat_buffers:
+            host, event = self._stat_buffers.pop()
         else:
-            host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-            host.copy_(stats, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            self._pending = (host, event, epoch, step)
+            host, event = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True), torch.cuda.Event()
+        host.copy_(stats, non_blocking=True)
+        event.record(stream)
+        self._pending.append((host, event, epoch, step))
 
-        stored = self._store(masks)
-        flags, logits = self.hook.flags, self.hook.logits
-        if logits and self.hook.interpolation == "nearest":
-            # nearest upsampling commutes with the sigmoid: apply it to the h x w values, not the H x W pixels
-            stored.sigmoid_()
-            flags, logits = flags & ~FLAG_SIGMOID, False
-        rows = hooked_rows(params)
-        params.flags[rows] = flags
-        params.device_masks = stored
-        if self.hook.target_lam == "mask" and len(rows):
-            mean = full_resolution_mask_mean(stored, height, width, bilinear=self.hook.interpolation == "bilinear",
-                                             logits=logits)
-            use = np.zeros(n, dtype=bool)
-            use[rows] = True
-            planned = _to_device(params.target_lam.astype(np.float32), self.device, cuda)
-            params.device_target_lam = torch.where(_to_device(use, self.device, cuda), mean, planned)
-        return params.records(), params.mask_pool(self.device)
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Small host arrays to the device: on CUDA one copy through the stage's pinned ring (views into
+        its slot, valid until ``_release``); on the CPU plain tensors."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        from .ops.cuda import PinnedRing
 
-    def resolve_pending(self) -> None:
-        """Raise the deferred check's error of an earlier batch, if it failed (waits only for that batch)."""
-        if self._pending is None:
-            return
-        host, event, epoch, step = self._pending
-        self._pending = None
-        event.synchronize()
-        problem = _value_problem(host.numpy(), self.hook.logits)
-        if problem:
-            raise MaskHookError(f"mask hook {self.hook.name} at epoch {epoch}, step {step} (checked one batch later, "
-                                f"validate='deferred'; that batch was already mixed with them): {problem}")
+        if self._ring is None:
+            self._ring = PinnedRing(self.device, slot_bytes=4096)
+        offsets, total = [], 0
+        for a in arrays:
+            offsets.append(total)
+            total += -(-a.nbytes // 8) * 8  # 8-byte aligned segments
+        packed = np.zeros(max(total, 8), np.uint8)
+        for a, off in zip(arrays, offsets):
+            packed[off : off + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        stream = torch.cuda.current_stream(self.device)
+        dev = self._ring.upload(packed, stream)
+        self._ring_stream = stream
+        dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64, np.dtype(bool): torch.bool}
+        return [dev[off : off + a.nbytes].view(dtypes[a.dtype]) for a, off in zip(arrays, offsets)]
+
+    def _release(self) -> None:
+        if self._ring is not None and self._ring_stream is not None:
+            self._ring.release(self._ring_stream)
+            self._ring_stream = None
 
     # ------------------------------------------------------------------------------ helpers
     def _check_form(self, masks, n: int, height: int, width: int, where: str) -> None:
@@ -308,24 +366,22 @@ class MaskHookStage:
     def _store(self, masks: torch.Tensor) -> torch.Tensor:
         n, _, h, w = masks.shape
         need = n * h * w
+        cuda = self.device.type == "cuda"
+        current = torch.cuda.current_stream(self.device) if cuda else None
         if self._buffer.numel() < need:
+            # the old buffer is freed here; record_stream (below, at each use) keeps the caching allocator
+            # from handing its memory out before the kernels queued on other streams have read it
             self._buffer = torch.empty(max(need, 2 * self._buffer.numel()), dtype=torch.float32, device=self.device)
-        elif self.device.type == "cuda":
-            current = torch.cuda.current_stream(self.device)
-            if self._last_stream is not None and self._last_stream != current:
-                current.wait_event(self._last_stream.record_event())  # the previous kernel read the buffer there
-        if self.device.type == "cuda":
-            self._last_stream = torch.cuda.current_stream(self.device)
+            self._buffer_stream = current
+        elif cuda and self._last_stream is not None and self._last_stream != current:
+            current.wait_event(self._last_stream.record_event())  # the previous kernel read the buffer there
+        if cuda:
+            if current != self._buffer_stream:
+                self._buffer.record_stream(current)  # read on a stream other than its allocation stream
+            self._last_stream = current
         view = self._buffer[:need].view(n, 1, h, w)
         view.copy_(masks.detach())
         return view
-
-
-def _to_device(array: np.ndarray, device: torch.device, cuda: bool) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if cuda:
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 def make_stage(loader, fn, *, interpolation: str, logits: bool, target_lam: str, validate: str) -> MaskHookStage:

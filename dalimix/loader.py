@@ -497,7 +497,7 @@ class ImageLoader:
 
     # ------------------------------------------------------------------------- mask hook
     def set_mask_hook(self, fn, *, interpolation: str = "nearest", logits: bool = False, target_lam: str = "mask",
-                      validate: str = "eager") -> None:
+                      validate: str = "auto") -> None:
         """Let ``fn(images, lam, partner) -> masks`` supply the masks of ``LearnedMask`` samples, for
         the very batch being mixed (see ``dalimix.hook`` and the README's mask hook section)."""
         self._mask_hook = make_stage(self, fn, interpolation=interpolation, logits=logits, target_lam=target_lam,

@@ -21,6 +21,9 @@ typedef long long dm_i64;
 
 #define DM_FLAG_BILINEAR 1  // mask / resize sampling: bilinear (align_corners=False) instead of nearest
 #define DM_FLAG_SIGMOID 2   // mask holds logits: the sigmoid is applied after upsampling
+#define DM_FLAG_FLIP_SELF 4     // read the sample's own image a mirrored left-right (column w-1-x)
+#define DM_FLAG_FLIP_PARTNER 8  // read the partner image b mirrored left-right; boxes/masks stay in
+                                // output coordinates: the result is "flip each image, then mix"
 
 struct DmRecord {
   int partner;      // batch index of the partner image b
@@ -49,6 +52,16 @@ __device__ __host__ __forceinline__ unsigned int dm_float_bits(float f) {
   union { float f; unsigned int u; } v;
   v.f = f;
   return v.u;
+#endif
+}
+
+__device__ __host__ __forceinline__ float dm_bits_float(unsigned int u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  union { unsigned int u; float f; } v;
+  v.u = u;
+  return v.f;
 #endif
 }
 
@@ -82,18 +95,55 @@ __device__ __host__ __forceinline__ unsigned short dm_f32_to_bf16(float f) {
   return (unsigned short)(u >> 16);
 }
 
-// Output element types. Half and bfloat16 travel as their 16-bit patterns.
+// Output element types. Half and bfloat16 travel as their 16-bit patterns. pack2(lo, hi) converts
+// two values into one 32-bit word (lo in the low half, as in memory): on sm_80+ one hardware
+// cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32 (round to nearest even, like the software path, which the
+// host build and older GPUs keep, bit for bit).
 struct DmOutF32 {
   typedef float T;
+  enum { kBytes = 4 };
   __device__ __host__ __forceinline__ static T cvt(float v) { return v; }
+  __device__ __host__ __forceinline__ static unsigned int pack2(float lo, float) { return dm_float_bits(lo); }  // unused
 };
 struct DmOutF16 {
   typedef unsigned short T;
-  __device__ __host__ __forceinline__ static T cvt(float v) { return dm_f32_to_f16(v); }
+  enum { kBytes = 2 };
+  __device__ __host__ __forceinline__ static T cvt(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    return (T)(pack2(v, 0.f) & 0xffffu);
+#else
+    return dm_f32_to_f16(v);
+#endif
+  }
+  __device__ __host__ __forceinline__ static unsigned int pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (unsigned int)dm_f32_to_f16(lo) | ((unsigned int)dm_f32_to_f16(hi) << 16);
+#endif
+  }
 };
 struct DmOutBF16 {
   typedef unsigned short T;
-  __device__ __host__ __forceinline__ static T cvt(float v) { return dm_f32_to_bf16(v); }
+  enum { kBytes = 2 };
+  __device__ __host__ __forceinline__ static T cvt(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    return (T)(pack2(v, 0.f) & 0xffffu);
+#else
+    return dm_f32_to_bf16(v);
+#endif
+  }
+  __device__ __host__ __forceinline__ static unsigned int pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (unsigned int)dm_f32_to_bf16(lo) | ((unsigned int)dm_f32_to_bf16(hi) << 16);
+#endif
+  }
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import numpy as np
 
 from dalimix.ops.record import (
     FLAG_BILINEAR,
+    FLAG_FLIP_PARTNER,
+    FLAG_FLIP_SELF,
     FLAG_SIGMOID,
     METHOD_BLEND,
     METHOD_BOX,
@@ -59,8 +61,9 @@ def reference_mix_normalize(images, records, masks, mean, std) -> np.ndarray:
     src = images.astype(np.float64)
     out = np.empty((n, h, w, 3))
     for s, r in enumerate(records):
-        a = src[s]
-        b = src[r["partner"]]
+        # horizontal flips first (flip each image, then mix), boxes and masks in output coordinates
+        a = src[s][:, ::-1] if r["flags"] & FLAG_FLIP_SELF else src[s]
+        b = src[r["partner"]][:, ::-1] if r["flags"] & FLAG_FLIP_PARTNER else src[r["partner"]]
         m = int(r["method"])
         if m == METHOD_NONE:
             v = a

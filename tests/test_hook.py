@@ -227,6 +227,62 @@ def test_registration_is_validated(small_dataset):
         LearnedMask(mixup_margin=0.5)
 
 
+class TinyMaskNet(torch.nn.Module):
+    """my_net(images) -> N x 1 x 4 x 4 logits: a trainable policy whose masks require grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, images):
+        return F.adaptive_avg_pool2d(self.conv(images.float()), 4)
+
+
+@pytest.mark.parametrize("kind", ["net_sigmoid", "parameter", "requires_grad"])
+def test_hook_masks_that_require_grad_are_used_detached(small_dataset, kind):
+    """The README pattern `my_net(images).sigmoid()` (and an nn.Parameter, or any tensor that
+    requires grad) works: the loader reads the masks detached, mixes exactly with them, and leaves
+    the trainer's graph alone."""
+    torch.manual_seed(0)
+    net = TinyMaskNet()
+    param = torch.nn.Parameter(torch.rand(6, 1, 3, 3))
+    seen = []
+
+    def hook(images, lam, partner):
+        if kind == "net_sigmoid":
+            m = net(images).sigmoid()
+        elif kind == "parameter":
+            m = param[: images.shape[0]] if images.shape[0] == 6 else param[: images.shape[0]].clone()
+        else:
+            m = torch.rand(images.shape[0], 1, 2, 5).requires_grad_()
+        assert m.requires_grad
+        seen.append(m)
+        return m
+
+    loader = learned_loader(small_dataset)
+    loader.set_mask_hook(hook)
+    for k, (images, targets) in enumerate(loader):
+        info = loader.last_batch
+        m = upsample(seen[-1].detach(), images.shape[-2:], "nearest")
+        clean = info.unmixed.double()
+        want = m.double() * clean + (1 - m.double()) * clean[torch.from_numpy(info.params.partner)]
+        torch.testing.assert_close(images.double(), want, rtol=0, atol=2e-5)
+        assert not images.requires_grad and not info.params.device_masks.requires_grad
+    assert k >= 1
+    if kind == "net_sigmoid":  # the trainer can still backpropagate through its own masks
+        seen[-1].sum().backward()
+        assert net.conv.weight.grad is not None
+
+
+def test_validate_auto_is_eager_on_the_cpu(small_dataset):
+    """The default validate='auto' checks before mixing on the CPU: the bad batch itself raises."""
+    loader = learned_loader(small_dataset)
+    loader.set_mask_hook(lambda images, lam, partner: torch.full((images.shape[0], 1, 2, 2), float("nan")))
+    assert loader._mask_hook.hook.validate == "auto"
+    with pytest.raises(MaskHookError, match="nan value"):
+        next(iter(loader))
+
+
 # ------------------------------------------------- the kernel's upsampling of hook masks (records path)
 def hook_params(n, h, w, masks, flags, fmix_rows=()):
     """MixParams of n LearnedMask samples whose masks sit on the device, plus some FMix host masks."""
@@ -342,7 +398,35 @@ def test_cuda_hook_path(small_dataset, validate):
     loader.set_mask_hook(nan_hook, validate=validate)
     it = iter(loader)
     if validate == "deferred":
-        next(it)  # mixed with the bad masks; reported at the next batch
+        next(it)  # mixed with the bad masks; reported at the next batch whose check has arrived
+        torch.cuda.synchronize()  # the GPU is then done with it: the next batch reads its flag
     with pytest.raises(MaskHookError, match="nan value"):
         next(it)
     next(it)
+
+
+@pytest.mark.gpu
+def test_cuda_shared_mask_buffer_grows_safely_across_streams(small_dataset):
+    """Batches consumed on a side stream while the hook's masks grow (the shared buffer is
+    reallocated): record_stream keeps the old buffer's memory from being reused while a kernel on
+    the side stream may still read it; every batch is mixed with its own masks."""
+    mix = Mixer(methods=[LearnedMask(alpha=2.0)], mode="elem")
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cuda", mix=mix, seed=5)
+    sizes = iter([(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32)] * 4)
+    seen = []
+
+    def hook(images, lam, partner):
+        m = torch.rand(images.shape[0], 1, *next(sizes), device=images.device)
+        seen.append(m.clone())
+        return m
+
+    loader.set_mask_hook(hook)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for images, _ in loader:
+            torch.cuda._sleep(10_000_000)  # the consumer lags: the next batch's buffer growth must wait for it
+            info = loader.last_batch
+            m = upsample(seen[-1], (32, 32), "nearest")
+            clean = info.unmixed.double()
+            want = m.double() * clean + (1 - m.double()) * clean[torch.from_numpy(info.params.partner).cuda()]
+            torch.testing.assert_close(images.double(), want, rtol=0, atol=2e-5)

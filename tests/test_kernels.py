@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from dalimix.ops import Normalization
-from dalimix.ops.kernels import ENTRIES, KERNEL_FILES, OUTPUT_TYPES, kernel_dir, kernel_source, mix_normalize_entry
-from dalimix.ops.record import RECORD_DTYPE, identity_records
+from dalimix.ops.kernels import (ENTRIES, KERNEL_FILES, OUTPUT_TYPES, kernel_dir, kernel_source, launch_config,
+                                 mix_normalize_entry)
+from dalimix.ops.record import FLAG_BILINEAR, FLAG_FLIP_PARTNER, FLAG_FLIP_SELF, RECORD_DTYPE, identity_records, set_flips
 from dalimix.testing.hostshim import SHIM_PRELUDE, bf16_bits_to_float, half_bits_to_float
 from reference import random_records, reference_mix_normalize
 
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (install the CUDA toolkit to check registers and spills)")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("file", KERNEL_FILES)
@@ -37,6 +39,7 @@ def test_nvcc_compiles_without_spills(tmp_path, arch, file):
     assert max(regs) <= 64, f"more than 64 registers per thread limits occupancy:\n{log}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("file", KERNEL_FILES)
 def test_nvrtc_compiles_runtime_source(arch, file, monkeypatch):
@@ -195,11 +198,22 @@ def stable_seed(*key) -> int:
     return zlib.crc32(repr(key).encode())
 
 
-def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=5, block=64):
+def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=None, block=None, misalign=False):
+    """Run the kernel through the host shim; by default with the CUDA backend's launch configuration.
+    ``misalign``: the output starts 4 bytes past a 16-byte boundary (forces the scalar path)."""
     n = len(records)
     _, h, w, _ = images.shape
+    if grid is None:
+        grid, block = launch_config(n, h, w)
     np_out = np.float32 if dtype == torch.float32 else np.uint16
-    out = np.zeros((n, h, w, 3) if channels_last else (n, 3, h, w), np_out)
+    shape = (n, h, w, 3) if channels_last else (n, 3, h, w)
+    if misalign:
+        raw = np.zeros(int(np.prod(shape)) + 16, np_out)
+        skip = (-raw.ctypes.data % 16 + 4) % 16 // raw.itemsize
+        out = raw[skip : skip + int(np.prod(shape))].reshape(shape)
+        assert out.ctypes.data % 16 == 4
+    else:
+        out = np.zeros(shape, np_out)
     shim.launch(mix_normalize_entry(dtype, channels_last), grid, block, images, records, pool, out, n, h, w,
                 *norm.mean255, *norm.inv_std255)
     if dtype == torch.float16:
@@ -209,7 +223,9 @@ def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=5, bl
     return out.transpose(0, 3, 1, 2) if channels_last else out
 
 
-CASES = [(1, 1, 1, 1), (1, 7, 5, 1), (4, 13, 17, 3), (5, 32, 24, 5), (3, 1, 31, 2), (6, 19, 1, 6), (8, 33, 35, 7)]
+# (n_src, H, W, n): 1x1, widths that are and are not a multiple of the 4-pixel vector width, N = 1
+CASES = [(1, 1, 1, 1), (1, 7, 5, 1), (4, 13, 17, 3), (5, 32, 24, 5), (3, 1, 31, 2), (6, 19, 1, 6), (8, 33, 35, 7),
+         (3, 6, 8, 3), (2, 9, 4, 1), (4, 11, 30, 4)]
 
 
 @pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
@@ -237,7 +253,7 @@ def test_shim_grid_stride_and_launch_shapes(shim):
     records, pool = random_records(rng, 3, 3, 9, 11)
     norm = Normalization()
     ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
-    for grid, block in [(1, 1), (1, 7), (50, 256)]:
+    for grid, block in [(1, 1), (1, 7), (50, 256), ((1, 2, 1), (2, 3, 1)), ((3, 1, 2), (1, 1, 1)), ((1, 5, 7), (4, 2, 1))]:
         got = run_shim(shim, images, records, pool, norm, torch.float32, False, grid=grid, block=block)
         np.testing.assert_allclose(got, ref, atol=1e-5)
 
@@ -250,3 +266,140 @@ def test_unmixed_records_only_normalize(shim):
     got = run_shim(shim, images, identity_records(4), np.zeros(1, np.float32), norm, torch.float32, False)
     ref = (images.astype(np.float64) / 255 - np.array(norm.mean)) / np.array(norm.std)
     np.testing.assert_allclose(got, ref.transpose(0, 3, 1, 2), atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------- flips
+@pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d_%dx%d_src%d" % (c[3], c[1], c[2], c[0]))
+def test_shim_flips_match_float64_reference(shim, dtype, channels_last, case):
+    """Flip flags on every method: the kernel equals "flip each source image, then mix" in float64."""
+    n_src, h, w, n = case
+    n_src = max(n_src, n)
+    rng = np.random.default_rng(stable_seed("flip", h, w, n, str(dtype), channels_last))
+    norm = Normalization(mean=rng.uniform(0.3, 0.6, 3), std=rng.uniform(0.15, 0.35, 3))
+    for _ in range(3):
+        images = rng.integers(0, 256, (n_src, h, w, 3), dtype=np.uint8)
+        records, pool = random_records(rng, n, n_src, h, w)
+        set_flips(records, rng.random(n_src) < 0.5)
+        got = run_shim(shim, images, records, pool, norm, dtype, channels_last)
+        ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
+        err = np.abs(got.astype(np.float64) - ref)
+        bad = err > ulp_tolerance(ref, dtype, norm)
+        assert not bad.any(), f"{bad.sum()} values off, worst {err.max()} (flags {records['flags'].tolist()})"
+
+
+def test_set_flips_marks_self_and_partner():
+    rec = identity_records(4)
+    rec["partner"] = [2, 0, 3, 3]
+    rec["flags"] = [FLAG_BILINEAR, 0, FLAG_FLIP_SELF | FLAG_FLIP_PARTNER, 0]
+    set_flips(rec, np.array([True, False, False, True, True]))  # one more source image than records
+    assert rec["flags"].tolist() == [FLAG_BILINEAR | FLAG_FLIP_SELF, FLAG_FLIP_PARTNER, FLAG_FLIP_PARTNER,
+                                     FLAG_FLIP_SELF | FLAG_FLIP_PARTNER]
+    with pytest.raises(ValueError, match="one per source image"):
+        set_flips(rec, np.array([True, False]))
+    with pytest.raises(ValueError, match="1-D bool array"):
+        set_flips(rec, np.ones((4, 1), bool))
+
+
+def test_shim_flip_is_a_mirror_and_the_box_stays_put(shim):
+    """Independent of the reference: flipping reads columns w-1-x; a CutMix box is where the record says."""
+    rng = np.random.default_rng(9)
+    images = rng.integers(0, 256, (2, 6, 9, 3), dtype=np.uint8)
+    norm = Normalization(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))  # out = x
+    rec = identity_records(2)
+    set_flips(rec, np.array([True, False]))
+    got = run_shim(shim, images, rec, np.zeros(1, np.float32), norm, torch.float32, False)
+    np.testing.assert_array_equal(got[0], images[0, :, ::-1].transpose(2, 0, 1))
+    np.testing.assert_array_equal(got[1], images[1].transpose(2, 0, 1))
+    rec = identity_records(1)
+    rec["method"], rec["partner"], rec["y0"], rec["x0"], rec["y1"], rec["x1"] = 2, 1, 1, 0, 4, 3
+    set_flips(rec, np.array([False, True]))
+    got = run_shim(shim, images, rec, np.zeros(1, np.float32), norm, torch.float32, True)[0].transpose(1, 2, 0)
+    want = images[0].astype(np.float32).copy()
+    want[1:4, 0:3] = images[1, 1:4, ::-1][:, 0:3]  # the left 3 columns of the mirrored partner
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_shim_vector_and_scalar_paths_agree_bit_for_bit(shim, dtype, channels_last):
+    """Widths that are a multiple of 4 take the wide-load/store path; a misaligned output forces the
+    pixel-by-pixel path on the same input: both give the same bits, flips included."""
+    rng = np.random.default_rng(stable_seed("vec", str(dtype), channels_last))
+    norm = Normalization()
+    for _ in range(4):
+        images = rng.integers(0, 256, (6, 10, 16, 3), dtype=np.uint8)
+        records, pool = random_records(rng, 6, 6, 10, 16)
+        set_flips(records, rng.random(6) < 0.5)
+        vec = run_shim(shim, images, records, pool, norm, dtype, channels_last)
+        scalar = run_shim(shim, images, records, pool, norm, dtype, channels_last, misalign=True)
+        np.testing.assert_array_equal(vec, scalar)
+
+
+def test_launch_config_covers_rows_and_samples():
+    (gx, gy, gz), (bx, by, bz) = launch_config(256, 224, 224, sms=132)
+    assert bx * by * bz <= 256 and gz == 256 and gx * bx * 4 >= 224 and gy * by >= 224 // 4
+    (gx, gy, gz), (bx, by, _) = launch_config(1, 224, 224, sms=132)
+    assert gy * by == 224  # one row per thread when the batch is too small to fill the GPU
+    assert launch_config(70000, 2, 3)[0][2] == 65535  # the rest are walked grid-stride
+    assert launch_config(1, 1, 5000)[1][0] == 256 and launch_config(1, 1, 5000)[0][0] == 5
+
+
+def _ptx_functions(ptx: str) -> dict[str, str]:
+    """Entry name -> its PTX body (from `.entry NAME(` to the next `.entry` or the end)."""
+    parts = re.split(r"\.visible \.entry (\w+)\(", ptx)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (install the CUDA toolkit to read the PTX)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_ptx_has_no_64_bit_division_and_uses_hardware_half_conversion(tmp_path, arch):
+    """Index math inside a sample is 32-bit: no div/rem.{s,u}64 in any mixing entry; fp16/bf16 use
+    the hardware cvt.rn.{f16x2,bf16x2}.f32; the wide path uses 16-byte (fp32) / 8-byte (16-bit) stores."""
+    ptx = tmp_path / "k.ptx"
+    cmd = [NVCC, "-ptx", f"-arch={arch}", f"-I{kernel_dir()}", str(kernel_dir() / "mix_normalize.cu"), "-o", str(ptx)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    funcs = _ptx_functions(ptx.read_text())
+    assert sorted(funcs) == sorted(ENTRIES)
+    for name, body in funcs.items():
+        wide = re.findall(r"\b(?:div|rem)\.(?:s|u)64\b", body)
+        assert not wide, f"{name}: {len(wide)} 64-bit div/rem in the PTX"
+        assert "__shared__" not in body and "bar.sync" not in body
+        if "_f16_" in name:
+            assert "cvt.rn.f16x2.f32" in body, name
+        if "_bf16_" in name:
+            assert "cvt.rn.bf16x2.f32" in body, name
+        store = "st.global.v4.u32" if "_f32_" in name else "st.global.v2.u32"
+        assert store in body, f"{name}: no {store} (wide stores)"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_bench_sass_counter_finds_the_vector_main_loop(tmp_path):
+    """benchmarks/bench_mix.py's SASS count: for the MixUp loop it finds the wide-store loop, 4
+    pixels per path, and an instruction count (the figure itself is reported, not asserted)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_mix
+
+    cuobjdump = bench_mix.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
+    funcs = bench_mix._compile_sass(kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": "DMK_BLEND"}, "sm_90",
+                                    cuobjdump, tmp_path)
+    assert sorted(funcs) == sorted(ENTRIES)
+    for name, code in funcs.items():
+        cost = bench_mix.main_loop_cost(code, 4 if "_f32_" in name else 2)
+        assert cost.get("pixels_per_path") == 4 and cost["paths"] == 1 and cost["per_pixel"] > 0, (name, cost)
+
+
+def test_entry_mask_bits_follow_the_entries_order():
+    """The CUDA backend compiles entry i alone with -DDM_ENTRY_MASK=1<<i (i = its place in ENTRIES)."""
+    text = kernel_source("mix_normalize.cu")
+    bits = re.findall(r"#if DM_ENTRY_MASK & (\d+)\nDM_MIX_NORMALIZE_ENTRY\((\w+),", text)
+    assert [(int(b), name) for b, name in bits] == [(1 << i, name) for i, name in enumerate(ENTRIES)]

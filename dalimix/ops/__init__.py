@@ -83,6 +83,9 @@ def mix_normalize(
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
     norm = norm or Normalization()
     n_src, h, w, _ = images.shape
+    if h * w * 3 >= 2**32:
+        raise ValueError(f"images of {h}x{w} pixels are too large: the kernels index within one image with 32 bits "
+                         "(H * W * 3 < 2^32); crop or resize them first")
     if records is None:
         records = identity_records(n_src)
     pool = 0 if masks is None else masks.numel()

@@ -1,6 +1,7 @@
 """CPU twin of the fused kernel: the same contract in vectorised torch.
 
-Computes in float32 exactly like the kernel: ``v = b + w * (a - b)`` (``w`` = weight of the
+Flip flags mirror the images before mixing (``FLAG_FLIP_SELF`` / ``FLAG_FLIP_PARTNER``). Computes
+in float32 exactly like the kernel: ``v = b + w * (a - b)`` (``w`` = weight of the
 sample's own image), ``out = (v - mean255) * inv_std255``, one cast into ``out``.
 """
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from .record import (
     FLAG_BILINEAR,
+    FLAG_FLIP_PARTNER,
+    FLAG_FLIP_SELF,
     FLAG_SIGMOID,
     METHOD_BLEND,
     METHOD_BOX,
@@ -43,12 +46,18 @@ def mix_normalize_cpu(
     n = len(records)
     _, h, w, _ = images.shape
     v = images[:n].to(torch.float32)  # n x H x W x 3, a new tensor we may write into
+    flip_self = torch.from_numpy(np.flatnonzero(records["flags"] & FLAG_FLIP_SELF))
+    if len(flip_self):
+        v[flip_self] = v[flip_self].flip(2)  # mirrored columns; boxes and masks stay in output coordinates
     method = records["method"]
     mixed = np.flatnonzero(method != METHOD_NONE)
     if len(mixed):
         sel = torch.from_numpy(mixed)
         rec = records[mixed]
         b = images[torch.from_numpy(rec["partner"].astype(np.int64))].to(torch.float32)  # k x H x W x 3
+        flip_b = torch.from_numpy(np.flatnonzero(rec["flags"] & FLAG_FLIP_PARTNER))
+        if len(flip_b):
+            b[flip_b] = b[flip_b].flip(2)
         wself = torch.ones(len(mixed), h, w, 1)
         m = rec["method"]
         blend = np.flatnonzero(m == METHOD_BLEND)

@@ -59,6 +59,33 @@ def _mix_normalize_entries() -> dict[str, Entry]:
 ENTRIES: dict[str, Entry] = _mix_normalize_entries()
 
 
+PIXELS_PER_THREAD = 4  # DM_PIX in mix_normalize.cu: one thread writes 4 pixels of a row
+MAX_BLOCK = 256  # DM_BLOCK: the kernels' __launch_bounds__
+MAX_SAMPLES = 65535  # gridDim.z; more samples are walked grid-stride
+
+
+def launch_config(n: int, height: int, width: int, *, sms: int | None = None, rows_per_thread: int = 4):
+    """``(grid, block)`` 3-tuples for the mixing kernels: samples on z, rows on y, 4-pixel column groups on x.
+
+    One block row of threads covers a whole image row (up to 1024 pixels per block), each thread then
+    walks down ``rows_per_thread`` rows; with ``sms`` (the GPU's multiprocessor count) fewer rows per
+    thread are used where the grid would otherwise not fill the GPU. Any grid is correct (the kernels
+    are grid-stride in all three dimensions); this one is the fast one.
+    """
+    groups = max(1, -(-width // PIXELS_PER_THREAD))
+    bx = min(groups, MAX_BLOCK)
+    by = max(1, min(MAX_BLOCK // bx, height))
+    gx = -(-groups // bx)
+    gz = max(1, min(n, MAX_SAMPLES))
+    rows = max(1, rows_per_thread)
+    while True:
+        gy = max(1, min(-(-height // (by * rows)), 65535))
+        if rows == 1 or sms is None or gx * gy * gz >= 4 * sms:
+            break
+        rows //= 2
+    return (gx, gy, gz), (bx, by, 1)
+
+
 def mix_normalize_entry(dtype: torch.dtype, channels_last: bool) -> str:
     """Name of the entry point writing ``dtype`` in NCHW or channels_last order."""
     if dtype not in OUTPUT_TYPES:

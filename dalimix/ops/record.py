@@ -20,6 +20,9 @@ METHOD_LAST = METHOD_SMOOTH
 
 FLAG_BILINEAR = 1
 FLAG_SIGMOID = 2
+FLAG_FLIP_SELF = 4  # read the sample's own image mirrored left-right (before mixing)
+FLAG_FLIP_PARTNER = 8  # read the partner image mirrored left-right (before mixing)
+FLIP_FLAGS = FLAG_FLIP_SELF | FLAG_FLIP_PARTNER
 
 RECORD_DTYPE = np.dtype(
     [
@@ -50,6 +53,31 @@ def identity_records(n: int) -> np.ndarray:
     rec["partner"] = np.arange(n, dtype=np.int32)
     rec["lam"] = 1.0
     return rec
+
+
+def set_flips(records: np.ndarray, flip) -> np.ndarray:
+    """Mark which source images the kernel reads mirrored left-right (horizontal flip, in place).
+
+    ``flip``: one bool per source image (``N_src``). Sets ``FLAG_FLIP_SELF`` of record ``i`` from
+    ``flip[i]`` and ``FLAG_FLIP_PARTNER`` from ``flip[partner[i]]`` (other flags kept), so every image
+    is flipped the same way wherever it is read: the result is "flip each image, then mix". Boxes,
+    masks and grids stay in output coordinates. Returns ``records``.
+    """
+    flip = np.asarray(flip)
+    if flip.ndim != 1 or flip.dtype.kind not in "bui":
+        raise ValueError(f"flip must be a 1-D bool array with one value per source image, got {flip.dtype} {flip.shape}")
+    flip = flip.astype(bool)
+    n = len(records)
+    if n and int(records["partner"].min()) < 0:
+        raise ValueError(f"record {int(np.argmin(records['partner']))}: negative partner {int(records['partner'].min())}")
+    if len(flip) < n or (n and int(records["partner"].max()) >= len(flip)):
+        raise ValueError(f"flip has {len(flip)} values; {n} records (partners up to "
+                         f"{int(records['partner'].max()) if n else -1}) need one per source image")
+    flags = records["flags"] & ~np.int32(FLIP_FLAGS)
+    flags |= np.where(flip[:n], FLAG_FLIP_SELF, 0).astype(np.int32)
+    flags |= np.where(flip[records["partner"]], FLAG_FLIP_PARTNER, 0).astype(np.int32)
+    records["flags"] = flags
+    return records
 
 
 def validate_records(rec: np.ndarray, *, n_src: int, height: int, width: int, mask_pool_size: int) -> None:
