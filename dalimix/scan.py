@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .diagnose import check_image_file
-from .sources import Samples, read_file_list, scan_image_folder
+from .sources import Samples, resolve_source
 
 CLASSES_HEADER = "# classes: "
 
@@ -66,5 +66,5 @@ def write_file_list(result: ScanResult, out: str | os.PathLike) -> Path:
 
 def load_samples(data: str, file_list: str | None = None) -> Samples:
     if file_list:
-        return read_file_list(file_list, root=data)
-    return scan_image_folder(data)
+        return resolve_source(file_list=file_list, root=data)
+    return resolve_source(root=data)

@@ -298,22 +298,140 @@ def test_accepts_dali_last_batch_policy(small_dataset):
     assert loader.last_batch_policy is LastBatchPolicy.FILL
 
 
-def test_overlapping_epochs_changes_nothing_but_timing(small_dataset):
+def _count_builds(monkeypatch):
+    from nvidia.dali.pipeline import Pipeline
+
+    builds = []
+    real = Pipeline.build
+
+    def counting(self, *a, **kw):
+        if not getattr(self, "_built", False):  # DALI's build() returns at once when built already
+            builds.append(self)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Pipeline, "build", counting)
+    return builds
+
+
+@pytest.mark.parametrize("set_epoch", [True, False])
+def test_one_dali_pipeline_for_the_loaders_life(small_dataset, monkeypatch, set_epoch):
+    """4 epochs (with or without set_epoch), an epoch read twice, a state loaded: one Pipeline.build."""
     from dalimix.mix import Mixup
 
-    kw = dict(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, last_batch_policy="drop")
-    plain = collect(ImageLoader(mix=Mixup(), **kw), epochs=3)
-    loader = ImageLoader(mix=Mixup(), overlap_epochs=True, **kw)
-    overlapped = collect(loader, epochs=3)
-    for (ia, ba), (ib, bb) in zip(plain, overlapped):
+    builds = _count_builds(monkeypatch)
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, num_threads=1, mix=Mixup())
+    for epoch in range(4):
+        if set_epoch:
+            loader.set_epoch(epoch)
+        assert len(list(loader)) == 4
+    state = loader.state_dict()
+    loader.set_epoch(1)
+    next(iter(loader))
+    loader.load_state_dict(state)
+    next(iter(loader))
+    assert len(builds) == 1 and loader.pipelines_built == 1
+
+
+def test_an_epoch_is_the_same_whatever_ran_before_it(small_dataset):
+    """Epoch 2 of a fresh loader equals epoch 2 read after epochs 0 and 1 (crops, flips, mixing)."""
+    from dalimix.mix import Mixup
+
+    kw = dict(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, num_threads=1)
+    loader = ImageLoader(mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem"), **kw)
+    after = collect(loader, epochs=3)[2]
+    fresh = ImageLoader(mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem"), **kw)
+    fresh.set_epoch(2)
+    alone = collect(fresh)[0]
+    assert all(np.array_equal(x, y) for x, y in zip(after[0], alone[0]))
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(after[1], alone[1]))
+    assert len(alone[1]) == len(fresh)
+
+
+def test_the_next_epoch_is_read_while_the_current_one_ends(small_dataset):
+    """When an epoch's last batch is handed out, DALI already works on the next epoch's first batches
+    (prefetch - 1 of them: the one handed out was the prefetch-th)."""
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, num_threads=1, prefetch=3)
+    it = iter(loader)
+    for _ in range(len(loader)):
+        next(it)
+    queued = [t.key for t, _ in loader._feed._pending]
+    assert queued == [(1, 0), (1, 1)]
+    list(loader)
+    assert loader.last_batch.epoch == 1 and loader.pipelines_built == 1
+
+
+def test_overlap_epochs_is_deprecated_and_changes_nothing(small_dataset):
+    kw = dict(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, num_threads=1, last_batch_policy="drop")
+    plain = collect(ImageLoader(**kw), epochs=2)
+    with pytest.warns(DeprecationWarning, match="always"):
+        loader = ImageLoader(overlap_epochs=True, **kw)
+    again = collect(loader, epochs=2)
+    for (ia, ba), (ib, bb) in zip(plain, again):
         assert all(np.array_equal(x, y) for x, y in zip(ia, ib))
-        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(ba, bb))
-    assert loader._next_iter is not None and loader._next_iter.plan.epoch == 3  # opened ahead
-    loader.set_epoch(7)  # another epoch than the one opened ahead: it is dropped, epoch 7 is read
-    ((ids, _),) = collect(loader)
-    fresh = ImageLoader(mix=Mixup(), **kw)
-    fresh.set_epoch(7)
-    ((want, _),) = collect(fresh)
-    assert all(np.array_equal(x, y) for x, y in zip(ids, want))
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(ba, bb))
+
+
+# ------------------------------------------------------------------------ stale iterators
+def test_an_iterator_of_a_closed_loader_raises_instead_of_replaying(small_dataset):
+    from dalimix.loader import StaleIteratorError
+
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, num_threads=1)
+    it = iter(loader)
+    next(it)
     loader.close()
-    assert loader._next_iter is None
+    with pytest.raises(StaleIteratorError, match="close"):
+        next(it)
+    with pytest.raises(StaleIteratorError):
+        next(it)
+
+
+def test_a_replaced_iterator_raises_and_the_new_one_reads_on(small_dataset):
+    """A second iter(loader) while the first is alive: the first is dead (never yields again); the
+    second reads the next epoch from its start, every sample once."""
+    from dalimix.loader import StaleIteratorError
+
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, num_threads=1)
+    first = iter(loader)
+    next(first)
+    second = iter(loader)
+    with pytest.raises(StaleIteratorError, match="newer iter"):
+        next(first)
+    seen = []
+    for _ in second:
+        info = loader.last_batch
+        assert info.epoch == 1
+        seen += info.sample_ids.tolist()
+    assert sorted(seen) == list(range(len(loader.dataset)))
+    with pytest.raises(StopIteration):  # a finished iterator stays finished
+        next(second)
+
+
+def test_a_finished_iterator_stays_finished_after_a_new_one(small_dataset):
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, num_threads=1)
+    first = iter(loader)
+    list(first)
+    second = iter(loader)
+    next(second)
+    with pytest.raises(StopIteration):
+        next(first)
+
+
+# ------------------------------------------------------------------------ output buffers
+def test_cpu_outputs_are_recycled_only_when_nobody_holds_them(small_dataset):
+    loader = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=3, num_threads=1,
+                         last_batch_policy="drop")
+    kept = []
+    ptrs = []
+    for i, (images, _) in enumerate(loader):
+        ptrs.append(images.data_ptr())
+        if i == 0:
+            kept.append((images, images.clone()))  # the training loop holds batch 0
+    assert ptrs[0] not in ptrs[1:]  # held: never written again
+    assert torch.equal(kept[0][0], kept[0][1])
+    assert len(set(ptrs[1:])) < len(ptrs) - 1  # the others are recycled
+    fresh = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=3, num_threads=1,
+                        last_batch_policy="drop", reuse_outputs=False)
+    got = [x.clone() for x, _ in fresh]
+    again = [x.clone() for x, _ in ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=3,
+                                                num_threads=1, last_batch_policy="drop")]
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
