@@ -435,3 +435,36 @@ def test_cpu_outputs_are_recycled_only_when_nobody_holds_them(small_dataset):
     again = [x.clone() for x, _ in ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=3,
                                                 num_threads=1, last_batch_policy="drop")]
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+def test_cuda_loader_never_waits_for_the_gpu_in_next(small_dataset):
+    """On CUDA, DALI's outputs are shared on the consumer's stream and given back in stream order:
+    after the first batch, next() makes no host synchronisation, across an epoch boundary too, and
+    the batches equal those of a run without the sync check."""
+    from dalimix.mix import Mixup
+
+    def make():
+        return ImageLoader(root=small_dataset, batch_size=6, size=32, device="cuda", seed=3, num_threads=1,
+                           mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem"), last_batch_policy="drop")
+
+    plain = make()
+    want = [(x.clone(), y.clone()) for _ in range(3) for x, y in plain]
+    loader = make()
+    got = []
+    it = iter(loader)
+    x, y = next(it)
+    got.append((x.clone(), y.clone()))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for epoch in range(3):
+            for x, y in it:
+                got.append((x.clone(), y.clone()))
+            if epoch < 2:
+                it = iter(loader)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert len(got) == len(want) and loader.pipelines_built == 1
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))

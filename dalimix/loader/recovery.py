@@ -55,7 +55,7 @@ class Recovery:
             if path not in self.skipped:
                 self.skipped[path] = reason
                 warnings.warn(f"dalimix: skipping {path}: {reason} (epoch {epoch}, step {step}); it is replaced by the "
-                              "next readable sample of the epoch from now on", DalimixWarning, stacklevel=4)
+                              "next readable sample of the epoch from now on", DalimixWarning, stacklevel=5)
         self._bad_arr = np.fromiter(self._bad, dtype=np.int64)
 
     def find_unreadable(self, ids: list[int]) -> list[tuple[int, str]]:
