@@ -16,7 +16,7 @@ from ..sources import Samples, resolve_source
 from .feed import PipelineFeed
 from .iterator import EpochContext, EpochIterator
 from .options import IMAGENET_MEAN, IMAGENET_STD, LoaderOptions
-from .outputs import OutputRing
+from .outputs import OutputRing, release_free_heap
 from .plan import EpochPlan, LastBatchPolicy, Traversal, plan_epoch
 from .recovery import Recovery
 from .stages import Batch, Finisher, Finishing
@@ -302,7 +302,8 @@ class ImageLoader:
             start = self._resume[1]
         self._resume = None
         ctx = EpochContext(epoch=self._epoch, num_batches=self.plan(self._epoch).num_batches, take=self._take,
-                           finish=self._finish, plan_ahead=self._plan_ahead, dead=self._why_dead)
+                           finish=self._finish, plan_ahead=self._plan_ahead, dead=self._why_dead,
+                           ended=release_free_heap)
         self._active = EpochIterator(ctx, start_step=start)
         return self._active
 

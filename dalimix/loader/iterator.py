@@ -23,6 +23,7 @@ class EpochContext:
     finish: Callable[[object], tuple]  # DALI's batch -> (images, labels or targets)
     plan_ahead: Callable[[int, int], None]  # (epoch, step): start planning that batch's mixing
     dead: Callable[[object], str | None]  # iterator -> None while it is current, else why not
+    ended: Callable[[], None] = lambda: None  # the epoch's last batch was handed out
 
 
 class EpochIterator:
@@ -50,4 +51,7 @@ class EpochIterator:
         self.step += 1
         if self.step < self.ctx.num_batches:
             self.ctx.plan_ahead(self.epoch, self.step)
-        return self.ctx.finish(taken)  # a batch whose finishing fails (e.g. a mask hook error) is skipped
+        result = self.ctx.finish(taken)  # a batch whose finishing fails (e.g. a mask hook error) is skipped
+        if self.step == self.ctx.num_batches:
+            self.ctx.ended()
+        return result

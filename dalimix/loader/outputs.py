@@ -35,6 +35,29 @@ def _ring_refs() -> int:
 _RING_REFS = _ring_refs()
 
 
+_LIBC = None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Called once per epoch: DALI's per-batch buffers, the encoded bytes fed to it and the mixer's
+    per-batch arrays come and go in varied sizes, and glibc keeps what they free in its heap, so
+    the resident size would otherwise wander upwards over a long run (a few ms per call)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 class OutputRing:
     """Up to ``size`` recycled output tensors per (shape, dtype, layout); ``size=0``: always fresh."""
 
