@@ -211,7 +211,7 @@ def build_pipeline(
         enable_conditionals=spec.auto_augment is not None,  # DALI's auto_aug branches per sample
     )
     def pipe():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
         ids = fn.external_source(name="ids", dtype=types.INT32, ndim=1)
         if spec.train:
             window = fn.external_source(name="window", dtype=types.FLOAT, ndim=1)
@@ -250,8 +250,9 @@ def build_pipeline(
 
 
 def feed(pipe, encoded: list, ids: np.ndarray, windows: np.ndarray | None) -> None:
-    """Hand one batch to ``pipe`` (``schedule_run`` then runs it)."""
+    """Hand one batch to ``pipe`` (``schedule_run`` then runs it). ``encoded`` is used in place
+    (``no_copy``): the caller keeps the arrays alive until the batch's outputs are taken."""
     pipe.feed_input("encoded", encoded)
-    pipe.feed_input("ids", [np.array([i], dtype=np.int32) for i in ids.tolist()])
+    pipe.feed_input("ids", np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, 1))
     if windows is not None:
-        pipe.feed_input("window", list(windows))
+        pipe.feed_input("window", np.ascontiguousarray(windows, dtype=np.float32))

@@ -354,7 +354,7 @@ def test_the_next_epoch_is_read_while_the_current_one_ends(small_dataset):
     it = iter(loader)
     for _ in range(len(loader)):
         next(it)
-    queued = [t.key for t, _ in loader._feed._pending]
+    queued = [entry[0].key for entry in loader._feed._pending]
     assert queued == [(1, 0), (1, 1)]
     list(loader)
     assert loader.last_batch.epoch == 1 and loader.pipelines_built == 1

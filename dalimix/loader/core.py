@@ -381,6 +381,8 @@ class ImageLoader:
             batch.images_u8 = None
             if self.device.type == "cpu":
                 self._feed.release()  # the kernel has read DALI's buffer (on CUDA: at the next take)
+            else:
+                self._feed.consumed()
             self._recovery.count_replaced(ticket.planned[: ticket.valid])
         self.last_batch = BatchInfo(epoch=ticket.epoch, step=ticket.step, sample_ids=batch.ids, params=batch.params,
                                     labels=batch.labels, unmixed=batch.unmixed, extra=batch.extra,

@@ -44,9 +44,10 @@ class PipelineFeed:
         self.checkpointing = checkpointing
         self.builds = 0  # DALI pipelines built so far (1 for a loader's whole life unless a file failed)
         self._pipe = None
-        self._pending: deque = deque()  # (ticket, flips) fed and scheduled, outputs not yet taken
+        self._pending: deque = deque()  # (ticket, flips, encoded) fed and scheduled, outputs not yet taken
         self._next: tuple[int, int] | None = None  # (epoch, step) fed next
         self._held = None  # DALI outputs of the batch handed out last
+        self._consumed = None  # CUDA: event after the last kernel that read DALI's outputs (waited on at close only)
         self._restore = None  # DALI checkpoint to build the next pipeline from
         self._last_checkpoint = None
         n = len(samples)
@@ -64,11 +65,11 @@ class PipelineFeed:
             if not self._pending:
                 self._next = key
             self._fill()
-            ticket, flips = self._pending[0]
+            ticket, flips, _ = self._pending[0]
             try:
                 outputs = self._share()
             except RuntimeError as e:
-                ids = list(dict.fromkeys(int(i) for t, _ in self._pending for i in t.ids))
+                ids = list(dict.fromkeys(int(i) for t, _, _ in self._pending for i in t.ids))
                 self._drop()  # DALI cannot go on after a failed batch: the next batch rebuilds it
                 self.recovery.handle(e, ids, ticket.epoch, ticket.step)  # raises, or marks files to replace
                 self.traversal.invalidate()
@@ -83,6 +84,13 @@ class PipelineFeed:
             if self.checkpointing:
                 self._last_checkpoint = self._pipe.checkpoint()
             return ticket, torch.from_dlpack(images_tl.as_tensor()), flips
+
+    def consumed(self) -> None:
+        """The batch taken last has been read by work enqueued on the current stream (CUDA: an event
+        is recorded, never waited on in the hot path)."""
+        if self.device.type == "cuda":
+            self._consumed = torch.cuda.Event()
+            self._consumed.record(torch.cuda.current_stream(self.device))
 
     def release(self) -> None:
         """Hand the last batch's DALI buffers back (CUDA: freed in the consumer stream's order)."""
@@ -134,7 +142,7 @@ class PipelineFeed:
         encoded = self._read(ticket)
         windows, flips = draw_augment(self.spec, self.seed, self.shard_id, ticket, self._sizes_of(ticket.ids, encoded))
         feed(self._pipe, encoded, ticket.ids, windows)
-        self._pending.append((ticket, flips))
+        self._pending.append((ticket, flips, encoded))  # DALI reads `encoded` in place until the batch is out
         self._next = self.traversal.after(self._next)
 
     def _read(self, ticket: Ticket) -> list:
@@ -162,16 +170,20 @@ class PipelineFeed:
     def _discard(self) -> None:
         """Run the queued batches and throw them away (they were read ahead for another request)."""
         while self._pending and self._pipe is not None:
-            self._pending.popleft()
             try:
                 self._share()
                 self._pipe.release_outputs()
             except RuntimeError:
                 self._drop()
+                break
+            self._pending.popleft()  # only now: DALI read its bytes in place
         self._pending.clear()
 
     def _drop(self) -> None:
+        if self._consumed is not None:  # shutting DALI down: let the last kernel finish reading its memory
+            self._consumed.synchronize()
+            self._consumed = None
         self._held = None
-        self._pending.clear()
         pipe, self._pipe = self._pipe, None
-        del pipe
+        del pipe  # DALI's threads stop here, before the bytes they may still read are let go
+        self._pending.clear()
