@@ -104,6 +104,34 @@ def test_flip_and_whole_image_crop(tmp_path):
     np.testing.assert_allclose(flipped, img[:, ::-1], atol=1e-3)
 
 
+def test_the_kernel_flips_what_the_hook_the_unmixed_and_the_mixed_batch_see(small_dataset):
+    """hflip=1 against hflip=0, same seed (same crops): the unmixed batch, the images a mask hook
+    receives and the MixUp-mixed batch are the mirrors of the unflipped ones; no DALI flip pass."""
+    from dalimix.hook import LearnedMask
+    from dalimix.mix import Mixer, MixUp
+
+    def run(hflip, methods):
+        loader = ImageLoader(root=small_dataset, batch_size=4, size=24, device="cpu", seed=5, num_threads=1,
+                             hflip=hflip, keep_unmixed=True, mix=Mixer(methods=methods, prob=1.0))
+        seen = []
+        if any(isinstance(m, LearnedMask) for m in methods):
+            def hook(images, lam, partner):
+                seen.append(images.clone())
+                return torch.full((images.shape[0], 1, 3, 3), 0.25)
+            loader.set_mask_hook(hook)
+        images, _ = next(iter(loader))
+        assert loader.last_batch.flips.all() == bool(hflip)
+        return images, loader.last_batch.unmixed.clone(), seen
+
+    for methods in ([MixUp(alpha=1.0)], [LearnedMask(alpha=2.0)]):
+        a_mixed, a_unmixed, a_seen = run(0.0, methods)
+        b_mixed, b_unmixed, b_seen = run(1.0, methods)
+        assert torch.equal(b_unmixed, a_unmixed.flip(-1))
+        torch.testing.assert_close(b_mixed, a_mixed.flip(-1), atol=1e-5, rtol=0)
+        if a_seen:
+            assert torch.equal(b_seen[0], a_seen[0].flip(-1))
+
+
 def test_labels_follow_the_files(small_dataset):
     loader = ImageLoader(root=small_dataset, batch_size=7, size=32, device="cpu")
     for _, labels in loader:

@@ -206,7 +206,6 @@ class ImageLoader:
         self._epoch_is_set = False
         self._iterated = False
         self._active: EpochIterator | None = None
-        self._dead: dict[int, str] = {}  # id(iterator) -> why it was retired (for its error message)
         self._resume: tuple[int, int] | None = None  # (epoch, step) set by seek()
         self._planner_pool = None
         self._policy_stage = None
@@ -309,14 +308,13 @@ class ImageLoader:
 
     def _retire(self, why: str) -> None:
         if self._active is not None:
-            if self._active.step < self._active.ctx.num_batches:
-                self._dead[id(self._active)] = why
+            self._active.retired = why
             self._active = None
 
     def _why_dead(self, it) -> str | None:
         if it is self._active:
             return None
-        return self._dead.get(id(it), "the loader no longer serves it")
+        return it.retired or "the loader no longer serves it"
 
     # ------------------------------------------------------------------------- resume
     def position(self) -> tuple[int, int]:

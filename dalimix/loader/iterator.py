@@ -33,6 +33,7 @@ class EpochIterator:
         self.ctx = ctx
         self.epoch = ctx.epoch
         self.step = start_step
+        self.retired: str | None = None  # why the loader stopped serving this iterator
 
     def __iter__(self):
         return self
