@@ -496,3 +496,17 @@ def test_cuda_loader_never_waits_for_the_gpu_in_next(small_dataset):
     torch.cuda.synchronize()
     assert len(got) == len(want) and loader.pipelines_built == 1
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+
+
+def test_a_skipped_file_costs_one_rebuild_for_the_whole_run(tmp_path):
+    """DALI cannot go on after a failed batch: the pipeline is rebuilt once when the unreadable file
+    is met, and never again in later epochs (the file is replaced before DALI sees it)."""
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        write_image(tmp_path / "a" / f"{i}.jpg", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    (tmp_path / "a" / "3.jpg").write_bytes(b"")
+    loader = ImageLoader(root=tmp_path, batch_size=3, size=16, device="cpu", seed=2, num_threads=1, on_error="skip")
+    with pytest.warns(Warning, match="skipping"):
+        for _ in range(3):
+            assert sum(len(x) for x, _ in loader) == 9
+    assert loader.pipelines_built == 2 and loader.skip_count == 3
