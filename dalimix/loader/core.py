@@ -111,7 +111,7 @@ class ImageLoader:
             substitute's label comes with it; each file is warned about once, listed in
             ``loader.skipped`` (path -> reason) and kept out of later epochs, and
             ``loader.skip_count`` counts the replaced samples handed out.
-        overlap_epochs: deprecated, no effect (epochs always overlap); warns when given.
+        overlap_epochs: deprecated, no effect (epochs always overlap); ``True`` warns, ``False`` is ignored.
         keep_unmixed: also write each batch unmixed into ``loader.last_batch.unmixed`` (one more
             pass of the fused kernel; a registered mask hook implies it).
         reuse_outputs: CPU: write batches into recycled tensors, each reused only once nothing else

@@ -52,8 +52,8 @@ class LoaderOptions:
     def parse(cls, *, batch_size, train, size, device, dtype, channels_last, mean, std, scale, ratio, hflip, crop_pct,
               interpolation, shuffle, seed, shard_id, num_shards, last_batch_policy, num_threads, prefetch,
               auto_augment, on_error, overlap_epochs, keep_unmixed, reuse_outputs) -> "LoaderOptions":
-        if overlap_epochs is not None:
-            v.flag("overlap_epochs", overlap_epochs)
+        if overlap_epochs is not None and v.flag("overlap_epochs", overlap_epochs):
+            # False asked for what no longer exists (a drained epoch boundary): only timing, accepted quietly
             warnings.warn("ImageLoader(overlap_epochs=...) is deprecated and has no effect: the loader's one DALI "
                           "pipeline always reads the next epoch's first batches while the current one ends",
                           DeprecationWarning, stacklevel=3)
