@@ -569,7 +569,7 @@ def planning_section(args, progress_factory) -> list[dict]:
 @contextlib.contextmanager
 def plan_probe(mixer):
     """Time the mixer's ``plan`` (on the planner thread) and the loader's wait for it (main thread)."""
-    from dalimix import loader as loader_mod
+    from dalimix.loader.stages import Finisher
 
     stats = {"plan_s": 0.0, "plans": 0, "wait_s": 0.0, "waits": 0, "wait_measured": False}
     original_plan = mixer.plan
@@ -583,7 +583,7 @@ def plan_probe(mixer):
             stats["plans"] += 1
 
     mixer.plan = plan
-    take = getattr(loader_mod._EpochIterator, "_take_plan", None)  # the loader's hand-over point, if it has one
+    take = getattr(Finisher, "_take_plan", None)  # the loader's hand-over point, if it has one
     if take is not None:
         def timed_take(self, *args):
             t0 = time.perf_counter()
@@ -592,14 +592,14 @@ def plan_probe(mixer):
             finally:
                 stats["wait_s"] += time.perf_counter() - t0
                 stats["waits"] += 1
-        loader_mod._EpochIterator._take_plan = timed_take
+        Finisher._take_plan = timed_take
         stats["wait_measured"] = True
     try:
         yield stats
     finally:
         mixer.plan = original_plan
         if take is not None:
-            loader_mod._EpochIterator._take_plan = take
+            Finisher._take_plan = take
 
 
 def loader_section(args, device, progress_factory) -> list[dict]:

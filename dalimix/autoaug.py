@@ -13,10 +13,11 @@ Selected with timm-like strings (``ImageLoader(auto_augment="rand-m9-n2")``):
 - TrivialAugment Wide (Müller & Hutter, ICCV 2021): ``"trivialaugment"``, ``"ta_wide"`` or
   ``"trivial"``: one operation per image at a uniformly drawn magnitude (31 bins, torchvision's).
 
-The augmentation runs on uint8 ``H x W x 3`` images after the random resized crop and flip, on
-the pipeline's device. Translations are relative to the output size (0.45 of it at the top
-magnitude, timm's ``translate_pct``) for AutoAugment and RandAugment, and at most 32 px for
-TrivialAugment (torchvision's); rotated, sheared and translated images are filled with 128.
+The augmentation runs on uint8 ``H x W x 3`` images after the random resized crop (before the
+flip, which the fused kernel applies), on the pipeline's device. Translations are relative to
+the output size (0.45 of it at the top magnitude, timm's ``translate_pct``) for AutoAugment and
+RandAugment, and at most 32 px for TrivialAugment (torchvision's); rotated, sheared and
+translated images are filled with 128.
 """
 
 from __future__ import annotations

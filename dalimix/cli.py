@@ -72,11 +72,12 @@ def cli_message(text: str) -> str:
 
 
 def _data_source(args) -> dict:
-    """ImageLoader's source arguments for --data: a folder is an ImageFolder root, a file a file list."""
-    import os
+    """ImageLoader's source arguments for --data: a folder is an ImageFolder root, a file a file list,
+    ``.tar`` shards a WebDataset (``dalimix.sources.source_for_path``)."""
+    from .sources import source_for_path
 
     if args.data:
-        return {"file_list": args.data} if os.path.isfile(args.data) else {"root": args.data}
+        return source_for_path(args.data)
     from .demo_data import demo_dataset
 
     return {"root": str(demo_dataset(progress=True))}

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import DatasetError
 from .loader import IMAGENET_MEAN, IMAGENET_STD, ImageLoader, LastBatchPolicy
-from .sources import Samples, _fingerprint
+from .sources import Samples, _fingerprint, source_for_path
 
 # timm create_loader arguments dalimix has no equivalent for: accepted at these ("off") values,
 # refused otherwise so nothing is silently dropped.
@@ -167,15 +166,7 @@ def _source_kwargs(dataset, webdataset_keys) -> dict:
     if isinstance(dataset, Samples):
         return {"samples": dataset}
     if isinstance(dataset, (str, os.PathLike)):
-        text = os.fspath(dataset)
-        path = Path(text).expanduser()
-        if path.is_file() and path.suffix.lower() == ".tar" or any(c in text for c in "*?[") or (
-            path.is_dir() and any(path.glob("*.tar")) and not any(p.is_dir() for p in path.iterdir())
-        ):
-            return {"webdataset": text, "webdataset_keys": webdataset_keys}
-        if path.is_file():
-            return {"file_list": path}
-        return {"root": path}
+        return source_for_path(dataset, webdataset_keys=webdataset_keys)
     return {"samples": samples_from_dataset(dataset)}
 
 

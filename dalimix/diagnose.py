@@ -204,7 +204,9 @@ def find_unreadable(samples, ids, *, decoder: str = "cpu", device_id: int | None
     Each file is decided alone, with the decoder the pipeline uses, so a good file is never named
     for a bad one beside it. Files read by path are checked to be regular files before opening.
     """
-    by_path = getattr(samples, "dali_reader", None) is None
+    from .webdataset import TarSamples
+
+    by_path = not isinstance(samples, TarSamples)
     check = decode_check(decoder, device_id)
     found = []
     for i in ids:

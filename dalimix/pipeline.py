@@ -1,17 +1,23 @@
-"""DALI pipeline builders: train (random resized crop + flip) and eval (resize + centre crop).
+"""The DALI pipeline: train (random resized crop) and eval (resize + centre crop), fed per batch.
 
-DALI stops at uint8 HWC: normalising, casting, laying out and mixing are the fused kernel's job.
-Each epoch gets its own pipeline over the exact file order dalimix planned for this rank, so the
-sample order, sharding and padding are dalimix's (see ``dalimix.loader``), and DALI's own random
-streams are seeded from (seed, rank, epoch).
+DALI stops at uint8 HWC: flipping, normalising, casting, laying out and mixing are the fused
+kernel's job. A loader builds ONE pipeline for its whole life; it is fed batch by batch through
+``external_source`` nodes (``feed``): the encoded bytes of the samples dalimix planned, and in
+training each sample's crop window. Sample order, sharding and padding are dalimix's (see
+``dalimix.loader``), and so is every random draw (``plan_crops``: a function of (seed, rank, epoch,
+step)), so a batch does not depend on what the pipeline ran before it. Only an ``auto_augment``
+preset draws from DALI's own random streams (seeded from (seed, rank)); DALI's checkpoint carries
+those for exact resume.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .autoaug import apply_preset
@@ -63,7 +69,8 @@ def device_strings(device: torch.device) -> DeviceStrings:
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    """What the DALI part of the pipeline does to each image (all validated by ImageLoader)."""
+    """What is done to each image before mixing (all validated by ImageLoader): DALI decodes, crops
+    and resizes; ``hflip`` is drawn with the crop and applied by the fused kernel."""
 
     train: bool
     height: int
@@ -73,7 +80,7 @@ class AugmentSpec:
     hflip: float = 0.5
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
-    auto_augment: str | None = None  # a preset's canonical string (dalimix.autoaug), train only, after the flip
+    auto_augment: str | None = None  # a preset's canonical string (dalimix.autoaug), train only, before the flip
 
     @property
     def resize_shorter(self) -> int:
@@ -103,17 +110,73 @@ def _interp(name: str):
     }[name]
 
 
+def plan_crops(sizes: np.ndarray, rng: np.random.Generator, *, scale, ratio) -> np.ndarray:
+    """Random resized crop windows, torchvision's ``RandomResizedCrop.get_params`` rule, vectorised.
+
+    Args:
+        sizes: ``n x 2`` (height, width) of each decoded image; 0 where unknown.
+        rng: the batch's generator; exactly ``n x 10 x 2`` + ``n x 2`` uniforms are drawn, whatever
+            the sizes, so the next batch's draws never depend on this one's images.
+        scale, ratio: area fraction and aspect (w/h) ranges.
+
+    Returns:
+        ``n x 4`` float32 ``(x, y, w, h)`` as fractions of the image's width and height (whole pixels
+        in the image's own grid): up to 10 attempts of (area, log-aspect), the first that fits wins,
+        else the centre crop with the aspect clamped to ``ratio``. Unknown sizes get the whole image.
+    """
+    n = len(sizes)
+    h_img = sizes[:, 0].astype(np.float64)[:, None]
+    w_img = sizes[:, 1].astype(np.float64)[:, None]
+    draws = rng.random((n, 10, 2))
+    place = rng.random((n, 2))
+    area = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
+    log_r = np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * draws[..., 1]
+    aspect = np.exp(log_r)
+    w = np.round(np.sqrt(area * aspect))
+    h = np.round(np.sqrt(area / aspect))
+    fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+    first = np.argmax(fits, axis=1)
+    ok = fits[np.arange(n), first]
+    cw, ch = w[np.arange(n), first], h[np.arange(n), first]
+    # fallback: the centre crop of the whole image with its aspect clamped into ``ratio``
+    wi, hi = w_img[:, 0], h_img[:, 0]
+    in_ratio = np.divide(wi, hi, out=np.ones_like(wi), where=hi > 0)
+    fw = np.where(in_ratio < ratio[0], wi, np.where(in_ratio > ratio[1], np.round(hi * ratio[1]), wi))
+    fh = np.where(in_ratio < ratio[0], np.round(wi / ratio[0]), hi)
+    cw, ch = np.where(ok, cw, fw), np.where(ok, ch, fh)
+    x = np.where(ok, np.floor(place[:, 0] * (wi - cw + 1)), np.floor((wi - cw) / 2))
+    y = np.where(ok, np.floor(place[:, 1] * (hi - ch + 1)), np.floor((hi - ch) / 2))
+    unknown = (wi <= 0) | (hi <= 0)
+    wi, hi = np.where(unknown, 1, wi), np.where(unknown, 1, hi)
+    out = np.stack([x / wi, y / hi, cw / wi, ch / hi], axis=1)
+    out[unknown] = (0, 0, 1, 1)
+    return out.astype(np.float32)
+
+
+def encoded_size(data: np.ndarray) -> tuple[int, int]:
+    """(height, width) of an encoded image as DALI decodes it (EXIF orientation applied), from its
+    header only; (0, 0) when the header cannot be read (the decoder then reports the file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(memoryview(data))) as im:
+            w, h = im.size
+            if im.format == "JPEG" or im.format == "TIFF" or im.format == "WEBP":
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                    w, h = h, w
+    except Exception:  # PIL raises many types for bad headers
+        return 0, 0
+    return int(h), int(w)
+
+
 def _op_seed(seed: int, op: int) -> int:
-    """A fixed seed per random operator, so the streams do not depend on the rest of the graph
-    (the same crops and flips whichever reader feeds the decoder)."""
+    """A fixed seed per random operator, so the streams do not depend on the rest of the graph."""
     from .rng import derive_seed
 
     return derive_seed(seed, op)
 
 
 def build_pipeline(
-    files: list[str],
-    sample_ids: list[int],
     *,
     spec: AugmentSpec,
     device: torch.device,
@@ -121,17 +184,16 @@ def build_pipeline(
     num_threads: int,
     seed: int,
     prefetch: int,
-    reader=None,
-    checkpointing: bool = True,
+    checkpointing: bool = False,
     checkpoint=None,
 ):
-    """A built DALI pipeline reading ``files`` in order; outputs (uint8 N x H x W x 3, sample id per image).
+    """A built DALI pipeline fed by ``feed``; outputs (uint8 N x H x W x 3, sample id per image).
 
-    ``sample_ids[i]`` travels with ``files[i]`` as DALI's label, so every output image is traced back
-    to the sample it came from (labels, error reports, skip lists). ``reader``: a callable that
-    returns the (encoded bytes, sample id) DALI nodes instead of ``fn.readers.file`` (tar shards,
-    ``dalimix.webdataset``). ``checkpointing``/``checkpoint``: DALI's pipeline checkpointing (its
-    random streams and reader position), for exact resume (``dalimix.resume``).
+    Inputs per batch: ``encoded`` (each sample's bytes), ``ids`` (each sample's id, handed back
+    with its image so every output is traced to its file), and in training ``window`` (``plan_crops``).
+    No flip here: the fused kernel reads flipped samples mirrored (``dalimix.ops.record.set_flips``).
+    ``seed`` seeds DALI's own random streams, used only by ``auto_augment`` presets;
+    ``checkpointing``/``checkpoint``: DALI's checkpoint of those streams (``dalimix.resume``).
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -143,24 +205,22 @@ def build_pipeline(
         device_id=dev.device_id,
         seed=seed,
         prefetch_queue_depth=prefetch,
+        exec_dynamic=True,  # outputs shared on the consumer's stream, freed in stream order
         enable_checkpointing=checkpointing,
         checkpoint=checkpoint,
         enable_conditionals=spec.auto_augment is not None,  # DALI's auto_aug branches per sample
     )
     def pipe():
-        if reader is not None:
-            encoded, ids = reader()
-        else:
-            encoded, ids = fn.readers.file(files=files, labels=sample_ids, random_shuffle=False, name="reader")
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
+        ids = fn.external_source(name="ids", dtype=types.INT32, ndim=1)
         if spec.train:
-            images = fn.decoders.image_random_crop(
-                encoded,
+            window = fn.external_source(name="window", dtype=types.FLOAT, ndim=1)
+            images = fn.decoders.image_slice(
+                encoded, window[0:2], window[2:4],
                 device=dev.decoder,
                 output_type=types.RGB,
-                random_area=list(spec.scale),
-                random_aspect_ratio=list(spec.ratio),
-                num_attempts=10,
-                seed=_op_seed(seed, 1),
+                normalized_anchor=True,
+                normalized_shape=True,
             )
             images = fn.resize(
                 images,
@@ -170,8 +230,6 @@ def build_pipeline(
                 interp_type=_interp(spec.interpolation),
                 antialias=True,
             )
-            if spec.hflip > 0:
-                images = fn.flip(images, device=dev.ops, horizontal=fn.random.coin_flip(probability=spec.hflip, seed=_op_seed(seed, 2)))
             if spec.auto_augment is not None:
                 images = apply_preset(images, spec.auto_augment, height=spec.height, width=spec.width)
         else:
@@ -189,3 +247,12 @@ def build_pipeline(
     p = pipe()
     p.build()
     return p
+
+
+def feed(pipe, encoded: list, ids: np.ndarray, windows: np.ndarray | None) -> None:
+    """Hand one batch to ``pipe`` (``schedule_run`` then runs it). ``encoded`` is used in place
+    (``no_copy``): the caller keeps the arrays alive until the batch's outputs are taken."""
+    pipe.feed_input("encoded", encoded)
+    pipe.feed_input("ids", np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, 1))
+    if windows is not None:
+        pipe.feed_input("window", np.ascontiguousarray(windows, dtype=np.float32))

@@ -6,12 +6,12 @@ al., "AutoAugment: Learning Augmentation Strategies from Data", CVPR 2019) — a
 sub-policies is what AWS Auto-Aug searches (Tian et al., "Improving Auto-Augment via
 Augmentation-Wise Weight Sharing", NeurIPS 2020). The operations are DALI's
 (``nvidia.dali.auto_aug``): they run on the loader's device, on uint8 ``H x W x 3`` images after
-the random resized crop and flip, before the fused mix kernel.
+the random resized crop, before the fused mix kernel (which also applies the flip).
 
 Timing: the sub-policies of batch ``t`` are drawn inside the ``next()`` call that returns batch
 ``t``, from the vector current when that call reaches the policy stage; so a vector set with
 ``policy.set_probs(v)`` after batch ``t - 1`` was returned is the one batch ``t`` uses, and every
-batch after it until the next ``set_probs``. DALI prefetches decoding, cropping and flipping as
+batch after it until the next ``set_probs``. DALI prefetches decoding and cropping as
 usual; the policy runs in a second DALI pipeline that is fed one batch at a time and is never run
 ahead. Every random choice of the policy (sub-policy, whether each step runs, the sign of each
 magnitude) is drawn on the host from ``(seed, POLICY, rank, epoch, step)`` and reported in

@@ -4,18 +4,17 @@ What a resumed loader must reproduce, and where each part comes from:
 
 - the sample order: a function of (seed, epoch, rank) (``plan_epoch``), so the state only needs the
   epoch and the step;
-- the mix parameters: a function of (seed, rank, epoch, step) (``dalimix.rng``), nothing to save;
-- DALI's random resized crop and flip: DALI draws them from per-operator streams that advance
-  batch after batch, so they are NOT a function of the step. DALI's own pipeline checkpointing
-  (``enable_checkpointing=True``, always on in dalimix) saves those streams and the reader position;
-  the state carries ``pipe.checkpoint()`` taken after the last batch the training loop received, and
-  the resumed epoch's pipeline is built with ``checkpoint=`` (measured in
-  ``benchmarks/resume_cost.py``: a few hundred bytes, well under a millisecond per batch). Where the
-  checkpoint cannot be used (another DALI version wrote it) the first ``step`` batches of the epoch
-  are run again and thrown away, which gives the same streams at the cost of decoding them.
+- the crop windows, flips and mix parameters: functions of (seed, rank, epoch, step)
+  (``dalimix.rng``; dalimix draws them and feeds them to DALI), nothing to save;
+- an ``auto_augment`` preset's draws: DALI makes them from its own streams, which run on across
+  the loader's one pipeline; the state then carries DALI's checkpoint (``pipe.checkpoint()`` after
+  the last batch the training loop received), and the resumed loader builds its pipeline from it.
+  Where the checkpoint cannot be used (another DALI version wrote it) the preset's draws restart,
+  with a warning; everything else stays exact.
 
-A state is per rank (each rank's DALI streams differ). ``load_state_dict`` also takes the list of
-every rank's states (``torch.distributed.all_gather_object``) and picks its own.
+A state is per rank (each rank's streams differ). ``load_state_dict`` also takes the list of every
+rank's states (``torch.distributed.all_gather_object``) and picks its own. This module uses the
+loader's public surface only (``position``, ``seek``, ``dali_checkpoint`` and its settings).
 """
 
 from __future__ import annotations
@@ -50,23 +49,10 @@ def _spec_summary(spec) -> dict:
     return out
 
 
-def _position(loader):
-    """(epoch, step, DALI checkpoint) of the batch the loader yields next."""
-    if loader._resume is not None:
-        return loader._resume
-    it = loader._active
-    if it is not None and not loader._epoch_is_set and it.plan.epoch == loader._epoch:
-        if it.step < it.plan.num_batches:
-            return it.plan.epoch, it.step, (it.dali_checkpoint() if it.step > 0 else None)
-        return it.plan.epoch + 1, 0, None
-    if loader._epoch_is_set or not loader._iterated:
-        return loader._epoch, 0, None
-    return loader._epoch + 1, 0, None
-
-
 def loader_state(loader) -> dict:
     """``ImageLoader.state_dict()``: plain values only (``torch.save`` / ``torch.load(weights_only=True)`` safe)."""
-    epoch, step, checkpoint = _position(loader)
+    epoch, step = loader.position()
+    checkpoint = loader.dali_checkpoint()
     return {
         _KEY: STATE_FORMAT,
         "epoch": int(epoch),
@@ -132,35 +118,18 @@ def restore_loader_state(loader, state) -> None:
     state = _pick_rank(loader, state)
     _check(loader, state)
     epoch, step = int(state["epoch"]), int(state["step"])
-    num_batches = loader.plan(epoch).num_batches
+    num_batches = len(loader)
     if not (0 <= step < max(num_batches, 1)):
         raise ValueError(f"load_state_dict: step {step} is outside epoch {epoch}'s {num_batches} batches")
     checkpoint = state["dali_checkpoint"]
     if checkpoint is not None and state["dali_version"] != _dali_version():
         warnings.warn(
             f"dalimix: the loader state holds a DALI {state['dali_version']} checkpoint but DALI {_dali_version()} "
-            f"is installed; re-running the first {step} batches of epoch {epoch} instead (exact, slower)",
+            f"is installed; the auto_augment preset's random draws restart (order, crops, flips and mixing "
+            f"resume exactly)",
             stacklevel=3,
         )
         checkpoint = None
-    active = loader._active
-    if active is not None:
-        active.close()
-        loader._active = None
-    loader.set_epoch(epoch)
-    loader._iterated = True
-    loader._resume = (epoch, step, checkpoint) if step > 0 else None
+    loader.seek(epoch, step, dali_checkpoint=checkpoint)
     if loader.mix is not None and state["mixup_enabled"] is not None:
         loader.mixup_enabled = state["mixup_enabled"]
-
-
-def replay(pipe, steps: int, *, prefetch: int) -> None:
-    """Run ``steps`` batches of a fresh pipeline and throw them away: DALI's random streams then stand
-    where they stood after those batches in the first run."""
-    scheduled = 0
-    for step in range(steps):
-        while scheduled < steps and scheduled - step < prefetch:
-            pipe.schedule_run()
-            scheduled += 1
-        pipe.share_outputs()
-        pipe.release_outputs()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 SHUFFLE = 1  # epoch permutation: (seed, SHUFFLE, epoch), the same on every rank
-DALI = 2  # DALI pipeline seed: (seed, DALI, rank, epoch)
+DALI = 2  # DALI pipeline seed (auto_augment presets only): (seed, DALI, rank)
 MIX = 3  # mix planner: (seed, MIX, rank, epoch, step)
 POLICY = 4  # augmentation policy sampling: (seed, POLICY, rank, epoch, step)
+CROP = 5  # random resized crop windows and flips fed to DALI: (seed, CROP, rank, epoch, step)
 
 
 def generator(seed: int, purpose: int, *keys: int) -> np.random.Generator:

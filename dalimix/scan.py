@@ -26,7 +26,7 @@ import numpy as np
 
 from .diagnose import bytes_verdict, file_kind, file_verdict
 from .errors import DalimixWarning, DatasetError, DecodeError
-from .sources import Samples, read_file_list, scan_image_folder
+from .sources import Samples, resolve_source
 
 CLASSES_HEADER = "# classes: "
 POOL_MIN_FILES = 1000  # fewer files are checked in this process: starting workers costs more than they save
@@ -47,7 +47,9 @@ class ScanResult:
 
 # ------------------------------------------------------------------------------ verdicts
 def _is_tar(samples) -> bool:
-    return getattr(samples, "dali_reader", None) is not None
+    from .webdataset import TarSamples
+
+    return isinstance(samples, TarSamples)
 
 
 def _jobs(samples, indices) -> list:
@@ -137,8 +139,8 @@ def write_file_list(result: ScanResult, out: str | os.PathLike) -> Path:
 
 def load_samples(data: str, file_list: str | None = None) -> Samples:
     if file_list:
-        return read_file_list(file_list, root=data)
-    return scan_image_folder(data)
+        return resolve_source(file_list=file_list, root=data)
+    return resolve_source(root=data)
 
 
 # ---------------------------------------------------------------- facts from one stat pass
@@ -253,43 +255,29 @@ def _listing(samples: Samples, found: list[tuple[int, str]], limit: int = 10) ->
     return text + (f" (and {len(found) - limit} more)" if len(found) > limit else "")
 
 
-def _skip(loader, found: list[tuple[int, str]], why: str) -> None:
-    for i, reason in found:
-        path = loader.samples.paths[i]
-        loader._bad_ids.add(int(i))
-        if path not in loader.skipped:
-            loader.skipped[path] = reason
-            warnings.warn(f"dalimix: skipping {path}: {reason} ({why}); it is replaced by the next readable sample "
-                          "of each epoch", DalimixWarning, stacklevel=4)
-    if len(loader._bad_ids) >= len(loader.samples):
-        raise DecodeError(f"{loader.samples.source}: every sample is unusable ({_listing(loader.samples, found)})",
-                          files=[(loader.samples.paths[i], r) for i, r in found])
-
-
-def check_loader_files(loader, strict: bool = False) -> FileFacts:
+def check_loader_files(samples: Samples, *, on_error: str, strict: bool = False, workers: int | None = None,
+                       mark=None) -> FileFacts:
     """The loader's construction-time file checks; returns the stat facts (for ``state_dict``).
 
     Every sample must be a regular file (a FIFO or a device named ``x.jpg`` would block DALI's
     reader forever): others raise ``DatasetError`` naming each path and what it is, or under
-    ``on_error="skip"`` are skipped at once with a warning. ``strict=True`` then checks every file
-    as ``dalimix scan --strict`` does (``strict_verdicts``): bad files raise ``DecodeError`` naming
-    them, or are skipped.
+    ``on_error="skip"`` are handed to ``mark(found, why)`` (the loader's recovery: warned about
+    and kept out). ``strict=True`` then checks every file as ``dalimix scan --strict`` does
+    (``strict_verdicts``): bad files raise ``DecodeError`` naming them, or are marked.
     """
     from . import validate as v
 
     strict = v.flag("strict", strict)
-    samples = loader.samples
     facts = stat_samples(samples)
-    skip = loader.on_error == "skip"
+    skip = on_error == "skip"
     if facts.not_regular:
         if not skip:
             raise DatasetError(
                 f"{samples.source}: {len(facts.not_regular)} sample(s) are not regular files: "
                 f"{_listing(samples, facts.not_regular)}. Only regular files (and symlinks to them) are images: "
                 "remove or replace them, or pass on_error='skip'")
-        _skip(loader, facts.not_regular, "not a regular file, found at construction")
+        mark(facts.not_regular, "not a regular file, found at construction")
     if strict:
-        workers = getattr(loader, "num_threads", None)
         found = sorted(strict_verdicts(samples, facts, workers=workers).items())
         if found:
             if not skip:
@@ -298,7 +286,7 @@ def check_loader_files(loader, strict: bool = False) -> FileFacts:
                     f"{_listing(samples, found)}. Remove or replace them, list the good files with "
                     "`dalimix scan DIR --strict --fix-list OUT`, or pass on_error='skip'",
                     files=[(samples.paths[i], r) for i, r in found])
-            _skip(loader, found, "strict check at construction")
+            mark(found, "strict check at construction")
     return facts
 
 

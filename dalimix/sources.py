@@ -1,7 +1,9 @@
-"""Where samples come from: an ImageFolder tree or a ``path label`` file list.
+"""Where samples come from: an ImageFolder tree, a ``path label`` file list or WebDataset shards.
 
-Both give a :class:`Samples`: absolute paths, integer labels, and the class names. Classes of an
+Each gives a :class:`Samples`: absolute paths, integer labels, and the class names. Classes of an
 ImageFolder tree are its sub-folders sorted by name and numbered from 0, as torchvision does.
+``resolve_source`` is the one place that turns ``root`` / ``file_list`` / ``webdataset`` /
+``samples`` arguments into a ``Samples`` (the loader, ``create_loader``, the CLI and ``scan`` use it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,54 @@ class Samples:
         """The encoded bytes of sample ``index``."""
         with open(self.paths[index], "rb") as f:
             return f.read()
+
+    def read_batch(self, ids) -> list[np.ndarray]:
+        """The encoded bytes of samples ``ids`` (uint8 1-D arrays), what the loader feeds DALI."""
+        return [np.fromfile(self.paths[int(i)], dtype=np.uint8) for i in ids]
+
+
+def source_for_path(path, *, webdataset_keys=None) -> dict:
+    """``resolve_source``'s arguments for one path: ``.tar`` shards (a ``.tar`` file, a glob, a
+    folder of only ``.tar`` files) -> ``webdataset``, another file -> ``file_list``, else ``root``."""
+    text = os.fspath(path)
+    p = Path(text).expanduser()
+    if (p.is_file() and p.suffix.lower() == ".tar") or any(c in text for c in "*?[") or (
+        p.is_dir() and any(p.glob("*.tar")) and not any(q.is_dir() for q in p.iterdir())
+    ):
+        return {"webdataset": text, "webdataset_keys": webdataset_keys}
+    if p.is_file():
+        return {"file_list": p}
+    return {"root": p}
+
+
+def resolve_source(*, root=None, file_list=None, webdataset=None, webdataset_keys=None, samples=None,
+                   classes=None) -> Samples:
+    """The ``Samples`` named by exactly one of ``root`` (ImageFolder tree), ``file_list`` (``path
+    label`` lines; relative paths from ``root`` when both are given), ``webdataset`` (tar shards) or
+    ``samples`` (a ``Samples`` built elsewhere).
+
+    Raises:
+        ValueError: no data, or the data named twice.
+        DatasetError: the data itself is wrong (see the readers).
+    """
+    given = [n for n, v in (("root", root), ("file_list", file_list), ("webdataset", webdataset), ("samples", samples))
+             if v is not None]
+    if not given:
+        raise ValueError("give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
+                         "or webdataset=<folder or glob of .tar shards>")
+    if len(given) > 1 and given != ["root", "file_list"]:
+        raise ValueError(f"{' and '.join(given)} given: name the data once (root= goes with file_list= only)")
+    if samples is not None:
+        if not isinstance(samples, Samples):
+            raise ValueError(f"samples={type(samples).__name__}: a dalimix.sources.Samples (or pass root=/file_list=)")
+        return samples
+    if webdataset is not None:
+        from .webdataset import index_webdataset
+
+        return index_webdataset(webdataset, keys=webdataset_keys, classes=classes)
+    if file_list is not None:
+        return read_file_list(file_list, root=root, classes=classes)
+    return scan_image_folder(root)
 
 
 def _fingerprint(paths: list[str], labels: np.ndarray) -> str:

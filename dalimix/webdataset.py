@@ -10,9 +10,8 @@ of samples, so it cannot read the one global permutation per epoch that ``plan_e
 that the image-folder and file-list sources follow (same order on every rank, strided shards,
 DROP/PARTIAL/FILL, exact resume). Instead the tars are indexed once, at construction, into samples
 ``(tar, byte offset, size, label)`` — tar members are stored uncompressed and contiguous, so each
-image is one ``pread`` — and each epoch's pipeline reads the planned order through a DALI
-``external_source`` whose batch ``t`` is a pure function of ``t``; DALI's checkpoint then covers it
-like the file reader. The shards ``dalimix pack`` writes also carry DALI's ``.idx`` index files, so
+image is one ``pread`` — and the loader feeds their bytes to its one DALI pipeline in the planned
+order, exactly as it feeds image files (``Samples.read_batch``). The shards ``dalimix pack`` writes also carry DALI's ``.idx`` index files, so
 ``fn.readers.webdataset`` reads them too, and indexing reads those instead of walking the tar.
 """
 
@@ -48,7 +47,7 @@ class TarSamples(Samples):
 
     def read(self, index: int) -> np.ndarray:
         """The encoded bytes of sample ``index`` (uint8, 1-D)."""
-        return _TarBatchSource(self, np.array([index]), 1)(0)[0][0]
+        return self.read_batch([index])[0]
 
     def read_bytes(self, index: int) -> bytes:
         return self.read(index).tobytes()
@@ -69,55 +68,27 @@ class TarSamples(Samples):
             return f"does not decode ({e})"
         return None
 
-    def dali_reader(self, order: np.ndarray, batch_size: int):
-        """For ``dalimix.pipeline.build_pipeline(reader=...)``: DALI nodes (encoded bytes, sample id)
-        that yield ``order`` batch by batch."""
-        source = _TarBatchSource(self, np.asarray(order, dtype=np.int64), batch_size)
-
-        def nodes():
-            from nvidia.dali import fn, types
-
-            encoded, ids = fn.external_source(source=source, num_outputs=2, batch=True,
-                                              dtype=[types.UINT8, types.INT32])
-            return encoded, ids
-
-        return nodes
-
-
-class _TarBatchSource:
-    """DALI ``external_source`` callback: batch ``iteration`` of ``order`` read with ``pread``.
-
-    A pure function of ``iteration`` (DALI passes it, and restores it from a checkpoint), so
-    prefetching, resuming and replaying all read the same samples."""
-
-    def __init__(self, samples: TarSamples, order: np.ndarray, batch_size: int):
-        self.samples = samples
-        self.order = order
-        self.batch_size = batch_size
-
-    def __call__(self, iteration: int):
-        s = self.samples
-        lo = int(iteration) * self.batch_size
-        if lo >= len(self.order):
-            raise StopIteration
-        ids = self.order[lo: lo + self.batch_size]
+    def read_batch(self, ids) -> list[np.ndarray]:
+        """The encoded bytes of samples ``ids``: one ``pread`` each, one open per tar (what the loader
+        feeds DALI, the same feed as for image files)."""
+        ids = np.asarray(ids, dtype=np.int64)
         images: list = [None] * len(ids)
-        tar_of = s.tar_index[ids]
+        tar_of = self.tar_index[ids]
         for t in np.unique(tar_of):
-            path = s.tars[t]
+            path = self.tars[t]
             fd = os.open(path, os.O_RDONLY)
             try:
                 for k in np.flatnonzero(tar_of == t):
                     i = int(ids[k])
-                    buf = np.empty(int(s.sizes[i]), dtype=np.uint8)
-                    got = os.preadv(fd, [buf], int(s.offsets[i])) if buf.size else 0
+                    buf = np.empty(int(self.sizes[i]), dtype=np.uint8)
+                    got = os.preadv(fd, [buf], int(self.offsets[i])) if buf.size else 0
                     if got != buf.size:
-                        raise DatasetError(f"{s.paths[i]}: read {got} of {buf.size} bytes; the tar {path} is shorter "
+                        raise DatasetError(f"{self.paths[i]}: read {got} of {buf.size} bytes; the tar {path} is shorter "
                                            "than when it was indexed (truncated or rewritten); index it again")
                     images[k] = buf
             finally:
                 os.close(fd)
-        return images, [np.array([i], dtype=np.int32) for i in ids]
+        return images
 
 
 # ----------------------------------------------------------------------------------- indexing

@@ -372,3 +372,22 @@ def test_handmix_matches_reference_and_timm_targets():
     torch.testing.assert_close(targets, mixup_target(labels, 5, lam=lam, smoothing=0.0))
     with pytest.raises(ValueError, match="float"):
         handmix.mix_batch(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), labels[:2], num_classes=5, rng=rng)
+
+
+def test_report_compares_dalimix_mixed_with_plain_dali():
+    def rec(lib, mix, ips, cpu_s):
+        epoch = {"images": 100, "batches": 1, "wall_s": 100 / ips, "cpu_s": cpu_s, "memory_peak_bytes": report.MIB,
+                 "memory_kind": "pss", "torch_gpu_peak_bytes": None}
+        return {"library": lib, "mix": mix, "batch_size": 64, "setup_s": 1.0, "epochs": [epoch]}
+
+    raw = {
+        "machine": {"date": "2026-01-01T00:00:00", "cpu_model": "X", "usable_cpus": 2, "memory_gib": 8, "gpu": None,
+                    "versions": {}},
+        "settings": {"device": "cpu", "size": 224, "epochs": 1, "warmup": 1},
+        "data": {"classes": 8, "distinct_files": 384, "repeats": 1, "files": 384},
+        "worker_mapping": "W = 2",
+        "results": [rec("dalimix", True, 490, 0.42), rec("dali", False, 500, 0.40), rec("dali", True, 400, 0.5)],
+    }
+    free = report.mixing_for_free(report.summarize(raw))
+    assert len(free) == 1 and free[0]["ratio"] == pytest.approx(0.98) and free[0]["cpu_ms_ratio"] == pytest.approx(1.05)
+    assert "DALI's plain pipeline without mixing" in report.markdown(raw) and "0.980" in report.markdown(raw)

@@ -100,26 +100,22 @@ def test_labels_and_per_rank_random_streams(ranks):
     assert lam0[0] != lam0[1]  # the mixing streams differ per rank
 
 
-def test_dali_seeds_differ_per_rank_and_epoch(small_dataset, monkeypatch):
-    """Each rank's (and each epoch's) pipeline gets its own DALI seed, from (seed, rank, epoch)."""
-    from dalimix import ImageLoader, loader as loader_mod
+def test_crop_and_flip_streams_differ_per_rank_and_epoch(small_dataset):
+    """Each rank's (and each epoch's) crops and flips come from (seed, rank, epoch, step): the first
+    batch's unmixed images differ across ranks and epochs for the same samples' positions."""
+    from dalimix import ImageLoader
+    from dalimix.loader.plan import Ticket, draw_augment
 
-    seeds = []
-    real = loader_mod.build_pipeline
-
-    def spy(*args, **kw):
-        seeds.append(kw["seed"])
-        return real(*args, **kw)
-
-    monkeypatch.setattr(loader_mod, "build_pipeline", spy)
+    loader = ImageLoader(root=small_dataset, batch_size=4, size=16, device="cpu", seed=7, num_threads=1)
+    sizes = np.full((4, 2), 100)
+    ids = np.arange(4)
+    draws = {}
     for rank in range(2):
-        loader = ImageLoader(root=small_dataset, batch_size=4, size=16, device="cpu", seed=7, shard_id=rank,
-                             num_shards=2, num_threads=1)
         for epoch in range(2):
-            loader.set_epoch(epoch)
-            next(iter(loader))
-        loader.close()
-    assert len(set(seeds)) == 4
+            t = Ticket(epoch=epoch, step=0, ids=ids, planned=ids, valid=4)
+            draws[rank, epoch] = draw_augment(loader.spec, loader.seed, rank, t, sizes)[0]
+    assert len({w.tobytes() for w in draws.values()}) == 4
+    loader.close()
 
 
 def test_default_cuda_index_follows_local_rank(monkeypatch):

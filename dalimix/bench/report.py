@@ -90,6 +90,21 @@ def mixing_cost(rows: list[dict]) -> list[dict]:
     return out
 
 
+def mixing_for_free(rows: list[dict]) -> list[dict]:
+    """dalimix with mixing against DALI's own plain pipeline without mixing, per batch size: the
+    images/s ratio and the CPU ms/image ratio (goal: >= 0.98 and within 5%)."""
+    by_key = {(r["library"], r["batch_size"], r["mix"]): r for r in rows}
+    out = []
+    for (lib, batch, mix), r in sorted(by_key.items(), key=lambda kv: kv[0][1]):
+        plain = by_key.get(("dali", batch, False))
+        if lib == "dalimix" and mix and plain and r["images_per_s"] and plain["images_per_s"]:
+            cpu = (r["cpu_ms_per_image"] / plain["cpu_ms_per_image"]
+                   if r["cpu_ms_per_image"] and plain["cpu_ms_per_image"] else None)
+            out.append({"batch_size": batch, "dalimix_mixed": r["images_per_s"], "dali_plain": plain["images_per_s"],
+                        "ratio": r["images_per_s"] / plain["images_per_s"], "cpu_ms_ratio": cpu})
+    return out
+
+
 def _num(value, fmt: str = "{:.0f}") -> str:
     return "–" if value is None else fmt.format(value)
 
@@ -149,6 +164,12 @@ def markdown(raw: dict, rows: list[dict] | None = None) -> str:
                   markdown_table(["loader", "batch", "images/s on", "images/s off", "on / off"],
                          [[LABELS.get(c["library"], c["library"]), str(c["batch_size"]), _num(c["on"]), _num(c["off"]),
                            f"{c['on_over_off']:.3f}"] for c in sorted(cost, key=lambda c: (c["batch_size"], order.get(c["library"], 99)))])]
+    free = mixing_for_free(rows)
+    if free:
+        parts += ["", "dalimix with mixing vs DALI's plain pipeline without mixing, same run:", "",
+                  markdown_table(["batch", "dalimix mixed images/s", "DALI plain images/s", "ratio", "CPU ms/image ratio"],
+                                 [[str(f["batch_size"]), _num(f["dalimix_mixed"]), _num(f["dali_plain"]),
+                                   f"{f['ratio']:.3f}", _num(f["cpu_ms_ratio"], "{:.3f}")] for f in free])]
     kinds = {r["memory_kind"] for r in rows}
     note = "Memory: peak PSS of the process and its workers" if kinds == {"pss"} else "Memory: peak RSS (PSS unreadable here)"
     if gpu:
@@ -209,7 +230,7 @@ def write(raw: dict, out_dir: str | Path, stamp: str) -> dict[str, Path]:
     rows = summarize(raw)
     stem = f"bench-{short_name(raw['machine'], raw['settings']['device'])}-{stamp}"
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    full = dict(raw, summary=rows, mixing_cost=mixing_cost(rows))
+    full = dict(raw, summary=rows, mixing_cost=mixing_cost(rows), mixing_for_free=mixing_for_free(rows))
     paths["json"].write_text(json.dumps(full, indent=1) + "\n")
     paths["md"].write_text(markdown(raw, rows))
     if rows:

@@ -1,0 +1,162 @@
+"""The per-batch finishing stages, run in order on DALI's uint8 batch.
+
+``labels -> policy -> unmixed -> mix plan -> mask hook -> fused kernel -> targets``: each stage
+reads and fills a ``Batch``; ``Finisher`` holds the list for the loader's current settings (a
+stage that has nothing to do is not in it). The horizontal flip drawn with the crop is applied by
+the fused kernel (``dalimix.ops.record.set_flips``): the unmixed batch, the mask hook and the
+mixed batch all see the flipped images; a ``Policy`` runs on the uint8 images before the flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import rng as rng_mod
+from ..hook import require_hook
+from ..ops import identity_records, mix_normalize
+from ..ops.record import set_flips
+from .plan import Ticket, plan_batch
+
+
+@dataclass
+class Batch:
+    """One batch on its way through the stages (``n`` = the real samples of the ticket)."""
+
+    ticket: Ticket
+    images_u8: torch.Tensor  # N_src x H x W x 3 uint8
+    flips: np.ndarray  # N_src bools
+    labels: torch.Tensor | None = None
+    params: object = None
+    records: np.ndarray | None = None
+    masks: torch.Tensor | None = None
+    unmixed: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+    result: tuple | None = None
+
+    @property
+    def n(self) -> int:
+        return self.ticket.valid
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.ticket.ids[: self.ticket.valid]
+
+
+@dataclass
+class Finishing:
+    """What the stages need from the loader (no loader reference: the stages see only this)."""
+
+    samples: object
+    device: torch.device
+    norm: object
+    dtype: torch.dtype
+    channels_last: bool
+    height: int
+    width: int
+    seed: int
+    shard_id: int
+    mix: object
+    num_classes: int
+    ring: object  # OutputRing
+    planner: object  # () -> executor for mix planning ahead
+    policy_stage: object = None  # () -> PolicyStage, or None
+    hook: object = None  # MaskHookStage or None
+    keep_unmixed: bool = False
+
+
+def _labels(f: Finishing, b: Batch) -> None:
+    labels = torch.from_numpy(f.samples.labels[b.ids])
+    if f.device.type == "cuda":
+        labels = labels.pin_memory().to(f.device, non_blocking=True)
+    b.labels = labels
+
+
+def _policy(f: Finishing, b: Batch) -> None:
+    """Batch ``step``'s policy draws, made now from the vector current now (see dalimix.policy)."""
+    rng = rng_mod.generator(f.seed, rng_mod.POLICY, f.shard_id, b.ticket.epoch, b.ticket.step)
+    b.images_u8, draws = f.policy_stage().apply(b.images_u8, rng)
+    b.extra["policy"] = draws.take(b.n)
+
+
+def _out(f: Finishing, n: int) -> torch.Tensor:
+    return f.ring.get(n, f.height, f.width, dtype=f.dtype, channels_last=f.channels_last)
+
+
+def _unmixed(f: Finishing, b: Batch) -> None:
+    records = set_flips(identity_records(b.n), b.flips)
+    b.unmixed = mix_normalize(b.images_u8, records, None, norm=f.norm, dtype=f.dtype, channels_last=f.channels_last,
+                              out=_out(f, b.n))
+
+
+def _mix_plan(f: Finishing, b: Batch) -> None:
+    b.params, b.records = f.planned(b)
+
+
+def _hook(f: Finishing, b: Batch) -> None:
+    b.records, b.masks = f.hook.prepare(b.unmixed, b.params, epoch=b.ticket.epoch, step=b.ticket.step)
+
+
+def _mask_pool(f: Finishing, b: Batch) -> None:
+    require_hook(b.params)
+    b.masks = b.params.mask_pool(f.device)
+
+
+def _kernel(f: Finishing, b: Batch) -> None:
+    records = identity_records(b.n) if b.records is None else b.records
+    set_flips(records, b.flips)
+    b.images = mix_normalize(b.images_u8, records, b.masks, norm=f.norm, dtype=f.dtype,
+                             channels_last=f.channels_last, out=_out(f, b.n))
+
+
+def _targets(f: Finishing, b: Batch) -> None:
+    if f.mix is None:
+        b.result = (b.images, b.labels)
+    else:
+        b.result = (b.images, f.mix.targets(b.labels, b.params, num_classes=f.num_classes))
+
+
+class Finisher:
+    """Runs the stages; plans the next batch's mix parameters on the planner thread meanwhile."""
+
+    def __init__(self, finishing: Finishing):
+        self.f = finishing
+        finishing.planned = lambda b: self._take_plan(b)  # looked up per call (benchmarks time it)
+        self._planned = None  # ((epoch, step, n), future)
+
+    def stages(self) -> list:
+        f = self.f
+        out = [_labels]
+        if f.policy_stage is not None:
+            out.append(_policy)
+        if f.keep_unmixed or f.hook is not None:
+            out.append(_unmixed)
+        if f.mix is not None:
+            out += [_mix_plan, _hook if f.hook is not None else _mask_pool]
+        return out + [_kernel, _targets]
+
+    def run(self, batch: Batch) -> Batch:
+        for stage in self.stages():
+            stage(self.f, batch)
+        return batch
+
+    def plan_ahead(self, epoch: int, step: int, n: int) -> None:
+        """Sample batch ``step``'s mix parameters on the planner thread (FMix masks and the like cost
+        milliseconds; numpy and torch release the GIL while they work)."""
+        f = self.f
+        self._planned = None
+        if f.mix is None or n <= 0:
+            return
+        future = f.planner().submit(plan_batch, f.mix, f.seed, f.shard_id, f.height, f.width, n, epoch, step)
+        self._planned = ((epoch, step, n), future)
+
+    def _take_plan(self, b: Batch):
+        key = (b.ticket.epoch, b.ticket.step, b.n)
+        planned, self._planned = self._planned, None
+        if planned is not None and planned[0] == key:
+            return planned[1].result()
+        f = self.f
+        return plan_batch(f.mix, f.seed, f.shard_id, f.height, f.width, b.n, *key[:2])
