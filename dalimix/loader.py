@@ -191,8 +191,9 @@ class ImageLoader:
         crop_pct: eval centre crop fraction; the shorter side is resized to floor(max(H, W) / crop_pct).
         interpolation: "bilinear" (default), "bicubic", "nearest" or "triangular" (antialiased).
         shuffle: reshuffle every epoch (default: ``train``).
-        seed: the seed of every random stream (order, DALI augmentation, mixing); the same on all
-            ranks (per-rank streams are derived from it), so keep it equal across ranks.
+        seed: the seed of every random stream (order, DALI augmentation, mixing, erasing); the same
+            on all ranks (per-rank streams are derived from it). None (default): the script's seed,
+            ``dalimix.rng.script_seed()`` (from ``torch.manual_seed``; rank 0's under torch.distributed).
         shard_id, num_shards: this rank and the number of ranks; default from torch.distributed
             when it is initialised, else 0 and 1.
         last_batch_policy: DROP, PARTIAL (default) or FILL; see ``LastBatchPolicy``.
@@ -215,6 +216,10 @@ class ImageLoader:
             grows by some tens of MiB over the first epochs before it settles). Default False.
         keep_unmixed: also write each batch unmixed into ``loader.last_batch.unmixed`` (one more
             pass of the fused kernel; a registered mask hook implies it).
+        augment: train only: a ``dalimix.augment.Augment`` (timm's vflip, colour jitter, grayscale,
+            blur, random interpolation), run by DALI after the flip.
+        erasing: train only: a ``dalimix.erase.RandomErasing`` applied to the finished (normalised,
+            mixed) batch, as timm's prefetcher does.
     """
 
     def __init__(
@@ -239,7 +244,7 @@ class ImageLoader:
         crop_pct: float = 0.875,
         interpolation: str = "bilinear",
         shuffle: bool | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         shard_id: int | None = None,
         num_shards: int | None = None,
         last_batch_policy=LastBatchPolicy.PARTIAL,
@@ -251,6 +256,8 @@ class ImageLoader:
         on_error: str = "raise",
         overlap_epochs: bool = False,
         keep_unmixed: bool = False,
+        augment=None,
+        erasing=None,
     ):
         if root is None and file_list is None and webdataset is None and samples is None:
             raise ValueError("give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
@@ -274,11 +281,12 @@ class ImageLoader:
         self.spec = AugmentSpec(
             train=v.flag("train", train), height=height, width=width, scale=scale, ratio=ratio,
             hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
-            auto_augment=None if preset is None else preset.canonical,
+            auto_augment=None if preset is None else preset.canonical, extra=_train_only("augment", augment, train),
         )
+        self.erasing = _train_only("erasing", erasing, train)
         if (preset is not None or self.policy is not None) and not self.spec.train:
             raise ValueError(f"auto_augment={auto_augment!r} augments training batches: use it with train=True")
-        self.seed = v.integer("seed", seed, lo=0, hint=" (equal on every rank)")
+        self.seed = rng_mod.script_seed() if seed is None else v.integer("seed", seed, lo=0, hint=" (equal on every rank)")
         self.shuffle = self.spec.train if shuffle is None else v.flag("shuffle", shuffle)
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
         self.last_batch_policy = LastBatchPolicy.parse(last_batch_policy)
@@ -562,10 +570,14 @@ class ImageLoader:
                               channels_last=self.channels_last, device=self.device)
         images = mix_normalize(images_u8, records, masks, norm=self.norm, dtype=self.dtype,
                                channels_last=self.channels_last, out=out)
+        if self.erasing is not None:
+            self.erasing(images, rng_mod.generator(self.seed, rng_mod.ERASE, self.shard_id, epoch, step))
         self.last_batch = BatchInfo(epoch=epoch, step=step, sample_ids=sample_ids, params=params, labels=labels,
                                     unmixed=unmixed, extra=extra or {})
         if self.mix is not None:
-            return images, self.mix.targets(labels, params, num_classes=self.num_classes)
+            # a mixer's own num_classes wins (bind() checked it covers the data set's classes)
+            return images, self.mix.targets(labels, params, num_classes=getattr(self.mix, "num_classes", None)
+                                            or self.num_classes)
         return images, labels
 
 
@@ -770,6 +782,21 @@ class _EpochIterator:
             if retire:
                 self.loader._retire(pipe)
             del pipe
+
+
+def _train_only(name: str, value, train):
+    """``augment=`` / ``erasing=``: the right type, and training loaders only."""
+    if value is None:
+        return None
+    from .augment import Augment
+    from .erase import RandomErasing
+
+    want = {"augment": Augment, "erasing": RandomErasing}[name]
+    if not isinstance(value, want):
+        raise ValueError(f"{name}={type(value).__name__}: a {want.__module__}.{want.__name__}")
+    if not train:
+        raise ValueError(f"{name}= augments training batches: use it with train=True")
+    return value
 
 
 def _positive_int(name: str, value) -> int:

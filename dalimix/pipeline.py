@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .autoaug import apply_preset
+from . import augment
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "triangular")
 
@@ -74,6 +74,7 @@ class AugmentSpec:
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
     auto_augment: str | None = None  # a preset's canonical string (dalimix.autoaug), train only, after the flip
+    extra: augment.Augment | None = None  # timm's vflip / colour jitter / grayscale / blur / random interpolation
 
     @property
     def resize_shorter(self) -> int:
@@ -145,7 +146,8 @@ def build_pipeline(
         prefetch_queue_depth=prefetch,
         enable_checkpointing=checkpointing,
         checkpoint=checkpoint,
-        enable_conditionals=spec.auto_augment is not None,  # DALI's auto_aug branches per sample
+        # DALI's auto_aug and dalimix.augment branch per sample
+        enable_conditionals=spec.auto_augment is not None or (spec.extra is not None and spec.extra.needs_conditionals),
     )
     def pipe():
         if reader is not None:
@@ -167,13 +169,13 @@ def build_pipeline(
                 device=dev.ops,
                 resize_x=spec.width,
                 resize_y=spec.height,
-                interp_type=_interp(spec.interpolation),
+                interp_type=augment.interp_type(_interp(spec.interpolation), spec.extra, seed=_op_seed(seed, 3)),
                 antialias=True,
             )
             if spec.hflip > 0:
                 images = fn.flip(images, device=dev.ops, horizontal=fn.random.coin_flip(probability=spec.hflip, seed=_op_seed(seed, 2)))
-            if spec.auto_augment is not None:
-                images = apply_preset(images, spec.auto_augment, height=spec.height, width=spec.width)
+            images = augment.secondary(images, spec.extra, spec.auto_augment, height=spec.height, width=spec.width,
+                                       seed=_op_seed(seed, 4))
         else:
             images = fn.decoders.image(encoded, device=dev.decoder, output_type=types.RGB)
             images = fn.resize(
