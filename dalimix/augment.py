@@ -349,3 +349,72 @@ def three_augment(images, *, seed=None):
 
     choice = fn.random.uniform(values=[0, 1, 2], dtype=types.INT32, seed=_seed(seed, 41))
     return select([solarize, grayscale, blur], choice, images)
+
+
+# timm's _AUGMIX_TRANSFORMS, in timm's order
+AUGMIX_TRANSFORMS = ("AutoContrast", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                     "SharpnessIncreasing", "Equalize", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "ShearX",
+                     "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def _level(m: float, mstd: float, top: float, seed):
+    """A per-sample magnitude level as timm's AugmentOp draws it (mstd 0: m; inf: uniform in [0, m];
+    else N(m, mstd)), clipped to [0, top]; returns a signed magnitude bin at 0.1 resolution."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    if mstd == 0:
+        return signed_bin(int(round(min(float(m), top) * BINS_PER_LEVEL)), seed=_seed(seed, 1))
+    if math.isinf(mstd):
+        level = fn.random.uniform(range=[0.0, float(m)], seed=_seed(seed, 2))
+    else:
+        level = fn.random.normal(mean=float(m), stddev=float(mstd), seed=_seed(seed, 2))
+    level = dmath.clamp(level, 0.0, top)
+    return signed_bin(fn.cast(level * float(BINS_PER_LEVEL), dtype=types.INT32), seed=_seed(seed, 1))
+
+
+def augmix(images, *, m: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0, mstd: float = math.inf,
+           height: int, width_px: int, seed=None):
+    """timm's ``AugMixAugment`` (Hendrycks et al., "AugMix", ICLR 2020), its default (non-blended) form:
+    ``width`` chains of ``depth`` operations (-1: 1..3 per chain) drawn from timm's AugMix suite, each at
+    a magnitude drawn as timm's ``AugmentOp`` does (default ``mstd=inf``: uniform in ``[0, m]``); the
+    chains summed in float with Dirichlet(``alpha``) weights, clipped and truncated to uint8, then
+    blended with the original by Beta(``alpha``, ``alpha``)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+    from nvidia.dali.auto_aug import augmentations as a
+    from nvidia.dali.auto_aug.core import select
+
+    top = float(LEVELS)
+    bins = int(round(top * BINS_PER_LEVEL)) + 1
+    table = _timm_ops(True, 0.3)  # timm's augmix hparams: translate_pct 0.3
+    ops = [_with_range(table[name], top) for name in AUGMIX_TRANSFORMS] + [a.identity]
+    skip = len(ops) - 1
+    mixed = None
+    left = None  # stick-breaking: Dirichlet(alpha, ..., alpha) weights from Beta draws
+    for c in range(width):
+        k = 100 * (c + 1)
+        if c < width - 1:
+            share = fn.random.beta(alpha=float(alpha), beta=float(alpha) * (width - 1 - c), seed=_seed(seed, k))
+            weight = share if left is None else left * share
+            left = (1.0 - share) if left is None else left * (1.0 - share)
+        else:
+            weight = left if left is not None else 1.0
+        chain_depth = depth if depth > 0 else fn.random.uniform(values=[1, 2, 3], dtype=types.INT32,
+                                                                seed=_seed(seed, k + 1))
+        x = images
+        for d in range(depth if depth > 0 else 3):
+            op = fn.random.uniform(values=list(range(skip)), dtype=types.INT32, seed=_seed(seed, k + 10 + d))
+            if depth <= 0 and d > 0:  # the chain is shorter than d + 1 for some samples
+                run = fn.cast(chain_depth > d, dtype=types.INT32)
+                op = op * run + skip * (1 - run)
+            mag = _level(m, mstd, top, _seed(seed, k + 20 + d))
+            x = select(ops, op, x, magnitude_bin=mag, num_magnitude_bins=bins, shape=[height, width_px],
+                       fill_value=FILL_VALUE)
+        term = fn.cast(x, dtype=types.FLOAT) * weight
+        mixed = term if mixed is None else mixed + term
+    mixed = dmath.floor(dmath.clamp(mixed, 0.0, 255.0))  # timm: np.clip, then astype(uint8) truncates
+    lam = fn.random.beta(alpha=float(alpha), beta=float(alpha), seed=_seed(seed, 99))
+    out = fn.cast(images, dtype=types.FLOAT) * (1.0 - lam) + mixed * lam  # PIL Image.blend(img, mixed, m)
+    return fn.cast(dmath.clamp(out, 0.0, 255.0), dtype=types.UINT8)

@@ -20,7 +20,8 @@ The augmentation runs on uint8 ``H x W x 3`` images after the random resized cro
 the pipeline's device. Translations are relative to the output size (0.45 of it at the top
 magnitude, timm's ``translate_pct``) for AutoAugment and RandAugment, and at most 32 px for
 TrivialAugment (torchvision's); rotated, sheared and translated images are filled with 128.
-timm's AugMix (``"augmix-*"``) and its ``v0``/``v0r``/``originalr`` policies are not available.
+- AugMix (Hendrycks et al., ICLR 2020) as timm's ``augmix-m<M>-w<W>-d<D>-a<A>[-mstd<S>]``
+  (``dalimix.augment.augmix``). timm's ``v0``/``v0r``/``originalr`` policies are not available.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class AutoAugmentPreset:
     """A parsed ``auto_augment`` string (see the module docstring).
 
     Attributes:
-        kind: "autoaugment", "randaugment", "threeaugment" or "trivialaugment".
+        kind: "autoaugment", "randaugment", "threeaugment", "augmix" or "trivialaugment" (AugMix keeps
+            its width in ``n``, depth in ``mmax``, alpha in ``p``).
         text: the string as given.
         policy: DALI's AutoAugment policy name (AutoAugment only).
         n, m: RandAugment's number of layers and magnitude (timm's 0..10 scale).
@@ -84,6 +86,9 @@ class AutoAugmentPreset:
                     f"-inc{int(self.increasing)}")
         if self.kind == "threeaugment":
             return "3a"
+        if self.kind == "augmix":  # n: width, mmax: depth, p: alpha
+            mstd = "101" if math.isinf(self.mstd) else f"{self.mstd:g}"
+            return f"augmix-m{self.m}-w{self.n}-d{max(self.mmax, 0)}-a{self.p:g}-mstd{mstd}"
         return "trivialaugment"
 
 
@@ -142,8 +147,28 @@ def parse_auto_augment(text) -> AutoAugmentPreset | None:
             raise ValueError(f"auto_augment={text!r}: TrivialAugment takes no sections; use {head!r}")
         return AutoAugmentPreset(kind="trivialaugment", text=text)
     if head == "augmix":
-        raise ValueError(f"auto_augment={text!r}: timm's AugMix (chains of operations blended in float per image) is "
-                         f"not implemented in dalimix yet; use timm's own loader for it, or {_FORMS}")
+        m, width, depth, alpha, mstd = 3, 3, -1, 1.0, math.inf
+        for sec in sections:
+            key, value = _section(text, sec)
+            if key == "m" and value == int(value):
+                m = int(value)
+            elif key == "w" and value == int(value) and value >= 1:
+                width = int(value)
+            elif key == "d" and value == int(value):
+                depth = int(value)
+            elif key == "a" and value > 0:
+                alpha = float(value)
+            elif key == "mstd":
+                mstd = math.inf if value > 100 else float(value)
+            elif key == "b" and value == 0:
+                pass
+            elif key == "b":
+                raise ValueError(f"auto_augment={text!r}: timm's blended AugMix ('b1', its own untested shortcut) is not "
+                                 "implemented; drop the section for the paper's form")
+            else:
+                raise ValueError(f"auto_augment={text!r}: section {sec!r} is not m<int>, w<1..>, d<int>, a<float>, "
+                                 "mstd<float>, b0")
+        return AutoAugmentPreset(kind="augmix", text=text, m=m, n=width, p=alpha, mstd=mstd, mmax=depth)
     if head in ("v0", "v0r", "originalr"):
         raise ValueError(f"auto_augment={text!r}: timm's {head!r} policy has no counterpart in DALI's auto_aug; "
                          f"use {_FORMS}")
@@ -164,7 +189,7 @@ def apply_preset(images, preset, *, height: int, width: int, seed: int | None = 
     from the pipeline seed)."""
     from nvidia.dali.auto_aug import auto_augment, trivial_augment
 
-    from .augment import three_augment, timm_rand_augment
+    from .augment import augmix, three_augment, timm_rand_augment
 
     if not isinstance(preset, AutoAugmentPreset):
         preset = parse_auto_augment(preset)
@@ -180,6 +205,9 @@ def apply_preset(images, preset, *, height: int, width: int, seed: int | None = 
                                  translate_pct=MAX_TRANSLATE_REL, seed=seed)
     if preset.kind == "threeaugment":
         return three_augment(images, seed=seed)
+    if preset.kind == "augmix":
+        return augmix(images, m=preset.m, width=preset.n, depth=preset.mmax, alpha=preset.p, mstd=preset.mstd,
+                      height=height, width_px=width, seed=seed)
     if preset.kind == "trivialaugment":
         return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=31, fill_value=FILL_VALUE, seed=seed)
     raise ValueError(f"unknown preset kind {preset.kind!r}")

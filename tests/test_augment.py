@@ -78,6 +78,15 @@ def test_randaugment_layer_probability_and_noise(small_dataset, plain):
     assert 5 <= int(changed.sum()) <= 20  # p = 0.5 per layer, 2 layers: ~3/4 changed
 
 
+def test_augmix_blends_chains_with_the_original(small_dataset, plain):
+    """AugMix output: reproducible, changed, and a blend — never further from the original than the
+    full 0..255 range allows, on average well inside it (lam ~ Beta(1, 1))."""
+    a = _batches(small_dataset, auto_augment="augmix")
+    assert torch.equal(a, _batches(small_dataset, auto_augment="augmix"))
+    diff = (a - plain).abs().flatten(1).mean(1)
+    assert (diff > 0).sum() >= 18 and diff.mean() < 40
+
+
 @pytest.mark.parametrize("increasing", [False, True])
 def test_operation_parameters_are_timms_level_functions(increasing, monkeypatch):
     """Each operation's parameter at a magnitude level is what timm's LEVEL_TO_ARG gives (signs fixed)."""
@@ -107,3 +116,17 @@ def test_jitter_factors_follow_timm():
             jitter_factors(bad)
     with pytest.raises(ValueError, match="train=True"):
         ImageLoader(root="/nonexistent", batch_size=2, train=False, augment=Augment(vflip=0.5))
+
+
+@pytest.mark.gpu
+def test_augmentations_build_and_run_on_the_gpu(small_dataset):
+    """The same graph pieces with DALI's GPU operators: every Augment field, 3a and timm RandAugment."""
+    aug = Augment(vflip=0.5, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8, grayscale_prob=0.2,
+                  gaussian_blur_prob=0.5, random_interpolation=True)
+    for aa in (None, "3a", "rand-m9-mstd0.5-inc1"):
+        loader = ImageLoader(root=small_dataset, batch_size=10, size=24, device="cuda", seed=4, augment=aug,
+                             auto_augment=aa)
+        a = torch.cat([x.clone() for x, _ in loader])
+        b = torch.cat([x.clone() for x, _ in loader.__class__(root=small_dataset, batch_size=10, size=24, device="cuda",
+                                                               seed=4, augment=aug, auto_augment=aa)])
+        assert a.is_cuda and torch.isfinite(a).all() and torch.equal(a, b)

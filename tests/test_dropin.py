@@ -93,8 +93,10 @@ def test_auto_augment_passes_through_for_training(small_dataset):
     images, _ = next(iter(train))
     assert images.shape == (4, 3, 32, 32)
     assert create_loader(**kw, is_training=False, auto_augment="rand-m9-n2").spec.auto_augment is None  # timm: eval ignores it
-    with pytest.raises(ValueError, match="AugMix .* not implemented"):
-        create_loader(**kw, is_training=True, auto_augment="augmix-m5-w4-d2")
+    assert create_loader(**kw, is_training=True, auto_augment="augmix-m5-w4-d2").spec.auto_augment == \
+        "augmix-m5-w4-d2-a1-mstd101"
+    with pytest.raises(ValueError, match="v0"):
+        create_loader(**kw, is_training=True, auto_augment="v0")
 
 
 def test_timm_options_without_equivalent_are_refused_not_dropped(small_dataset):
