@@ -9,11 +9,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import dalimix
 from dalimix import ImageLoader, LastBatchPolicy, create_loader
 from dalimix.mix import Mixup
 
@@ -415,7 +413,7 @@ def test_mixer_num_classes_wins_and_too_few_is_refused(small_dataset):
                          mix=Mixup(num_classes=1000, label_smoothing=0.0))
     images, targets = next(iter(loader))
     assert targets.shape == (4, 1000) and int(targets.argmax(1).max()) < 4
-    with pytest.raises(ValueError, match=r"num_classes=3\) but the data set has 4 classes.*num_classes >= 4"):
+    with pytest.raises(ValueError, match=r"num_classes=3 but the data set has 4 classes.*num_classes >= 4"):
         ImageLoader(root=small_dataset, batch_size=4, size=24, device="cpu", mix=Mixup(num_classes=3))
 
 

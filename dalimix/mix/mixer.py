@@ -93,8 +93,8 @@ class Mixer:
         if self.num_classes is None:
             self.num_classes = loader.num_classes
         elif self.num_classes < loader.num_classes:
-            raise ValueError(f"{type(self).__name__}(num_classes={self.num_classes}) but the data set has "
-                             f"{loader.num_classes} classes: targets could not hold its labels; pass num_classes >= "
+            raise ValueError(f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes "
+                             f"({type(self).__name__}'s targets could not hold its labels); pass num_classes >= "
                              f"{loader.num_classes} (the model's outputs) or None (the data set's)")
 
     def set_epoch(self, epoch: int) -> None:
