@@ -490,3 +490,31 @@ def test_pytorch_examples_style_loop_with_mixing(small_dataset):
             optimizer.step()
             assert torch.isfinite(loss) and target.shape == (4, 1000)
     assert i == 4
+
+
+def _seed_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from dalimix.rng import script_seed
+
+    torch.manual_seed(42 + rank)  # timm's utils.random_seed(seed, rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out[rank] = script_seed()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_script_seed_is_rank_zeros_under_torch_distributed():
+    """Ranks seeded seed + rank (timm) share rank 0's seed: one epoch permutation for all shards."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_seed_worker, args=(2, port, out), nprocs=2, join=True)
+    assert dict(out) == {0: 42, 1: 42}
