@@ -492,9 +492,14 @@ def test_pytorch_examples_style_loop_with_mixing(small_dataset):
     assert i == 4
 
 
-def _seed_worker(rank, world, port, out):
-    import torch.distributed as dist
+SEED_SCRIPT = """
+import socket, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+
+def worker(rank, world, port, out):
     from dalimix.rng import script_seed
 
     torch.manual_seed(42 + rank)  # timm's utils.random_seed(seed, rank)
@@ -505,16 +510,22 @@ def _seed_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_script_seed_is_rank_zeros_under_torch_distributed():
-    """Ranks seeded seed + rank (timm) share rank 0's seed: one epoch permutation for all shards."""
-    import socket
-
-    import torch.multiprocessing as mp
-
+if __name__ == "__main__":
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = mp.get_context("spawn").Manager().dict()
-    mp.spawn(_seed_worker, args=(2, port, out), nprocs=2, join=True)
-    assert dict(out) == {0: 42, 1: 42}
+    with mp.get_context("spawn").Manager() as manager:
+        out = manager.dict()
+        mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
+        print(sorted(out.items()))
+"""
+
+
+@pytest.mark.slow
+def test_script_seed_is_rank_zeros_under_torch_distributed(tmp_path):
+    """Ranks seeded seed + rank (timm) share rank 0's seed: one epoch permutation for all shards
+    (two gloo processes, in a child process of their own)."""
+    script = tmp_path / "seeds.py"
+    script.write_text(SEED_SCRIPT)
+    out = run_example(script, timeout=300)
+    assert out.strip().splitlines()[-1] == "[(0, 42), (1, 42)]"
