@@ -1,7 +1,8 @@
 """``dalimix.create_loader``: timm's ``create_loader`` argument names, dalimix's loader.
 
-A timm training script replaces ``from timm.data import create_loader`` (and the ``Mixup`` /
-``FastCollateMixup`` it builds) with ``from dalimix import create_loader`` and passes ``mix=``. The
+A timm training script replaces ``from timm.data import create_loader`` with
+``from dalimix import create_loader``; the ``FastCollateMixup`` it passes as ``collate_fn`` (or a
+``Mixup`` passed as ``mix=``) becomes the loader's mixer. The
 data set can stay what the script already builds (timm's ``create_dataset(...)``, a torchvision
 ``ImageFolder``), or be a path: an ImageFolder root, a ``path label`` file list (``.txt``), or
 WebDataset shards (a folder of ``.tar`` files, a glob, a ``.tar`` path).
@@ -15,23 +16,40 @@ import warnings
 import numpy as np
 import torch
 
+from .augment import Augment
+from .erase import from_timm as erase_from_timm
 from .errors import DatasetError
 from .loader import IMAGENET_MEAN, IMAGENET_STD, ImageLoader, LastBatchPolicy
 from .sources import Samples, _fingerprint, source_for_path
 
-# timm create_loader arguments dalimix has no equivalent for: accepted at these ("off") values,
-# refused otherwise so nothing is silently dropped.
-_OFF_ONLY = {
-    "re_prob": (0, None), "vflip": (0,), "num_aug_repeats": (0,), "num_aug_splits": (0,),
-    "train_crop_mode": (None, "rrc"), "grayscale_prob": (0,), "gaussian_blur_prob": (0,), "color_jitter_prob": (None,),
-    "crop_border_pixels": (None,), "collate_fn": (None,), "tf_preprocessing": (False,), "input_size_choices": (None,),
-    "batch_size_choices": (None,), "batch_choice_weights": (None,), "num_batches": (None,),
+# What becomes of each timm create_loader argument (tests/test_dropin.py checks that every name in
+# timm's signature is listed here or handled by name in create_loader).
+HONOURED = (
+    "dataset", "input_size", "batch_size", "is_training", "no_aug", "re_prob", "re_mode", "re_count", "re_split",
+    "train_crop_mode", "scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob",
+    "gaussian_blur_prob", "auto_augment", "interpolation", "mean", "std", "num_workers", "distributed", "crop_pct",
+    "crop_mode", "collate_fn", "fp16", "img_dtype", "device", "use_prefetcher", "use_multi_epochs_loader",
+    "batch_choice_seed", "pin_memory",
+)
+# Arguments about worker processes, which dalimix does not have (DALI's threads do the work): any value
+# leaves the batches as they are.
+NO_WORKERS = {
+    "persistent_workers": "dalimix has no worker processes to keep (DALI's threads live as long as the loader)",
+    "worker_seeding": "dalimix has no worker processes to seed (its streams come from the loader's seed)",
 }
-# timm arguments that only steer the torch DataLoader machinery dalimix replaces, or that only
-# matter when an "off only" one above is on: accepted, no effect.
-_NO_EFFECT = ("pin_memory", "persistent_workers", "use_prefetcher", "use_multi_epochs_loader", "worker_seeding",
-              "re_mode", "re_count", "re_split", "batch_choice_seed", "batch_choice_schedule",
-              "batch_schedule_epochs", "batch_schedule_spread", "batch_schedule_random_mix")
+# Arguments with no dalimix counterpart: accepted at timm's "off" value, refused (with the reason) otherwise.
+OFF_ONLY = {
+    "num_aug_repeats": ((0,), "repeated augmentation (RepeatAugSampler) is not implemented"),
+    "num_aug_splits": ((0, 1), "augmentation splits (AugMixDataset, JSD loss) are not implemented"),
+    "crop_border_pixels": ((None,), "the eval crop has no border option"),
+    "tf_preprocessing": ((False,), "TensorFlow preprocessing is not implemented"),
+    "input_size_choices": ((None,), "scheduled input sizes are not implemented"),
+    "batch_size_choices": ((None,), "scheduled batch sizes are not implemented"),
+    "batch_choice_weights": ((None,), "scheduled batch sizes are not implemented"),
+    "num_batches": ((None,), "a fixed number of batches per epoch is not implemented"),
+}
+# Only read by timm when scheduled sizes are on (refused above): accepted, no effect.
+SCHEDULE_ONLY = ("batch_choice_schedule", "batch_schedule_epochs", "batch_schedule_spread", "batch_schedule_random_mix")
 
 
 def create_loader(
@@ -40,11 +58,22 @@ def create_loader(
     batch_size: int,
     is_training: bool = False,
     no_aug: bool = False,
+    re_prob: float = 0.0,
+    re_mode: str = "const",
+    re_count: int = 1,
+    re_split: bool = False,
+    train_crop_mode: str | None = None,
     scale=None,
     ratio=None,
     hflip: float = 0.5,
+    vflip: float = 0.0,
     color_jitter=0.4,
+    color_jitter_prob: float | None = None,
+    grayscale_prob: float | None = 0.0,
+    gaussian_blur_prob: float | None = 0.0,
     auto_augment=None,
+    num_aug_repeats: int = 0,
+    num_aug_splits: int = 0,
     interpolation: str = "bilinear",
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
@@ -52,69 +81,98 @@ def create_loader(
     distributed: bool = False,
     crop_pct: float | None = None,
     crop_mode: str | None = None,
+    crop_border_pixels: int | None = None,
+    collate_fn=None,
+    pin_memory: bool = False,
     fp16: bool = False,
     img_dtype=torch.float32,
     device=None,
+    use_prefetcher: bool = True,
+    use_multi_epochs_loader: bool = False,
+    persistent_workers: bool = True,
+    worker_seeding: str = "all",
+    tf_preprocessing: bool = False,
+    input_size_choices=None,
+    batch_size_choices=None,
+    batch_choice_weights=None,
+    batch_choice_seed: int | None = None,
+    batch_choice_schedule: str = "constant",
+    batch_schedule_epochs: int | None = None,
+    batch_schedule_spread: float = 0.65,
+    batch_schedule_random_mix: float = 0.1,
+    num_batches: int | None = None,
     *,
     mix=None,
     channels_last: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     last_batch_policy=None,
     webdataset_keys=None,
     prefetch: int = 2,
-    **timm_options,
 ) -> ImageLoader:
-    """timm's ``create_loader`` names, an ``ImageLoader`` back.
+    """timm's ``create_loader`` (timm 1.0's signature, same order and defaults), an ``ImageLoader`` back.
+
+    timm's ``train.py`` call works as it is: the README's drop-in table says what each argument
+    becomes. In short:
 
     Args:
         dataset: a path (ImageFolder root, ``.txt`` file list, WebDataset shards: folder of
             ``.tar``, glob, ``.tar``), timm's ``ImageDataset`` (its reader's ``samples`` and
-            ``class_to_idx``), a torchvision ``ImageFolder``/``DatasetFolder`` (``samples``,
-            ``classes``), or a ``dalimix.sources.Samples``.
+            ``class_to_idx``), a torchvision ``ImageFolder``/``DatasetFolder``, or a ``dalimix.sources.Samples``.
         input_size: ``224``, ``(H, W)`` or timm's ``(3, H, W)``.
-        batch_size: per rank.
-        is_training: random resized crop + flip, reshuffled every epoch, last batch dropped (timm's
-            ``drop_last=is_training``); else resize + centre crop, fixed order, every sample once.
-        no_aug: training order without augmentation (eval transform, shuffled).
-        scale, ratio, hflip, interpolation, mean, std, crop_pct: as timm (None: timm's defaults
-            ``(0.08, 1)``, ``(3/4, 4/3)``, ``0.875``); ``interpolation="random"`` is not supported.
-        color_jitter: dalimix's pipeline has no colour jitter: a non-zero value in training warns
-            (timm's default 0.4 included; pass 0 to silence).
-        auto_augment: timm's strings (``"rand-m9-n2"``, ``"original"``, ``"trivialaugment"``, see
-            ``dalimix.autoaug``) or a ``dalimix.policy.Policy``; training only, as in timm (an eval
-            loader ignores it).
-        num_workers: DALI threads (default: this process's share of the cores).
-        distributed: True: shard over the ``torch.distributed`` ranks (must be initialised);
-            False: every rank reads the whole data set (timm's meaning).
-        crop_mode: ``None``/``"center"`` only.
-        fp16, img_dtype: output dtype (``fp16=True`` is ``img_dtype=torch.float16``).
-        device: ``"cuda"`` (``cuda:LOCAL_RANK`` under torchrun), ``"cpu"``, default CUDA if available.
-        mix: a ``dalimix.mix`` mixer, or timm's ``Mixup`` object (converted to ``dalimix.mix.Mixup``
-            with the same arguments); training only.
-        channels_last, seed, last_batch_policy, webdataset_keys, prefetch: ``ImageLoader``'s.
-        **timm_options: the rest of timm's arguments. Those about worker processes and pinning
-            (``pin_memory``, ``persistent_workers``, ``use_prefetcher``, ...) have no effect; those
-            for augmentations dalimix lacks (``re_prob``, ``vflip``, ...) are
-            accepted at their "off" value and raise ValueError otherwise.
+        is_training, no_aug, scale, ratio, hflip, vflip, interpolation (``"random"``: bilinear or
+            bicubic per sample), mean, std, crop_pct, crop_mode (None/"center"): as timm.
+        color_jitter, color_jitter_prob, grayscale_prob, gaussian_blur_prob, auto_augment: timm's
+            train transforms, run by DALI (``dalimix.augment``, ``dalimix.autoaug``); ``None``
+            probabilities are off; colour jitter is off under an ``auto_augment`` other than ``3a``
+            (timm's rule). Training only, as in timm.
+        re_prob, re_mode, re_count, re_split: random erasing on the normalised, mixed batch, as
+            timm's prefetcher does (``dalimix.erase``). Training only.
+        collate_fn: timm's ``FastCollateMixup``/``Mixup`` (train.py's mixing): the loader mixes with
+            ``dalimix.mix.Mixup`` of the same arguments (``mix=`` does the same).
+        num_workers: DALI threads. distributed: shard over the initialised ``torch.distributed`` ranks.
+        fp16, img_dtype: output dtype. device: as ``ImageLoader``.
+        use_prefetcher, pin_memory, use_multi_epochs_loader: dalimix always hands out finished
+            batches on ``device`` (what timm's prefetcher does); ``use_prefetcher=False`` and
+            ``pin_memory=True`` on a CPU device warn that they change nothing;
+            ``use_multi_epochs_loader=True`` asks for what the loader always does: the next
+            epoch's first batches are read while the current one ends (one DALI pipeline).
+        batch_choice_seed: train.py passes its ``--seed`` here: the stream's seed unless ``seed=``.
+        persistent_workers, worker_seeding: no worker processes, no effect on the batches.
+        num_aug_repeats, num_aug_splits, crop_border_pixels, tf_preprocessing, input_size_choices,
+            batch_size_choices, batch_choice_weights, num_batches: only their "off" value; others
+            raise ValueError with the reason. The batch_schedule_* arguments only matter with those.
+        mix: a ``dalimix.mix`` mixer or timm's ``Mixup``; training only.
+        seed: the loader's seed; None: ``batch_choice_seed`` if given, else the script's torch seed
+            (``dalimix.rng.script_seed``).
+        channels_last, last_batch_policy, webdataset_keys, prefetch: ``ImageLoader``'s.
     """
-    for name, value in timm_options.items():
-        if name in _NO_EFFECT:
-            continue
-        if name not in _OFF_ONLY:
-            raise TypeError(f"create_loader() got an unexpected keyword argument {name!r}")
-        if not any(value is off or (off is not None and value == off) for off in _OFF_ONLY[name]):
-            raise ValueError(f"create_loader: {name}={value!r} has no dalimix equivalent; leave it off "
-                             f"({_OFF_ONLY[name][0]!r}) or use timm's own loader for it")
-    if interpolation == "random":
-        raise ValueError("interpolation='random' is not supported; use 'bilinear', 'bicubic' or 'nearest'")
+    for name, (offs, reason) in OFF_ONLY.items():
+        value = locals()[name]
+        if not any(value is off or (off is not None and value == off) for off in offs):
+            raise ValueError(f"create_loader: {name}={value!r}: {reason} in dalimix; leave it at {offs[0]!r} "
+                             "or use timm's own loader for it")
+    train = bool(is_training) and not no_aug
+    if train_crop_mode not in (None, "rrc"):
+        raise ValueError(f"train_crop_mode={train_crop_mode!r}: dalimix does timm's 'rrc' (random resized crop) only")
     if crop_mode not in (None, "center"):
         raise ValueError(f"crop_mode={crop_mode!r}: dalimix does the centre crop only (None or 'center')")
-    train = bool(is_training) and not no_aug
-    if train and color_jitter and float(np.max(np.atleast_1d(np.asarray(color_jitter, dtype=float)))) > 0:
-        warnings.warn(f"dalimix.create_loader: color_jitter={color_jitter!r} is not applied (dalimix has no colour "
-                      "jitter); pass color_jitter=0 to silence this", stacklevel=2)
+    random_interp = interpolation == "random"
+    if random_interp and not train:
+        raise ValueError("interpolation='random' is for training loaders (timm draws it per training crop); "
+                         "give the eval loader 'bilinear' or 'bicubic'")
+    if collate_fn is not None:
+        if mix is not None:
+            raise ValueError("collate_fn= and mix= both given: pass the mixer once")
+        if not _is_timm_mixup(collate_fn):
+            raise ValueError(f"collate_fn={collate_fn!r}: dalimix builds its batches itself; only timm's Mixup / "
+                             "FastCollateMixup is taken (as the loader's mixer)")
+        mix = collate_fn
     if mix is not None and not is_training:
-        raise ValueError("mix= is for training loaders; an eval loader (is_training=False) never mixes")
+        raise ValueError("mix= (or a mixing collate_fn) is for training loaders; an eval loader (is_training=False) "
+                         "never mixes")
+    if not use_prefetcher:
+        warnings.warn("dalimix.create_loader: use_prefetcher=False changes nothing: dalimix always hands out "
+                      "normalised batches on the loader's device (what timm's prefetcher does)", stacklevel=2)
     shard_id = num_shards = None
     if distributed:
         import torch.distributed as dist
@@ -126,8 +184,18 @@ def create_loader(
         shard_id, num_shards = 0, 1
     if last_batch_policy is None:
         last_batch_policy = LastBatchPolicy.DROP if is_training else LastBatchPolicy.PARTIAL
+    if seed is None and batch_choice_seed is not None:
+        seed = batch_choice_seed
+    augment = erasing = None
+    if train:
+        aa_on = bool(auto_augment) and not hasattr(auto_augment, "set_probs")
+        jitter_off = aa_on and "3a" not in str(auto_augment)  # timm: AA/RA turn colour jitter off, 3a does not
+        augment = Augment(vflip=vflip, color_jitter=None if jitter_off else color_jitter,
+                          color_jitter_prob=color_jitter_prob, grayscale_prob=grayscale_prob or 0.0,
+                          gaussian_blur_prob=gaussian_blur_prob or 0.0, random_interpolation=random_interp)
+        erasing = erase_from_timm(re_prob, re_mode, re_count, re_split, num_aug_splits)
     source = _source_kwargs(dataset, webdataset_keys)
-    return ImageLoader(
+    loader = ImageLoader(
         **source,
         batch_size=batch_size,
         train=train,
@@ -142,7 +210,7 @@ def create_loader(
         ratio=(3 / 4, 4 / 3) if ratio is None else tuple(ratio),
         hflip=hflip,
         crop_pct=0.875 if crop_pct is None else crop_pct,
-        interpolation=interpolation,
+        interpolation="bilinear" if random_interp else interpolation,
         seed=seed,
         shard_id=shard_id,
         num_shards=num_shards,
@@ -151,7 +219,17 @@ def create_loader(
         prefetch=prefetch,
         mix=_mixer(mix),
         auto_augment=(auto_augment or None) if train else None,
+        augment=augment if augment is not None and (augment.active or augment.random_interpolation) else None,
+        erasing=erasing,
     )
+    if pin_memory and loader.device.type != "cuda":
+        warnings.warn(f"dalimix.create_loader: pin_memory=True changes nothing on device={loader.device}: the batches "
+                      "are made where they are used", stacklevel=2)
+    return loader
+
+
+def _is_timm_mixup(obj) -> bool:
+    return all(hasattr(obj, a) for a in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "label_smoothing"))
 
 
 def _input_size(input_size):
@@ -204,7 +282,7 @@ def _mixer(mix):
     """A dalimix mixer as is; timm's ``Mixup`` converted to ``dalimix.mix.Mixup`` with its arguments."""
     if mix is None or hasattr(mix, "plan"):
         return mix
-    if all(hasattr(mix, a) for a in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "label_smoothing")):
+    if _is_timm_mixup(mix):
         from .mix import Mixup
 
         converted = Mixup(mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, cutmix_minmax=mix.cutmix_minmax,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .autoaug import apply_preset
+from . import augment
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "triangular")
 
@@ -81,6 +81,7 @@ class AugmentSpec:
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
     auto_augment: str | None = None  # a preset's canonical string (dalimix.autoaug), train only, before the flip
+    extra: augment.Augment | None = None  # timm's vflip / colour jitter / grayscale / blur / random interpolation
 
     @property
     def resize_shorter(self) -> int:
@@ -208,7 +209,8 @@ def build_pipeline(
         exec_dynamic=True,  # outputs shared on the consumer's stream, freed in stream order
         enable_checkpointing=checkpointing,
         checkpoint=checkpoint,
-        enable_conditionals=spec.auto_augment is not None,  # DALI's auto_aug branches per sample
+        # DALI's auto_aug and dalimix.augment branch per sample
+        enable_conditionals=spec.auto_augment is not None or (spec.extra is not None and spec.extra.needs_conditionals),
     )
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
@@ -227,11 +229,11 @@ def build_pipeline(
                 device=dev.ops,
                 resize_x=spec.width,
                 resize_y=spec.height,
-                interp_type=_interp(spec.interpolation),
+                interp_type=augment.interp_type(_interp(spec.interpolation), spec.extra, seed=_op_seed(seed, 3)),
                 antialias=True,
             )
-            if spec.auto_augment is not None:
-                images = apply_preset(images, spec.auto_augment, height=spec.height, width=spec.width)
+            images = augment.secondary(images, spec.extra, spec.auto_augment, height=spec.height, width=spec.width,
+                                       seed=_op_seed(seed, 4))
         else:
             images = fn.decoders.image(encoded, device=dev.decoder, output_type=types.RGB)
             images = fn.resize(

@@ -14,8 +14,10 @@ from test_automix import TinyNet
 
 HALF = [torch.bfloat16, torch.float16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-# one rounding of the loader's output dtype on values of magnitude <= ~2.7 (normalised pixels)
-ATOL = {torch.bfloat16: 2.7 * 2**-8, torch.float16: 2.7 * 2**-11}
+# two roundings of the loader's output dtype on values of magnitude <= ~2.7 (normalised pixels):
+# the reference mixes the unmixed batch, itself rounded to the dtype, and the kernel's output is
+# rounded once more (the kernel mixes the uint8 pixels, so its own error is one rounding)
+ATOL = {torch.bfloat16: 2 * 2.7 * 2**-8, torch.float16: 2 * 2.7 * 2**-11}
 
 
 def _automix(device):

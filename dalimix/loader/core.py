@@ -95,8 +95,10 @@ class ImageLoader:
         crop_pct: eval centre crop fraction; the shorter side is resized to floor(max(H, W) / crop_pct).
         interpolation: "bilinear" (default), "bicubic", "nearest" or "triangular" (antialiased).
         shuffle: reshuffle every epoch (default: ``train``).
-        seed: the seed of every random stream (order, crops, flips, mixing); the same on all
-            ranks (per-rank streams are derived from it), so keep it equal across ranks.
+        seed: the seed of every random stream (order, crops, flips, DALI augmentation, mixing,
+            erasing); the same on all ranks (per-rank streams are derived from it). None (default):
+            the script's seed, ``dalimix.rng.script_seed()`` (from ``torch.manual_seed``; rank 0's
+            under torch.distributed).
         shard_id, num_shards: this rank and the number of ranks; default from torch.distributed
             when it is initialised, else 0 and 1.
         last_batch_policy: DROP, PARTIAL (default) or FILL; see ``LastBatchPolicy``.
@@ -121,6 +123,10 @@ class ImageLoader:
         reuse_outputs: CPU: write batches into recycled tensors, each reused only once nothing else
             refers to it (default True; False: a fresh tensor every batch). CUDA batches always come
             from torch's caching allocator.
+        augment: train only: a ``dalimix.augment.Augment`` (timm's vflip, colour jitter, grayscale,
+            blur, random interpolation), run by DALI after the crop.
+        erasing: train only: a ``dalimix.erase.RandomErasing`` applied to the finished (normalised,
+            mixed) batch, as timm's prefetcher does.
         strict: check every file once at construction as ``dalimix scan --strict`` does (DALI and
             PIL both decode it in full; verdicts cached by file size and mtime): bad files raise a
             ``DecodeError`` naming them, or are skipped under ``on_error="skip"``. See the docs'
@@ -151,7 +157,7 @@ class ImageLoader:
         crop_pct: float = 0.875,
         interpolation: str = "bilinear",
         shuffle: bool | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         shard_id: int | None = None,
         num_shards: int | None = None,
         last_batch_policy=LastBatchPolicy.PARTIAL,
@@ -165,6 +171,8 @@ class ImageLoader:
         keep_unmixed: bool = False,
         reuse_outputs: bool = True,
         strict: bool = False,
+        augment=None,
+        erasing=None,
     ):
         source_given = any(x is not None for x in (root, file_list, webdataset, samples))
         if not source_given:
@@ -177,14 +185,14 @@ class ImageLoader:
             interpolation=interpolation, shuffle=shuffle, seed=seed, shard_id=shard_id, num_shards=num_shards,
             last_batch_policy=last_batch_policy, num_threads=num_threads, prefetch=prefetch,
             auto_augment=auto_augment, on_error=on_error, overlap_epochs=overlap_epochs, keep_unmixed=keep_unmixed,
-            reuse_outputs=reuse_outputs,
+            reuse_outputs=reuse_outputs, augment=augment, erasing=erasing,
         )
         self.options = o
         self.batch_size, self.spec, self.device, self.dtype = o.batch_size, o.spec, o.device, o.dtype
         self.channels_last, self.norm, self.policy, self.seed = o.channels_last, o.norm, o.policy, o.seed
         self.shuffle, self.shard_id, self.num_shards = o.shuffle, o.shard_id, o.num_shards
         self.last_batch_policy, self.num_threads, self.prefetch = o.last_batch_policy, o.num_threads, o.prefetch
-        self.on_error, self.keep_unmixed = o.on_error, o.keep_unmixed
+        self.on_error, self.keep_unmixed, self.erasing = o.on_error, o.keep_unmixed, o.erasing
         self.samples: Samples = resolve_source(root=root, file_list=file_list, webdataset=webdataset,
                                                webdataset_keys=webdataset_keys, samples=samples, classes=classes)
         if len(self) == 0:
@@ -204,7 +212,7 @@ class ImageLoader:
             samples=self.samples, spec=self.spec, device=self.device, batch_size=self.batch_size,
             num_threads=self.num_threads, prefetch=self.prefetch, seed=self.seed,
             dali_seed=rng_mod.derive_seed(self.seed, rng_mod.DALI, self.shard_id), shard_id=self.shard_id,
-            traversal=self._traversal, recovery=self._recovery, checkpointing=self.spec.auto_augment is not None,
+            traversal=self._traversal, recovery=self._recovery, checkpointing=_dali_draws(self.spec),
         )
         self._finishing = Finishing(
             samples=self.samples, device=self.device, norm=self.norm, dtype=self.dtype,
@@ -212,6 +220,7 @@ class ImageLoader:
             shard_id=self.shard_id, mix=mix, num_classes=self.num_classes,
             ring=OutputRing(self.device, 4 if o.reuse_outputs else 0), planner=self._planner,
             policy_stage=self._get_policy_stage if self.policy is not None else None, keep_unmixed=self.keep_unmixed,
+            erasing=self.erasing,
         )
         self._finisher = Finisher(self._finishing)
         self._mask_hook = None
@@ -459,3 +468,10 @@ class ImageLoader:
         self._finishing.hook = None
         if hook is not None:
             hook.resolve_pending()
+
+
+def _dali_draws(spec) -> bool:
+    """Whether DALI itself draws random numbers for this loader (an ``auto_augment`` preset, or
+    timm's colour jitter / grayscale / blur / random interpolation): its streams then run on across
+    the loader's one pipeline, and a state carries DALI's checkpoint."""
+    return spec.auto_augment is not None or spec.extra is not None

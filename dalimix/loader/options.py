@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import rng as rng_mod
 from .. import validate as v
 from ..autoaug import parse_auto_augment
 from ..ops import Normalization
@@ -47,11 +48,13 @@ class LoaderOptions:
     on_error: str
     keep_unmixed: bool
     reuse_outputs: bool
+    erasing: object  # dalimix.erase.RandomErasing or None
 
     @classmethod
     def parse(cls, *, batch_size, train, size, device, dtype, channels_last, mean, std, scale, ratio, hflip, crop_pct,
               interpolation, shuffle, seed, shard_id, num_shards, last_batch_policy, num_threads, prefetch,
-              auto_augment, on_error, overlap_epochs, keep_unmixed, reuse_outputs) -> "LoaderOptions":
+              auto_augment, on_error, overlap_epochs, keep_unmixed, reuse_outputs, augment=None,
+              erasing=None) -> "LoaderOptions":
         if overlap_epochs is not None and v.flag("overlap_epochs", overlap_epochs):
             # False asked for what no longer exists (a drained epoch boundary): only timing, accepted quietly
             warnings.warn("ImageLoader(overlap_epochs=...) is deprecated and has no effect: the loader's one DALI "
@@ -68,7 +71,7 @@ class LoaderOptions:
         spec = AugmentSpec(
             train=v.flag("train", train), height=height, width=width, scale=scale, ratio=ratio,
             hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
-            auto_augment=None if preset is None else preset.canonical,
+            auto_augment=None if preset is None else preset.canonical, extra=_train_only("augment", augment, train),
         )
         if (preset is not None or policy is not None) and not spec.train:
             raise ValueError(f"auto_augment={auto_augment!r} augments training batches: use it with train=True")
@@ -88,7 +91,7 @@ class LoaderOptions:
             channels_last=v.flag("channels_last", channels_last),
             norm=Normalization(mean, std),
             policy=policy,
-            seed=v.integer("seed", seed, lo=0, hint=" (equal on every rank)"),
+            seed=rng_mod.script_seed() if seed is None else v.integer("seed", seed, lo=0, hint=" (equal on every rank)"),
             shuffle=spec.train if shuffle is None else v.flag("shuffle", shuffle),
             shard_id=shard_id,
             num_shards=num_shards,
@@ -98,7 +101,23 @@ class LoaderOptions:
             on_error=v.choice("on_error", on_error, ON_ERROR),
             keep_unmixed=v.flag("keep_unmixed", keep_unmixed),
             reuse_outputs=v.flag("reuse_outputs", reuse_outputs),
+            erasing=_train_only("erasing", erasing, train),
         )
+
+
+def _train_only(name: str, value, train):
+    """``augment=`` / ``erasing=``: the right type, and training loaders only."""
+    if value is None:
+        return None
+    from ..augment import Augment
+    from ..erase import RandomErasing
+
+    want = {"augment": Augment, "erasing": RandomErasing}[name]
+    if not isinstance(value, want):
+        raise ValueError(f"{name}={type(value).__name__}: a {want.__module__}.{want.__name__}")
+    if not train:
+        raise ValueError(f"{name}= augments training batches: use it with train=True")
+    return value
 
 
 def _positive_int(name: str, value) -> int:

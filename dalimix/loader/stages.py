@@ -66,6 +66,7 @@ class Finishing:
     policy_stage: object = None  # () -> PolicyStage, or None
     hook: object = None  # MaskHookStage or None
     keep_unmixed: bool = False
+    erasing: object = None  # dalimix.erase.RandomErasing or None
 
 
 def _labels(f: Finishing, b: Batch) -> None:
@@ -112,11 +113,18 @@ def _kernel(f: Finishing, b: Batch) -> None:
                              channels_last=f.channels_last, out=_out(f, b.n))
 
 
+def _erase(f: Finishing, b: Batch) -> None:
+    """timm's random erasing on the finished (normalised, mixed) batch, as timm's prefetcher does."""
+    f.erasing(b.images, rng_mod.generator(f.seed, rng_mod.ERASE, f.shard_id, b.ticket.epoch, b.ticket.step))
+
+
 def _targets(f: Finishing, b: Batch) -> None:
     if f.mix is None:
         b.result = (b.images, b.labels)
     else:
-        b.result = (b.images, f.mix.targets(b.labels, b.params, num_classes=f.num_classes))
+        # a mixer's own num_classes wins (its bind() checked that it covers the data set's classes)
+        num_classes = getattr(f.mix, "num_classes", None) or f.num_classes
+        b.result = (b.images, f.mix.targets(b.labels, b.params, num_classes=num_classes))
 
 
 class Finisher:
@@ -136,7 +144,7 @@ class Finisher:
             out.append(_unmixed)
         if f.mix is not None:
             out += [_mix_plan, _hook if f.hook is not None else _mask_pool]
-        return out + [_kernel, _targets]
+        return out + [_kernel] + ([_erase] if f.erasing is not None else []) + [_targets]
 
     def run(self, batch: Batch) -> Batch:
         for stage in self.stages():

@@ -104,7 +104,9 @@ class Mixer:
         if self.num_classes is None:
             self.num_classes = loader.num_classes
         elif self.num_classes < loader.num_classes:
-            raise ValueError(f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes")
+            raise ValueError(f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes "
+                             f"({type(self).__name__}'s targets could not hold its labels); pass num_classes >= "
+                             f"{loader.num_classes} (the model's outputs) or None (the data set's)")
         policy = self.mask_policy
         if policy is not None and hasattr(loader, "set_mask_hook"):
             policy.bind(loader)
