@@ -32,7 +32,7 @@ from dalimix.automix import AutoMix
 from dalimix.demo_data import demo_dataset
 from dalimix.hook import LearnedMask
 from dalimix.losses import MixCrossEntropy
-from dalimix.mix import Mixer, Mixup, MixUp
+from dalimix.mix import Mixer, MixUp, Mixup
 from dalimix.ops import mix_normalize
 from dalimix.ops.record import FLAG_SIGMOID
 
@@ -94,7 +94,9 @@ def bench_steps(args, device) -> dict:
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
     criterion = MixCrossEntropy()
     layer = args.feature_layer
-    automix = AutoMix(model=build_model(args.model, classes).to(device), feature_layer=layer, input_size=size).to(device)
+    automix = AutoMix(model=build_model(args.model, classes).to(device), feature_layer=layer, input_size=size).to(
+        device
+    )
     opt_auto = torch.optim.SGD(automix.parameters(), lr=0.01, momentum=0.9)
 
     def mixup_step():
@@ -136,6 +138,7 @@ def bench_kernel(args, device) -> dict:
         def go():
             for _ in range(args.kernel_inner):
                 mix_normalize(images, records, masks, dtype=dtype, out=out)
+
         return go
 
     t = interleaved({"kernel_mixup": run(rec_blend, None), "kernel_mask": run(rec_mask, pool)}, device, args.repeats)
@@ -151,14 +154,16 @@ def bench_loader(args, device) -> dict:
     plain = ImageLoader(mix=Mixup(mixup_alpha=1.0, label_smoothing=0.0), **kw)
     hooked = ImageLoader(mix=Mixer(methods=[LearnedMask(alpha=2.0)]), **kw)
     h = max(1, args.size // 16)
-    hooked.set_mask_hook(lambda images, lam, partner: torch.zeros(images.shape[0], 1, h, h, device=images.device),
-                         logits=True)
+    hooked.set_mask_hook(
+        lambda images, lam, partner: torch.zeros(images.shape[0], 1, h, h, device=images.device), logits=True
+    )
     count = len(plain) * args.batch_size
 
     def epoch(loader):
         def go():
             for images, targets in loader:
                 pass
+
         return go
 
     t = interleaved({"loader_mixup": epoch(plain), "loader_mask_hook": epoch(hooked)}, device, args.loader_repeats)
@@ -187,8 +192,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    result = {"device": str(device), "model": args.model, "batch_size": args.batch_size, "size": args.size,
-              "torch_threads": torch.get_num_threads()}
+    result = {
+        "device": str(device),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     for name, fn in (("steps", bench_steps), ("kernel", bench_kernel), ("loader", bench_loader)):
@@ -196,8 +206,14 @@ def main(argv=None) -> int:
             part = fn(args, device)
             result.update(part)
             for k, v in part.items():
-                print(f"{k:36s} {v * 1000:10.2f} ms" if isinstance(v, float) and not k.endswith(("_over_mixup", "img_s"))
-                      else f"{k:36s} {v:10.3f}" if isinstance(v, float) else f"{k:36s} {v}", flush=True)
+                print(
+                    f"{k:36s} {v * 1000:10.2f} ms"
+                    if isinstance(v, float) and not k.endswith(("_over_mixup", "img_s"))
+                    else f"{k:36s} {v:10.3f}"
+                    if isinstance(v, float)
+                    else f"{k:36s} {v}",
+                    flush=True,
+                )
     if args.save:
         out = Path(__file__).parent / "results" / f"{time.strftime('%Y-%m-%d')}-automix-{device.type}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,17 @@ from dalimix.bench.driver import progress_bar  # noqa: E402
 from dalimix.bench.machine import describe, one_line, short_name  # noqa: E402
 from dalimix.bench.report import markdown_table  # noqa: E402
 from dalimix.mix import (  # noqa: E402
-    AttentiveMix, CutMix, FMix, GridMix, Mixer, MixUp, Mixup, ResizeMix, SaliencyMix, SamplePairing, SmoothMix,
+    AttentiveMix,
+    CutMix,
+    FMix,
+    GridMix,
+    Mixer,
+    MixUp,
+    Mixup,
+    ResizeMix,
+    SaliencyMix,
+    SamplePairing,
+    SmoothMix,
 )
 from dalimix.ops import Normalization, allocate_output, identity_records, mix_normalize  # noqa: E402
 
@@ -66,7 +76,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def dalimix_methods() -> dict:
     """name -> a factory of the mixer whose plans the stage rows use."""
-    one = lambda m, mode="batch": (lambda: Mixer(methods=[m], mode=mode, num_classes=NUM_CLASSES, label_smoothing=0.1))  # noqa: E731
+    one = lambda m, mode="batch": lambda: Mixer(methods=[m], mode=mode, num_classes=NUM_CLASSES, label_smoothing=0.1)  # noqa: E731
     return {
         "none": None,
         "mixup": one(MixUp(alpha=0.8)),
@@ -172,14 +182,27 @@ def main_loop_cost(code: list[tuple[int, str]], out_bytes: int) -> dict:
     paths = max(1, n_stores // 3)
     pixels = widest // out_bytes if widest >= out_bytes else 1
     extra = (outer[1] - outer[0] + 1 - n_inner) if outer else 0
-    return {"inner_instructions": n_inner, "outer_extra": extra, "paths": paths, "pixels_per_path": pixels,
-            "per_pixel": (n_inner / paths + extra) / pixels}
+    return {
+        "inner_instructions": n_inner,
+        "outer_extra": extra,
+        "paths": paths,
+        "pixels_per_path": pixels,
+        "per_pixel": (n_inner / paths + extra) / pixels,
+    }
 
 
 def _compile_sass(src_dir: Path, file: str, defines: dict, arch: str, cuobjdump: str, work: Path) -> dict:
     cubin = work / ("k-" + "-".join(f"{k}{v}" for k, v in defines.items()) + ".cubin")
-    cmd = ["nvcc", "-cubin", f"-arch={arch}", f"-I{src_dir}", *(f"-D{k}={v}" for k, v in defines.items()),
-           str(src_dir / file), "-o", str(cubin)]
+    cmd = [
+        "nvcc",
+        "-cubin",
+        f"-arch={arch}",
+        f"-I{src_dir}",
+        *(f"-D{k}={v}" for k, v in defines.items()),
+        str(src_dir / file),
+        "-o",
+        str(cubin),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed: {' '.join(cmd)}\n{res.stderr}")
@@ -193,13 +216,16 @@ def old_kernel_sources(ref: str, work: Path) -> Path:
     d = work / "old"
     d.mkdir(parents=True, exist_ok=True)
     for f in ("mix_normalize.cu", "dalimix_common.cuh"):
-        text = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:kernels/{f}"], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{ref}:kernels/{f}"], capture_output=True, text=True, check=True
+        ).stdout
         if f == "mix_normalize.cu":
             if OLD_RECORD_LINE not in text:
                 raise RuntimeError(f"{ref}:kernels/{f} has no line {OLD_RECORD_LINE.strip()!r} to specialise")
-            text = text.replace(OLD_RECORD_LINE, "    DmRecord R = rec[s];\n    R.method = DM_SASS_METHOD;\n"
-                                                 "    R.flags = DM_SASS_FLAGS;\n")
+            text = text.replace(
+                OLD_RECORD_LINE,
+                "    DmRecord R = rec[s];\n    R.method = DM_SASS_METHOD;\n    R.flags = DM_SASS_FLAGS;\n",
+            )
         (d / f).write_text(text)
     return d
 
@@ -222,9 +248,21 @@ def sass_section(args) -> dict:
             except (RuntimeError, subprocess.CalledProcessError) as e:
                 print(f"baseline {args.sass_baseline}: {e}", file=sys.stderr)
         for label, kind, (method, flags) in SASS_VARIANTS:
-            new = _compile_sass(kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": kind}, args.sass_arch, cuobjdump, work)
-            old = (_compile_sass(old_dir, "mix_normalize.cu", {"DM_SASS_METHOD": method, "DM_SASS_FLAGS": flags},
-                                 args.sass_arch, cuobjdump, work) if old_dir else {})
+            new = _compile_sass(
+                kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": kind}, args.sass_arch, cuobjdump, work
+            )
+            old = (
+                _compile_sass(
+                    old_dir,
+                    "mix_normalize.cu",
+                    {"DM_SASS_METHOD": method, "DM_SASS_FLAGS": flags},
+                    args.sass_arch,
+                    cuobjdump,
+                    work,
+                )
+                if old_dir
+                else {}
+            )
             for entry in ENTRIES:
                 elt = 4 if "_f32_" in entry else 2
                 row = {"variant": label, "entry": entry, "after": main_loop_cost(new[entry], elt)}
@@ -236,19 +274,36 @@ def sass_section(args) -> dict:
 
 def kernels_markdown(rows: list[dict], copy_gbps: float) -> str:
     header = ["method", "dtype", "layout", "kernel µs", "GB/s", "% of copy"]
-    body = [[r["method"], r["dtype"], r["layout"], _fmt(r["kernel_us"], "{:.1f}"), _fmt(r["GBps"], "{:.0f}"),
-             _fmt(r["percent_of_copy"], "{:.0f}%")] for r in rows]
-    return (f"Fused kernel alone (device time), batch {rows[0]['batch_size']} x {rows[0]['size']}², against a measured "
-            f"device copy of {copy_gbps:.0f} GB/s (read + write)\n\n" + markdown_table(header, body) + "\n")
+    body = [
+        [
+            r["method"],
+            r["dtype"],
+            r["layout"],
+            _fmt(r["kernel_us"], "{:.1f}"),
+            _fmt(r["GBps"], "{:.0f}"),
+            _fmt(r["percent_of_copy"], "{:.0f}%"),
+        ]
+        for r in rows
+    ]
+    return (
+        f"Fused kernel alone (device time), batch {rows[0]['batch_size']} x {rows[0]['size']}², against a measured "
+        f"device copy of {copy_gbps:.0f} GB/s (read + write)\n\n" + markdown_table(header, body) + "\n"
+    )
 
 
 def sass_markdown(sass: dict) -> str:
     if "error" in sass:
         return f"SASS counts skipped: {sass['error']}\n"
-    entries = sorted({r["entry"] for r in sass["rows"]}, key=lambda e: list(dict.fromkeys(r["entry"] for r in sass["rows"])).index(e))
+    entries = sorted(
+        {r["entry"] for r in sass["rows"]}, key=lambda e: list(dict.fromkeys(r["entry"] for r in sass["rows"])).index(e)
+    )
     short = [e.replace("dalimix_mix_normalize_", "") for e in entries]
-    lines = [f"SASS instructions per output pixel, main loop, {sass['arch']} (before = {sass['baseline']} → after)", "",
-             "| variant | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    lines = [
+        f"SASS instructions per output pixel, main loop, {sass['arch']} (before = {sass['baseline']} → after)",
+        "",
+        "| variant | " + " | ".join(short) + " |",
+        "|---" * (len(short) + 1) + "|",
+    ]
     by = {(r["variant"], r["entry"]): r for r in sass["rows"]}
     for label, _, _ in SASS_VARIANTS:
         cells = []
@@ -282,15 +337,25 @@ def kernel_section(args, device, copy_bps: float) -> list[dict]:
                 out = allocate_output(n, size, size, dtype=dtype, channels_last=channels_last, device=device)
 
                 def run(records=records, masks=masks, out=out, dtype=dtype, channels_last=channels_last):
-                    mix_normalize(b.next_u8(), records, masks, norm=norm, dtype=dtype, channels_last=channels_last, out=out)
+                    mix_normalize(
+                        b.next_u8(), records, masks, norm=norm, dtype=dtype, channels_last=channels_last, out=out
+                    )
 
                 run()
                 sec = kernel_seconds(run, device, calls=max(10, args.repeats))
                 nbytes = n * size * size * 3 * ((1 if mixer is None else 2) + elt)
-                rows.append({"method": name, "dtype": dtype_name, "layout": "channels_last" if channels_last else "nchw",
-                             "batch_size": n, "size": size, "kernel_us": 1e6 * sec if sec else None,
-                             "GBps": nbytes / sec / 1e9 if sec else None,
-                             "percent_of_copy": 100 * nbytes / sec / copy_bps if sec else None})
+                rows.append(
+                    {
+                        "method": name,
+                        "dtype": dtype_name,
+                        "layout": "channels_last" if channels_last else "nchw",
+                        "batch_size": n,
+                        "size": size,
+                        "kernel_us": 1e6 * sec if sec else None,
+                        "GBps": nbytes / sec / 1e9 if sec else None,
+                        "percent_of_copy": 100 * nbytes / sec / copy_bps if sec else None,
+                    }
+                )
     return rows
 
 
@@ -320,7 +385,7 @@ def interleaved(cases: dict, device, repeats: int, inner: int, progress=None) ->
         torch.cuda.synchronize()
     out = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             out[name].append(timed(cases[name], device, inner))
             if progress is not None:
                 progress.update(1)
@@ -359,8 +424,9 @@ class Batch:
     def __init__(self, n: int, size: int, device: torch.device, copies: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.n, self.size, self.device = n, size, device
-        self.u8 = [torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g).to(device)
-                   for _ in range(copies)]
+        self.u8 = [
+            torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g).to(device) for _ in range(copies)
+        ]
         self.labels = torch.randint(0, NUM_CLASSES, (n,), generator=g).to(device)
         self.mean = torch.tensor([255 * m for m in MEAN], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor([255 * s for s in STD], device=device).view(1, 3, 1, 1)
@@ -449,13 +515,18 @@ def baseline_cases(b: Batch) -> tuple[dict, dict]:
     from torchvision.transforms import v2
 
     both, only = {}, {}
-    timm_mix = {"mixup": TimmMixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
-                "cutmix": TimmMixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES)}
+    timm_mix = {
+        "mixup": TimmMixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
+        "cutmix": TimmMixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
+    }
     for name, fn in timm_mix.items():
         both[f"timm Mixup {name}"] = lambda fn=fn: fn(b.normalise(b.next_u8()), b.labels)
         only[f"timm Mixup {name}"] = lambda fn=fn: fn(b.normalised, b.labels)
     tv_norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=MEAN, std=STD)])
-    tv_mix = {"mixup": v2.MixUp(alpha=0.8, num_classes=NUM_CLASSES), "cutmix": v2.CutMix(alpha=1.0, num_classes=NUM_CLASSES)}
+    tv_mix = {
+        "mixup": v2.MixUp(alpha=0.8, num_classes=NUM_CLASSES),
+        "cutmix": v2.CutMix(alpha=1.0, num_classes=NUM_CLASSES),
+    }
     for name, fn in tv_mix.items():
         both[f"torchvision v2 {name}"] = lambda fn=fn: fn(tv_norm(b.next_u8().permute(0, 3, 1, 2)), b.labels)
         only[f"torchvision v2 {name}"] = lambda fn=fn: fn(b.normalised, b.labels)
@@ -465,19 +536,25 @@ def baseline_cases(b: Batch) -> tuple[dict, dict]:
         both[f"torch by hand {name}"] = lambda kw=kw: handmix.mix_batch(b.normalise(b.next_u8()), b.labels, **kw)
         only[f"torch by hand {name}"] = lambda kw=kw: handmix.mix_batch(b.normalised, b.labels, **kw)
     if b.device.type == "cpu":
-        per_sample = [[(img.permute(2, 0, 1).contiguous().numpy(), int(y)) for img, y in zip(u8, b.labels)] for u8 in b.u8]
+        per_sample = [
+            [(img.permute(2, 0, 1).contiguous().numpy(), int(y)) for img, y in zip(u8, b.labels)] for u8 in b.u8
+        ]
         turn = {"i": 0}
 
         def samples():
             turn["i"] = (turn["i"] + 1) % len(per_sample)
             return per_sample[turn["i"]]
 
-        fast = {"mixup": FastCollateMixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
-                "cutmix": FastCollateMixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES)}
+        fast = {
+            "mixup": FastCollateMixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
+            "cutmix": FastCollateMixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES),
+        }
         for name, fn in fast.items():
+
             def with_norm(fn=fn):
                 x, t = fn(samples())
                 return x.float().sub_(b.mean).div_(b.std), t
+
             both[f"timm FastCollateMixup {name}"] = with_norm
             only[f"timm FastCollateMixup {name}"] = lambda fn=fn: fn(samples())
     return both, only
@@ -499,20 +576,31 @@ def stage_section(args, device, progress_factory) -> tuple[list[dict], dict]:
         both, only = baseline_cases(b)
         bar = progress_factory(args.repeats * (len(stage) + len(op) + len(both) + len(only)), f"stage b{n}")
         t_stage = interleaved({**stage, **both}, device, args.repeats, args.inner, bar)
-        t_op = interleaved({**op, **{f"{k} (mix only)": v for k, v in only.items()}}, device, args.repeats, args.inner, bar)
+        t_op = interleaved(
+            {**op, **{f"{k} (mix only)": v for k, v in only.items()}}, device, args.repeats, args.inner, bar
+        )
         bar.close()
         t_kernel = {}
         if device.type == "cuda":
             for name, fn in op.items():
                 t_kernel[name] = kernel_seconds(fn, device, calls=max(10, args.repeats))
-        ref = {"mixup": statistics.median(t_stage["dalimix mixup"]), "cutmix": statistics.median(t_stage["dalimix cutmix"])}
+        ref = {
+            "mixup": statistics.median(t_stage["dalimix mixup"]),
+            "cutmix": statistics.median(t_stage["dalimix cutmix"]),
+        }
         for name, ts in t_stage.items():
-            suffix = name[len("dalimix "):].split(" ")[-1] if name.startswith("dalimix ") else ""
+            suffix = name[len("dalimix ") :].split(" ")[-1] if name.startswith("dalimix ") else ""
             mixup_name = "dalimix mixup" + (f" {suffix}" if suffix in DTYPES else "")
             ref_op = statistics.median(t_op[mixup_name])
             ref_kernel = t_kernel.get(mixup_name)
-            row = {"batch_size": n, "size": args.size, "case": name, "stage_ms": 1e3 * statistics.median(ts),
-                   "stage_ms_min": 1e3 * min(ts), "stage_ms_max": 1e3 * max(ts)}
+            row = {
+                "batch_size": n,
+                "size": args.size,
+                "case": name,
+                "stage_ms": 1e3 * statistics.median(ts),
+                "stage_ms_min": 1e3 * min(ts),
+                "stage_ms_max": 1e3 * max(ts),
+            }
             method = "cutmix" if "cutmix" in name and "elem" not in name else "mixup"
             row["stage_vs_dalimix"] = statistics.median(ts) / ref[method] if not name.startswith("dalimix") else None
             if name in t_op:
@@ -556,10 +644,18 @@ def planning_section(args, progress_factory) -> list[dict]:
                     p.mask_pool("cpu")
                     plan_t.append(t1 - t0)
                     pool_t.append(time.perf_counter() - t1)
-                rows.append({"batch_size": n, "size": args.size, "method": name, "mode": mode,
-                             "plan_ms": 1e3 * statistics.median(plan_t[1:]), "plan_ms_min": 1e3 * min(plan_t[1:]),
-                             "plan_ms_max": 1e3 * max(plan_t[1:]),
-                             "mask_pool_ms": 1e3 * statistics.median(pool_t[1:])})
+                rows.append(
+                    {
+                        "batch_size": n,
+                        "size": args.size,
+                        "method": name,
+                        "mode": mode,
+                        "plan_ms": 1e3 * statistics.median(plan_t[1:]),
+                        "plan_ms_min": 1e3 * min(plan_t[1:]),
+                        "plan_ms_max": 1e3 * max(plan_t[1:]),
+                        "mask_pool_ms": 1e3 * statistics.median(pool_t[1:]),
+                    }
+                )
                 bar.update(1)
     bar.close()
     return rows
@@ -585,6 +681,7 @@ def plan_probe(mixer):
     mixer.plan = plan
     take = getattr(Finisher, "_take_plan", None)  # the loader's hand-over point, if it has one
     if take is not None:
+
         def timed_take(self, *args):
             t0 = time.perf_counter()
             try:
@@ -592,6 +689,7 @@ def plan_probe(mixer):
             finally:
                 stats["wait_s"] += time.perf_counter() - t0
                 stats["waits"] += 1
+
         Finisher._take_plan = timed_take
         stats["wait_measured"] = True
     try:
@@ -619,16 +717,25 @@ def loader_section(args, device, progress_factory) -> list[dict]:
             "mixup|cutmix batch": Mixup(mixup_alpha=0.8, cutmix_alpha=1.0),
             "fmix elem": Mixer(methods=[FMix()], mode="elem", label_smoothing=0.1),
         }
-        loaders = {name: ImageLoader(root=str(view), batch_size=args.loader_batch, size=args.size, device=str(device),
-                                     mix=mix, last_batch_policy="drop", seed=args.seed)
-                   for name, mix in setups.items()}
+        loaders = {
+            name: ImageLoader(
+                root=str(view),
+                batch_size=args.loader_batch,
+                size=args.size,
+                device=str(device),
+                mix=mix,
+                last_batch_policy="drop",
+                seed=args.seed,
+            )
+            for name, mix in setups.items()
+        }
         results = {name: {"ips": [], "plan_ms": [], "wait_ms": []} for name in setups}
         names = list(setups)
         bar = progress_factory((1 + args.loader_epochs) * len(names), "loader")
         for rnd in range(1 + args.loader_epochs):
-            for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 ld, mix = loaders[name], setups[name]
-                with (plan_probe(mix) if mix is not None else contextlib.nullcontext({})) as stats:
+                with plan_probe(mix) if mix is not None else contextlib.nullcontext({}) as stats:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -655,11 +762,20 @@ def loader_section(args, device, progress_factory) -> list[dict]:
     rows = []
     for name, r in results.items():
         med = statistics.median(r["ips"])
-        rows.append({"setup": name, "batch_size": args.loader_batch, "size": args.size, "images_per_epoch": data["files"],
-                     "images_per_s": med, "images_per_s_min": min(r["ips"]), "images_per_s_max": max(r["ips"]),
-                     "vs_off": med / off,
-                     "plan_ms_per_batch": statistics.median(r["plan_ms"]) if r["plan_ms"] else None,
-                     "wait_ms_per_batch": statistics.median(r["wait_ms"]) if r["wait_ms"] else None})
+        rows.append(
+            {
+                "setup": name,
+                "batch_size": args.loader_batch,
+                "size": args.size,
+                "images_per_epoch": data["files"],
+                "images_per_s": med,
+                "images_per_s_min": min(r["ips"]),
+                "images_per_s_max": max(r["ips"]),
+                "vs_off": med / off,
+                "plan_ms_per_batch": statistics.median(r["plan_ms"]) if r["plan_ms"] else None,
+                "wait_ms_per_batch": statistics.median(r["wait_ms"]) if r["wait_ms"] else None,
+            }
+        )
     return rows
 
 
@@ -677,33 +793,81 @@ def _med_min(row: dict, key: str) -> str:
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     gpu = s["device"] == "cuda"
-    parts = [f"{m['date'][:10]}, {one_line(m)}, device {s['device']}; load average "
-             f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end. "
-             f"{s['size']}×{s['size']} px, {NUM_CLASSES} classes, median of {s['repeats']} interleaved repeats. "
-             f"Copy bandwidth (copy_, read + write): {result['copy']['copy_GBps']:.1f} GB/s.", ""]
+    parts = [
+        f"{m['date'][:10]}, {one_line(m)}, device {s['device']}; load average "
+        f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end. "
+        f"{s['size']}×{s['size']} px, {NUM_CLASSES} classes, median of {s['repeats']} interleaved repeats. "
+        f"Copy bandwidth (copy_, read + write): {result['copy']['copy_GBps']:.1f} GB/s.",
+        "",
+    ]
     header = ["batch", "case", "stage ms", "× dalimix", "mix only ms", "op ms", "op × MixUp"]
     if gpu:
         header += ["kernel ms", "kernel × MixUp", "GB/s", "% of copy"]
     body = []
     for r in result["stage"]:
-        cells = [str(r["batch_size"]), r["case"], _med_min(r, "stage_ms"), _fmt(r.get("stage_vs_dalimix"), "{:.2f}×"),
-                 _med_min(r, "mix_only_ms"), _med_min(r, "op_ms"), _fmt(r.get("op_vs_dalimix_mixup"), "{:.2f}×")]
+        cells = [
+            str(r["batch_size"]),
+            r["case"],
+            _med_min(r, "stage_ms"),
+            _fmt(r.get("stage_vs_dalimix"), "{:.2f}×"),
+            _med_min(r, "mix_only_ms"),
+            _med_min(r, "op_ms"),
+            _fmt(r.get("op_vs_dalimix_mixup"), "{:.2f}×"),
+        ]
         if gpu:
-            cells += [_fmt(r.get("kernel_ms"), "{:.3f}"), _fmt(r.get("kernel_vs_dalimix_mixup"), "{:.2f}×"),
-                      _fmt(r.get("effective_GBps"), "{:.0f}"), _fmt(r.get("percent_of_copy"), "{:.0f}%")]
+            cells += [
+                _fmt(r.get("kernel_ms"), "{:.3f}"),
+                _fmt(r.get("kernel_vs_dalimix_mixup"), "{:.2f}×"),
+                _fmt(r.get("effective_GBps"), "{:.0f}"),
+                _fmt(r.get("percent_of_copy"), "{:.0f}%"),
+            ]
         body.append(cells)
-    parts += ["Mixing stage, per batch (uint8 in; normalised float + soft targets out); times are median / minimum "
-              "of the repeats, ratios of medians:", "", markdown_table(header, body)]
-    parts += ["", "Planning on the host, per batch (plan + records: planner thread; mask pool: main thread):", "",
-              markdown_table(["batch", "method", "mode", "plan ms (median / min)", "plan ms max", "mask pool ms"],
-                     [[str(r["batch_size"]), r["method"], r["mode"], _med_min(r, "plan_ms"), _fmt(r["plan_ms_max"]),
-                       _fmt(r["mask_pool_ms"])] for r in result["planning"]])]
+    parts += [
+        "Mixing stage, per batch (uint8 in; normalised float + soft targets out); times are median / minimum "
+        "of the repeats, ratios of medians:",
+        "",
+        markdown_table(header, body),
+    ]
+    parts += [
+        "",
+        "Planning on the host, per batch (plan + records: planner thread; mask pool: main thread):",
+        "",
+        markdown_table(
+            ["batch", "method", "mode", "plan ms (median / min)", "plan ms max", "mask pool ms"],
+            [
+                [
+                    str(r["batch_size"]),
+                    r["method"],
+                    r["mode"],
+                    _med_min(r, "plan_ms"),
+                    _fmt(r["plan_ms_max"]),
+                    _fmt(r["mask_pool_ms"]),
+                ]
+                for r in result["planning"]
+            ],
+        ),
+    ]
     if result.get("loader"):
-        parts += ["", "ImageLoader, epochs interleaved (wait = main thread blocked on the next batch's plan):", "",
-                  markdown_table(["setup", "batch", "images/s", "min–max", "vs off", "plan ms/batch", "wait ms/batch"],
-                         [[r["setup"], str(r["batch_size"]), _fmt(r["images_per_s"], "{:.0f}"),
-                           f"{r['images_per_s_min']:.0f}–{r['images_per_s_max']:.0f}", _fmt(r["vs_off"], "{:.3f}"),
-                           _fmt(r["plan_ms_per_batch"]), _fmt(r["wait_ms_per_batch"], "{:.3f}")] for r in result["loader"]])]
+        parts += [
+            "",
+            "ImageLoader, epochs interleaved (wait = main thread blocked on the next batch's plan):",
+            "",
+            markdown_table(
+                ["setup", "batch", "images/s", "min–max", "vs off", "plan ms/batch", "wait ms/batch"],
+                [
+                    [
+                        r["setup"],
+                        str(r["batch_size"]),
+                        _fmt(r["images_per_s"], "{:.0f}"),
+                        f"{r['images_per_s_min']:.0f}–{r['images_per_s_max']:.0f}",
+                        _fmt(r["vs_off"], "{:.3f}"),
+                        _fmt(r["plan_ms_per_batch"]),
+                        _fmt(r["wait_ms_per_batch"], "{:.3f}"),
+                    ]
+                    for r in result["loader"]
+                ],
+            ),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -716,10 +880,19 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="default 64,128,256")
     p.add_argument("--size", type=int, default=None, help="default 224")
-    p.add_argument("--dtypes", default=None, help="dalimix output dtypes (default: float32 on CPU; float32,float16,bfloat16 on CUDA)")
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="dalimix output dtypes (default: float32 on CPU; float32,float16,bfloat16 on CUDA)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 5 on CPU, 30 on CUDA)")
     p.add_argument("--inner", type=int, default=None, help="calls per timed repeat (default 1 on CPU, 5 on CUDA)")
-    p.add_argument("--copy-bytes", type=int, default=None, help="buffer of the copy-bandwidth reference (default 1 GiB on CUDA, 256 MiB on CPU)")
+    p.add_argument(
+        "--copy-bytes",
+        type=int,
+        default=None,
+        help="buffer of the copy-bandwidth reference (default 1 GiB on CUDA, 256 MiB on CPU)",
+    )
     p.add_argument("--data", default=None, help="ImageFolder tree for the loader section (default: the demo data set)")
     p.add_argument("--loader-batch", type=int, default=None, help="default 64 on CPU, 256 on CUDA")
     p.add_argument("--loader-batches", type=int, default=None, help="batches per loader epoch (default 6)")
@@ -730,23 +903,46 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="where the JSON and markdown go")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--sass-only", action="store_true",
-                   help="only the SASS instructions-per-pixel table (no GPU needed: nvcc + cuobjdump)")
+    p.add_argument(
+        "--sass-only",
+        action="store_true",
+        help="only the SASS instructions-per-pixel table (no GPU needed: nvcc + cuobjdump)",
+    )
     p.add_argument("--no-sass", action="store_true", help="skip the SASS table")
     p.add_argument("--sass-arch", default="sm_90", help="architecture of the SASS table (default sm_90)")
-    p.add_argument("--sass-baseline", default="main",
-                   help="git revision whose kernel is the table's 'before' column (default main; '' for none)")
+    p.add_argument(
+        "--sass-baseline",
+        default="main",
+        help="git revision whose kernel is the table's 'before' column (default main; '' for none)",
+    )
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA GPU")
     cuda = args.device == "cuda"
-    quick = dict(batch_sizes=(4,), size=64, repeats=2, inner=1, copy_bytes=2**20, loader_batch=4, loader_batches=2,
-                 loader_epochs=1, dtypes="float32")
-    full = dict(batch_sizes=(64, 128, 256), size=224, repeats=30 if cuda else 5, inner=5 if cuda else 1,
-                copy_bytes=2**30 if cuda else 2**28, loader_batch=256 if cuda else 64, loader_batches=6,
-                loader_epochs=3, dtypes="float32,float16,bfloat16" if cuda else "float32")
+    quick = dict(
+        batch_sizes=(4,),
+        size=64,
+        repeats=2,
+        inner=1,
+        copy_bytes=2**20,
+        loader_batch=4,
+        loader_batches=2,
+        loader_epochs=1,
+        dtypes="float32",
+    )
+    full = dict(
+        batch_sizes=(64, 128, 256),
+        size=224,
+        repeats=30 if cuda else 5,
+        inner=5 if cuda else 1,
+        copy_bytes=2**30 if cuda else 2**28,
+        loader_batch=256 if cuda else 64,
+        loader_batches=6,
+        loader_epochs=3,
+        dtypes="float32,float16,bfloat16" if cuda else "float32",
+    )
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -785,8 +981,17 @@ def main(argv=None) -> int:
         planning = planning_section(args, progress_factory)
         loader = None if args.no_loader else loader_section(args, device, progress_factory)
         machine["loadavg_end"] = list(os.getloadavg())
-        result = {"kind": "dalimix-bench-mix", "machine": machine, "settings": settings, "copy": copy,
-                  "stage": stage, "kernels": kernels, "planning": planning, "loader": loader, "sass": sass}
+        result = {
+            "kind": "dalimix-bench-mix",
+            "machine": machine,
+            "settings": settings,
+            "copy": copy,
+            "stage": stage,
+            "kernels": kernels,
+            "planning": planning,
+            "loader": loader,
+            "sass": sass,
+        }
         text = markdown(result)
         if kernels:
             text += "\n" + kernels_markdown(kernels, copy["copy_GBps"])

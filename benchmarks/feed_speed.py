@@ -65,13 +65,13 @@ def main(argv=None) -> int:
     pipes = {kind: build(kind, b, args.threads, args.size) for kind in ("bytes", "paths")}
     times = {kind: [] for kind in pipes}
     for epoch in range(args.epochs + 1):
-        for kind in (("bytes", "paths") if epoch % 2 else ("paths", "bytes")):
+        for kind in ("bytes", "paths") if epoch % 2 else ("paths", "bytes"):
             pipe = pipes[kind]
             order = rng.permutation(len(samples))[:n]
             t0 = time.perf_counter()
             fed = 0
             for step in range(n // b):
-                ids = order[step * b:(step + 1) * b]
+                ids = order[step * b : (step + 1) * b]
                 if kind == "bytes":
                     data = samples.read_batch(ids)
                     sizes = np.array([encoded_size(d) for d in data])
@@ -94,8 +94,10 @@ def main(argv=None) -> int:
                 times[kind].append(n / dt)
             pipes[kind] = build(kind, b, args.threads, args.size)  # a fresh pipeline per round, equal for both
     for kind, ips in times.items():
-        print(f"{kind:6s}: median {statistics.median(ips):7.1f} images/s (min {min(ips):.1f}, max {max(ips):.1f}) "
-              f"over {len(ips)} interleaved epochs of {n} images, batch {b}, {args.threads} threads, {args.size} px")
+        print(
+            f"{kind:6s}: median {statistics.median(ips):7.1f} images/s (min {min(ips):.1f}, max {max(ips):.1f}) "
+            f"over {len(ips)} interleaved epochs of {n} images, batch {b}, {args.threads} threads, {args.size} px"
+        )
     print(f"bytes / paths: {statistics.median(times['bytes']) / statistics.median(times['paths']):.3f}")
     return 0
 

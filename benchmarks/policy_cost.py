@@ -24,11 +24,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved epochs per variant")
-    ap.add_argument("--repeat", type=int, default=8,
-                    help="list every file this many times (a file list), so an epoch is long enough that the per-epoch "
-                         "pipeline build does not dominate")
-    ap.add_argument("--consume-ms", type=float, default=0.0,
-                    help="simulated training step per batch (sleep), so prefetching has something to hide behind")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=8,
+        help="list every file this many times (a file list), so an epoch is long enough that the per-epoch "
+        "pipeline build does not dominate",
+    )
+    ap.add_argument(
+        "--consume-ms",
+        type=float,
+        default=0.0,
+        help="simulated training step per batch (sleep), so prefetching has something to hide behind",
+    )
     args = ap.parse_args()
 
     from nvidia.dali.auto_aug.auto_augment import get_image_net_policy
@@ -49,11 +57,20 @@ def main() -> None:
         "no augmentation": None,
         "preset 'original' (inline, prefetched)": "original",
         "Policy, ImageNet AA (exact timing, 2nd stage)": Policy.from_dali(
-            get_image_net_policy(use_shape=True, max_translate_rel=0.45)),
+            get_image_net_policy(use_shape=True, max_translate_rel=0.45)
+        ),
     }
-    loaders = {name: ImageLoader(file_list=listing.name, batch_size=args.batch_size, size=args.size, device=args.device,
-                                 auto_augment=aa, last_batch_policy="drop")
-               for name, aa in variants.items()}
+    loaders = {
+        name: ImageLoader(
+            file_list=listing.name,
+            batch_size=args.batch_size,
+            size=args.size,
+            device=args.device,
+            auto_augment=aa,
+            last_batch_policy="drop",
+        )
+        for name, aa in variants.items()
+    }
     sync = torch.cuda.synchronize if next(iter(loaders.values())).device.type == "cuda" else (lambda: None)
     stage_ms: list[float] = []
     policy_loader = loaders["Policy, ImageNet AA (exact timing, 2nd stage)"]
@@ -83,14 +100,18 @@ def main() -> None:
             sync()
             rates[name].append(n / (time.perf_counter() - t0))
     dev = next(iter(loaders.values())).device
-    print(f"device {dev}, {len(samples) * args.repeat} samples per epoch, {args.size}x{args.size}, batch {args.batch_size}, consume {args.consume_ms} ms/batch, "
-          f"{args.rounds} interleaved epochs each (median images/s, min..max)")
+    print(
+        f"device {dev}, {len(samples) * args.repeat} samples per epoch, {args.size}x{args.size}, batch {args.batch_size}, consume {args.consume_ms} ms/batch, "
+        f"{args.rounds} interleaved epochs each (median images/s, min..max)"
+    )
     base = statistics.median(rates["no augmentation"])
     for name, r in rates.items():
         med = statistics.median(r)
         print(f"  {name:48s} {med:8.1f}  ({min(r):.1f}..{max(r):.1f})  x{med / base:.2f} of no augmentation")
-    print(f"  policy stage inside next(): median {statistics.median(stage_ms):.1f} ms per batch "
-          f"(min {min(stage_ms):.1f}, {len(stage_ms)} batches) on the critical path")
+    print(
+        f"  policy stage inside next(): median {statistics.median(stage_ms):.1f} ms per batch "
+        f"(min {min(stage_ms):.1f}, {len(stage_ms)} batches) on the critical path"
+    )
     for loader in loaders.values():
         loader.close()
     os.unlink(listing.name)

@@ -38,8 +38,14 @@ def main(argv=None) -> int:
         root = str(demo_dataset(progress=True))
 
     def make():
-        return ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=args.device, seed=1,
-                           mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0))
+        return ImageLoader(
+            root=root,
+            batch_size=args.batch_size,
+            size=args.size,
+            device=args.device,
+            seed=1,
+            mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0),
+        )
 
     def first_batch(loader) -> float:
         t0 = time.perf_counter()
@@ -64,8 +70,10 @@ def main(argv=None) -> int:
     ms = lambda xs: f"{1e3 * statistics.median(xs):7.1f} ms"  # noqa: E731
     print(f"first batch of a fresh loader:                      {ms(fresh)}")
     print(f"first batch of a loader resumed at step {args.step}:           {ms(resumed)}")
-    print(f"first batch of a reading loader moved to step {args.step}:     {ms(moved)} "
-          f"(pipelines built: {running.pipelines_built})")
+    print(
+        f"first batch of a reading loader moved to step {args.step}:     {ms(moved)} "
+        f"(pipelines built: {running.pipelines_built})"
+    )
     print(f"state size: {len(repr(state))} characters, DALI checkpoint: {state['dali_checkpoint']!r}")
     return 0
 

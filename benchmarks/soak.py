@@ -56,10 +56,12 @@ def main(argv=None) -> int:
     root = args.data or str(demo_dataset(progress=True))
     methods = [MixUp(), CutMix(), FMix(), ResizeMix()] + ([] if args.no_hook else [LearnedMask()])
     mix = Mixer(methods=methods, mode="elem", label_smoothing=0.1)
-    loader = ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=args.device, mix=mix,
-                         last_batch_policy="drop")
+    loader = ImageLoader(
+        root=root, batch_size=args.batch_size, size=args.size, device=args.device, mix=mix, last_batch_policy="drop"
+    )
     hooked = False
     if not args.no_hook:
+
         def hook(images, lam, partner):
             n = images.shape[0]
             return torch.rand(n, 1, 14, 14, device=images.device)
@@ -68,8 +70,10 @@ def main(argv=None) -> int:
         hooked = True
     cuda = loader.device.type == "cuda"
     rows = []
-    print(f"soak: {loader}, hook={'on' if hooked else 'off'}, "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'dynamic (glibc default)')}")
+    print(
+        f"soak: {loader}, hook={'on' if hooked else 'off'}, "
+        f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'dynamic (glibc default)')}"
+    )
     print(f"{'epoch':>5} {'images/s':>9} {'RSS MiB':>9}" + (f" {'GPU MiB':>9} {'GPU peak':>9}" if cuda else ""))
     for epoch in range(args.epochs):
         loader.set_epoch(epoch)
@@ -87,23 +91,40 @@ def main(argv=None) -> int:
             row["gpu_mib"] = torch.cuda.memory_allocated() / 2**20
             row["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(row)
-        print(f"{epoch:5d} {row['images_per_s']:9.1f} {row['rss_mib']:9.1f}"
-              + (f" {row['gpu_mib']:9.1f} {row['gpu_peak_mib']:9.1f}" if cuda else ""), flush=True)
+        print(
+            f"{epoch:5d} {row['images_per_s']:9.1f} {row['rss_mib']:9.1f}"
+            + (f" {row['gpu_mib']:9.1f} {row['gpu_peak_mib']:9.1f}" if cuda else ""),
+            flush=True,
+        )
     loader.close()
     first, last = rows[min(1, len(rows) - 1)], rows[-1]
     growth = 100 * (last["rss_mib"] - first["rss_mib"]) / first["rss_mib"]
     settled = rows[min(5, len(rows) - 1)]
     growth5 = 100 * (last["rss_mib"] - settled["rss_mib"]) / settled["rss_mib"]
-    print(f"RSS after epoch 1: {first['rss_mib']:.1f} MiB, at the end: {last['rss_mib']:.1f} MiB, growth {growth:+.2f}% "
-          f"(goal < 1%); from epoch {settled['epoch']}: {growth5:+.2f}% (goal < 2% under the default malloc)")
+    print(
+        f"RSS after epoch 1: {first['rss_mib']:.1f} MiB, at the end: {last['rss_mib']:.1f} MiB, growth {growth:+.2f}% "
+        f"(goal < 1%); from epoch {settled['epoch']}: {growth5:+.2f}% (goal < 2% under the default malloc)"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     path = out / f"soak-{stamp}-{loader.device.type}.json"
-    path.write_text(json.dumps({"date": stamp, "machine": platform.node(), "cpu": platform.processor(),
-                                "args": vars(args), "hook": hooked,
-                                "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "dynamic"), "rss_growth_percent": growth,
-                                "rss_growth_from_epoch5_percent": growth5, "epochs": rows}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "date": stamp,
+                "machine": platform.node(),
+                "cpu": platform.processor(),
+                "args": vars(args),
+                "hook": hooked,
+                "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "dynamic"),
+                "rss_growth_percent": growth,
+                "rss_growth_from_epoch5_percent": growth5,
+                "epochs": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"results: {path}")
     return 0
 

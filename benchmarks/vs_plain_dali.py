@@ -46,19 +46,36 @@ def main(argv=None) -> int:
     @pipeline_def(batch_size=b, num_threads=args.threads, device_id=None, seed=1)
     def plain():
         jpegs, labels = fn.readers.file(file_root=args.data, random_shuffle=True, name="Reader")
-        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB, random_area=[0.08, 1.0],
-                                               random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device="cpu",
+            output_type=types.RGB,
+            random_area=[0.08, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3],
+            num_attempts=10,
+        )
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=[255 * m for m in (0.485, 0.456, 0.406)],
-                                          std=[255 * s for s in (0.229, 0.224, 0.225)],
-                                          mirror=fn.random.coin_flip(probability=0.5))
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255 * m for m in (0.485, 0.456, 0.406)],
+            std=[255 * s for s in (0.229, 0.224, 0.225)],
+            mirror=fn.random.coin_flip(probability=0.5),
+        )
         return images, labels
 
     pipe = plain()
     pipe.build()
-    loader = ImageLoader(root=args.data, batch_size=b, size=size, device="cpu", num_threads=args.threads,
-                         mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1), last_batch_policy="drop")
+    loader = ImageLoader(
+        root=args.data,
+        batch_size=b,
+        size=size,
+        device="cpu",
+        num_threads=args.threads,
+        mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1),
+        last_batch_policy="drop",
+    )
     steps = len(loader)
 
     def dali_epoch():
@@ -86,11 +103,15 @@ def main(argv=None) -> int:
                 res[name].append((n / wall, 1e3 * cpu / n))
     med = {k: (statistics.median(a for a, _ in v), statistics.median(c for _, c in v)) for k, v in res.items()}
     for k, (ips, ms) in med.items():
-        print(f"{k:12s}: {ips:7.1f} images/s, {ms:5.2f} CPU ms/image (median of {args.rounds} epochs of "
-              f"{steps * b} images, batch {b}, {size} px, {args.threads} threads)")
+        print(
+            f"{k:12s}: {ips:7.1f} images/s, {ms:5.2f} CPU ms/image (median of {args.rounds} epochs of "
+            f"{steps * b} images, batch {b}, {size} px, {args.threads} threads)"
+        )
     a, p = med["dalimix+mix"], med["dali plain"]
-    print(f"dalimix with mixing / DALI plain without: {a[0] / p[0]:.3f}x images/s, {a[1] / p[1]:.3f}x CPU ms/image; "
-          f"pipelines built by dalimix: {loader.pipelines_built}")
+    print(
+        f"dalimix with mixing / DALI plain without: {a[0] / p[0]:.3f}x images/s, {a[1] / p[1]:.3f}x CPU ms/image; "
+        f"pipelines built by dalimix: {loader.pipelines_built}"
+    )
     return 0
 
 

@@ -42,7 +42,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         samples = index_webdataset(tmp)
         indexed = time.perf_counter() - t0
-        print(f"{len(samples)} images in {len(tars)} shards: packed in {packed:.2f} s, indexed in {indexed * 1e3:.1f} ms")
+        print(
+            f"{len(samples)} images in {len(tars)} shards: packed in {packed:.2f} s, indexed in {indexed * 1e3:.1f} ms"
+        )
         kw = dict(batch_size=args.batch_size, size=args.size, device=args.device, last_batch_policy="drop")
         loaders = {"folder": ImageLoader(root=args.data, **kw), "webdataset": ImageLoader(webdataset=tmp, **kw)}
         rates = {name: [] for name in loaders}
@@ -54,8 +56,10 @@ def main(argv=None) -> int:
                     n += images.shape[0]
                 rates[name].append(n / (time.perf_counter() - t0))
         for name, r in rates.items():
-            print(f"{name:>10}: {statistics.median(r):.1f} images/s (median of {args.rounds} epochs, "
-                  f"{loaders[name].num_threads} DALI threads, {args.size}x{args.size}, batch {args.batch_size}, {args.device})")
+            print(
+                f"{name:>10}: {statistics.median(r):.1f} images/s (median of {args.rounds} epochs, "
+                f"{loaders[name].num_threads} DALI threads, {args.size}x{args.size}, batch {args.batch_size}, {args.device})"
+            )
         for loader in loaders.values():
             loader.close()
     return 0

@@ -34,8 +34,9 @@ def suggest_keywords(aliases: dict[str, str] | None = None) -> Callable[[F], F]:
                         hints.append(f"{k}= is not an argument of {owner}: use {aliases[k]}")
                     else:
                         close = difflib.get_close_matches(k, known, n=1)
-                        hints.append(f"{k}= is not an argument of {owner}"
-                                     + (f": did you mean {close[0]}=?" if close else ""))
+                        hints.append(
+                            f"{k}= is not an argument of {owner}" + (f": did you mean {close[0]}=?" if close else "")
+                        )
                 raise TypeError("; ".join(hints) + f" (its arguments: {', '.join(known)})")
             return init(self, *args, **kwargs)
 

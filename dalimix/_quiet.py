@@ -93,8 +93,9 @@ class DecoderLogFilter:
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
         os.close(write_end)
-        self._thread = threading.Thread(target=self._pump, args=(read_end, self._saved), daemon=True,
-                                        name="dalimix-stderr-filter")
+        self._thread = threading.Thread(
+            target=self._pump, args=(read_end, self._saved), daemon=True, name="dalimix-stderr-filter"
+        )
         self._thread.start()
         return self
 

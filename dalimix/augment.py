@@ -56,10 +56,13 @@ class Augment:
         object.__setattr__(self, "vflip", v.number("vflip", self.vflip, lo=0, hi=1))
         object.__setattr__(self, "color_jitter", jitter_factors(self.color_jitter))
         if self.color_jitter_prob is not None:
-            object.__setattr__(self, "color_jitter_prob", v.number("color_jitter_prob", self.color_jitter_prob, lo=0, hi=1))
+            object.__setattr__(
+                self, "color_jitter_prob", v.number("color_jitter_prob", self.color_jitter_prob, lo=0, hi=1)
+            )
         object.__setattr__(self, "grayscale_prob", v.number("grayscale_prob", self.grayscale_prob or 0.0, lo=0, hi=1))
-        object.__setattr__(self, "gaussian_blur_prob",
-                           v.number("gaussian_blur_prob", self.gaussian_blur_prob or 0.0, lo=0, hi=1))
+        object.__setattr__(
+            self, "gaussian_blur_prob", v.number("gaussian_blur_prob", self.gaussian_blur_prob or 0.0, lo=0, hi=1)
+        )
         object.__setattr__(self, "random_interpolation", v.flag("random_interpolation", self.random_interpolation))
 
     @property
@@ -83,8 +86,10 @@ def jitter_factors(value):
         return None
     values = np.atleast_1d(np.asarray(value, dtype=float)).tolist() if not isinstance(value, bool) else None
     if values is None or len(values) not in (1, 3, 4) or not all(math.isfinite(x) and x >= 0 for x in values):
-        raise ValueError(f"color_jitter={value!r}: a factor >= 0 (brightness = contrast = saturation) or 3/4 factors "
-                         "(brightness, contrast, saturation[, hue <= 0.5]), as timm")
+        raise ValueError(
+            f"color_jitter={value!r}: a factor >= 0 (brightness = contrast = saturation) or 3/4 factors "
+            "(brightness, contrast, saturation[, hue <= 0.5]), as timm"
+        )
     if len(values) == 1:
         values = values * 3
     if len(values) == 3:
@@ -123,8 +128,9 @@ def secondary(images, augment: Augment | None, preset, *, height: int, width: in
 
     augment = augment or Augment()
     if augment.vflip > 0:
-        images = fn.flip(images, horizontal=0,
-                         vertical=fn.random.coin_flip(probability=augment.vflip, seed=_seed(seed, 1)))
+        images = fn.flip(
+            images, horizontal=0, vertical=fn.random.coin_flip(probability=augment.vflip, seed=_seed(seed, 1))
+        )
     if preset is not None:
         from .autoaug import apply_preset
 
@@ -135,8 +141,12 @@ def secondary(images, augment: Augment | None, preset, *, height: int, width: in
         images = _maybe(images, grayscale, augment.grayscale_prob, seed=_seed(seed, 4))
     if augment.gaussian_blur_prob:
         sigma = fn.random.uniform(range=list(BLUR_SIGMA), seed=_seed(seed, 5))
-        images = _maybe(images, lambda x: fn.gaussian_blur(x, window_size=BLUR_KERNEL, sigma=sigma),
-                        augment.gaussian_blur_prob, seed=_seed(seed, 6))
+        images = _maybe(
+            images,
+            lambda x: fn.gaussian_blur(x, window_size=BLUR_KERNEL, sigma=sigma),
+            augment.gaussian_blur_prob,
+            seed=_seed(seed, 6),
+        )
     return images
 
 
@@ -206,12 +216,17 @@ def color_jitter(images, factors, *, prob=None, seed=None):
     def hue(x, **_):
         return clip(fn.hue(x, hue=fh))
 
-    ops = [brightness if b else _identity, contrast if c else _identity, saturation if s else _identity,
-           hue if h else _identity]
+    ops = [
+        brightness if b else _identity,
+        contrast if c else _identity,
+        saturation if s else _identity,
+        hue if h else _identity,
+    ]
 
     def jitter(x):
-        order = types.Constant(_PERMUTATIONS)[fn.random.uniform(values=list(range(24)), dtype=types.INT32,
-                                                                seed=_seed(seed, 14))]
+        order = types.Constant(_PERMUTATIONS)[
+            fn.random.uniform(values=list(range(24)), dtype=types.INT32, seed=_seed(seed, 14))
+        ]
         x = fn.cast(x, dtype=types.FLOAT)
         for k in range(4):
             x = select(ops, order[k], x)
@@ -258,36 +273,74 @@ def _timm_ops(increasing: bool, translate_pct: float):
         "SolarizeAdd": a.solarize_add.augmentation(mag_to_param=lambda m: np.uint8(min(128, int(m / LEVELS * 110)))),
     }
     if increasing:
-        ops.update({
-            "PosterizeIncreasing": a.posterize.augmentation(mag_to_param=lambda m: poster_mask(4 - int(m / LEVELS * 4))),
-            "SolarizeIncreasing": a.solarize.augmentation(mag_to_param=lambda m: np.int32(256) - solarize_thresh(m)),
-            "ColorIncreasing": a.color.augmentation(randomly_negate=True, mag_to_param=enhance_inc),
-            "ContrastIncreasing": a.contrast.augmentation(randomly_negate=True, mag_to_param=enhance_inc),
-            "BrightnessIncreasing": a.brightness.augmentation(randomly_negate=True, mag_to_param=enhance_inc),
-            "SharpnessIncreasing": a.sharpness.augmentation(randomly_negate=True,
-                                                            mag_to_param=lambda m: sharp(enhance_inc(m))),
-        })
+        ops.update(
+            {
+                "PosterizeIncreasing": a.posterize.augmentation(
+                    mag_to_param=lambda m: poster_mask(4 - int(m / LEVELS * 4))
+                ),
+                "SolarizeIncreasing": a.solarize.augmentation(
+                    mag_to_param=lambda m: np.int32(256) - solarize_thresh(m)
+                ),
+                "ColorIncreasing": a.color.augmentation(randomly_negate=True, mag_to_param=enhance_inc),
+                "ContrastIncreasing": a.contrast.augmentation(randomly_negate=True, mag_to_param=enhance_inc),
+                "BrightnessIncreasing": a.brightness.augmentation(randomly_negate=True, mag_to_param=enhance_inc),
+                "SharpnessIncreasing": a.sharpness.augmentation(
+                    randomly_negate=True, mag_to_param=lambda m: sharp(enhance_inc(m))
+                ),
+            }
+        )
     else:
-        ops.update({
-            "Posterize": a.posterize.augmentation(mag_to_param=lambda m: poster_mask(int(m / LEVELS * 4))),
-            "Solarize": a.solarize.augmentation(mag_to_param=solarize_thresh),
-            "Color": a.color.augmentation(randomly_negate=False, mag_to_param=enhance),
-            "Contrast": a.contrast.augmentation(randomly_negate=False, mag_to_param=enhance),
-            "Brightness": a.brightness.augmentation(randomly_negate=False, mag_to_param=enhance),
-            "Sharpness": a.sharpness.augmentation(randomly_negate=False, mag_to_param=lambda m: sharp(enhance(m))),
-        })
+        ops.update(
+            {
+                "Posterize": a.posterize.augmentation(mag_to_param=lambda m: poster_mask(int(m / LEVELS * 4))),
+                "Solarize": a.solarize.augmentation(mag_to_param=solarize_thresh),
+                "Color": a.color.augmentation(randomly_negate=False, mag_to_param=enhance),
+                "Contrast": a.contrast.augmentation(randomly_negate=False, mag_to_param=enhance),
+                "Brightness": a.brightness.augmentation(randomly_negate=False, mag_to_param=enhance),
+                "Sharpness": a.sharpness.augmentation(randomly_negate=False, mag_to_param=lambda m: sharp(enhance(m))),
+            }
+        )
     return ops
 
 
 # timm's _RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS, in timm's order
-RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
-                   "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-RAND_INCREASING_TRANSFORMS = tuple(n + "Increasing" if n in ("Posterize", "Solarize", "Color", "Contrast", "Brightness",
-                                                            "Sharpness") else n for n in RAND_TRANSFORMS)
+RAND_TRANSFORMS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+RAND_INCREASING_TRANSFORMS = tuple(
+    n + "Increasing" if n in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness") else n
+    for n in RAND_TRANSFORMS
+)
 
 
-def timm_rand_augment(images, *, n: int, m: int, p: float = 0.5, mstd: float = 0.0, mmax: int | None = None,
-                      increasing: bool = False, height: int, width: int, translate_pct: float = 0.45, seed=None):
+def timm_rand_augment(
+    images,
+    *,
+    n: int,
+    m: int,
+    p: float = 0.5,
+    mstd: float = 0.0,
+    mmax: int | None = None,
+    increasing: bool = False,
+    height: int,
+    width: int,
+    translate_pct: float = 0.45,
+    seed=None,
+):
     """timm's ``RandAugment`` (``rand_augment_transform``): ``n`` layers, each picks one of timm's 15
     operations uniformly (with replacement), runs it with probability ``p`` at magnitude ``m`` (with
     ``mstd``: per layer ``N(m, mstd)``, ``inf``: uniform in ``[0, m]``), clipped to ``[0, mmax or 10]``
@@ -319,8 +372,9 @@ def timm_rand_augment(images, *, n: int, m: int, p: float = 0.5, mstd: float = 0
                 level = fn.random.normal(mean=float(m), stddev=float(mstd), seed=_seed(seed, k + 3))
             level = dmath.clamp(level, 0.0, top)
             mag = signed_bin(fn.cast(level * float(BINS_PER_LEVEL), dtype=types.INT32), seed=_seed(seed, k + 2))
-        images = select(ops, op, images, magnitude_bin=mag, num_magnitude_bins=bins, shape=[height, width],
-                        fill_value=FILL_VALUE)
+        images = select(
+            ops, op, images, magnitude_bin=mag, num_magnitude_bins=bins, shape=[height, width], fill_value=FILL_VALUE
+        )
     return images
 
 
@@ -352,9 +406,21 @@ def three_augment(images, *, seed=None):
 
 
 # timm's _AUGMIX_TRANSFORMS, in timm's order
-AUGMIX_TRANSFORMS = ("AutoContrast", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                     "SharpnessIncreasing", "Equalize", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "ShearX",
-                     "ShearY", "TranslateXRel", "TranslateYRel")
+AUGMIX_TRANSFORMS = (
+    "AutoContrast",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "Equalize",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 
 
 def _level(m: float, mstd: float, top: float, seed):
@@ -374,8 +440,18 @@ def _level(m: float, mstd: float, top: float, seed):
     return signed_bin(fn.cast(level * float(BINS_PER_LEVEL), dtype=types.INT32), seed=_seed(seed, 1))
 
 
-def augmix(images, *, m: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0, mstd: float = math.inf,
-           height: int, width_px: int, seed=None):
+def augmix(
+    images,
+    *,
+    m: int = 3,
+    width: int = 3,
+    depth: int = -1,
+    alpha: float = 1.0,
+    mstd: float = math.inf,
+    height: int,
+    width_px: int,
+    seed=None,
+):
     """timm's ``AugMixAugment`` (Hendrycks et al., "AugMix", ICLR 2020), its default (non-blended) form:
     ``width`` chains of ``depth`` operations (-1: 1..3 per chain) drawn from timm's AugMix suite, each at
     a magnitude drawn as timm's ``AugmentOp`` does (default ``mstd=inf``: uniform in ``[0, m]``); the
@@ -401,8 +477,9 @@ def augmix(images, *, m: int = 3, width: int = 3, depth: int = -1, alpha: float 
             left = (1.0 - share) if left is None else left * (1.0 - share)
         else:
             weight = left if left is not None else 1.0
-        chain_depth = depth if depth > 0 else fn.random.uniform(values=[1, 2, 3], dtype=types.INT32,
-                                                                seed=_seed(seed, k + 1))
+        chain_depth = (
+            depth if depth > 0 else fn.random.uniform(values=[1, 2, 3], dtype=types.INT32, seed=_seed(seed, k + 1))
+        )
         x = images
         for d in range(depth if depth > 0 else 3):
             op = fn.random.uniform(values=list(range(skip)), dtype=types.INT32, seed=_seed(seed, k + 10 + d))
@@ -410,8 +487,9 @@ def augmix(images, *, m: int = 3, width: int = 3, depth: int = -1, alpha: float 
                 run = fn.cast(chain_depth > d, dtype=types.INT32)
                 op = op * run + skip * (1 - run)
             mag = _level(m, mstd, top, _seed(seed, k + 20 + d))
-            x = select(ops, op, x, magnitude_bin=mag, num_magnitude_bins=bins, shape=[height, width_px],
-                       fill_value=FILL_VALUE)
+            x = select(
+                ops, op, x, magnitude_bin=mag, num_magnitude_bins=bins, shape=[height, width_px], fill_value=FILL_VALUE
+            )
         term = fn.cast(x, dtype=types.FLOAT) * weight
         mixed = term if mixed is None else mixed + term
     mixed = dmath.floor(dmath.clamp(mixed, 0.0, 255.0))  # timm: np.clip, then astype(uint8) truncates

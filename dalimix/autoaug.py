@@ -47,8 +47,10 @@ TIMM_LEVELS = 10  # timm's magnitude scale: 0..10
 MAX_TRANSLATE_REL = 0.45  # timm's translate_pct: the largest shift as a fraction of the image side
 FILL_VALUE = 128
 
-_FORMS = ("'original' (AutoAugment ImageNet policy), 'rand-m9-n2' (timm's RandAugment: m, n, p, mstd, mmax, inc "
-          "sections), '3a' (ThreeAugment), 'trivialaugment' (TrivialAugment Wide), or None")
+_FORMS = (
+    "'original' (AutoAugment ImageNet policy), 'rand-m9-n2' (timm's RandAugment: m, n, p, mstd, mmax, inc "
+    "sections), '3a' (ThreeAugment), 'trivialaugment' (TrivialAugment Wide), or None"
+)
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,14 @@ class AutoAugmentPreset:
             return self.policy
         if self.kind == "randaugment":
             mstd = "101" if math.isinf(self.mstd) else f"{self.mstd:g}"
-            return (f"rand-m{self.m}-n{self.n}-p{self.p:g}-mstd{mstd}-mmax{self.mmax or TIMM_LEVELS}"
-                    f"-inc{int(self.increasing)}")
+            return (
+                f"rand-m{self.m}-n{self.n}-p{self.p:g}-mstd{mstd}-mmax{self.mmax or TIMM_LEVELS}"
+                f"-inc{int(self.increasing)}"
+            )
         if self.kind == "threeaugment":
             return "3a"
         if self.kind == "augmix":  # n: width, mmax: depth, p: alpha
+            assert self.mmax is not None  # an AugMix preset always has its depth
             mstd = "101" if math.isinf(self.mstd) else f"{self.mstd:g}"
             return f"augmix-m{self.m}-w{self.n}-d{max(self.mmax, 0)}-a{self.p:g}-mstd{mstd}"
         return "trivialaugment"
@@ -112,15 +117,19 @@ def parse_auto_augment(text) -> AutoAugmentPreset | None:
         for sec in sections:
             key, value = _section(text, sec)
             if key != "mstd" or value != 0:
-                raise ValueError(f"auto_augment={text!r}: AutoAugment takes no section {sec!r} here (DALI applies the "
-                                 "policy's magnitudes as they are: timm's magnitude noise 'mstd' is not available)")
+                raise ValueError(
+                    f"auto_augment={text!r}: AutoAugment takes no section {sec!r} here (DALI applies the "
+                    "policy's magnitudes as they are: timm's magnitude noise 'mstd' is not available)"
+                )
         return AutoAugmentPreset(kind="autoaugment", text=text, policy=AUTOAUGMENT_POLICIES[head])
     if head == "rand":
         n, m, p, mstd, mmax, increasing = 2, TIMM_LEVELS, 0.5, 0.0, None, False
         for sec in sections:
             if sec.startswith("t") or sec.startswith("w"):
-                raise ValueError(f"auto_augment={text!r}: timm's weighted / named operation sets (section {sec!r}) are "
-                                 "not available; drop the section (timm's default suite is used)")
+                raise ValueError(
+                    f"auto_augment={text!r}: timm's weighted / named operation sets (section {sec!r}) are "
+                    "not available; drop the section (timm's default suite is used)"
+                )
             key, value = _section(text, sec)
             if key == "m" and value == int(value):
                 m = int(value)
@@ -135,10 +144,13 @@ def parse_auto_augment(text) -> AutoAugmentPreset | None:
             elif key == "inc" and value in (0, 1):
                 increasing = bool(value)
             else:
-                raise ValueError(f"auto_augment={text!r}: section {sec!r} is not m<int>, n<1..>, p<0..1>, mstd<float>, "
-                                 "mmax<int>, inc<0|1>")
-        return AutoAugmentPreset(kind="randaugment", text=text, n=n, m=m, p=p, mstd=mstd, mmax=mmax,
-                                 increasing=increasing)
+                raise ValueError(
+                    f"auto_augment={text!r}: section {sec!r} is not m<int>, n<1..>, p<0..1>, mstd<float>, "
+                    "mmax<int>, inc<0|1>"
+                )
+        return AutoAugmentPreset(
+            kind="randaugment", text=text, n=n, m=m, p=p, mstd=mstd, mmax=mmax, increasing=increasing
+        )
     if head == "3a":
         for sec in sections:
             key, value = _section(text, sec)
@@ -166,22 +178,28 @@ def parse_auto_augment(text) -> AutoAugmentPreset | None:
             elif key == "b" and value == 0:
                 pass
             elif key == "b":
-                raise ValueError(f"auto_augment={text!r}: timm's blended AugMix ('b1', its own untested shortcut) is not "
-                                 "implemented; drop the section for the paper's form")
+                raise ValueError(
+                    f"auto_augment={text!r}: timm's blended AugMix ('b1', its own untested shortcut) is not "
+                    "implemented; drop the section for the paper's form"
+                )
             else:
-                raise ValueError(f"auto_augment={text!r}: section {sec!r} is not m<int>, w<1..>, d<int>, a<float>, "
-                                 "mstd<float>, b0")
+                raise ValueError(
+                    f"auto_augment={text!r}: section {sec!r} is not m<int>, w<1..>, d<int>, a<float>, mstd<float>, b0"
+                )
         return AutoAugmentPreset(kind="augmix", text=text, m=m, n=width, p=alpha, mstd=mstd, mmax=depth)
     if head in ("v0", "v0r", "originalr"):
-        raise ValueError(f"auto_augment={text!r}: timm's {head!r} policy has no counterpart in DALI's auto_aug; "
-                         f"use {_FORMS}")
+        raise ValueError(
+            f"auto_augment={text!r}: timm's {head!r} policy has no counterpart in DALI's auto_aug; use {_FORMS}"
+        )
     raise ValueError(f"auto_augment={text!r} is not a known preset; use {_FORMS}")
 
 
 def _section(text: str, sec: str) -> tuple[str, float]:
     match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", sec)
     if not match:
-        raise ValueError(f"auto_augment={text!r}: cannot read section {sec!r} (expected a name and a number, e.g. 'm9')")
+        raise ValueError(
+            f"auto_augment={text!r}: cannot read section {sec!r} (expected a name and a number, e.g. 'm9')"
+        )
     return match.group(1), float(match.group(2))
 
 
@@ -205,17 +223,42 @@ def _apply_preset(images, preset, *, height: int, width: int, seed: int | None):
     if preset.kind == "autoaugment":
         if preset.policy == "reduced_image_net":  # has no translations, so takes no shape
             return auto_augment.auto_augment(images, policy_name=preset.policy, fill_value=FILL_VALUE, seed=seed)
-        return auto_augment.auto_augment(images, policy_name=preset.policy, shape=shape,
-                                         max_translate_rel=MAX_TRANSLATE_REL, fill_value=FILL_VALUE, seed=seed)
+        return auto_augment.auto_augment(
+            images,
+            policy_name=preset.policy,
+            shape=shape,
+            max_translate_rel=MAX_TRANSLATE_REL,
+            fill_value=FILL_VALUE,
+            seed=seed,
+        )
     if preset.kind == "randaugment":
-        return timm_rand_augment(images, n=preset.n, m=preset.m, p=preset.p, mstd=preset.mstd, mmax=preset.mmax,
-                                 increasing=preset.increasing, height=height, width=width,
-                                 translate_pct=MAX_TRANSLATE_REL, seed=seed)
+        return timm_rand_augment(
+            images,
+            n=preset.n,
+            m=preset.m,
+            p=preset.p,
+            mstd=preset.mstd,
+            mmax=preset.mmax,
+            increasing=preset.increasing,
+            height=height,
+            width=width,
+            translate_pct=MAX_TRANSLATE_REL,
+            seed=seed,
+        )
     if preset.kind == "threeaugment":
         return three_augment(images, seed=seed)
     if preset.kind == "augmix":
-        return augmix(images, m=preset.m, width=preset.n, depth=preset.mmax, alpha=preset.p, mstd=preset.mstd,
-                      height=height, width_px=width, seed=seed)
+        return augmix(
+            images,
+            m=preset.m,
+            width=preset.n,
+            depth=preset.mmax,
+            alpha=preset.p,
+            mstd=preset.mstd,
+            height=height,
+            width_px=width,
+            seed=seed,
+        )
     if preset.kind == "trivialaugment":
         return trivial_augment.trivial_augment_wide(images, num_magnitude_bins=31, fill_value=FILL_VALUE, seed=seed)
     raise ValueError(f"unknown preset kind {preset.kind!r}")

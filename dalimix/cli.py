@@ -11,10 +11,18 @@ import re
 import sys
 import time
 
-
 # dalimix.mix.METHODS' names, listed here so that `dalimix --help` does not import torch
-MIX_NAMES = ("attentivemix", "cutmix", "fmix", "gridmix", "mixup", "resizemix", "saliencymix", "samplepairing",
-             "smoothmix")
+MIX_NAMES = (
+    "attentivemix",
+    "cutmix",
+    "fmix",
+    "gridmix",
+    "mixup",
+    "resizemix",
+    "saliencymix",
+    "samplepairing",
+    "smoothmix",
+)
 
 
 def _positive_int(text: str) -> int:
@@ -28,9 +36,16 @@ def _positive_int(text: str) -> int:
 
 
 # --dtype spellings (the loader's own: dalimix.ops.kernels), without importing torch for --help
-DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-          "float16": "float16", "fp16": "float16", "half": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
 
 def _dtype(text: str) -> str:
@@ -40,16 +55,27 @@ def _dtype(text: str) -> str:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="DIR", help="ImageFolder root, or a 'path label' file list such as "
-                   "`dalimix scan --fix-list` writes (default: the embedded demo data set)")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="ImageFolder root, or a 'path label' file list such as "
+        "`dalimix scan --fix-list` writes (default: the embedded demo data set)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--size", type=_positive_int, default=224, help="output size in px (default 224)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="a file that does not decode: stop with its name (raise, default) or replace it (skip)")
-    p.add_argument("--decoder-log", action="store_true",
-                   help="keep nvImageCodec's own [ERROR] lines (dalimix names every undecodable file itself)")
+    p.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a file that does not decode: stop with its name (raise, default) or replace it (skip)",
+    )
+    p.add_argument(
+        "--decoder-log",
+        action="store_true",
+        help="keep nvImageCodec's own [ERROR] lines (dalimix names every undecodable file itself)",
+    )
 
 
 # The loader speaks Python keywords; on the command line the same advice names the flags.
@@ -100,8 +126,14 @@ def cmd_demo(args) -> int:
 
         mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
     loader = ImageLoader(
-        **source, batch_size=args.batch_size, size=args.size, device=args.device, seed=args.seed,
-        dtype=args.dtype, mix=mix, last_batch_policy="drop" if mix is not None else "partial",
+        **source,
+        batch_size=args.batch_size,
+        size=args.size,
+        device=args.device,
+        seed=args.seed,
+        dtype=args.dtype,
+        mix=mix,
+        last_batch_policy="drop" if mix is not None else "partial",
         on_error=args.on_error,
     )
     print(f"dalimix demo: {loader}")
@@ -124,13 +156,18 @@ def cmd_demo(args) -> int:
     finally:
         loader.close()
     if total_images == 0:
-        print(f"dalimix demo: no batch in {args.epochs} epoch(s) ({len(loader.dataset)} samples, "
-              f"batch {loader.batch_size}, drop-last): use a smaller --batch-size", file=sys.stderr)
+        print(
+            f"dalimix demo: no batch in {args.epochs} epoch(s) ({len(loader.dataset)} samples, "
+            f"batch {loader.batch_size}, drop-last): use a smaller --batch-size",
+            file=sys.stderr,
+        )
         return 2
-    print(f"device: {loader.device}; {total_images} images in {total_time:.2f} s = "
-          f"{total_images / total_time:.1f} images/s over {args.epochs} epochs "
-          f"(batch {loader.batch_size}, {loader.spec.height}x{loader.spec.width}, {loader.dtype}, "
-          f"{loader.num_threads} DALI threads)")
+    print(
+        f"device: {loader.device}; {total_images} images in {total_time:.2f} s = "
+        f"{total_images / total_time:.1f} images/s over {args.epochs} epochs "
+        f"(batch {loader.batch_size}, {loader.spec.height}x{loader.spec.width}, {loader.dtype}, "
+        f"{loader.num_threads} DALI threads)"
+    )
     path = _save_showcase(loader, args)
     print(f"mixing picture: {path.resolve()} ({', '.join(SHOWCASE)} at several lam)")
     return 0
@@ -192,16 +229,29 @@ def cmd_preview(args) -> int:
     mixer = Mixer(methods=[method], mode=args.mode, prob=1.0)
     if args.mix == "samplepairing":
         method.set_epoch(0)
-    loader = ImageLoader(**_data_source(args), batch_size=args.batch_size, size=args.size, device=args.device,
-                         seed=args.seed, mix=mixer, last_batch_policy="partial", on_error=args.on_error)
+    loader = ImageLoader(
+        **_data_source(args),
+        batch_size=args.batch_size,
+        size=args.size,
+        device=args.device,
+        seed=args.seed,
+        mix=mixer,
+        last_batch_policy="partial",
+        on_error=args.on_error,
+    )
     try:
         images, targets = next(iter(loader))
         info = loader.last_batch
-        path = save_grid(denormalize(images, loader.norm), args.out or f"dalimix-preview-{args.mix}.png",
-                         captions=_captions(loader, targets, info))
+        path = save_grid(
+            denormalize(images, loader.norm),
+            args.out or f"dalimix-preview-{args.mix}.png",
+            captions=_captions(loader, targets, info),
+        )
     finally:
         loader.close()
-    print(f"{args.mix}: {images.shape[0]} samples ({args.mode} mode), lam {info.params.lam.min():.2f}..{info.params.lam.max():.2f}")
+    print(
+        f"{args.mix}: {images.shape[0]} samples ({args.mode} mode), lam {info.params.lam.min():.2f}..{info.params.lam.max():.2f}"
+    )
     print(f"preview grid: {path.resolve()}")
     return 0
 
@@ -217,8 +267,10 @@ def cmd_scan(args) -> int:
     print(f"scanned {len(samples)} files in {len(samples.classes)} classes: {len(result.bad)} unreadable")
     if args.fix_list:
         path = write_file_list(result, args.fix_list)
-        print(f"clean file list ({len(result.good_indices)} files): {path.resolve()} "
-              f"(ImageLoader(file_list=...) reads it, and so does --data in dalimix demo/preview)")
+        print(
+            f"clean file list ({len(result.good_indices)} files): {path.resolve()} "
+            f"(ImageLoader(file_list=...) reads it, and so does --data in dalimix demo/preview)"
+        )
     return 1 if result.bad else 0
 
 
@@ -226,8 +278,14 @@ def cmd_pack(args) -> int:
     """Pack an ImageFolder tree into WebDataset tar shards (see dalimix.webdataset)."""
     from .webdataset import pack_image_folder
 
-    tars = pack_image_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                             shuffle_seed=args.shuffle_seed, overwrite=args.overwrite)
+    tars = pack_image_folder(
+        args.src,
+        args.out,
+        shard_size=args.shard_size,
+        prefix=args.prefix,
+        shuffle_seed=args.shuffle_seed,
+        overwrite=args.overwrite,
+    )
     print(f"{len(tars)} shard(s) in {args.out}: {tars[0].name} .. {tars[-1].name} (+ .idx index files, classes.txt)")
     return 0
 
@@ -265,13 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalimix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run the loader on the demo data (or --data DIR), print images/s, save a batch grid")
+    p = sub.add_parser(
+        "demo", help="run the loader on the demo data (or --data DIR), print images/s, save a batch grid"
+    )
     _add_data_args(p)
     p.add_argument("--epochs", type=_positive_int, default=2)
     p.add_argument("--dtype", default="float32", type=_dtype, metavar="{float32,float16,bfloat16,fp16,bf16}")
     p.add_argument("--no-mix", action="store_true", help="plain labels, no MixUp/CutMix")
-    p.add_argument("--out", default="dalimix-demo.png",
-                   help="where to write the PNG: every mixing method at several lam, on two of the images")
+    p.add_argument(
+        "--out",
+        default="dalimix-demo.png",
+        help="where to write the PNG: every mixing method at several lam, on two of the images",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("preview", help="write a PNG grid of samples mixed by one method, lam on each tile")
@@ -282,11 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: dalimix-preview-<method>.png")
     p.set_defaults(func=cmd_preview)
 
-    p = sub.add_parser("scan", help="decode every file of a data set, list the unreadable ones, write a clean file list")
+    p = sub.add_parser(
+        "scan", help="decode every file of a data set, list the unreadable ones, write a clean file list"
+    )
     p.add_argument("data", metavar="DIR", help="ImageFolder root (or the root for --file-list's relative paths)")
     p.add_argument("--file-list", help="scan this 'path label' list instead of an ImageFolder tree")
     p.add_argument("--fix-list", metavar="OUT", help="write the readable files as a file list the loader accepts")
-    p.add_argument("--strict", action="store_true", help="also refuse files PIL cannot decode in full, as ImageLoader(strict=True) does")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also refuse files PIL cannot decode in full, as ImageLoader(strict=True) does",
+    )
     p.add_argument("--workers", type=_positive_int, default=None, help="decoding processes (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_scan)
@@ -296,13 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="folder for the shards (created)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ...")
-    p.add_argument("--shuffle-seed", type=int, default=None, help="store the samples in a random order drawn from this seed")
+    p.add_argument(
+        "--shuffle-seed", type=int, default=None, help="store the samples in a random order drawn from this seed"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=cmd_pack)
 
     from .bench.command import add_arguments as add_bench_arguments
 
-    p = sub.add_parser("bench", help="images/s, CPU, memory: dalimix vs torchvision vs timm vs DALI + torch, mixing on/off")
+    p = sub.add_parser(
+        "bench", help="images/s, CPU, memory: dalimix vs torchvision vs timm vs DALI + torch, mixing on/off"
+    )
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
@@ -327,8 +400,11 @@ def main(argv=None) -> int:
         return 2
     finally:
         if isinstance(log_filter, DecoderLogFilter) and log_filter.dropped:
-            print(f"dalimix {args.command}: {log_filter.dropped} line(s) of nvImageCodec's decoder log hidden "
-                  "(--decoder-log shows them)", file=sys.stderr)
+            print(
+                f"dalimix {args.command}: {log_filter.dropped} line(s) of nvImageCodec's decoder log hidden "
+                "(--decoder-log shows them)",
+                file=sys.stderr,
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

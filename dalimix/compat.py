@@ -25,11 +25,40 @@ from .sources import Samples, _fingerprint, source_for_path
 # What becomes of each timm create_loader argument (tests/test_dropin.py checks that every name in
 # timm's signature is listed here or handled by name in create_loader).
 HONOURED = (
-    "dataset", "input_size", "batch_size", "is_training", "no_aug", "re_prob", "re_mode", "re_count", "re_split",
-    "train_crop_mode", "scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob",
-    "gaussian_blur_prob", "auto_augment", "interpolation", "mean", "std", "num_workers", "distributed", "crop_pct",
-    "crop_mode", "collate_fn", "fp16", "img_dtype", "device", "use_prefetcher", "use_multi_epochs_loader",
-    "batch_choice_seed", "pin_memory",
+    "dataset",
+    "input_size",
+    "batch_size",
+    "is_training",
+    "no_aug",
+    "re_prob",
+    "re_mode",
+    "re_count",
+    "re_split",
+    "train_crop_mode",
+    "scale",
+    "ratio",
+    "hflip",
+    "vflip",
+    "color_jitter",
+    "color_jitter_prob",
+    "grayscale_prob",
+    "gaussian_blur_prob",
+    "auto_augment",
+    "interpolation",
+    "mean",
+    "std",
+    "num_workers",
+    "distributed",
+    "crop_pct",
+    "crop_mode",
+    "collate_fn",
+    "fp16",
+    "img_dtype",
+    "device",
+    "use_prefetcher",
+    "use_multi_epochs_loader",
+    "batch_choice_seed",
+    "pin_memory",
 )
 # Arguments about worker processes, which dalimix does not have (DALI's threads do the work): any value
 # leaves the batches as they are.
@@ -149,8 +178,10 @@ def create_loader(
     for name, (offs, reason) in OFF_ONLY.items():
         value = locals()[name]
         if not any(value is off or (off is not None and value == off) for off in offs):
-            raise ValueError(f"create_loader: {name}={value!r}: {reason} in dalimix; leave it at {offs[0]!r} "
-                             "or use timm's own loader for it")
+            raise ValueError(
+                f"create_loader: {name}={value!r}: {reason} in dalimix; leave it at {offs[0]!r} "
+                "or use timm's own loader for it"
+            )
     train = bool(is_training) and not no_aug
     if train_crop_mode not in (None, "rrc"):
         raise ValueError(f"train_crop_mode={train_crop_mode!r}: dalimix does timm's 'rrc' (random resized crop) only")
@@ -158,28 +189,38 @@ def create_loader(
         raise ValueError(f"crop_mode={crop_mode!r}: dalimix does the centre crop only (None or 'center')")
     random_interp = interpolation == "random"
     if random_interp and not train:
-        raise ValueError("interpolation='random' is for training loaders (timm draws it per training crop); "
-                         "give the eval loader 'bilinear' or 'bicubic'")
+        raise ValueError(
+            "interpolation='random' is for training loaders (timm draws it per training crop); "
+            "give the eval loader 'bilinear' or 'bicubic'"
+        )
     if collate_fn is not None:
         if mix is not None:
             raise ValueError("collate_fn= and mix= both given: pass the mixer once")
         if not _is_timm_mixup(collate_fn):
-            raise ValueError(f"collate_fn={collate_fn!r}: dalimix builds its batches itself; only timm's Mixup / "
-                             "FastCollateMixup is taken (as the loader's mixer)")
+            raise ValueError(
+                f"collate_fn={collate_fn!r}: dalimix builds its batches itself; only timm's Mixup / "
+                "FastCollateMixup is taken (as the loader's mixer)"
+            )
         mix = collate_fn
     if mix is not None and not is_training:
-        raise ValueError("mix= (or a mixing collate_fn) is for training loaders; an eval loader (is_training=False) "
-                         "never mixes")
+        raise ValueError(
+            "mix= (or a mixing collate_fn) is for training loaders; an eval loader (is_training=False) never mixes"
+        )
     if not use_prefetcher:
-        warnings.warn("dalimix.create_loader: use_prefetcher=False changes nothing: dalimix always hands out "
-                      "normalised batches on the loader's device (what timm's prefetcher does)", stacklevel=2)
+        warnings.warn(
+            "dalimix.create_loader: use_prefetcher=False changes nothing: dalimix always hands out "
+            "normalised batches on the loader's device (what timm's prefetcher does)",
+            stacklevel=2,
+        )
     shard_id = num_shards = None
     if distributed:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("distributed=True but torch.distributed is not initialised; call "
-                             "torch.distributed.init_process_group() first (torchrun sets the environment)")
+            raise ValueError(
+                "distributed=True but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group() first (torchrun sets the environment)"
+            )
     else:
         shard_id, num_shards = 0, 1
     if last_batch_policy is None:
@@ -190,9 +231,14 @@ def create_loader(
     if train:
         aa_on = bool(auto_augment) and not hasattr(auto_augment, "set_probs")
         jitter_off = aa_on and "3a" not in str(auto_augment)  # timm: AA/RA turn colour jitter off, 3a does not
-        augment = Augment(vflip=vflip, color_jitter=None if jitter_off else color_jitter,
-                          color_jitter_prob=color_jitter_prob, grayscale_prob=grayscale_prob or 0.0,
-                          gaussian_blur_prob=gaussian_blur_prob or 0.0, random_interpolation=random_interp)
+        augment = Augment(
+            vflip=vflip,
+            color_jitter=None if jitter_off else color_jitter,
+            color_jitter_prob=color_jitter_prob,
+            grayscale_prob=grayscale_prob or 0.0,
+            gaussian_blur_prob=gaussian_blur_prob or 0.0,
+            random_interpolation=random_interp,
+        )
         erasing = erase_from_timm(re_prob, re_mode, re_count, re_split, num_aug_splits)
     source = _source_kwargs(dataset, webdataset_keys)
     loader = ImageLoader(
@@ -223,8 +269,11 @@ def create_loader(
         erasing=erasing,
     )
     if pin_memory and loader.device.type != "cuda":
-        warnings.warn(f"dalimix.create_loader: pin_memory=True changes nothing on device={loader.device}: the batches "
-                      "are made where they are used", stacklevel=2)
+        warnings.warn(
+            f"dalimix.create_loader: pin_memory=True changes nothing on device={loader.device}: the batches "
+            "are made where they are used",
+            stacklevel=2,
+        )
     return loader
 
 
@@ -265,17 +314,23 @@ def samples_from_dataset(dataset) -> Samples:
         raise DatasetError(f"dataset {type(dataset).__name__} at {root} holds no samples")
     missing = [p for p in paths[:1000] if not os.path.isfile(p)]
     if missing:
-        raise DatasetError(f"dataset {type(dataset).__name__}: {len(missing)} of its files are missing, e.g. {missing[0]} "
-                           "(its samples must be image files on disk)")
+        raise DatasetError(
+            f"dataset {type(dataset).__name__}: {len(missing)} of its files are missing, e.g. {missing[0]} "
+            "(its samples must be image files on disk)"
+        )
     by_index = sorted(holder.class_to_idx.items(), key=lambda kv: kv[1])
     classes = [c for c, _ in by_index]
     if [i for _, i in by_index] != list(range(len(classes))):
         classes = [str(i) for i in range(int(labels.max()) + 1)]
     rel = [os.path.relpath(p, root) for p in paths] if root is not None else paths
-    return Samples(paths=paths, labels=labels, classes=classes,
-                   class_to_idx={c: i for i, c in enumerate(classes)},
-                   source=str(root) if root is not None else type(dataset).__name__,
-                   fingerprint=_fingerprint(rel, labels))
+    return Samples(
+        paths=paths,
+        labels=labels,
+        classes=classes,
+        class_to_idx={c: i for i, c in enumerate(classes)},
+        source=str(root) if root is not None else type(dataset).__name__,
+        fingerprint=_fingerprint(rel, labels),
+    )
 
 
 def _mixer(mix):
@@ -285,9 +340,17 @@ def _mixer(mix):
     if _is_timm_mixup(mix):
         from .mix import Mixup
 
-        converted = Mixup(mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, cutmix_minmax=mix.cutmix_minmax,
-                     prob=mix.mix_prob, switch_prob=mix.switch_prob, mode=mix.mode, correct_lam=mix.correct_lam,
-                     label_smoothing=mix.label_smoothing, num_classes=mix.num_classes)
+        converted = Mixup(
+            mixup_alpha=mix.mixup_alpha,
+            cutmix_alpha=mix.cutmix_alpha,
+            cutmix_minmax=mix.cutmix_minmax,
+            prob=mix.mix_prob,
+            switch_prob=mix.switch_prob,
+            mode=mix.mode,
+            correct_lam=mix.correct_lam,
+            label_smoothing=mix.label_smoothing,
+            num_classes=mix.num_classes,
+        )
         converted.mixup_enabled = bool(getattr(mix, "mixup_enabled", True))
         return converted
     raise ValueError(f"mix={type(mix).__name__}: a dalimix.mix mixer (Mixup, Mixer) or timm's Mixup")

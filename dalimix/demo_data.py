@@ -63,7 +63,12 @@ def _shape_field(name: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generat
         return np.minimum(0.3 - np.abs(v), 1 - np.abs(u))
     if name == "blob":
         phase = rng.random(3) * 2 * np.pi
-        wobble = 0.75 + 0.12 * np.sin(2 * theta + phase[0]) + 0.1 * np.sin(3 * theta + phase[1]) + 0.06 * np.sin(5 * theta + phase[2])
+        wobble = (
+            0.75
+            + 0.12 * np.sin(2 * theta + phase[0])
+            + 0.1 * np.sin(3 * theta + phase[1])
+            + 0.06 * np.sin(5 * theta + phase[2])
+        )
         return wobble - r
     raise ValueError(name)
 
@@ -118,8 +123,9 @@ def _encode(img: np.ndarray, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def generate(dest: str | os.PathLike, *, per_class: int = PER_CLASS, seed: int = 0, classes=CLASSES,
-             progress: bool = False) -> Path:
+def generate(
+    dest: str | os.PathLike, *, per_class: int = PER_CLASS, seed: int = 0, classes=CLASSES, progress: bool = False
+) -> Path:
     """Write ``dest/<class>/<class>_<i>.jpg`` (an ImageFolder tree) and return ``dest``.
 
     ``progress``: show a progress bar (tqdm, on stderr) while the images are drawn.
@@ -157,7 +163,10 @@ def demo_dataset(progress: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
         if progress:
-            print(f"dalimix: generating the demo data set ({len(CLASSES)} classes x {PER_CLASS} JPEGs) in {root} ...", flush=True)
+            print(
+                f"dalimix: generating the demo data set ({len(CLASSES)} classes x {PER_CLASS} JPEGs) in {root} ...",
+                flush=True,
+            )
         generate(tmp, progress=progress)
         (tmp / ".complete").write_text(f"dalimix demo data v{VERSION}\n")
         try:

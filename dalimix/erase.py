@@ -47,15 +47,30 @@ class RandomErasing:
             ``re_split``: the clean split).
     """
 
-    def __init__(self, *, probability: float = 0.5, mode: str = "const", min_count: int = 1, max_count: int | None = None,
-                 min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
-                 max_aspect: float | None = None, num_splits: int = 0):
+    def __init__(
+        self,
+        *,
+        probability: float = 0.5,
+        mode: str = "const",
+        min_count: int = 1,
+        max_count: int | None = None,
+        min_area: float = 0.02,
+        max_area: float = 1 / 3,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+        num_splits: int = 0,
+    ):
         self.probability = v.number("probability", probability, lo=0, hi=1, hint=" (timm's re_prob)")
         mode = (mode or "const").lower() if isinstance(mode, str) else mode
         self.mode = v.choice("mode", mode, MODES)
         self.min_count = v.integer("min_count", min_count, lo=1)
-        self.max_count = self.min_count if max_count is None else v.integer(
-            "max_count", max_count, lo=self.min_count, hint=f" (>= min_count={self.min_count}; timm's re_count)")
+        self.max_count = (
+            self.min_count
+            if max_count is None
+            else v.integer(
+                "max_count", max_count, lo=self.min_count, hint=f" (>= min_count={self.min_count}; timm's re_count)"
+            )
+        )
         self.min_area = v.number("min_area", min_area, lo=0, hi=1, lo_open=True)
         self.max_area = v.number("max_area", max_area, lo=self.min_area, hi=1)
         self.min_aspect = v.number("min_aspect", min_aspect, lo=0, lo_open=True)
@@ -64,8 +79,10 @@ class RandomErasing:
         self.num_splits = v.integer("num_splits", num_splits, lo=0)
 
     def __repr__(self) -> str:
-        return (f"RandomErasing(probability={self.probability}, mode={self.mode!r}, count=({self.min_count}, "
-                f"{self.max_count}), num_splits={self.num_splits})")
+        return (
+            f"RandomErasing(probability={self.probability}, mode={self.mode!r}, count=({self.min_count}, "
+            f"{self.max_count}), num_splits={self.num_splits})"
+        )
 
     # --------------------------------------------------------------------------- planning
     def plan(self, n: int, channels: int, height: int, width: int, rng: np.random.Generator) -> ErasePlan:
@@ -135,8 +152,9 @@ class RandomErasing:
         return self.apply(images, self.plan(n, c, h, w, rng))
 
 
-def from_timm(re_prob: float, re_mode: str = "const", re_count: int = 1, re_split: bool = False,
-              num_aug_splits: int = 0) -> RandomErasing | None:
+def from_timm(
+    re_prob: float, re_mode: str = "const", re_count: int = 1, re_split: bool = False, num_aug_splits: int = 0
+) -> RandomErasing | None:
     """The eraser timm's ``create_loader`` builds from its arguments, or None when ``re_prob`` is 0."""
     if not re_prob:
         return None

@@ -57,8 +57,14 @@ class LearnedMask(MixMethod):
 
     def __init__(self, *, alpha: float = 2.0, mixup_margin: float = 0.0):
         self.alpha = _positive("alpha", alpha)
-        self.mixup_margin = v.number("mixup_margin", mixup_margin, lo=0, hi=0.5, hi_open=True,
-                                     hint=" (AutoMix uses 0.08; 0 turns the fallback off)")
+        self.mixup_margin = v.number(
+            "mixup_margin",
+            mixup_margin,
+            lo=0,
+            hi=0.5,
+            hi_open=True,
+            hint=" (AutoMix uses 0.08; 0 turns the fallback off)",
+        )
 
     def draw_lam(self, rng, count):
         return rng.beta(self.alpha, self.alpha, size=count)
@@ -109,8 +115,9 @@ def upsampling_weights(in_size: int, out_size: int, bilinear: bool) -> np.ndarra
     hi = np.where(lo < in_size - 1, lo + 1, lo)
     w_hi = (src - lo.astype(np.float32)).astype(np.float32)
     w_lo = (np.float32(1) - w_hi).astype(np.float32)
-    return (np.bincount(lo, w_lo.astype(np.float64), minlength=in_size)
-            + np.bincount(hi, w_hi.astype(np.float64), minlength=in_size))
+    return np.bincount(lo, w_lo.astype(np.float64), minlength=in_size) + np.bincount(
+        hi, w_hi.astype(np.float64), minlength=in_size
+    )
 
 
 _WEIGHTS: dict = {}
@@ -129,7 +136,9 @@ def _weights(h: int, w: int, height: int, width: int, bilinear: bool, device: to
     return _WEIGHTS[key]
 
 
-def full_resolution_mask_mean(masks: torch.Tensor, height: int, width: int, *, bilinear: bool, logits: bool) -> torch.Tensor:
+def full_resolution_mask_mean(
+    masks: torch.Tensor, height: int, width: int, *, bilinear: bool, logits: bool
+) -> torch.Tensor:
     """Per-sample mean of ``masks`` (N x 1 x h x w) upsampled to ``height x width`` as the kernel does
     (then the sigmoid for logits): N float32 on the masks' device, computed there.
 
@@ -179,8 +188,10 @@ def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
         return None
     what = ", ".join(f"{int(c)} {name}" for c, name in zip(counts, _STAT_NAMES) if c)
     allowed = "finite logits" if logits else "finite values in [0, 1] (1 = the sample's own image)"
-    return (f"masks hold {what} value(s) (first in sample {int(stats[4])}; finite range [{stats[5]:.4g}, {stats[6]:.4g}]); "
-            f"the hook must return {allowed}")
+    return (
+        f"masks hold {what} value(s) (first in sample {int(stats[4])}; finite range [{stats[5]:.4g}, {stats[6]:.4g}]); "
+        f"the hook must return {allowed}"
+    )
 
 
 @dataclass
@@ -197,13 +208,19 @@ class MaskHook:
         if not callable(self.fn):
             raise ValueError(f"the mask hook must be callable as fn(images, lam, partner) -> masks, got {self.fn!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation={self.interpolation!r}: 'nearest' or 'bilinear' (F.interpolate, align_corners=False)")
+            raise ValueError(
+                f"interpolation={self.interpolation!r}: 'nearest' or 'bilinear' (F.interpolate, align_corners=False)"
+            )
         if self.target_lam not in TARGET_LAMS:
-            raise ValueError(f"target_lam={self.target_lam!r}: 'mask' (the mask mean at full size) or 'planned' (the planned lam)")
+            raise ValueError(
+                f"target_lam={self.target_lam!r}: 'mask' (the mask mean at full size) or 'planned' (the planned lam)"
+            )
         if self.validate not in VALIDATIONS:
-            raise ValueError(f"validate={self.validate!r}: 'auto' (eager on the CPU, deferred on CUDA), 'eager' (check "
-                             "before mixing; on CUDA a host sync per batch) or 'deferred' (no host sync; a bad batch is "
-                             "reported one batch later)")
+            raise ValueError(
+                f"validate={self.validate!r}: 'auto' (eager on the CPU, deferred on CUDA), 'eager' (check "
+                "before mixing; on CUDA a host sync per batch) or 'deferred' (no host sync; a bad batch is "
+                "reported one batch later)"
+            )
         self.logits = v.flag("logits", self.logits)
 
     @property
@@ -249,7 +266,8 @@ class MaskHookStage:
         use = np.zeros(n, dtype=bool)
         use[hooked_rows(params)] = True
         lam, partner, planned, use_t = self._upload(
-            [params.lam.astype(np.float32), params.partner.astype(np.int64), params.target_lam.astype(np.float32), use])
+            [params.lam.astype(np.float32), params.partner.astype(np.int64), params.target_lam.astype(np.float32), use]
+        )
         try:
             if cuda:  # the hook may keep lam and partner: its own copies, not views of the staging ring
                 lam, partner = lam.clone(), partner.clone()
@@ -257,7 +275,9 @@ class MaskHookStage:
             try:
                 masks = self.hook.fn(images, lam, partner)
             except Exception as exc:
-                raise MaskHookError(f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}") from exc
+                raise MaskHookError(
+                    f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}"
+                ) from exc
             self._check_form(masks, n, height, width, where)
             masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
             stats = _value_stats(masks, self.hook.logits)
@@ -278,8 +298,9 @@ class MaskHookStage:
             params.flags[rows] = flags
             params.device_masks = stored
             if self.hook.target_lam == "mask" and len(rows):
-                mean = full_resolution_mask_mean(stored, height, width, bilinear=self.hook.interpolation == "bilinear",
-                                                 logits=logits)
+                mean = full_resolution_mask_mean(
+                    stored, height, width, bilinear=self.hook.interpolation == "bilinear", logits=logits
+                )
                 params.device_target_lam = torch.where(use_t, mean, planned)
             return params.records(), params.mask_pool(self.device)
         finally:
@@ -305,8 +326,10 @@ class MaskHookStage:
             self._stat_buffers.append((host, event))
             if problem:
                 self._pending.clear()
-                raise MaskHookError(f"mask hook {self.hook.name} at epoch {epoch}, step {step} (checked later, "
-                                    f"validate='deferred'; that batch was already mixed with them): {problem}")
+                raise MaskHookError(
+                    f"mask hook {self.hook.name} at epoch {epoch}, step {step} (checked later, "
+                    f"validate='deferred'; that batch was already mixed with them): {problem}"
+                )
 
     def _defer(self, stats: torch.Tensor, epoch: int, step: int) -> None:
         """Queue this batch's device-side check: copied to a reused pinned buffer behind an event."""
@@ -350,18 +373,32 @@ class MaskHookStage:
     def _check_form(self, masks, n: int, height: int, width: int, where: str) -> None:
         name = self.hook.name
         if not isinstance(masks, torch.Tensor):
-            raise MaskHookError(f"mask hook {name} at {where} returned {type(masks).__name__}; return a torch.Tensor "
-                                f"of shape {n} x 1 x h x w")
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned {type(masks).__name__}; return a torch.Tensor "
+                f"of shape {n} x 1 x h x w"
+            )
         shape = tuple(masks.shape)
-        if masks.dim() != 4 or shape[0] != n or shape[1] != 1 or not (1 <= shape[2] <= height and 1 <= shape[3] <= width):
-            raise MaskHookError(f"mask hook {name} at {where} returned shape {shape}; expected {n} x 1 x h x w with "
-                                f"1 <= h <= {height} and 1 <= w <= {width} (one low-res mask per sample)")
-        if masks.device != self.device and not (masks.device.type == self.device.type == "cuda"
-                                                and (masks.device.index or 0) == (self.device.index or 0)):
-            raise MaskHookError(f"mask hook {name} at {where} returned masks on {masks.device}; the loader mixes on "
-                                f"{self.device}: create them there (the images it receives are there)")
+        if (
+            masks.dim() != 4
+            or shape[0] != n
+            or shape[1] != 1
+            or not (1 <= shape[2] <= height and 1 <= shape[3] <= width)
+        ):
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned shape {shape}; expected {n} x 1 x h x w with "
+                f"1 <= h <= {height} and 1 <= w <= {width} (one low-res mask per sample)"
+            )
+        if masks.device != self.device and not (
+            masks.device.type == self.device.type == "cuda" and (masks.device.index or 0) == (self.device.index or 0)
+        ):
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned masks on {masks.device}; the loader mixes on "
+                f"{self.device}: create them there (the images it receives are there)"
+            )
         if masks.dtype not in MASK_DTYPES:
-            raise MaskHookError(f"mask hook {name} at {where} returned {masks.dtype} masks; use torch.float32 or torch.float16")
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned {masks.dtype} masks; use torch.float32 or torch.float16"
+            )
 
     def _store(self, masks: torch.Tensor) -> torch.Tensor:
         n, _, h, w = masks.shape
@@ -394,4 +431,3 @@ def make_stage(loader, fn, *, interpolation: str, logits: bool, target_lam: str,
             f"(this loader's mixer is {loader.mix!r})"
         )
     return MaskHookStage(hook, loader.device)
-

@@ -65,14 +65,16 @@ class DecoupledMixCrossEntropy(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
         if not isinstance(target, CompactTargets):
-            raise ValueError("DecoupledMixCrossEntropy needs CompactTargets (y_a, y_b, lam): build the mixer with "
-                             "targets='compact'")
+            raise ValueError(
+                "DecoupledMixCrossEntropy needs CompactTargets (y_a, y_b, lam): build the mixer with targets='compact'"
+            )
         z = logits.float()
         y_a, y_b = target.y_a.long(), target.y_b.long()
         lam = target.lam.to(z.dtype).reshape(-1)
         eps = float(target.smoothing)
-        mix = lam * F.cross_entropy(z, y_a, reduction="none", label_smoothing=eps) \
-            + (1 - lam) * F.cross_entropy(z, y_b, reduction="none", label_smoothing=eps)
+        mix = lam * F.cross_entropy(z, y_a, reduction="none", label_smoothing=eps) + (1 - lam) * F.cross_entropy(
+            z, y_b, reduction="none", label_smoothing=eps
+        )
         if self.eta == 0:
             return mix.mean()
         w_a = torch.full_like(lam, self.eta)
@@ -82,7 +84,7 @@ class DecoupledMixCrossEntropy(torch.nn.Module):
             pick_a = below if self.mode == "less" else ~below
             w_a, w_b = torch.where(pick_a, w_a, 0.0), torch.where(pick_a, 0.0, w_b)
         if self.lam_power:
-            w_a, w_b = w_a * lam ** self.lam_power, w_b * (1 - lam) ** self.lam_power
+            w_a, w_b = w_a * lam**self.lam_power, w_b * (1 - lam) ** self.lam_power
         distinct = (y_a != y_b).to(z.dtype)
         loss = mix + distinct * (w_a * self._without(z, y_a, y_b) + w_b * self._without(z, y_b, y_a))
         return loss.mean()

@@ -218,7 +218,9 @@ def build_pipeline(
         if spec.train:
             window = fn.external_source(name="window", dtype=types.FLOAT, ndim=1)
             images = fn.decoders.image_slice(
-                encoded, window[0:2], window[2:4],
+                encoded,
+                window[0:2],
+                window[2:4],
                 device=dev.decoder,
                 output_type=types.RGB,
                 normalized_anchor=True,
@@ -232,8 +234,9 @@ def build_pipeline(
                 interp_type=augment.interp_type(_interp(spec.interpolation), spec.extra, seed=_op_seed(seed, 3)),
                 antialias=True,
             )
-            images = augment.secondary(images, spec.extra, spec.auto_augment, height=spec.height, width=spec.width,
-                                       seed=_op_seed(seed, 4))
+            images = augment.secondary(
+                images, spec.extra, spec.auto_augment, height=spec.height, width=spec.width, seed=_op_seed(seed, 4)
+            )
         else:
             images = fn.decoders.image(encoded, device=dev.decoder, output_type=types.RGB)
             images = fn.resize(

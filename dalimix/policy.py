@@ -30,8 +30,18 @@ import torch
 # 0.3, rotate 30 degrees, enhance factors 0.1..1.9, posterize, solarize, solarize_add), translations
 # relative to the image side (timm's 0.45), and horizontal / vertical flips.
 MAGNITUDE_OPERATIONS = (
-    "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "contrast", "color",
-    "sharpness", "posterize", "solarize", "solarize_add",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "rotate",
+    "brightness",
+    "contrast",
+    "color",
+    "sharpness",
+    "posterize",
+    "solarize",
+    "solarize_add",
 )
 PLAIN_OPERATIONS = ("identity", "invert", "equalize", "auto_contrast", "hflip", "vflip")
 OPERATIONS = MAGNITUDE_OPERATIONS + PLAIN_OPERATIONS
@@ -109,10 +119,17 @@ class PolicyBatch:
     def __len__(self) -> int:
         return len(self.sub_policy)
 
-    def take(self, n: int) -> "PolicyBatch":
+    def take(self, n: int) -> PolicyBatch:
         """The first ``n`` samples (the real ones of a partial last batch)."""
-        return PolicyBatch(self.sub_policy[:n], self.applied[:n], self.negated[:n], self.probs, self.version,
-                           self.stage_ops[:n], self.magnitude[:n])
+        return PolicyBatch(
+            self.sub_policy[:n],
+            self.applied[:n],
+            self.negated[:n],
+            self.probs,
+            self.version,
+            self.stage_ops[:n],
+            self.magnitude[:n],
+        )
 
     def counts(self) -> np.ndarray:
         """How many samples got each sub-policy (K int64)."""
@@ -139,11 +156,23 @@ class Policy:
     (e.g. ``nvidia.dali.auto_aug.auto_augment.get_image_net_policy(use_shape=True)``).
     """
 
-    def __init__(self, *, sub_policies, probs=None, num_magnitude_bins: int = 11, max_translate_rel: float = 0.45,
-                 fill_value: int = 128):
-        if isinstance(num_magnitude_bins, bool) or not isinstance(num_magnitude_bins, (int, np.integer)) \
-                or num_magnitude_bins < 1:
-            raise ValueError(f"num_magnitude_bins={num_magnitude_bins!r}: a positive int (11 for AutoAugment's levels 0..10)")
+    def __init__(
+        self,
+        *,
+        sub_policies,
+        probs=None,
+        num_magnitude_bins: int = 11,
+        max_translate_rel: float = 0.45,
+        fill_value: int = 128,
+    ):
+        if (
+            isinstance(num_magnitude_bins, bool)
+            or not isinstance(num_magnitude_bins, (int, np.integer))
+            or num_magnitude_bins < 1
+        ):
+            raise ValueError(
+                f"num_magnitude_bins={num_magnitude_bins!r}: a positive int (11 for AutoAugment's levels 0..10)"
+            )
         self.num_magnitude_bins = int(num_magnitude_bins)
         if not (0 < float(max_translate_rel) <= 1):
             raise ValueError(f"max_translate_rel={max_translate_rel!r}: a fraction of the image side in (0, 1]")
@@ -161,22 +190,30 @@ class Policy:
             self._probs.copy_(torch.from_numpy(self._checked(probs)))
 
     @classmethod
-    def from_dali(cls, policy, *, probs=None, fill_value: int = 128) -> "Policy":
+    def from_dali(cls, policy, *, probs=None, fill_value: int = 128) -> Policy:
         """A dalimix ``Policy`` with the sub-policies and magnitude bins of a DALI ``Policy``."""
         subs = getattr(policy, "sub_policies", None)
         if subs is None or not hasattr(policy, "num_magnitude_bins"):
-            raise ValueError(f"Policy.from_dali({policy!r}): a nvidia.dali.auto_aug.core.Policy, e.g. "
-                             "auto_augment.get_image_net_policy(use_shape=True)")
-        return cls(sub_policies=[list(s) for s in subs], probs=probs, num_magnitude_bins=policy.num_magnitude_bins,
-                   fill_value=fill_value)
+            raise ValueError(
+                f"Policy.from_dali({policy!r}): a nvidia.dali.auto_aug.core.Policy, e.g. "
+                "auto_augment.get_image_net_policy(use_shape=True)"
+            )
+        return cls(
+            sub_policies=[list(s) for s in subs],
+            probs=probs,
+            num_magnitude_bins=policy.num_magnitude_bins,
+            fill_value=fill_value,
+        )
 
     # ---------------------------------------------------------------------------- validation
     def _validate(self, sub_policies) -> tuple:
         try:
             subs = [list(s) for s in sub_policies]
         except TypeError:
-            raise ValueError(f"sub_policies={sub_policies!r}: a list of sub-policies, each a list of "
-                             "(operation, probability, magnitude)") from None
+            raise ValueError(
+                f"sub_policies={sub_policies!r}: a list of sub-policies, each a list of "
+                "(operation, probability, magnitude)"
+            ) from None
         if not subs:
             raise ValueError("sub_policies is empty: give at least one sub-policy, e.g. [[('identity', 1.0, None)]]")
         out = []
@@ -191,24 +228,34 @@ class Policy:
                 op, p, mag = step
                 if isinstance(op, str):
                     if op not in OPERATIONS:
-                        raise ValueError(f"{where}: unknown operation {op!r}; use one of {', '.join(OPERATIONS)} "
-                                         "or a DALI Augmentation")
+                        raise ValueError(
+                            f"{where}: unknown operation {op!r}; use one of {', '.join(OPERATIONS)} "
+                            "or a DALI Augmentation"
+                        )
                     has_magnitude = op in MAGNITUDE_OPERATIONS
                 elif _is_dali_augmentation(op):
                     has_magnitude = op.mag_range is not None
                     if isinstance(op.mag_range, np.ndarray) and len(op.mag_range) != self.num_magnitude_bins:
-                        raise ValueError(f"{where}: {op.name} lists {len(op.mag_range)} magnitudes but "
-                                         f"num_magnitude_bins={self.num_magnitude_bins}")
+                        raise ValueError(
+                            f"{where}: {op.name} lists {len(op.mag_range)} magnitudes but "
+                            f"num_magnitude_bins={self.num_magnitude_bins}"
+                        )
                 else:
-                    raise ValueError(f"{where}: the operation must be a name ({', '.join(OPERATIONS)}) or a DALI "
-                                     "Augmentation (made with @nvidia.dali.auto_aug.core.augmentation)")
+                    raise ValueError(
+                        f"{where}: the operation must be a name ({', '.join(OPERATIONS)}) or a DALI "
+                        "Augmentation (made with @nvidia.dali.auto_aug.core.augmentation)"
+                    )
                 if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)) or not 0 <= p <= 1:
                     raise ValueError(f"{where}: the probability must be a number in [0, 1]")
                 if has_magnitude:
-                    if isinstance(mag, bool) or not isinstance(mag, (int, np.integer)) \
-                            or not 0 <= mag < self.num_magnitude_bins:
-                        raise ValueError(f"{where}: this operation needs a magnitude bin, an int in "
-                                         f"[0, {self.num_magnitude_bins})")
+                    if (
+                        isinstance(mag, bool)
+                        or not isinstance(mag, (int, np.integer))
+                        or not 0 <= mag < self.num_magnitude_bins
+                    ):
+                        raise ValueError(
+                            f"{where}: this operation needs a magnitude bin, an int in [0, {self.num_magnitude_bins})"
+                        )
                     mag = int(mag)
                 elif mag is not None:
                     raise ValueError(f"{where}: this operation takes no magnitude; use None")
@@ -252,22 +299,30 @@ class Policy:
         try:
             arr = np.asarray(vec, dtype=np.float64)
         except (TypeError, ValueError):
-            raise ValueError(f"probs={vec!r}: {k} numbers (a list, numpy array or torch tensor); "
-                             "the policy keeps its previous vector") from None
+            raise ValueError(
+                f"probs={vec!r}: {k} numbers (a list, numpy array or torch tensor); "
+                "the policy keeps its previous vector"
+            ) from None
         if arr.shape != (k,):
-            raise ValueError(f"probs has shape {tuple(arr.shape)}: the policy has {k} sub-policies, give a vector of "
-                             f"{k} probabilities; the policy keeps its previous vector")
+            raise ValueError(
+                f"probs has shape {tuple(arr.shape)}: the policy has {k} sub-policies, give a vector of "
+                f"{k} probabilities; the policy keeps its previous vector"
+            )
         if not np.isfinite(arr).all():
             bad = np.flatnonzero(~np.isfinite(arr)).tolist()
             raise ValueError(f"probs has NaN or infinite entries at {bad}; the policy keeps its previous vector")
         if (arr < 0).any():
             bad = np.flatnonzero(arr < 0).tolist()
-            raise ValueError(f"probs has negative entries at {bad} ({arr[bad].tolist()}); probabilities are >= 0; "
-                             "the policy keeps its previous vector")
+            raise ValueError(
+                f"probs has negative entries at {bad} ({arr[bad].tolist()}); probabilities are >= 0; "
+                "the policy keeps its previous vector"
+            )
         total = float(arr.sum())
         if abs(total - 1.0) > PROB_TOLERANCE:
-            raise ValueError(f"probs sums to {total!r}, not 1 (tolerance {PROB_TOLERANCE}); normalise it, e.g. "
-                             "torch.softmax(logits, 0); the policy keeps its previous vector")
+            raise ValueError(
+                f"probs sums to {total!r}, not 1 (tolerance {PROB_TOLERANCE}); normalise it, e.g. "
+                "torch.softmax(logits, 0); the policy keeps its previous vector"
+            )
         return arr / total
 
     # ---------------------------------------------------------------------------- the vector
@@ -320,8 +375,15 @@ class Policy:
         applied = rng.random((n, self._op_index.shape[1])) < self._step_prob[sub]
         negated = rng.random((n, self._op_index.shape[1])) < 0.5
         stage_ops = np.where(applied, self._op_index[sub], self._identity[None, :]).astype(np.int32)
-        return PolicyBatch(sub_policy=sub, applied=applied, negated=negated, probs=probs, version=version,
-                           stage_ops=stage_ops, magnitude=self._magnitude[sub].copy())
+        return PolicyBatch(
+            sub_policy=sub,
+            applied=applied,
+            negated=negated,
+            probs=probs,
+            version=version,
+            stage_ops=stage_ops,
+            magnitude=self._magnitude[sub].copy(),
+        )
 
     def stage_augmentations(self) -> list[list]:
         """Per step position, the DALI ``Augmentation`` objects the stage selects from."""
@@ -347,8 +409,9 @@ class PolicyStage:
 
     HELD = 3  # outputs kept at most while the GPU catches up (each N x H x W x 3 bytes)
 
-    def __init__(self, policy: Policy, *, device: torch.device, batch_size: int, num_threads: int,
-                 height: int, width: int):
+    def __init__(
+        self, policy: Policy, *, device: torch.device, batch_size: int, num_threads: int, height: int, width: int
+    ):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.auto_aug.core import select, signed_bin
 
@@ -365,8 +428,14 @@ class PolicyStage:
         self._feeds_magnitude = bool(scaled)
         self._feeds_sign = any(aug.randomly_negate for aug in scaled)
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=dev.device_id, seed=0,
-                      prefetch_queue_depth=1, enable_conditionals=True)
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=dev.device_id,
+            seed=0,
+            prefetch_queue_depth=1,
+            enable_conditionals=True,
+        )
         def stage():
             images = fn.external_source(name="images", device=dev.ops, layout="HWC", dtype=types.UINT8)
             ops = fn.external_source(name="ops", dtype=types.INT32)
@@ -376,8 +445,9 @@ class PolicyStage:
                 magnitude = None
                 if mags is not None:
                     magnitude = signed_bin(mags[s], random_sign=signs[s]) if signs is not None else mags[s]
-                images = select(augmentations, ops[s], data=images, magnitude_bin=magnitude,
-                                num_magnitude_bins=bins, **op_kwargs)
+                images = select(
+                    augmentations, ops[s], data=images, magnitude_bin=magnitude, num_magnitude_bins=bins, **op_kwargs
+                )
             return images
 
         with dali_alias_warnings_silenced():  # DALI's augmentations use aliases DALI deprecates

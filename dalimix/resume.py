@@ -60,8 +60,12 @@ def loader_state(loader) -> dict:
         "dali_checkpoint": checkpoint,
         "dali_version": _dali_version(),
         "mixup_enabled": None if loader.mix is None else bool(loader.mixup_enabled),
-        "dataset": {"fingerprint": loader.samples.fingerprint, "num_samples": len(loader.samples),
-                    "source": loader.samples.source, "content": loader_content(loader)},
+        "dataset": {
+            "fingerprint": loader.samples.fingerprint,
+            "num_samples": len(loader.samples),
+            "source": loader.samples.source,
+            "content": loader_content(loader),
+        },
         "batch_size": loader.batch_size,
         "seed": loader.seed,
         "shuffle": loader.shuffle,
@@ -76,8 +80,10 @@ def _pick_rank(loader, state):
     if isinstance(state, (list, tuple)):
         mine = [s for s in state if isinstance(s, dict) and s.get("shard_id") == loader.shard_id]
         if len(mine) != 1:
-            raise ValueError(f"load_state_dict: the list of states holds {len(mine)} state(s) for shard_id="
-                             f"{loader.shard_id}; pass this rank's state_dict() or the list of every rank's")
+            raise ValueError(
+                f"load_state_dict: the list of states holds {len(mine)} state(s) for shard_id="
+                f"{loader.shard_id}; pass this rank's state_dict() or the list of every rank's"
+            )
         return mine[0]
     return state
 

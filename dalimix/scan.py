@@ -75,8 +75,16 @@ def _check_chunk(jobs: list, strict: bool = False) -> list[str | None]:
     return [_verdict(j, strict) for j in jobs]
 
 
-def verdicts(samples: Samples, indices=None, *, strict: bool = False, workers: int | None = None,
-             processes: bool = True, progress: bool = False, chunk: int = 64) -> dict[int, str]:
+def verdicts(
+    samples: Samples,
+    indices=None,
+    *,
+    strict: bool = False,
+    workers: int | None = None,
+    processes: bool = True,
+    progress: bool = False,
+    chunk: int = 64,
+) -> dict[int, str]:
     """``file_verdict`` of each sample in ``indices`` (default all): {index: reason} for the unusable ones.
 
     ``processes``: check in worker processes (``dalimix scan``: a decoder that crashes takes only its
@@ -91,7 +99,7 @@ def verdicts(samples: Samples, indices=None, *, strict: bool = False, workers: i
     jobs = _jobs(samples, indices)
     bad: dict[int, str] = {}
     bar = tqdm(total=len(jobs), unit="file", desc="scan", disable=not progress)
-    chunks = [jobs[k:k + chunk] for k in range(0, len(jobs), chunk)]
+    chunks = [jobs[k : k + chunk] for k in range(0, len(jobs), chunk)]
     if workers > 1 and len(jobs) >= POOL_MIN_FILES:
         if processes:
             import multiprocessing as mp
@@ -118,8 +126,9 @@ def verdicts(samples: Samples, indices=None, *, strict: bool = False, workers: i
     return bad
 
 
-def scan(samples: Samples, *, strict: bool = False, workers: int | None = None, progress: bool = False,
-         chunk: int = 64) -> ScanResult:
+def scan(
+    samples: Samples, *, strict: bool = False, workers: int | None = None, progress: bool = False, chunk: int = 64
+) -> ScanResult:
     """Check every file of ``samples`` as ``ImageLoader(strict=strict)`` would; return the unusable ones."""
     bad = verdicts(samples, strict=strict, workers=workers, progress=progress, chunk=chunk)
     return ScanResult(samples=samples, bad=sorted(bad.items()), strict=strict)
@@ -197,7 +206,7 @@ def content_digest(samples: Samples, sizes: np.ndarray) -> dict:
         per = {}
         for c, name in enumerate(samples.classes):
             if bounds[c + 1] > bounds[c]:
-                per[str(name)] = hashlib.sha256(sizes[order[bounds[c]:bounds[c + 1]]].tobytes()).hexdigest()[:8]
+                per[str(name)] = hashlib.sha256(sizes[order[bounds[c] : bounds[c + 1]]].tobytes()).hexdigest()[:8]
         out["classes"] = per
     return out
 
@@ -210,8 +219,11 @@ def _cache_dir() -> Path:
 
 
 def _cache_file(samples: Samples) -> Path:
-    key = hashlib.sha256(f"{_VERDICT_VERSION}\0{samples.source}\0{samples.fingerprint}\0{len(samples)}".encode(
-        "utf-8", "surrogateescape")).hexdigest()[:24]
+    key = hashlib.sha256(
+        f"{_VERDICT_VERSION}\0{samples.source}\0{samples.fingerprint}\0{len(samples)}".encode(
+            "utf-8", "surrogateescape"
+        )
+    ).hexdigest()[:24]
     return _cache_dir() / f"strict-{key}.json"
 
 
@@ -241,12 +253,24 @@ def strict_verdicts(samples: Samples, facts: FileFacts, *, workers: int | None =
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"source": samples.source, "sizes": facts.sizes.tolist(),
-                                       "mtimes": facts.mtimes.tolist(), "bad": {str(k): r for k, r in bad.items()}}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "source": samples.source,
+                        "sizes": facts.sizes.tolist(),
+                        "mtimes": facts.mtimes.tolist(),
+                        "bad": {str(k): r for k, r in bad.items()},
+                    }
+                )
+            )
             os.replace(tmp, path)
         except OSError as e:
-            warnings.warn(f"dalimix: could not cache the strict check's verdicts in {path.parent} ({e.strerror}); "
-                          "set $DALIMIX_CACHE to a writable folder", DalimixWarning, stacklevel=3)
+            warnings.warn(
+                f"dalimix: could not cache the strict check's verdicts in {path.parent} ({e.strerror}); "
+                "set $DALIMIX_CACHE to a writable folder",
+                DalimixWarning,
+                stacklevel=3,
+            )
     return bad
 
 
@@ -255,8 +279,9 @@ def _listing(samples: Samples, found: list[tuple[int, str]], limit: int = 10) ->
     return text + (f" (and {len(found) - limit} more)" if len(found) > limit else "")
 
 
-def check_loader_files(samples: Samples, *, on_error: str, strict: bool = False, workers: int | None = None,
-                       mark=None) -> FileFacts:
+def check_loader_files(
+    samples: Samples, *, on_error: str, strict: bool = False, workers: int | None = None, mark=None
+) -> FileFacts:
     """The loader's construction-time file checks; returns the stat facts (for ``state_dict``).
 
     Every sample must be a regular file (a FIFO or a device named ``x.jpg`` would block DALI's
@@ -275,7 +300,8 @@ def check_loader_files(samples: Samples, *, on_error: str, strict: bool = False,
             raise DatasetError(
                 f"{samples.source}: {len(facts.not_regular)} sample(s) are not regular files: "
                 f"{_listing(samples, facts.not_regular)}. Only regular files (and symlinks to them) are images: "
-                "remove or replace them, or pass on_error='skip'")
+                "remove or replace them, or pass on_error='skip'"
+            )
         mark(facts.not_regular, "not a regular file, found at construction")
     if strict:
         found = sorted(strict_verdicts(samples, facts, workers=workers).items())
@@ -285,7 +311,8 @@ def check_loader_files(samples: Samples, *, on_error: str, strict: bool = False,
                     f"strict=True: {len(found)} file(s) of {samples.source} do not decode cleanly: "
                     f"{_listing(samples, found)}. Remove or replace them, list the good files with "
                     "`dalimix scan DIR --strict --fix-list OUT`, or pass on_error='skip'",
-                    files=[(samples.paths[i], r) for i, r in found])
+                    files=[(samples.paths[i], r) for i, r in found],
+                )
             mark(found, "strict check at construction")
     return facts
 

@@ -56,8 +56,10 @@ def source_for_path(path, *, webdataset_keys=None) -> dict:
     folder of only ``.tar`` files) -> ``webdataset``, another file -> ``file_list``, else ``root``."""
     text = os.fspath(path)
     p = Path(text).expanduser()
-    if (p.is_file() and p.suffix.lower() == ".tar") or any(c in text for c in "*?[") or (
-        p.is_dir() and any(p.glob("*.tar")) and not any(q.is_dir() for q in p.iterdir())
+    if (
+        (p.is_file() and p.suffix.lower() == ".tar")
+        or any(c in text for c in "*?[")
+        or (p.is_dir() and any(p.glob("*.tar")) and not any(q.is_dir() for q in p.iterdir()))
     ):
         return {"webdataset": text, "webdataset_keys": webdataset_keys}
     if p.is_file():
@@ -65,8 +67,9 @@ def source_for_path(path, *, webdataset_keys=None) -> dict:
     return {"root": p}
 
 
-def resolve_source(*, root=None, file_list=None, webdataset=None, webdataset_keys=None, samples=None,
-                   classes=None) -> Samples:
+def resolve_source(
+    *, root=None, file_list=None, webdataset=None, webdataset_keys=None, samples=None, classes=None
+) -> Samples:
     """The ``Samples`` named by exactly one of ``root`` (ImageFolder tree), ``file_list`` (``path
     label`` lines; relative paths from ``root`` when both are given), ``webdataset`` (tar shards) or
     ``samples`` (a ``Samples`` built elsewhere).
@@ -75,11 +78,16 @@ def resolve_source(*, root=None, file_list=None, webdataset=None, webdataset_key
         ValueError: no data, or the data named twice.
         DatasetError: the data itself is wrong (see the readers).
     """
-    given = [n for n, v in (("root", root), ("file_list", file_list), ("webdataset", webdataset), ("samples", samples))
-             if v is not None]
+    given = [
+        n
+        for n, v in (("root", root), ("file_list", file_list), ("webdataset", webdataset), ("samples", samples))
+        if v is not None
+    ]
     if not given:
-        raise ValueError("give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
-                         "or webdataset=<folder or glob of .tar shards>")
+        raise ValueError(
+            "give the data: root=<ImageFolder folder>, file_list=<'path label' text file> "
+            "or webdataset=<folder or glob of .tar shards>"
+        )
     if len(given) > 1 and given != ["root", "file_list"]:
         raise ValueError(f"{' and '.join(given)} given: name the data once (root= goes with file_list= only)")
     if samples is not None:
@@ -120,7 +128,9 @@ def scan_image_folder(root: str | os.PathLike) -> Samples:
     if not root.exists():
         raise DatasetError(f"data root {root} does not exist; pass the folder that holds one sub-folder per class")
     if not root.is_dir():
-        raise DatasetError(f"data root {root} is not a folder; pass a folder with one sub-folder per class, or use file_list=")
+        raise DatasetError(
+            f"data root {root} is not a folder; pass a folder with one sub-folder per class, or use file_list="
+        )
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DatasetError(
@@ -174,7 +184,7 @@ def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None 
             line = line.strip()
             if line.startswith("# classes:") and classes is None:
                 try:
-                    classes = [str(c) for c in json.loads(line[len("# classes:"):])]
+                    classes = [str(c) for c in json.loads(line[len("# classes:") :])]
                 except ValueError:
                     raise DatasetError(f"{file_list}:{lineno}: the classes line is not a JSON list of names") from None
                 continue
@@ -198,8 +208,12 @@ def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None 
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise DatasetError(
-            f"file list {file_list} names {len(missing)} missing file(s): " + "; ".join(missing[:5]) + more
-            + ". Fix the paths (relative paths are taken from " + str(base) + ") or remove those lines"
+            f"file list {file_list} names {len(missing)} missing file(s): "
+            + "; ".join(missing[:5])
+            + more
+            + ". Fix the paths (relative paths are taken from "
+            + str(base)
+            + ") or remove those lines"
         )
     if not paths:
         raise DatasetError(f"file list {file_list} names no files; add 'path label' lines")
@@ -210,7 +224,9 @@ def read_file_list(file_list: str | os.PathLike, root: str | os.PathLike | None 
     else:
         classes = list(classes)
         if len(classes) < n_classes:
-            raise DatasetError(f"file list {file_list} uses label {n_classes - 1} but only {len(classes)} class names were given")
+            raise DatasetError(
+                f"file list {file_list} uses label {n_classes - 1} but only {len(classes)} class names were given"
+            )
     return Samples(
         paths=paths,
         labels=labels_arr,

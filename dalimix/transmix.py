@@ -40,9 +40,11 @@ def _nearest_sources(in_size: int, out_size: int) -> np.ndarray:
 
 def _grid(tokens: int, grid) -> tuple[int, int]:
     if grid is None:
-        side = int(round(tokens ** 0.5))
+        side = int(round(tokens**0.5))
         if side * side != tokens:
-            raise ValueError(f"{tokens} patch tokens do not form a square grid; pass grid=(rows, cols) (timm: model.patch_embed.grid_size)")
+            raise ValueError(
+                f"{tokens} patch tokens do not form a square grid; pass grid=(rows, cols) (timm: model.patch_embed.grid_size)"
+            )
         return side, side
     gh, gw = (int(g) for g in grid)
     if gh * gw != tokens:
@@ -78,12 +80,30 @@ def transmix_lam(params: MixParams, attention: torch.Tensor, *, height: int, wid
         height, width: the image size the boxes refer to.
         grid: (rows, cols) of the patch grid (default: square).
     """
-    return reweighted_lam(params, attention, height=height, width=width, grid=grid, attention_weight=0.5,
-                          tokens="nearest", rows=params.method == METHOD_BOX)
+    return reweighted_lam(
+        params,
+        attention,
+        height=height,
+        width=width,
+        grid=grid,
+        attention_weight=0.5,
+        tokens="nearest",
+        rows=params.method == METHOD_BOX,
+    )
 
 
-def transmix_targets(labels: torch.Tensor, params: MixParams, attention: torch.Tensor, *, num_classes: int, height: int,
-                     width: int, grid=None, smoothing: float = 0.0, form: str = "soft"):
+def transmix_targets(
+    labels: torch.Tensor,
+    params: MixParams,
+    attention: torch.Tensor,
+    *,
+    num_classes: int,
+    height: int,
+    width: int,
+    grid=None,
+    smoothing: float = 0.0,
+    form: str = "soft",
+):
     """The targets that follow from ``transmix_lam``: soft N x C (timm's rule with ``smoothing``) or
     ``CompactTargets`` (``form="compact"``), on ``labels.device``."""
     lam = transmix_lam(params, attention, height=height, width=width, grid=grid)
@@ -99,8 +119,9 @@ def own_weight_maps(params: MixParams, *, height: int, width: int, device=None) 
     """N x H x W float32: the weight of each sample's OWN image at every pixel, for any method, from
     the fused kernel itself (it mixes an all-ones batch with an all-zeros partner, so every method's
     geometry — boxes, masks, hook masks, grids, blobs, resized boxes — has one definition)."""
-    device = torch.device(device if device is not None else (params.device_masks.device if params.device_masks is not None
-                                                             else "cpu"))
+    device = torch.device(
+        device if device is not None else (params.device_masks.device if params.device_masks is not None else "cpu")
+    )
     n = params.n
     probe = torch.ones(n + 1, height, width, 3, dtype=torch.uint8, device=device)
     probe[n] = 0
@@ -125,8 +146,17 @@ def token_own_fraction(own: torch.Tensor, grid, rule: str = "area") -> torch.Ten
     raise ValueError(f"tokens={rule!r}: 'area' (mean over the token's pixels) or 'nearest' (TransMix's rule)")
 
 
-def reweighted_lam(params: MixParams, weights: torch.Tensor, *, height: int, width: int, grid=None,
-                   attention_weight=0.5, tokens: str = "area", rows=None) -> torch.Tensor:
+def reweighted_lam(
+    params: MixParams,
+    weights: torch.Tensor,
+    *,
+    height: int,
+    width: int,
+    grid=None,
+    attention_weight=0.5,
+    tokens: str = "area",
+    rows=None,
+) -> torch.Tensor:
     """Label re-weighting after the forward pass, for any attention or region weighting and any
     mixing method: N float32 own-label weights on ``weights.device``.
 
@@ -159,7 +189,9 @@ def reweighted_lam(params: MixParams, weights: torch.Tensor, *, height: int, wid
     elif weights.dim() == 2 and weights.shape[0] == params.n:
         gh, gw = _grid(weights.shape[1], grid)
     else:
-        raise ValueError(f"attention must be N x T with N = {params.n} (one row per sample), got {tuple(weights.shape)}")
+        raise ValueError(
+            f"attention must be N x T with N = {params.n} (one row per sample), got {tuple(weights.shape)}"
+        )
     if tokens not in TOKEN_RULES:
         raise ValueError(f"tokens={tokens!r}: 'area' (mean over the token's pixels) or 'nearest' (TransMix's rule)")
     attn = weights.detach().to(torch.float32).reshape(params.n, gh * gw)
@@ -178,8 +210,15 @@ def reweighted_lam(params: MixParams, weights: torch.Tensor, *, height: int, wid
     return torch.where(use, lam, params.target_lam_tensor(device))
 
 
-def lam_targets(labels: torch.Tensor, params: MixParams, lam: torch.Tensor, *, num_classes: int, smoothing: float = 0.0,
-                form: str = "soft"):
+def lam_targets(
+    labels: torch.Tensor,
+    params: MixParams,
+    lam: torch.Tensor,
+    *,
+    num_classes: int,
+    smoothing: float = 0.0,
+    form: str = "soft",
+):
     """Targets of the batch with per-sample own-label weights ``lam`` (from ``reweighted_lam``):
     soft N x C (timm's rule with ``smoothing``) or ``CompactTargets``, on ``labels.device``."""
     lam = lam.to(labels.device)
@@ -191,12 +230,32 @@ def lam_targets(labels: torch.Tensor, params: MixParams, lam: torch.Tensor, *, n
     return soft_targets(labels, partner, lam, num_classes, smoothing)
 
 
-def reweighted_targets(labels: torch.Tensor, params: MixParams, weights: torch.Tensor, *, num_classes: int, height: int,
-                       width: int, grid=None, attention_weight=0.5, tokens: str = "area", rows=None,
-                       smoothing: float = 0.0, form: str = "soft"):
+def reweighted_targets(
+    labels: torch.Tensor,
+    params: MixParams,
+    weights: torch.Tensor,
+    *,
+    num_classes: int,
+    height: int,
+    width: int,
+    grid=None,
+    attention_weight=0.5,
+    tokens: str = "area",
+    rows=None,
+    smoothing: float = 0.0,
+    form: str = "soft",
+):
     """``lam_targets`` of ``reweighted_lam`` (same arguments): the one call after the forward pass."""
-    lam = reweighted_lam(params, weights, height=height, width=width, grid=grid, attention_weight=attention_weight,
-                         tokens=tokens, rows=rows)
+    lam = reweighted_lam(
+        params,
+        weights,
+        height=height,
+        width=width,
+        grid=grid,
+        attention_weight=attention_weight,
+        tokens=tokens,
+        rows=rows,
+    )
     return lam_targets(labels, params, lam, num_classes=num_classes, smoothing=smoothing, form=form)
 
 
@@ -217,8 +276,10 @@ class ClsAttention:
         blocks = getattr(model, "blocks", None)
         attn = getattr(blocks[block], "attn", None) if blocks is not None else None
         if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
-            raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer (model.blocks[{block}].attn.attn_drop); "
-                             "compute the class-token attention yourself and pass it to transmix_lam")
+            raise ValueError(
+                f"{type(model).__name__} is not a timm VisionTransformer (model.blocks[{block}].attn.attn_drop); "
+                "compute the class-token attention yourself and pass it to transmix_lam"
+            )
         self.module = attn
         self.prefix = int(getattr(model, "num_prefix_tokens", 1))
         patch = getattr(model, "patch_embed", None)
@@ -229,7 +290,7 @@ class ClsAttention:
 
     def _keep(self, module, inputs, output):
         probs = inputs[0]  # N x heads x tokens x tokens, after the softmax
-        self.attention = probs.detach()[:, :, 0, self.prefix:].mean(dim=1)
+        self.attention = probs.detach()[:, :, 0, self.prefix :].mean(dim=1)
 
     def __enter__(self) -> ClsAttention:
         self.attention = None
@@ -244,4 +305,6 @@ class ClsAttention:
         if self._fused is not None:
             self.module.fused_attn = self._fused
         if exc[0] is None and self.attention is None:
-            raise ValueError("the block's attention was never computed inside the context: run the model's forward there")
+            raise ValueError(
+                "the block's attention was never computed inside the context: run the model's forward there"
+            )

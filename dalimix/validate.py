@@ -19,7 +19,9 @@ def _describe(lo, hi, lo_open, hi_open) -> str:
     return f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, hint: str = "") -> float:
+def number(
+    name: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, hint: str = ""
+) -> float:
     """A finite real number (bools refused) within the bounds."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(float(value))
     if ok:
@@ -41,7 +43,9 @@ def integer(name: str, value, *, lo=None, hi=None, hint: str = "") -> int:
     return int(value)
 
 
-def pair(name: str, value, *, lo=None, hi=None, lo_open: bool = False, ordered: bool = True, hint: str = "") -> tuple[float, float]:
+def pair(
+    name: str, value, *, lo=None, hi=None, lo_open: bool = False, ordered: bool = True, hint: str = ""
+) -> tuple[float, float]:
     """Two finite numbers within the bounds, ``min <= max`` when ``ordered``."""
     try:
         a, b = value
@@ -93,15 +97,23 @@ def data_source(*, root=None, file_list=None, webdataset=None, samples=None, cla
 
     for name, value in (("root", root), ("file_list", file_list)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
-            raise ValueError(f"{name}={value!r}: a path (str or pathlib.Path)"
-                             + (" of an ImageFolder tree root/<class>/<image>" if name == "root" else
-                                " of a text file of 'path label' lines"))
+            raise ValueError(
+                f"{name}={value!r}: a path (str or pathlib.Path)"
+                + (
+                    " of an ImageFolder tree root/<class>/<image>"
+                    if name == "root"
+                    else " of a text file of 'path label' lines"
+                )
+            )
     if webdataset is not None and not isinstance(webdataset, (str, os.PathLike, list, tuple)):
         raise ValueError(f"webdataset={webdataset!r}: a folder or glob of .tar shards, or a list of shard paths")
     if classes is not None:
         if file_list is None and webdataset is None:
-            where = "samples= carries its own classes" if samples is not None else \
-                "an ImageFolder tree takes its class names from its sub-folders"
+            where = (
+                "samples= carries its own classes"
+                if samples is not None
+                else "an ImageFolder tree takes its class names from its sub-folders"
+            )
             raise ValueError(f"classes= names the labels of a file_list= or webdataset= source; {where}: drop classes=")
         if isinstance(classes, (str, bytes)) or not all(isinstance(c, str) for c in _iterable(classes, "classes")):
             raise ValueError(f"classes={classes!r}: a list of class names (str), label i named by classes[i]")
@@ -126,8 +138,10 @@ def normalization(mean, std) -> None:
             raise ValueError(f"{name}={value!r}: three finite numbers (R, G, B) on the 0..1 scale")
         if max(values) > 5 and min(values) >= 0:
             scaled = tuple(round(x / 255, 4) for x in values)
-            raise ValueError(f"{name}={tuple(value)!r} looks like the 0..255 scale; dalimix takes mean/std on the "
-                             f"0..1 scale (torchvision's and timm's convention): {name}={scaled}")
+            raise ValueError(
+                f"{name}={tuple(value)!r} looks like the 0..255 scale; dalimix takes mean/std on the "
+                f"0..1 scale (torchvision's and timm's convention): {name}={scaled}"
+            )
         if any(x > 1 or (x <= 0 if lo_open else x < 0) for x in values):
             bound = "(0, 1]" if lo_open else "[0, 1]"
             raise ValueError(f"{name}={tuple(value)!r}: each value in {bound} (the 0..1 scale)")
@@ -167,8 +181,13 @@ def methods(value) -> list:
 
 def prefetch(value) -> int:
     """Batches DALI prepares ahead: 1..MAX_PREFETCH (each one holds a decoded batch in memory)."""
-    return integer("prefetch", value, lo=1, hi=MAX_PREFETCH, hint=" (2 is DALI's default; each batch ahead holds "
-                   "a decoded batch in memory)")
+    return integer(
+        "prefetch",
+        value,
+        lo=1,
+        hi=MAX_PREFETCH,
+        hint=" (2 is DALI's default; each batch ahead holds a decoded batch in memory)",
+    )
 
 
 def _available_bytes(device) -> tuple[int, str] | None:
@@ -188,15 +207,18 @@ def _available_bytes(device) -> tuple[int, str] | None:
     return None
 
 
-def loader_memory(*, batch_size: int, height: int, width: int, prefetch: int, itemsize: int, device,
-                  keep_unmixed: bool = False) -> int:
+def loader_memory(
+    *, batch_size: int, height: int, width: int, prefetch: int, itemsize: int, device, keep_unmixed: bool = False
+) -> int:
     """Refuse an output size whose buffers cannot fit: each side <= MAX_SIDE, and the loader's
     estimated working set (DALI's uint8 batches in flight, resize scratch, the output batches)
     within the memory available. Returns the estimate in bytes."""
     for name, side in (("height", height), ("width", width)):
         if side > MAX_SIDE:
-            raise ValueError(f"size: {name} {side} is above dalimix's bound of {MAX_SIDE} pixels per side; "
-                             "train at a smaller size (e.g. 224 or 384)")
+            raise ValueError(
+                f"size: {name} {side} is above dalimix's bound of {MAX_SIDE} pixels per side; "
+                "train at a smaller size (e.g. 224 or 384)"
+            )
     pixels = batch_size * height * width * 3
     outputs = 2 + int(bool(keep_unmixed))  # the batch in use, the one being written (+ the unmixed copy)
     estimate = pixels * (prefetch + 2) + pixels * itemsize * outputs
@@ -206,7 +228,8 @@ def loader_memory(*, batch_size: int, height: int, width: int, prefetch: int, it
         raise ValueError(
             f"size={height}x{width} with batch_size={batch_size} and prefetch={prefetch} needs about "
             f"{estimate / gib:.1f} GiB for the loader's buffers, more than the {avail[0] / gib:.1f} GiB {avail[1]}; "
-            "use a smaller size, batch_size or prefetch")
+            "use a smaller size, batch_size or prefetch"
+        )
     return estimate
 
 
@@ -216,13 +239,16 @@ def _state_error(key: str, value, expected: str):
 
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return StateError(f"load_state_dict: state[{key!r}]={shown}: {expected}; pass what ImageLoader.state_dict() "
-                      "returned (unchanged), or start afresh without load_state_dict")
+    return StateError(
+        f"load_state_dict: state[{key!r}]={shown}: {expected}; pass what ImageLoader.state_dict() "
+        "returned (unchanged), or start afresh without load_state_dict"
+    )
 
 
 def _protobuf_ok(data: bytes) -> bool:
     """True if ``data`` parses as a protobuf message: every field's key, wire type and length fit
     (DALI's checkpoints are protobuf ``Checkpoint`` messages; garbage or a cut copy does not)."""
+
     def parse(buf: bytes) -> bool:
         i, n = 0, len(buf)
         while i < n:
@@ -273,12 +299,16 @@ def loader_state(state: dict, *, expected_keys: dict) -> None:
     from .errors import StateError
 
     if not isinstance(state, dict):
-        raise StateError(f"load_state_dict: a loader state is a dict (what ImageLoader.state_dict() returns), "
-                         f"got {type(state).__name__}")
+        raise StateError(
+            f"load_state_dict: a loader state is a dict (what ImageLoader.state_dict() returns), "
+            f"got {type(state).__name__}"
+        )
     for key, kind in expected_keys.items():
         if key not in state:
-            raise StateError(f"load_state_dict: the state has no {key!r} entry; pass what ImageLoader.state_dict() "
-                             "returned (unchanged), or start afresh without load_state_dict")
+            raise StateError(
+                f"load_state_dict: the state has no {key!r} entry; pass what ImageLoader.state_dict() "
+                "returned (unchanged), or start afresh without load_state_dict"
+            )
         value = state[key]
         is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
         if kind == "int>=0" and not (is_int and value >= 0):
@@ -294,14 +324,27 @@ def loader_state(state: dict, *, expected_keys: dict) -> None:
         if kind == "dict" and not isinstance(value, dict):
             raise _state_error(key, value, "a dict")
         if kind == "checkpoint" and value is not None and not _protobuf_ok(value):
-            raise _state_error(key, value, "None or the bytes of DALI's pipeline checkpoint (this is not one: "
-                               "cut, changed or made by hand)")
+            raise _state_error(
+                key,
+                value,
+                "None or the bytes of DALI's pipeline checkpoint (this is not one: cut, changed or made by hand)",
+            )
 
 
 STATE_KEYS = {
-    "epoch": "int>=0", "step": "int>=0", "dali_checkpoint": "checkpoint", "dali_version": "str",
-    "mixup_enabled": "bool|None", "dataset": "dict", "batch_size": "int>=1", "seed": "int>=0", "shuffle": "bool",
-    "shard_id": "int>=0", "num_shards": "int>=1", "last_batch_policy": "str", "augment": "dict",
+    "epoch": "int>=0",
+    "step": "int>=0",
+    "dali_checkpoint": "checkpoint",
+    "dali_version": "str",
+    "mixup_enabled": "bool|None",
+    "dataset": "dict",
+    "batch_size": "int>=1",
+    "seed": "int>=0",
+    "shuffle": "bool",
+    "shard_id": "int>=0",
+    "num_shards": "int>=1",
+    "last_batch_policy": "str",
+    "augment": "dict",
 }
 DATASET_KEYS = {"fingerprint": "str", "num_samples": "int>=0", "source": "str"}
 
@@ -316,13 +359,17 @@ def check_state(loader, state, *, format_key: str, format_version: int) -> None:
     if not isinstance(state, dict) or format_key not in state:
         raise StateError("load_state_dict: not a dalimix loader state; pass what ImageLoader.state_dict() returned")
     if state[format_key] != format_version:
-        raise StateError(f"load_state_dict: state format {state[format_key]!r} is not this dalimix's ({format_version})")
+        raise StateError(
+            f"load_state_dict: state format {state[format_key]!r} is not this dalimix's ({format_version})"
+        )
     loader_state(state, expected_keys=STATE_KEYS)
     data = state["dataset"]
     for key, kind in DATASET_KEYS.items():
         if key not in data:
-            raise StateError(f"load_state_dict: state['dataset'] has no {key!r} entry; pass what "
-                             "ImageLoader.state_dict() returned (unchanged)")
+            raise StateError(
+                f"load_state_dict: state['dataset'] has no {key!r} entry; pass what "
+                "ImageLoader.state_dict() returned (unchanged)"
+            )
     loader_state(data, expected_keys=DATASET_KEYS)
     saved = data.get("content")
     same_names = data["fingerprint"] == loader.samples.fingerprint and data["num_samples"] == len(loader.samples)
@@ -334,9 +381,16 @@ def check_state(loader, state, *, format_key: str, format_version: int) -> None:
     if saved["sizes"] == mine["sizes"]:
         return
     changed = sorted(c for c, d in mine.get("classes", {}).items() if saved.get("classes", {}).get(c) != d)
-    which = (f": the files of class(es) {', '.join(map(repr, changed[:10]))}{' ...' if len(changed) > 10 else ''} "
-             "differ in size from the saved run's") if changed else ": some files differ in size from the saved run's"
+    which = (
+        (
+            f": the files of class(es) {', '.join(map(repr, changed[:10]))}{' ...' if len(changed) > 10 else ''} "
+            "differ in size from the saved run's"
+        )
+        if changed
+        else ": some files differ in size from the saved run's"
+    )
     raise StateError(
         f"load_state_dict: {loader.samples.source} has the same file names as the saved run but other contents"
         f"{which} (class folders swapped, or files replaced under the same names?). Resuming would continue "
-        "another run's order over other images: restore the data, or start afresh without load_state_dict")
+        "another run's order over other images: restore the data, or start afresh without load_state_dict"
+    )

@@ -65,8 +65,16 @@ def load_tile(path, size: int) -> np.ndarray:
         return np.asarray(im.crop((x0, y0, x0 + size, y0 + size)), dtype=np.uint8).copy()
 
 
-def method_table(image_a: np.ndarray, image_b: np.ndarray, methods, lams=(0.8, 0.6, 0.4, 0.2), *,
-                 names=("A", "B"), seed: int = 0, min_tile: int = 160):
+def method_table(
+    image_a: np.ndarray,
+    image_b: np.ndarray,
+    methods,
+    lams=(0.8, 0.6, 0.4, 0.2),
+    *,
+    names=("A", "B"),
+    seed: int = 0,
+    min_tile: int = 160,
+):
     """What each mixing method does at several lam: one row per method, one column per lam.
 
     ``image_a``, ``image_b``: ``H x W x 3`` uint8 (the pair); ``methods``: ``dalimix.mix`` method

@@ -83,8 +83,10 @@ class TarSamples(Samples):
                     buf = np.empty(int(self.sizes[i]), dtype=np.uint8)
                     got = os.preadv(fd, [buf], int(self.offsets[i])) if buf.size else 0
                     if got != buf.size:
-                        raise DatasetError(f"{self.paths[i]}: read {got} of {buf.size} bytes; the tar {path} is shorter "
-                                           "than when it was indexed (truncated or rewritten); index it again")
+                        raise DatasetError(
+                            f"{self.paths[i]}: read {got} of {buf.size} bytes; the tar {path} is shorter "
+                            "than when it was indexed (truncated or rewritten); index it again"
+                        )
                     images[k] = buf
             finally:
                 os.close(fd)
@@ -100,8 +102,10 @@ def shard_paths(shards) -> list[str]:
         if path.is_dir():
             found = sorted(str(p) for p in path.glob("*.tar"))
             if not found:
-                raise DatasetError(f"webdataset folder {path} holds no .tar shards; pack an image folder with "
-                                   "`dalimix pack DIR OUT` or point at the shards")
+                raise DatasetError(
+                    f"webdataset folder {path} holds no .tar shards; pack an image folder with "
+                    "`dalimix pack DIR OUT` or point at the shards"
+                )
             return found
         if any(c in text for c in "*?["):
             found = sorted(glob.glob(os.path.expanduser(text)))
@@ -118,8 +122,10 @@ def shard_paths(shards) -> list[str]:
             raise ValueError("webdataset=[]: name at least one .tar shard")
     missing = [p for p in items if not Path(p).expanduser().is_file()]
     if missing:
-        raise DatasetError(f"webdataset shard(s) not found: {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''}; check the paths")
+        raise DatasetError(
+            f"webdataset shard(s) not found: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; check the paths"
+        )
     return [str(Path(p).expanduser()) for p in items]
 
 
@@ -127,12 +133,16 @@ def _parse_keys(keys) -> tuple[tuple[str, ...], str]:
     try:
         image_key, label_key = keys
     except (TypeError, ValueError):
-        raise ValueError(f"webdataset_keys={keys!r}: (image extensions, label extension), e.g. ('jpg;png', 'cls')") from None
+        raise ValueError(
+            f"webdataset_keys={keys!r}: (image extensions, label extension), e.g. ('jpg;png', 'cls')"
+        ) from None
     image_exts = tuple(e.strip().lstrip(".") for e in str(image_key).split(";") if e.strip())
     label_ext = str(label_key).strip().lstrip(".")
     if not image_exts or not label_ext or label_ext in image_exts:
-        raise ValueError(f"webdataset_keys={keys!r}: non-empty image extensions (';'-separated) and a different "
-                         "label extension, e.g. ('jpg;png', 'cls')")
+        raise ValueError(
+            f"webdataset_keys={keys!r}: non-empty image extensions (';'-separated) and a different "
+            "label extension, e.g. ('jpg;png', 'cls')"
+        )
     return image_exts, label_ext
 
 
@@ -145,7 +155,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     dot = name.find(".", slash)
     if dot <= slash:
         return None
-    return name[:dot], name[dot + 1:]
+    return name[:dot], name[dot + 1 :]
 
 
 def _members_from_tar(path: str):
@@ -156,8 +166,10 @@ def _members_from_tar(path: str):
                 if m.isreg():
                     yield m.name, m.offset_data, m.size
     except tarfile.ReadError as e:
-        raise DatasetError(f"webdataset shard {path} is not an uncompressed tar ({e}); shards must be plain .tar "
-                           "files (members are read in place)") from None
+        raise DatasetError(
+            f"webdataset shard {path} is not an uncompressed tar ({e}); shards must be plain .tar "
+            "files (members are read in place)"
+        ) from None
 
 
 def _members_from_index(path: str, index: Path) -> list | None:
@@ -174,11 +186,13 @@ def _members_from_index(path: str, index: Path) -> list | None:
             if len(parts) % 4:
                 return None
             for j in range(0, len(parts), 4):
-                _, off, n, name = parts[j:j + 4]
+                _, off, n, name = parts[j : j + 4]
                 off, n = int(off), int(n)
                 if off < 0 or n < 0 or off + n > size:
-                    raise DatasetError(f"index {index} names bytes past the end of {path}; the tar changed since "
-                                       "it was indexed: delete the .idx file or pack again")
+                    raise DatasetError(
+                        f"index {index} names bytes past the end of {path}; the tar changed since "
+                        "it was indexed: delete the .idx file or pack again"
+                    )
                 members.append((name, off, n))
     return members
 
@@ -219,7 +233,7 @@ def index_webdataset(shards, *, keys=DEFAULT_KEYS, classes=None) -> TarSamples:
         idx = _index_path(tar)
         members = _members_from_index(tar, idx) if idx.is_file() else None
         samples: dict[str, dict[str, tuple[int, int, str]]] = {}
-        for name, off, n in (members if members is not None else _members_from_tar(tar)):
+        for name, off, n in members if members is not None else _members_from_tar(tar):
             split = split_member_name(name)
             if split is not None:
                 samples.setdefault(split[0], {})[split[1]] = (off, n, name)
@@ -228,9 +242,15 @@ def index_webdataset(shards, *, keys=DEFAULT_KEYS, classes=None) -> TarSamples:
             for key, parts in samples.items():
                 image = next((parts[e] for e in image_exts if e in parts), None)
                 if image is None or label_ext not in parts:
-                    what = f"no image member ({'/'.join('.' + e for e in image_exts)})" if image is None else f"no .{label_ext} member"
-                    raise DatasetError(f"{tar}: sample {key!r} has {what}; it has {sorted(parts)}. Pass "
-                                       f"webdataset_keys=(image extensions, label extension) that match the shards")
+                    what = (
+                        f"no image member ({'/'.join('.' + e for e in image_exts)})"
+                        if image is None
+                        else f"no .{label_ext} member"
+                    )
+                    raise DatasetError(
+                        f"{tar}: sample {key!r} has {what}; it has {sorted(parts)}. Pass "
+                        f"webdataset_keys=(image extensions, label extension) that match the shards"
+                    )
                 off, n, member = parts[label_ext]
                 labels.append(_read_label(fd, off, n, f"{tar}::{member}"))
                 off, n, member = image
@@ -246,10 +266,15 @@ def index_webdataset(shards, *, keys=DEFAULT_KEYS, classes=None) -> TarSamples:
     labels_arr = np.asarray(labels, dtype=np.int64)
     classes = _classes(tars[0], classes, int(labels_arr.max()) + 1)
     return TarSamples(
-        paths=paths, labels=labels_arr, classes=classes, class_to_idx={c: i for i, c in enumerate(classes)},
+        paths=paths,
+        labels=labels_arr,
+        classes=classes,
+        class_to_idx={c: i for i, c in enumerate(classes)},
         source=os.path.commonpath(tars) if len(tars) > 1 else tars[0],
-        fingerprint=_fingerprint(rel, labels_arr), tars=tuple(tars),
-        tar_index=np.asarray(tar_index, dtype=np.int64), offsets=np.asarray(offsets, dtype=np.int64),
+        fingerprint=_fingerprint(rel, labels_arr),
+        tars=tuple(tars),
+        tar_index=np.asarray(tar_index, dtype=np.int64),
+        offsets=np.asarray(offsets, dtype=np.int64),
         sizes=np.asarray(sizes, dtype=np.int64),
     )
 
@@ -271,8 +296,15 @@ def _classes(first_tar: str, classes, needed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ packing
-def pack_image_folder(root, out, *, shard_size: int = 1000, prefix: str = "shard", shuffle_seed: int | None = None,
-                      overwrite: bool = False) -> list[Path]:
+def pack_image_folder(
+    root,
+    out,
+    *,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    shuffle_seed: int | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
     """Pack an ImageFolder tree into WebDataset shards ``out/<prefix>-000000.tar``, ...
 
     Each sample ``k`` (ImageFolder order, or a permutation drawn from ``shuffle_seed`` — handy for
@@ -293,12 +325,16 @@ def pack_image_folder(root, out, *, shard_size: int = 1000, prefix: str = "shard
     out.mkdir(parents=True, exist_ok=True)
     old = sorted(out.glob("*.tar"))
     if old and not overwrite:
-        raise DatasetError(f"{out} already holds {len(old)} shard(s) ({old[0].name}, ...); a loader pointed at the "
-                           "folder would read them all: pack into an empty folder, or pass overwrite=True (--overwrite)")
+        raise DatasetError(
+            f"{out} already holds {len(old)} shard(s) ({old[0].name}, ...); a loader pointed at the "
+            "folder would read them all: pack into an empty folder, or pass overwrite=True (--overwrite)"
+        )
     ours = [p for p in old if p.name.startswith(prefix + "-")]
     if len(ours) < len(old):
-        raise DatasetError(f"{out} holds shards other than {prefix}-*.tar (e.g. {sorted(set(old) - set(ours))[0].name}), "
-                           "which a loader pointed at the folder would read too; pack into an empty folder")
+        raise DatasetError(
+            f"{out} holds shards other than {prefix}-*.tar (e.g. {sorted(set(old) - set(ours))[0].name}), "
+            "which a loader pointed at the folder would read too; pack into an empty folder"
+        )
     for p in ours:
         p.unlink()
         _index_path(str(p)).unlink(missing_ok=True)
@@ -312,7 +348,7 @@ def pack_image_folder(root, out, *, shard_size: int = 1000, prefix: str = "shard
         index_lines = []
         tmp = tar_path.with_name(tar_path.name + ".partial")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in order[start: start + int(shard_size)]:
+            for i in order[start : start + int(shard_size)]:
                 key = f"{int(i):0{width}d}"
                 src = samples.paths[i]
                 ext = os.path.splitext(src)[1].lower().lstrip(".")
@@ -327,8 +363,9 @@ def pack_image_folder(root, out, *, shard_size: int = 1000, prefix: str = "shard
                     line.append(f"{member_ext} {tf.offset - _padded(len(payload))} {len(payload)} {info.name}")
                 index_lines.append(" ".join(line))
         os.replace(tmp, tar_path)
-        _index_path(str(tar_path)).write_text(f"{_IDX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n",
-                                              encoding="utf-8")
+        _index_path(str(tar_path)).write_text(
+            f"{_IDX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n", encoding="utf-8"
+        )
         written.append(tar_path)
     (out / CLASSES_FILE).write_text("".join(c + "\n" for c in samples.classes), encoding="utf-8")
     return written

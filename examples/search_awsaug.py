@@ -74,8 +74,11 @@ class SmallCNN(nn.Module):
         chans = [3, width, 2 * width, 4 * width, 4 * width]
         layers = []
         for i in range(4):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
             if i < 3:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -94,8 +97,9 @@ def small_copies(root: Path, dest: Path, shorter_side: int) -> Path:
     for path in map(Path, scan_image_folder(root).paths):
         img = Image.open(path).convert("RGB")
         scale = shorter_side / min(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR,
-                         reducing_gap=2.0)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR, reducing_gap=2.0
+        )
         out = dest / path.parent.name / (path.stem + ".jpg")
         out.parent.mkdir(parents=True, exist_ok=True)
         img.save(out, quality=92)
@@ -152,8 +156,12 @@ def plot(history: np.ndarray, names: list[str], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     rounds = np.arange(len(history))
-    ax.stackplot(rounds, history.T, labels=[f"{k}: {n}" for k, n in enumerate(names)],
-                 colors=plt.cm.tab20(np.linspace(0, 1, len(names))))
+    ax.stackplot(
+        rounds,
+        history.T,
+        labels=[f"{k}: {n}" for k, n in enumerate(names)],
+        colors=plt.cm.tab20(np.linspace(0, 1, len(names))),
+    )
     ax.set_xlim(0, len(history) - 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("search round (0 = uniform)")
@@ -190,13 +198,25 @@ def main(argv=None) -> np.ndarray:
     train_list, held_list, classes = split_file_lists(small, work, args.heldout_per_class, args.seed)
     policy = Policy(sub_policies=SUB_POLICIES)  # uniform: stage 1's shared policy
     names = [policy.describe(k) for k in range(len(policy))]
-    loader = ImageLoader(file_list=train_list, classes=classes, batch_size=args.batch_size, size=args.size,
-                         device="cpu", scale=(0.35, 1.0), auto_augment=policy, last_batch_policy="drop", seed=args.seed)
-    held = ImageLoader(file_list=held_list, classes=classes, batch_size=256, size=args.size, device="cpu",
-                       train=False, crop_pct=1.0)
+    loader = ImageLoader(
+        file_list=train_list,
+        classes=classes,
+        batch_size=args.batch_size,
+        size=args.size,
+        device="cpu",
+        scale=(0.35, 1.0),
+        auto_augment=policy,
+        last_batch_policy="drop",
+        seed=args.seed,
+    )
+    held = ImageLoader(
+        file_list=held_list, classes=classes, batch_size=256, size=args.size, device="cpu", train=False, crop_pct=1.0
+    )
     held_x, held_y = (torch.cat(t) for t in zip(*[(x, y) for x, y in held]))
-    print(f"data: {len(loader.dataset)} training images, {len(held_y)} held out, {len(classes)} classes "
-          f"(chance {1 / len(classes):.3f}), {args.size}x{args.size}; {len(policy)} sub-policies")
+    print(
+        f"data: {len(loader.dataset)} training images, {len(held_y)} held out, {len(classes)} classes "
+        f"(chance {1 / len(classes):.3f}), {args.size}x{args.size}; {len(policy)} sub-policies"
+    )
 
     # ---- stage 1: augmentation-wise shared weights under the uniform policy
     shared = SmallCNN(len(classes))
@@ -205,8 +225,10 @@ def main(argv=None) -> np.ndarray:
     for epoch in range(args.stage1_epochs):
         train_steps(shared, opt, batches, len(loader))
         if (epoch + 1) % 5 == 0 or epoch + 1 == args.stage1_epochs:
-            print(f"stage 1 epoch {epoch + 1}/{args.stage1_epochs}: held-out accuracy "
-                  f"{accuracy(shared, held_x, held_y):.3f}  ({time.perf_counter() - t_start:.0f} s)")
+            print(
+                f"stage 1 epoch {epoch + 1}/{args.stage1_epochs}: held-out accuracy "
+                f"{accuracy(shared, held_x, held_y):.3f}  ({time.perf_counter() - t_start:.0f} s)"
+            )
 
     # ---- stage 2: fine-tune copies under sampled candidates, REINFORCE on the logits
     theta = np.zeros(len(policy))
@@ -233,16 +255,23 @@ def main(argv=None) -> np.ndarray:
         theta += args.policy_lr * grad / len(picks)
         p = np.exp(theta - theta.max())
         history.append(p / p.sum())
-        print(f"round {rnd + 1:2d}/{args.rounds}: candidates {picks.tolist()} held-out accuracy "
-              f"{np.round(rewards, 3).tolist()} baseline {baseline:.3f}  ({time.perf_counter() - t_start:.0f} s)")
+        print(
+            f"round {rnd + 1:2d}/{args.rounds}: candidates {picks.tolist()} held-out accuracy "
+            f"{np.round(rewards, 3).tolist()} baseline {baseline:.3f}  ({time.perf_counter() - t_start:.0f} s)"
+        )
 
     history = np.array(history)
-    print(f"\nstage 1 held-out accuracy {accuracy(shared, held_x, held_y):.3f}; final distribution "
-          "(probability, held-out accuracy after fine-tuning: mean +- standard error over n candidates):")
+    print(
+        f"\nstage 1 held-out accuracy {accuracy(shared, held_x, held_y):.3f}; final distribution "
+        "(probability, held-out accuracy after fine-tuning: mean +- standard error over n candidates):"
+    )
     for k in np.argsort(-history[-1]):
         r = np.array(seen[k])
-        spread = f"{r.mean():.3f} +- {r.std(ddof=1) / np.sqrt(len(r)):.3f} (n={len(r)})" if len(r) > 1 else \
-            (f"{r[0]:.3f} (n=1)" if len(r) else "not sampled")
+        spread = (
+            f"{r.mean():.3f} +- {r.std(ddof=1) / np.sqrt(len(r)):.3f} (n={len(r)})"
+            if len(r) > 1
+            else (f"{r[0]:.3f} (n=1)" if len(r) else "not sampled")
+        )
         print(f"  {history[-1][k]:.3f}  {spread:28s} {k:2d}: {names[k]}")
     if args.rounds:
         plot(history, names, Path(args.out))

@@ -32,8 +32,12 @@ def small_cnn(num_classes: int) -> nn.Module:
 
     def stage(cin, cout):
         return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
         )
 
     net = nn.Sequential()
@@ -88,15 +92,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="ImageFolder root (default: the demo data set)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--model", default="small", help="'small' (default), or a torchvision/timm model name, e.g. resnet18")
+    p.add_argument(
+        "--model", default="small", help="'small' (default), or a torchvision/timm model name, e.g. resnet18"
+    )
     p.add_argument("--feature-layer", default="layer3", help="the Mix Block's input (default: layer3, stage 3)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of the model (cosine decay)")
     p.add_argument("--mix-block-lr", type=float, default=0.5, help="SGD learning rate of the Mix Block (cosine decay)")
-    p.add_argument("--momentum", type=float, default=0.9,
-                   help="EMA momentum at the start, rising by a cosine to 0.99999 (the paper's 0.999 suits long runs)")
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=0.9,
+        help="EMA momentum at the start, rising by a cosine to 0.99999 (the paper's 0.999 suits long runs)",
+    )
     p.add_argument("--min-scale", type=float, default=0.35, help="random resized crop: smallest area fraction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -110,19 +120,39 @@ def main(argv=None) -> int:
     probe = ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=args.device, train=False)
     num_classes, device = probe.num_classes, probe.device
     model = build_model(args.model, num_classes).to(device)
-    automix = AutoMix(model=model, feature_layer=args.feature_layer, input_size=args.size, alpha=2.0,
-                      momentum=args.momentum, seed=args.seed).to(device)
-    loader = ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=device, seed=args.seed,
-                         scale=(args.min_scale, 1.0), mix=automix.mixer(), last_batch_policy="drop")
+    automix = AutoMix(
+        model=model,
+        feature_layer=args.feature_layer,
+        input_size=args.size,
+        alpha=2.0,
+        momentum=args.momentum,
+        seed=args.seed,
+    ).to(device)
+    loader = ImageLoader(
+        root=root,
+        batch_size=args.batch_size,
+        size=args.size,
+        device=device,
+        seed=args.seed,
+        scale=(args.min_scale, 1.0),
+        mix=automix.mixer(),
+        last_batch_policy="drop",
+    )
     automix.attach(loader)
-    opt = torch.optim.SGD([
-        {"params": automix.model.parameters(), "lr": args.lr, "weight_decay": 5e-4},
-        {"params": automix.mix_block.parameters(), "lr": args.mix_block_lr},
-    ], momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(
+        [
+            {"params": automix.model.parameters(), "lr": args.lr, "weight_decay": 5e-4},
+            {"params": automix.mix_block.parameters(), "lr": args.mix_block_lr},
+        ],
+        momentum=0.9,
+        nesterov=True,
+    )
     base_lrs = [g["lr"] for g in opt.param_groups]
-    print(f"AutoMix: {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters), feature layer "
-          f"{args.feature_layer} -> Mix Block on {automix.mix_block.in_channels} channels; {len(loader)} batches/epoch "
-          f"of {args.batch_size} x {args.size} px on {device}")
+    print(
+        f"AutoMix: {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters), feature layer "
+        f"{args.feature_layer} -> Mix Block on {automix.mix_block.in_channels} channels; {len(loader)} batches/epoch "
+        f"of {args.batch_size} x {args.size} px on {device}"
+    )
 
     checkpoints = sorted({0, args.steps // 3, 2 * args.steps // 3, max(args.steps - 10, 0)})
     tiles, captions, history = [], [], []
@@ -148,14 +178,21 @@ def main(argv=None) -> int:
                 tiles += snapshot_tiles(images, info, automix.last_hook_logits, loader.norm, n)
                 lam = float(info.params.lam[0])
                 for i in range(n):
-                    captions += [f"step {step} lam {lam:.2f}" if i == 0 else "", "partner",
-                                 (f"std {std:.3f}" if masked else "MixUp batch") if i == 0 else "", "mixed"]
+                    captions += [
+                        f"step {step} lam {lam:.2f}" if i == 0 else "",
+                        "partner",
+                        (f"std {std:.3f}" if masked else "MixUp batch") if i == 0 else "",
+                        "mixed",
+                    ]
             if step % 25 == 0 or step == args.steps - 1:
                 h = history[-25:]
                 mean = {k: np.mean([r[k] for r in h]) for k in h[0]}
-                print(f"step {step:4d}  loss {mean['loss']:.3f} (mix {mean['loss_mix']:.3f}, clean {mean['loss_clean']:.3f}, "
-                      f"mix block {mean['loss_mix_block']:.3f}, mask {mean['loss_mask']:.4f})  mask std {mean['hook_mask_std']:.4f}  "
-                      f"momentum {automix.momentum:.5f}  {time.time() - start:.0f} s", flush=True)
+                print(
+                    f"step {step:4d}  loss {mean['loss']:.3f} (mix {mean['loss_mix']:.3f}, clean {mean['loss_clean']:.3f}, "
+                    f"mix block {mean['loss_mix_block']:.3f}, mask {mean['loss_mask']:.4f})  mask std {mean['hook_mask_std']:.4f}  "
+                    f"momentum {automix.momentum:.5f}  {time.time() - start:.0f} s",
+                    flush=True,
+                )
             step += 1
             if step >= args.steps:
                 break
@@ -163,9 +200,13 @@ def main(argv=None) -> int:
 
     first = np.mean([r["hook_mask_std"] for r in history[:10]])
     last = np.mean([r["hook_mask_std"] for r in history[-10:]])
-    print(f"mask spatial std: {first:.4f} over the first 10 steps -> {last:.4f} over the last 10 "
-          f"({'moved away from a constant mask' if last > 4 * max(first, 1e-3) else 'still close to constant'})")
-    print(f"clean-image accuracy on the data set: model {accuracy(automix.model, probe):.3f}, EMA {accuracy(automix.ema, probe):.3f}")
+    print(
+        f"mask spatial std: {first:.4f} over the first 10 steps -> {last:.4f} over the last 10 "
+        f"({'moved away from a constant mask' if last > 4 * max(first, 1e-3) else 'still close to constant'})"
+    )
+    print(
+        f"clean-image accuracy on the data set: model {accuracy(automix.model, probe):.3f}, EMA {accuracy(automix.ema, probe):.3f}"
+    )
     grid = np.stack(tiles)
     zoom = max(1, 128 // args.size)
     grid = grid.repeat(zoom, axis=1).repeat(zoom, axis=2)

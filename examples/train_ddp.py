@@ -62,12 +62,24 @@ def main(argv=None):
     root = args.data or str(demo_dataset(progress=rank == 0))
 
     # shard_id/num_shards come from torch.distributed; DROP: every rank runs the same number of steps
-    train_loader = ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=device, seed=args.seed,
-                               mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1),
-                               last_batch_policy="drop")
+    train_loader = ImageLoader(
+        root=root,
+        batch_size=args.batch_size,
+        size=args.size,
+        device=device,
+        seed=args.seed,
+        mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1),
+        last_batch_policy="drop",
+    )
     # PARTIAL + no shuffle: every evaluation sample exactly once over all ranks, no padding
-    eval_loader = ImageLoader(root=args.val_data or root, batch_size=args.batch_size, size=args.size, device=device,
-                              train=False, last_batch_policy="partial")
+    eval_loader = ImageLoader(
+        root=args.val_data or root,
+        batch_size=args.batch_size,
+        size=args.size,
+        device=device,
+        train=False,
+        last_batch_policy="partial",
+    )
     model = torchvision.models.resnet18(num_classes=train_loader.num_classes).to(device)
     model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-5)
@@ -97,7 +109,9 @@ def main(argv=None):
             global_step += 1
             info = train_loader.last_batch
             if log:
-                log.write(f"{info.epoch} {info.step} {' '.join(map(str, info.sample_ids.tolist()))} {loss.item():.6f}\n")
+                log.write(
+                    f"{info.epoch} {info.step} {' '.join(map(str, info.sample_ids.tolist()))} {loss.item():.6f}\n"
+                )
             if global_step == args.save_at:
                 save(args, model, optimizer, train_loader, global_step, rank)
             if global_step == args.stop_at:
@@ -107,8 +121,10 @@ def main(argv=None):
                 return 0
         correct, total = evaluate(model, eval_loader, device)
         if rank == 0:
-            print(f"epoch {epoch}: loss {loss.item():.4f}, {seen * world / (time.perf_counter() - t0):.1f} images/s "
-                  f"over {world} ranks, eval top-1 {100 * correct / total:.1f}% of {total} images")
+            print(
+                f"epoch {epoch}: loss {loss.item():.4f}, {seen * world / (time.perf_counter() - t0):.1f} images/s "
+                f"over {world} ranks, eval top-1 {100 * correct / total:.1f}% of {total} images"
+            )
         if not args.save_at:
             save(args, model, optimizer, train_loader, global_step, rank)
     dist.destroy_process_group()
@@ -123,8 +139,15 @@ def save(args, model, optimizer, loader, global_step, rank):
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, loader.state_dict())
     if rank == 0:
-        torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "loader": states,
-                    "global_step": global_step}, args.checkpoint)
+        torch.save(
+            {
+                "model": model.module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "loader": states,
+                "global_step": global_step,
+            },
+            args.checkpoint,
+        )
     dist.barrier()
 
 

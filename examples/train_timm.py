@@ -74,26 +74,57 @@ def main(argv=None):
     mixup_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup_active:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
     compact = args.loss == "dalimix"
     if compact and mixup_fn is not None:
         from dalimix.mix import Mixup as DalimixMixup  # compact (y_a, y_b, lam) targets for MixCrossEntropy
 
-        mixup_fn = DalimixMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                                label_smoothing=args.smoothing, targets="compact")
+        mixup_fn = DalimixMixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            targets="compact",
+        )
     loader_train = create_loader(
-        dataset_train, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=True,
-        interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
-        num_workers=args.workers, distributed=distributed, device=device, color_jitter=0, mix=mixup_fn,
+        dataset_train,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=True,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=args.workers,
+        distributed=distributed,
+        device=device,
+        color_jitter=0,
+        mix=mixup_fn,
         seed=args.seed,
     )
     loader_eval = create_loader(
-        dataset_eval, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=False,
-        interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
-        num_workers=args.workers, distributed=distributed, crop_pct=data_config["crop_pct"], device=device,
+        dataset_eval,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=args.workers,
+        distributed=distributed,
+        crop_pct=data_config["crop_pct"],
+        device=device,
     )
     if mixup_fn is None:
         train_loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
@@ -102,7 +133,9 @@ def main(argv=None):
     train_loss_fn = train_loss_fn.to(device)
 
     if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=2e-5)
     for epoch in range(args.epochs):
         if hasattr(loader_train.sampler, "set_epoch"):
@@ -121,9 +154,11 @@ def main(argv=None):
                 break
         correct, total = validate(model, loader_eval, device, args.steps)
         if rank == 0:
-            print(f"epoch {epoch}: loss {loss.item():.4f}, mixing {'on' if loader_train.mixup_enabled else 'off'}, "
-                  f"{seen / (time.perf_counter() - t0):.1f} images/s per rank, eval top-1 {100 * correct / max(total, 1):.1f}% "
-                  f"of {total} images")
+            print(
+                f"epoch {epoch}: loss {loss.item():.4f}, mixing {'on' if loader_train.mixup_enabled else 'off'}, "
+                f"{seen / (time.perf_counter() - t0):.1f} images/s per rank, eval top-1 {100 * correct / max(total, 1):.1f}% "
+                f"of {total} images"
+            )
     if distributed:
         dist.destroy_process_group()
     return 0

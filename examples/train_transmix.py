@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+from train_automix import accuracy  # examples/train_automix.py, next to this script
 
 from dalimix import ImageLoader
 from dalimix.demo_data import demo_dataset
@@ -21,14 +22,14 @@ from dalimix.losses import MixCrossEntropy
 from dalimix.mix import Mixup
 from dalimix.ops.record import METHOD_BOX
 from dalimix.transmix import ClsAttention, transmix_lam, transmix_targets
-from train_automix import accuracy  # examples/train_automix.py, next to this script
 
 
 def small_vit(num_classes: int, size: int):
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=size, patch_size=8, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0,
-                             num_classes=num_classes)
+    return VisionTransformer(
+        img_size=size, patch_size=8, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, num_classes=num_classes
+    )
 
 
 def main(argv=None) -> int:
@@ -47,15 +48,24 @@ def main(argv=None) -> int:
     root = args.data or demo_dataset(progress=True)
 
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, mode="batch", label_smoothing=args.smoothing)
-    loader = ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=args.device, seed=args.seed,
-                         mix=mix, last_batch_policy="drop")
+    loader = ImageLoader(
+        root=root,
+        batch_size=args.batch_size,
+        size=args.size,
+        device=args.device,
+        seed=args.seed,
+        mix=mix,
+        last_batch_policy="drop",
+    )
     evaluation = ImageLoader(root=root, batch_size=args.batch_size, size=args.size, device=loader.device, train=False)
     vit = small_vit(loader.num_classes, args.size).to(loader.device)
     attention = ClsAttention(vit)
     opt = torch.optim.AdamW(vit.parameters(), lr=args.lr, weight_decay=0.05)
     criterion = MixCrossEntropy()
-    print(f"{'TransMix' if not args.no_transmix else 'CutMix/MixUp'}: ViT {sum(q.numel() for q in vit.parameters()) / 1e6:.2f} M "
-          f"parameters, {attention.grid[0]}x{attention.grid[1]} patches, {len(loader)} batches/epoch on {loader.device}")
+    print(
+        f"{'TransMix' if not args.no_transmix else 'CutMix/MixUp'}: ViT {sum(q.numel() for q in vit.parameters()) / 1e6:.2f} M "
+        f"parameters, {attention.grid[0]}x{attention.grid[1]} patches, {len(loader)} batches/epoch on {loader.device}"
+    )
 
     step, start, shifts, losses = 0, time.time(), [], []
     while step < args.steps:
@@ -64,12 +74,21 @@ def main(argv=None) -> int:
                 logits = vit(images)
             info = loader.last_batch
             if (info.params.method == METHOD_BOX).any():
-                lam = transmix_lam(info.params, attention.attention, height=args.size, width=args.size, grid=attention.grid)
+                lam = transmix_lam(
+                    info.params, attention.attention, height=args.size, width=args.size, grid=attention.grid
+                )
                 shifts.append(float((lam - info.params.target_lam_tensor(lam.device)).abs().mean()))
                 if not args.no_transmix:
-                    targets = transmix_targets(info.labels, info.params, attention.attention, num_classes=loader.num_classes,
-                                               height=args.size, width=args.size, grid=attention.grid,
-                                               smoothing=args.smoothing)
+                    targets = transmix_targets(
+                        info.labels,
+                        info.params,
+                        attention.attention,
+                        num_classes=loader.num_classes,
+                        height=args.size,
+                        width=args.size,
+                        grid=attention.grid,
+                        smoothing=args.smoothing,
+                    )
             loss = criterion(logits, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -79,13 +98,18 @@ def main(argv=None) -> int:
             losses.append(float(loss.detach()))
             if step % 25 == 0 or step == args.steps - 1:
                 shift = f"{np.mean(shifts[-10:]):.3f}" if shifts else "-"
-                print(f"step {step:4d}  loss {np.mean(losses[-25:]):.3f}  |TransMix lam - area lam| on CutMix batches {shift}  "
-                      f"{time.time() - start:.0f} s", flush=True)
+                print(
+                    f"step {step:4d}  loss {np.mean(losses[-25:]):.3f}  |TransMix lam - area lam| on CutMix batches {shift}  "
+                    f"{time.time() - start:.0f} s",
+                    flush=True,
+                )
             step += 1
             if step >= args.steps:
                 break
     loader.close()
-    print(f"clean-image accuracy on the data set: {accuracy(vit, evaluation):.3f}; {args.steps} steps in {time.time() - start:.0f} s")
+    print(
+        f"clean-image accuracy on the data set: {accuracy(vit, evaluation):.3f}; {args.steps} steps in {time.time() - start:.0f} s"
+    )
     return 0
 
 

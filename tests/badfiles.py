@@ -46,7 +46,7 @@ def zeroed_dht(jpg: bytes) -> bytes:
 def bad_idat_crc(png: bytes) -> bytes:
     d = bytearray(png)
     i = d.find(b"IDAT")
-    length = struct.unpack(">I", d[i - 4:i])[0]
+    length = struct.unpack(">I", d[i - 4 : i])[0]
     d[i + 4 + length] ^= 0xFF  # first byte of the chunk's CRC
     return bytes(d)
 
@@ -62,7 +62,7 @@ def truncated(data: bytes, frac: float = 0.6) -> bytes:
 def huge_jpeg_header(jpg: bytes, side: int = 60000) -> bytes:
     d = bytearray(jpg)
     i = d.find(b"\xff\xc0")
-    d[i + 5:i + 9] = struct.pack(">HH", side, side)
+    d[i + 5 : i + 9] = struct.pack(">HH", side, side)
     return bytes(d)
 
 

@@ -15,16 +15,30 @@ def main(root: str, out: str) -> None:
     rank = dist.get_rank()
     result = {"rank": rank, "world": dist.get_world_size(), "default_threads": default_num_threads()}
     for policy in ("partial", "drop", "fill"):
-        loader = ImageLoader(root=root, batch_size=3, size=16, device="cpu", seed=7, num_threads=1,
-                             last_batch_policy=policy, mix=Mixup(mixup_alpha=1.0, mode="elem"))
+        loader = ImageLoader(
+            root=root,
+            batch_size=3,
+            size=16,
+            device="cpu",
+            seed=7,
+            num_threads=1,
+            last_batch_policy=policy,
+            mix=Mixup(mixup_alpha=1.0, mode="elem"),
+        )
         result[policy] = {"shard": [loader.shard_id, loader.num_shards], "len": len(loader), "epochs": []}
         for epoch in range(2):
             loader.set_epoch(epoch)
             batches = []
             for images, targets in loader:
                 info = loader.last_batch
-                batches.append({"ids": info.sample_ids.tolist(), "labels": targets.argmax(1).tolist(),
-                                "lam": info.params.lam.tolist(), "mean": float(images.double().mean())})
+                batches.append(
+                    {
+                        "ids": info.sample_ids.tolist(),
+                        "labels": targets.argmax(1).tolist(),
+                        "lam": info.params.lam.tolist(),
+                        "mean": float(images.double().mean()),
+                    }
+                )
             result[policy]["epochs"].append(batches)
         loader.close()
     gathered = [None] * dist.get_world_size()

@@ -74,7 +74,11 @@ def reference_mix_normalize(images, records, masks, mean, std) -> np.ndarray:
             v = a.copy()
             y0, x0, y1, x1 = (int(r[k]) for k in ("y0", "x0", "y1", "x1"))
             if y1 > y0 and x1 > x0:
-                patch = b[y0:y1, x0:x1] if m == METHOD_BOX else resample(b, y1 - y0, x1 - x0, bool(r["flags"] & FLAG_BILINEAR))
+                patch = (
+                    b[y0:y1, x0:x1]
+                    if m == METHOD_BOX
+                    else resample(b, y1 - y0, x1 - x0, bool(r["flags"] & FLAG_BILINEAR))
+                )
                 v[y0:y1, x0:x1] = patch
         elif m == METHOD_GRID:
             # holes of p2 x p3 pixels every p0 x p1 pixels, laid from the box corner, clipped to the box

@@ -12,8 +12,18 @@ from dalimix.augment import Augment, _timm_ops, jitter_factors
 
 def _batches(root, **kw):
     """uint8-scale batches (mean 0, std 1/255 scale: values are the DALI uint8 pixels), fixed crops."""
-    loader = ImageLoader(root=root, batch_size=10, size=24, device="cpu", seed=4, hflip=0.0, num_threads=1,
-                         mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255), **kw)
+    loader = ImageLoader(
+        root=root,
+        batch_size=10,
+        size=24,
+        device="cpu",
+        seed=4,
+        hflip=0.0,
+        num_threads=1,
+        mean=(0, 0, 0),
+        std=(1 / 255, 1 / 255, 1 / 255),
+        **kw,
+    )
     out = torch.cat([x.clone() for x, _ in loader])
     loader.close()
     return out
@@ -65,8 +75,18 @@ def test_full_jitter_blur_and_3a_change_images_reproducibly(small_dataset, plain
     assert (tv(blurred) <= tv(plain)).all() and int((tv(blurred) < tv(plain)).sum()) >= 14  # sigma 0.1: ~unchanged
     three = _batches(small_dataset, auto_augment="3a")
     solarized = torch.where(plain >= 128, 255 - plain, plain)
-    kinds = [("solarize" if torch.equal(x, s) else "grey" if torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
-              else "blur" if tv(x[None]) <= tv(p[None]) else "?") for x, s, p in zip(three, solarized, plain)]
+    kinds = [
+        (
+            "solarize"
+            if torch.equal(x, s)
+            else "grey"
+            if torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+            else "blur"
+            if tv(x[None]) <= tv(p[None])
+            else "?"
+        )
+        for x, s, p in zip(three, solarized, plain)
+    ]
     assert "?" not in kinds and len(set(kinds)) == 3
 
 
@@ -96,9 +116,16 @@ def test_operation_parameters_are_timms_level_functions(increasing, monkeypatch)
     ops = _timm_ops(increasing, 0.45)
     suffix = "Increasing" if increasing else ""
     for level in (0.0, 2.5, 7.0, 9.0, 10.0):
-        for name, conv in [("Rotate", float), ("ShearX", lambda p: float(p[0])), ("TranslateXRel", lambda p: float(p[0])),
-                           ("SolarizeAdd", int), ("Solarize" + suffix, int), ("Color" + suffix, float),
-                           ("Contrast" + suffix, float), ("Brightness" + suffix, float)]:
+        for name, conv in [
+            ("Rotate", float),
+            ("ShearX", lambda p: float(p[0])),
+            ("TranslateXRel", lambda p: float(p[0])),
+            ("SolarizeAdd", int),
+            ("Solarize" + suffix, int),
+            ("Color" + suffix, float),
+            ("Contrast" + suffix, float),
+            ("Brightness" + suffix, float),
+        ]:
             want = taa.LEVEL_TO_ARG[name](level, {"translate_pct": 0.45})[0]
             got = conv(ops[name]._map_mag_to_param(np.float32(level)))
             assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (name, level)
@@ -121,12 +148,25 @@ def test_jitter_factors_follow_timm():
 @pytest.mark.gpu
 def test_augmentations_build_and_run_on_the_gpu(small_dataset):
     """The same graph pieces with DALI's GPU operators: every Augment field, 3a and timm RandAugment."""
-    aug = Augment(vflip=0.5, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8, grayscale_prob=0.2,
-                  gaussian_blur_prob=0.5, random_interpolation=True)
+    aug = Augment(
+        vflip=0.5,
+        color_jitter=(0.4, 0.4, 0.4, 0.1),
+        color_jitter_prob=0.8,
+        grayscale_prob=0.2,
+        gaussian_blur_prob=0.5,
+        random_interpolation=True,
+    )
     for aa in (None, "3a", "rand-m9-mstd0.5-inc1"):
-        loader = ImageLoader(root=small_dataset, batch_size=10, size=24, device="cuda", seed=4, augment=aug,
-                             auto_augment=aa)
+        loader = ImageLoader(
+            root=small_dataset, batch_size=10, size=24, device="cuda", seed=4, augment=aug, auto_augment=aa
+        )
         a = torch.cat([x.clone() for x, _ in loader])
-        b = torch.cat([x.clone() for x, _ in loader.__class__(root=small_dataset, batch_size=10, size=24, device="cuda",
-                                                               seed=4, augment=aug, auto_augment=aa)])
+        b = torch.cat(
+            [
+                x.clone()
+                for x, _ in loader.__class__(
+                    root=small_dataset, batch_size=10, size=24, device="cuda", seed=4, augment=aug, auto_augment=aa
+                )
+            ]
+        )
         assert a.is_cuda and torch.isfinite(a).all() and torch.equal(a, b)

@@ -87,8 +87,9 @@ def test_default_mix_block_is_openmixups_pixel_mix_block(lam_concat, mode):
     lam = np.random.default_rng(0).random(n)
     partner = np.array([2, 3, 1, 0])
     got = MixBlock.mask(mb(z, torch.from_numpy(lam), torch.from_numpy(partner)), (12, 20), mode)
-    np.testing.assert_allclose(got.detach().numpy(), openmixup_own_mask(mb, z, lam, partner, (12, 20), mode),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        got.detach().numpy(), openmixup_own_mask(mb, z, lam, partner, (12, 20), mode), rtol=1e-4, atol=1e-5
+    )
     am = AutoMix(model=TinyNet(), feature_layer="stage3", input_size=32)
     assert am.mix_block.value_from == "partner" and am.mix_block.lam_concat
 
@@ -196,17 +197,22 @@ def test_feature_tap_stops_after_the_layer_and_shares_parameters():
     feats = tap(x)
     assert feats.shape == (2, 32, 4, 4) and not calls
     torch.testing.assert_close(feats, net.stage3(net.stage2(net.stage1(x))))
-    with pytest.raises(ValueError, match="feature_layer='layer3' is not a module of TinyNet; its top-level modules are"):
+    with pytest.raises(
+        ValueError, match="feature_layer='layer3' is not a module of TinyNet; its top-level modules are"
+    ):
         FeatureTap(net, "layer3")
     with pytest.raises(ValueError, match="outputs .* N x C x h x w"):
         FeatureTap(net, "fc")(torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("factory, layer, channels", [
-    ("torchvision.resnet18", "layer3", 256),
-    ("timm.resnet10t", "layer3", 256),
-    ("timm.convnext_atto", "stages.2", 160),
-])
+@pytest.mark.parametrize(
+    "factory, layer, channels",
+    [
+        ("torchvision.resnet18", "layer3", 256),
+        ("timm.resnet10t", "layer3", 256),
+        ("timm.convnext_atto", "stages.2", 160),
+    ],
+)
 def test_any_torchvision_or_timm_cnn(factory, layer, channels):
     lib, name = factory.split(".")
     if lib == "torchvision":
@@ -255,8 +261,14 @@ def test_mask_loss_and_its_cosine_annealing():
     mean = float(flow["mask"].mean())
     assert float(flow["loss_mask"]) == pytest.approx(0.1 * (abs(mean - 0.2) - 0.1), rel=1e-5)
     with torch.no_grad():  # within the margin: no loss
-        assert float(am.mix_block_flow(clean, torch.zeros(4, dtype=torch.long), feats, lam=mean - 0.05,
-                                       partner=[1, 0, 3, 2])["loss_mask"]) == 0.0
+        assert (
+            float(
+                am.mix_block_flow(
+                    clean, torch.zeros(4, dtype=torch.long), feats, lam=mean - 0.05, partner=[1, 0, 3, 2]
+                )["loss_mask"]
+            )
+            == 0.0
+        )
     for progress, weight in [(0.0, 0.1), (0.5, 0.05), (1.0, 0.0)]:
         am.update(progress)
         assert am.mask_loss_weight == pytest.approx(weight, abs=1e-12)
@@ -292,8 +304,9 @@ def test_arguments_are_validated():
         AutoMix(model="resnet", feature_layer="layer3")
 
 
-@pytest.mark.parametrize("upsampling, mask_adjust", [("nearest", 0.0), ("bilinear", 0.0), ("nearest", 1.0),
-                                                     ("bilinear", 1.0)])
+@pytest.mark.parametrize(
+    "upsampling, mask_adjust", [("nearest", 0.0), ("bilinear", 0.0), ("nearest", 1.0), ("bilinear", 1.0)]
+)
 def test_automix_step_on_the_loader(small_dataset, upsampling, mask_adjust):
     am = make_automix(mixup_margin=0.0, upsampling=upsampling, mask_adjust=mask_adjust)
     loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", seed=3, mix=am.mixer())
@@ -346,8 +359,25 @@ def test_example_runs(small_dataset, tmp_path, capsys):
     from train_automix import main
 
     out = tmp_path / "masks.png"
-    assert main(["--data", str(small_dataset), "--device", "cpu", "--steps", "4", "--batch-size", "6", "--size", "32",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(small_dataset),
+                "--device",
+                "cpu",
+                "--steps",
+                "4",
+                "--batch-size",
+                "6",
+                "--size",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "mask spatial std" in text and "step    3" in text and out.stat().st_size > 0
 
@@ -364,8 +394,9 @@ def test_automix_step_on_a_cuda_loader(small_dataset):
         m = torch.sigmoid(F.interpolate(am.last_hook_logits, size=(32, 32), mode="nearest"))
         if (info.params.method == 3).all():
             clean = info.unmixed
-            torch.testing.assert_close(images, m * clean + (1 - m) * clean[torch.from_numpy(info.params.partner).cuda()],
-                                       rtol=0, atol=2e-5)
+            torch.testing.assert_close(
+                images, m * clean + (1 - m) * clean[torch.from_numpy(info.params.partner).cuda()], rtol=0, atol=2e-5
+            )
         losses = am(images, targets, info)
         opt.zero_grad()
         losses["loss"].backward()
@@ -415,8 +446,9 @@ def test_samix_mix_block_matches_openmixups_released_settings():
     lam = np.random.default_rng(0).random(n)
     partner = np.array([1, 2, 3, 0])
     got = mb(z, torch.from_numpy(lam), torch.from_numpy(partner))
-    np.testing.assert_allclose(got.detach().numpy(), -reference_samix_partner_logits(mb, z, lam, partner),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        got.detach().numpy(), -reference_samix_partner_logits(mb, z, lam, partner), rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(ValueError, match="choose one"):
         MixBlock(c, lam_concat=True, lam_mul=True)
 

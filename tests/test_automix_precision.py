@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_automix import TinyNet
 
 from dalimix import ImageLoader
 from dalimix.automix import AutoMix
-from test_automix import TinyNet
 
 HALF = [torch.bfloat16, torch.float16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -29,8 +29,7 @@ def _automix(device):
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 def test_automix_step_on_a_half_precision_loader(small_dataset, dtype, device):
     am = _automix(device)
-    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device=device, seed=3, dtype=dtype,
-                         mix=am.mixer())
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device=device, seed=3, dtype=dtype, mix=am.mixer())
     am.attach(loader)
     opt = torch.optim.SGD(am.parameters(), lr=0.05)
     before = [p.clone() for p in am.mix_block.parameters()]

@@ -32,8 +32,9 @@ def _env() -> dict:
 
 # ----------------------------------------------------------------------------- smoke runs
 def test_bench_quick_runs_every_loader_with_mixing_on_and_off(small_dataset, tmp_path, capsys):
-    rc = main(["bench", "--quick", "--data", str(small_dataset), "--out", str(tmp_path), "--no-progress",
-               "--device", "cpu"])
+    rc = main(
+        ["bench", "--quick", "--data", str(small_dataset), "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     files = {p.suffix: p for p in tmp_path.iterdir()}
@@ -70,15 +71,40 @@ def test_bench_quick_runs_every_loader_with_mixing_on_and_off(small_dataset, tmp
 
 def test_bench_mix_quick(small_dataset, tmp_path):
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_mix.py"), "--quick", "--device", "cpu", "--data",
-         str(small_dataset), "--out", str(tmp_path), "--no-progress"],
-        capture_output=True, text=True, env=_env(), timeout=600,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_mix.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--data",
+            str(small_dataset),
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("bench-mix-cpu-*.json")).read_text())
     cases = {r["case"]: r for r in result["stage"]}
-    for method in ("none", "mixup", "cutmix", "fmix", "resizemix", "gridmix", "smoothmix", "samplepairing",
-                   "fmix 1/4 res", "saliencymix", "attentivemix", "mixup|cutmix elem"):
+    for method in (
+        "none",
+        "mixup",
+        "cutmix",
+        "fmix",
+        "resizemix",
+        "gridmix",
+        "smoothmix",
+        "samplepairing",
+        "fmix 1/4 res",
+        "saliencymix",
+        "attentivemix",
+        "mixup|cutmix elem",
+    ):
         assert cases[f"dalimix {method}"]["stage_ms"] > 0 and cases[f"dalimix {method}"]["op_ms"] > 0
     for base in ("timm Mixup", "torchvision v2", "torch by hand", "timm FastCollateMixup"):
         for method in ("mixup", "cutmix"):
@@ -95,8 +121,9 @@ def test_bench_mix_quick(small_dataset, tmp_path):
 
 
 def test_gpu_suite_dry_run_shows_three_stages_that_fit_one_call_each():
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     text = out.stdout
     stages = text.split("\nstage ")[1:]
@@ -109,7 +136,9 @@ def test_gpu_suite_dry_run_shows_three_stages_that_fit_one_call_each():
         travels = stage.split("travels: ")[1].split(" MiB")[0]
         if travels != "?":  # the bundle was built here: each call stays under 64 MiB
             assert float(travels) <= 64
-    assert sum(int(s.split("budget: ")[1].split(" s")[0]) for s in stages) <= 12 * 60  # + start-up and transfers: 15 min
+    assert (
+        sum(int(s.split("budget: ")[1].split(" s")[0]) for s in stages) <= 12 * 60
+    )  # + start-up and transfers: 15 min
     assert "bench_mix.py --device cuda --no-loader --batch-sizes 256" in stages[0]
     assert "nvidia" not in stages[0].split("run:")[0] or "xz -d" not in stages[0]  # no DALI before stage 3
     assert "xz -d" in stages[2] and "-m gpu" in stages[2] and "dalimix.cli bench --device cuda" in stages[2]
@@ -121,31 +150,56 @@ def test_gpu_suite_stage_commands_select_tests_that_exist():
     that needs DALI, and between them every GPU test of tests/test_gpu.py once."""
     import shlex
 
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True, text=True, timeout=60
+    ).stdout
     selected = []
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("run: python3 -m pytest") and " -k " in line:
-            args = shlex.split(line[len("run: python3 "):])
-            res = subprocess.run([sys.executable, *args, "--collect-only"], capture_output=True, text=True, cwd=REPO,
-                                 env=_env(), timeout=120)
+            args = shlex.split(line[len("run: python3 ") :])
+            res = subprocess.run(
+                [sys.executable, *args, "--collect-only"],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                env=_env(),
+                timeout=120,
+            )
             assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
             selected.append({n for n in res.stdout.split() if "::" in n})
     stage1, stage3 = selected
     assert stage1 and stage3 and not stage1 & stage3
     assert not any("loader" in n or "policy" in n or "dataset" in n for n in stage1)
-    assert any("standalone_twenty_batches" in n for n in stage1) and any("twenty_batches_without" in n and
-                                                                          "standalone" not in n for n in stage3)
-    gpu_tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "--collect-only",
-                                "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=REPO, env=_env(),
-                               timeout=120).stdout
+    assert any("standalone_twenty_batches" in n for n in stage1) and any(
+        "twenty_batches_without" in n and "standalone" not in n for n in stage3
+    )
+    gpu_tests = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "tests/test_gpu.py",
+            "--collect-only",
+            "-p",
+            "no:cacheprovider",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(),
+        timeout=120,
+    ).stdout
     assert {n for n in gpu_tests.split() if "::" in n} <= stage1 | stage3
 
 
 def test_gpu_bundle_pins():
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_bundle.sh"), "--dry-run"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_bundle.sh"), "--dry-run"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     pins = dict(line.split("wheel: ")[1].split("==") for line in out.stdout.splitlines() if line.startswith("wheel: "))
     assert pins["nvidia-dali-cuda130"] == "2.4.0" and pins["nvidia-libnvcomp-cu13"] == "5.3.0.16"
@@ -156,19 +210,26 @@ def test_gpu_bundle_pins():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_gpu_suite_refuses_without_a_gpu():
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "1"], capture_output=True, text=True,
-                         env=dict(_env(), PYTHON=sys.executable), timeout=120)
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "1"],
+        capture_output=True,
+        text=True,
+        env=dict(_env(), PYTHON=sys.executable),
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "no CUDA GPU" in out.stderr
-    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "tests"], capture_output=True, text=True,
-                         timeout=60)
+    bad = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "tests"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "1, 2 or 3" in bad.stderr
 
 
 @pytest.mark.gpu
 def test_bench_quick_on_cuda(small_dataset, tmp_path):
-    rc = main(["bench", "--quick", "--data", str(small_dataset), "--out", str(tmp_path), "--no-progress",
-               "--device", "cuda"])
+    rc = main(
+        ["bench", "--quick", "--data", str(small_dataset), "--out", str(tmp_path), "--no-progress", "--device", "cuda"]
+    )
     assert rc == 0
     raw = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert raw["errors"] == []
@@ -252,18 +313,37 @@ def test_procstat_counts_the_whole_tree(tmp_path):
 
 def test_report_ratios_and_tables():
     def rec(lib, mix, ips, cores, mem):
-        epoch = {"images": 100, "batches": 1, "wall_s": 100 / ips, "cpu_s": cores * 100 / ips,
-                 "memory_peak_bytes": mem * report.MIB, "memory_kind": "pss", "torch_gpu_peak_bytes": None}
+        epoch = {
+            "images": 100,
+            "batches": 1,
+            "wall_s": 100 / ips,
+            "cpu_s": cores * 100 / ips,
+            "memory_peak_bytes": mem * report.MIB,
+            "memory_kind": "pss",
+            "torch_gpu_peak_bytes": None,
+        }
         return {"library": lib, "mix": mix, "batch_size": 64, "setup_s": 1.0, "epochs": [epoch, dict(epoch)]}
 
     raw = {
-        "machine": {"date": "2026-01-01T00:00:00", "cpu_model": "X", "usable_cpus": 2, "memory_gib": 8, "gpu": None,
-                    "versions": {}, "loadavg_start": [1.0], "loadavg_end": [2.0]},
+        "machine": {
+            "date": "2026-01-01T00:00:00",
+            "cpu_model": "X",
+            "usable_cpus": 2,
+            "memory_gib": 8,
+            "gpu": None,
+            "versions": {},
+            "loadavg_start": [1.0],
+            "loadavg_end": [2.0],
+        },
         "settings": {"device": "cpu", "size": 224, "epochs": 2, "warmup": 1},
         "data": {"classes": 8, "distinct_files": 384, "repeats": 3, "files": 1152},
         "worker_mapping": "W = 2",
-        "results": [rec("dalimix", True, 200, 1.5, 400), rec("torchvision", True, 50, 2.0, 800),
-                    rec("dalimix", False, 250, 1.4, 390), rec("torchvision", False, 100, 2.0, 790)],
+        "results": [
+            rec("dalimix", True, 200, 1.5, 400),
+            rec("torchvision", True, 50, 2.0, 800),
+            rec("dalimix", False, 250, 1.4, 390),
+            rec("torchvision", False, 100, 2.0, 790),
+        ],
         "errors": [{"library": "timm", "mix": True, "batch_size": 64, "error": "ImportError: no timm"}],
     }
     rows = {(r["library"], r["mix"]): r for r in report.summarize(raw)}
@@ -323,19 +403,43 @@ def test_gpu_memory_is_what_the_device_gets_back_from_each_process():
 
 def test_report_prefers_the_device_measure_and_says_when_rows_differ():
     def rec(lib, freed=None, nvml=None, torch_peak=None):
-        epoch = {"images": 100, "batches": 1, "wall_s": 1.0, "cpu_s": 1.0, "memory_peak_bytes": report.MIB,
-                 "memory_kind": "pss", "torch_gpu_peak_bytes": torch_peak, "nvml_gpu_peak_bytes": nvml}
-        return {"library": lib, "mix": True, "batch_size": 64, "setup_s": 1.0, "epochs": [epoch],
-                "gpu_freed_bytes": freed}
+        epoch = {
+            "images": 100,
+            "batches": 1,
+            "wall_s": 1.0,
+            "cpu_s": 1.0,
+            "memory_peak_bytes": report.MIB,
+            "memory_kind": "pss",
+            "torch_gpu_peak_bytes": torch_peak,
+            "nvml_gpu_peak_bytes": nvml,
+        }
+        return {
+            "library": lib,
+            "mix": True,
+            "batch_size": 64,
+            "setup_s": 1.0,
+            "epochs": [epoch],
+            "gpu_freed_bytes": freed,
+        }
 
     raw = {
-        "machine": {"date": "2026-01-01T00:00:00", "cpu_model": "X", "usable_cpus": 2, "memory_gib": 8,
-                    "gpu": {"name": "G", "memory_gib": 80}, "versions": {}, "loadavg_start": [1.0], "loadavg_end": [2.0]},
+        "machine": {
+            "date": "2026-01-01T00:00:00",
+            "cpu_model": "X",
+            "usable_cpus": 2,
+            "memory_gib": 8,
+            "gpu": {"name": "G", "memory_gib": 80},
+            "versions": {},
+            "loadavg_start": [1.0],
+            "loadavg_end": [2.0],
+        },
         "settings": {"device": "cuda", "size": 224, "epochs": 1, "warmup": 1},
         "data": {"classes": 8, "distinct_files": 384, "repeats": 3, "files": 1152},
         "worker_mapping": "W = 2",
-        "results": [rec("dalimix", freed=1000 * report.MIB, torch_peak=200 * report.MIB),
-                    rec("dali", freed=3000 * report.MIB, torch_peak=100 * report.MIB)],
+        "results": [
+            rec("dalimix", freed=1000 * report.MIB, torch_peak=200 * report.MIB),
+            rec("dali", freed=3000 * report.MIB, torch_peak=100 * report.MIB),
+        ],
         "errors": [],
     }
     rows = {r["library"]: r for r in report.summarize(raw)}
@@ -355,15 +459,17 @@ def test_handmix_matches_reference_and_timm_targets():
     x = torch.from_numpy(rng.normal(size=(6, 3, 10, 12)))
     labels = torch.tensor([0, 3, 1, 4, 2, 3])
     ref = 0.3 * x + 0.7 * x.flip(0)
-    mixed, targets = handmix.mix_batch(x.clone(), labels, num_classes=5, rng=rng, method="mixup", lam=0.3,
-                                       label_smoothing=0.1)
+    mixed, targets = handmix.mix_batch(
+        x.clone(), labels, num_classes=5, rng=rng, method="mixup", lam=0.3, label_smoothing=0.1
+    )
     torch.testing.assert_close(mixed, ref)
     torch.testing.assert_close(targets, mixup_target(labels, 5, lam=0.3, smoothing=0.1))
 
     rng = np.random.default_rng(1)
     box = handmix.cutmix_box(0.6, 10, 12, np.random.default_rng(1))
-    mixed, targets = handmix.mix_batch(x.clone(), labels, num_classes=5, rng=rng, method="cutmix", lam=0.6,
-                                       label_smoothing=0.0)
+    mixed, targets = handmix.mix_batch(
+        x.clone(), labels, num_classes=5, rng=rng, method="cutmix", lam=0.6, label_smoothing=0.0
+    )
     y0, y1, x0, x1 = box
     expected = x.clone()
     expected[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
@@ -376,13 +482,26 @@ def test_handmix_matches_reference_and_timm_targets():
 
 def test_report_compares_dalimix_mixed_with_plain_dali():
     def rec(lib, mix, ips, cpu_s):
-        epoch = {"images": 100, "batches": 1, "wall_s": 100 / ips, "cpu_s": cpu_s, "memory_peak_bytes": report.MIB,
-                 "memory_kind": "pss", "torch_gpu_peak_bytes": None}
+        epoch = {
+            "images": 100,
+            "batches": 1,
+            "wall_s": 100 / ips,
+            "cpu_s": cpu_s,
+            "memory_peak_bytes": report.MIB,
+            "memory_kind": "pss",
+            "torch_gpu_peak_bytes": None,
+        }
         return {"library": lib, "mix": mix, "batch_size": 64, "setup_s": 1.0, "epochs": [epoch]}
 
     raw = {
-        "machine": {"date": "2026-01-01T00:00:00", "cpu_model": "X", "usable_cpus": 2, "memory_gib": 8, "gpu": None,
-                    "versions": {}},
+        "machine": {
+            "date": "2026-01-01T00:00:00",
+            "cpu_model": "X",
+            "usable_cpus": 2,
+            "memory_gib": 8,
+            "gpu": None,
+            "versions": {},
+        },
         "settings": {"device": "cpu", "size": 224, "epochs": 1, "warmup": 1},
         "data": {"classes": 8, "distinct_files": 384, "repeats": 1, "files": 384},
         "worker_mapping": "W = 2",

@@ -12,8 +12,26 @@ from dalimix.cli import main
 
 def test_demo_runs_and_writes_a_grid(small_dataset, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    assert main(["demo", "--data", str(small_dataset), "--epochs", "2", "--batch-size", "4", "--size", "48",
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--data",
+                str(small_dataset),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--size",
+                "48",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert re.search(r"device: cpu; 40 images in [\d.]+ s = [\d.]+ images/s", text)
     assert "mixing picture: " + str(out.resolve()) in text
@@ -24,8 +42,27 @@ def test_demo_runs_and_writes_a_grid(small_dataset, tmp_path, capsys):
 
 
 def test_demo_without_mixing(small_dataset, tmp_path, capsys):
-    assert main(["demo", "--data", str(small_dataset), "--epochs", "1", "--batch-size", "8", "--size", "32",
-                 "--device", "cpu", "--no-mix", "--out", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--data",
+                str(small_dataset),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--size",
+                "32",
+                "--device",
+                "cpu",
+                "--no-mix",
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     assert "20 images" in capsys.readouterr().out
 
 
@@ -41,8 +78,26 @@ def test_preview_every_method(small_dataset, tmp_path, capsys):
     assert tuple(sorted(METHODS)) == MIX_NAMES
     for name in ("cutmix", "fmix", "samplepairing"):
         out = tmp_path / f"{name}.png"
-        assert main(["preview", "--mix", name, "--data", str(small_dataset), "--size", "40", "--batch-size", "6",
-                     "--device", "cpu", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "preview",
+                    "--mix",
+                    name,
+                    "--data",
+                    str(small_dataset),
+                    "--size",
+                    "40",
+                    "--batch-size",
+                    "6",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         assert out.exists()
         assert re.search(rf"{name}: 6 samples \(elem mode\), lam [\d.]+\.\.[\d.]+", capsys.readouterr().out)
 
@@ -50,8 +105,27 @@ def test_preview_every_method(small_dataset, tmp_path, capsys):
 def test_data_may_be_a_file_list(small_dataset, tmp_path, capsys):
     lst = tmp_path / "clean.txt"
     assert main(["scan", str(small_dataset), "--fix-list", str(lst), "--quiet"]) == 0
-    assert main(["demo", "--data", str(lst), "--epochs", "1", "--batch-size", "4", "--size", "32", "--device", "cpu",
-                 "--no-mix", "--out", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--data",
+                str(lst),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--size",
+                "32",
+                "--device",
+                "cpu",
+                "--no-mix",
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     assert "20 images" in capsys.readouterr().out
 
 
@@ -69,27 +143,32 @@ def _run_python(code: str, **kw):
 
 
 def test_help_imports_no_torch():
-    res = _run_python("import sys, contextlib, io\n"
-                      "from dalimix.cli import main\n"
-                      "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-                      "    try: main(['--help'])\n"
-                      "    except SystemExit: pass\n"
-                      "assert 'demo' in out.getvalue()\n"
-                      "print(sorted(m for m in ('torch', 'nvidia.dali', 'numpy', 'cupy') if m in sys.modules))")
+    res = _run_python(
+        "import sys, contextlib, io\n"
+        "from dalimix.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "assert 'demo' in out.getvalue()\n"
+        "print(sorted(m for m in ('torch', 'nvidia.dali', 'numpy', 'cupy') if m in sys.modules))"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
 
 
 def test_readme_quick_start_names_resolve_after_import_dalimix():
-    res = _run_python("import dalimix; print(dalimix.demo_data.CLASSES[0], dalimix.ImageLoader.__name__, "
-                      "dalimix.mix.Mixup.__name__, dalimix.__version__)")
+    res = _run_python(
+        "import dalimix; print(dalimix.demo_data.CLASSES[0], dalimix.ImageLoader.__name__, "
+        "dalimix.mix.Mixup.__name__, dalimix.__version__)"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[:3] == ["bar", "ImageLoader", "Mixup"]
 
 
 def test_version_is_written_once():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     import dalimix
 
@@ -114,8 +193,9 @@ def test_sizes_are_checked_by_the_cli(flag, capsys):
     assert f"argument {flag}: 0 is not >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text, dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("float32", "float32"),
-                                         ("BF16", "bfloat16")])
+@pytest.mark.parametrize(
+    "text, dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("float32", "float32"), ("BF16", "bfloat16")]
+)
 def test_dtype_spellings(text, dtype):
     from dalimix.cli import build_parser
 
@@ -123,8 +203,28 @@ def test_dtype_spellings(text, dtype):
 
 
 def test_demo_bf16_runs(small_dataset, tmp_path, capsys):
-    assert main(["demo", "--data", str(small_dataset), "--epochs", "1", "--batch-size", "4", "--size", "16",
-                 "--device", "cpu", "--dtype", "bf16", "--out", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--data",
+                str(small_dataset),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--size",
+                "16",
+                "--device",
+                "cpu",
+                "--dtype",
+                "bf16",
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     assert "torch.bfloat16" in capsys.readouterr().out
 
 
@@ -149,8 +249,23 @@ def broken_dataset(small_dataset, tmp_path):
 
 
 def test_decode_error_names_the_cli_flag_and_hides_the_codec_log(broken_dataset, tmp_path, capfd):
-    rc = main(["demo", "--data", str(broken_dataset), "--epochs", "1", "--batch-size", "4", "--size", "16",
-               "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    rc = main(
+        [
+            "demo",
+            "--data",
+            str(broken_dataset),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--size",
+            "16",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "g.png"),
+        ]
+    )
     err = capfd.readouterr().err
     assert rc == 2
     assert "bar_001.jpg" in err and "--on-error skip" in err and "on_error=" not in err
@@ -161,8 +276,29 @@ def test_on_error_skip_flag(broken_dataset, tmp_path, capfd):
     from dalimix import DalimixWarning
 
     with pytest.warns(DalimixWarning, match="bar_001.jpg"):
-        assert main(["demo", "--data", str(broken_dataset), "--epochs", "1", "--batch-size", "4", "--size", "16",
-                     "--device", "cpu", "--on-error", "skip", "--no-mix", "--out", str(tmp_path / "g.png")]) == 0
+        assert (
+            main(
+                [
+                    "demo",
+                    "--data",
+                    str(broken_dataset),
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "4",
+                    "--size",
+                    "16",
+                    "--device",
+                    "cpu",
+                    "--on-error",
+                    "skip",
+                    "--no-mix",
+                    "--out",
+                    str(tmp_path / "g.png"),
+                ]
+            )
+            == 0
+        )
     out, err = capfd.readouterr()
     assert "20 images" in out and "[ERROR]" not in err
 
@@ -191,18 +327,20 @@ def test_split_decoder_lines_holds_a_partial_marker():
 
 
 def test_preset_prints_no_dali_deprecation_warnings(small_dataset):
-    res = _run_python("import warnings; warnings.simplefilter('default')\n"
-                      "from dalimix import ImageLoader\n"
-                      f"l = ImageLoader(root={str(small_dataset)!r}, batch_size=4, size=16, device='cpu', "
-                      "auto_augment='rand-m9-n2')\n"
-                      "for e in range(2):\n"
-                      "    for _ in l: pass\n"
-                      "from dalimix.policy import Policy\n"
-                      "p = Policy(sub_policies=[[('equalize', 1.0, None)], [('sharpness', 0.5, 4)]])\n"
-                      f"l = ImageLoader(root={str(small_dataset)!r}, batch_size=4, size=16, device='cpu', "
-                      "auto_augment=p)\n"
-                      "for _ in l: pass\n"
-                      "warnings.warn('other warnings still show', DeprecationWarning)\n")
+    res = _run_python(
+        "import warnings; warnings.simplefilter('default')\n"
+        "from dalimix import ImageLoader\n"
+        f"l = ImageLoader(root={str(small_dataset)!r}, batch_size=4, size=16, device='cpu', "
+        "auto_augment='rand-m9-n2')\n"
+        "for e in range(2):\n"
+        "    for _ in l: pass\n"
+        "from dalimix.policy import Policy\n"
+        "p = Policy(sub_policies=[[('equalize', 1.0, None)], [('sharpness', 0.5, 4)]])\n"
+        f"l = ImageLoader(root={str(small_dataset)!r}, batch_size=4, size=16, device='cpu', "
+        "auto_augment=p)\n"
+        "for _ in l: pass\n"
+        "warnings.warn('other warnings still show', DeprecationWarning)\n"
+    )
     assert res.returncode == 0, res.stderr
     assert "is now deprecated" not in res.stderr
     assert "other warnings still show" in res.stderr

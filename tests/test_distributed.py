@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_image
+
 from dalimix import LastBatchPolicy, plan_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,16 @@ def ranks(tmp_path_factory):
 
 
 def plan(policy, epoch, rank):
-    return plan_epoch(D, batch_size=B, epoch=epoch, seed=7, shuffle=True, shard_id=rank, num_shards=W,
-                      policy=LastBatchPolicy.parse(policy))
+    return plan_epoch(
+        D,
+        batch_size=B,
+        epoch=epoch,
+        seed=7,
+        shuffle=True,
+        shard_id=rank,
+        num_shards=W,
+        policy=LastBatchPolicy.parse(policy),
+    )
 
 
 def ids_of(ranks, policy, epoch):
@@ -68,7 +76,7 @@ def test_partial_every_sample_exactly_once_per_epoch(ranks):
         assert [len(b["ids"]) for b in ranks[0]["partial"]["epochs"][epoch]] == [3, 3, 3, 1]
         for rank in range(W):  # the order plan_epoch promises: one permutation, strided shards
             p = plan("partial", epoch, rank)
-            want = np.concatenate([p.order[i * B:i * B + v] for i, v in enumerate(p.valid)])
+            want = np.concatenate([p.order[i * B : i * B + v] for i, v in enumerate(p.valid)])
             np.testing.assert_array_equal(per_rank[rank], want)
         orders.append(np.concatenate(per_rank))
     assert not np.array_equal(orders[0], orders[1])  # set_epoch reshuffled, the same way on both ranks
@@ -154,8 +162,21 @@ def test_cuda_loader_under_local_rank_uses_that_gpu(small_dataset, monkeypatch):
 def test_ddp_example_resumes_exactly(small_dataset, tmp_path):
     """examples/train_ddp.py: a run that saves at step 4 and goes on, and a run resumed from that
     checkpoint, train on the same batches with the same losses from step 5 on, on every rank."""
-    common = [ROOT / "examples" / "train_ddp.py", "--data", small_dataset, "--device", "cpu", "--size", "16",
-              "--batch-size", "2", "--epochs", "2", "--checkpoint", tmp_path / "ckpt.pt"]
+    common = [
+        ROOT / "examples" / "train_ddp.py",
+        "--data",
+        small_dataset,
+        "--device",
+        "cpu",
+        "--size",
+        "16",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--checkpoint",
+        tmp_path / "ckpt.pt",
+    ]
     torchrun([*common, "--save-at", 4, "--trace", tmp_path / "full"])
     out = torchrun([*common, "--resume", "--trace", tmp_path / "resumed"])
     assert "resumed at epoch 0, step 4" in out

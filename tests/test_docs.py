@@ -61,8 +61,13 @@ class TinyNet:
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                          nn.Flatten(), nn.Linear(8, num_classes))
+                self.body = nn.Sequential(
+                    nn.Conv2d(3, 8, 3, stride=2),
+                    nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(),
+                    nn.Linear(8, num_classes),
+                )
 
             def forward(self, x):
                 return self.body(x.to(torch.float32))
@@ -92,14 +97,32 @@ def namespace(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageLoader, "__iter__", three_batches)
     demo = dalimix.demo_data.demo_dataset()
     model = TinyNet()
-    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, num_classes=8, embed_dim=32,
-                                                           depth=1, num_heads=2)
-    loader = ImageLoader(root=demo, batch_size=8, size=32, device="cpu", last_batch_policy="drop",
-                         mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0))
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, num_classes=8, embed_dim=32, depth=1, num_heads=2
+    )
+    loader = ImageLoader(
+        root=demo,
+        batch_size=8,
+        size=32,
+        device="cpu",
+        last_batch_policy="drop",
+        mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0),
+    )
     masks = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Conv2d(3, 1, 1)).requires_grad_(False)
-    ns = dict(DEMO=demo, model=model, epochs=1, total_steps=3, vit=vit, C=8, H=32, W=32, loader=loader,
-              opt=torch.optim.SGD(model.parameters(), lr=0.1), my_net=lambda x: masks(x.float()),
-              logits=torch.zeros(4))
+    ns = dict(
+        DEMO=demo,
+        model=model,
+        epochs=1,
+        total_steps=3,
+        vit=vit,
+        C=8,
+        H=32,
+        W=32,
+        loader=loader,
+        opt=torch.optim.SGD(model.parameters(), lr=0.1),
+        my_net=lambda x: masks(x.float()),
+        logits=torch.zeros(4),
+    )
     yield ns
     loader.close()
 
@@ -144,8 +167,14 @@ def test_readme_is_short_and_its_quick_start_fits_ten_lines():
 
 def test_readme_says_how_to_install_both_ways():
     readme = (REPO / "README.md").read_text()
-    for text in ("source .venv/bin/activate", "pip install .", "pip install '.[cuda]'", "pip install '.[bench]'",
-                 "make demo", "make test"):
+    for text in (
+        "source .venv/bin/activate",
+        "pip install .",
+        "pip install '.[cuda]'",
+        "pip install '.[bench]'",
+        "make demo",
+        "make test",
+    ):
         assert text in readme, text
 
 

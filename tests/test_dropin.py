@@ -27,8 +27,14 @@ def _timm_transform_parts(transform):
 def test_eval_settings_match_timms_eval_transform(small_dataset, crop_pct, interpolation):
     from timm.data import create_transform
 
-    loader = create_loader(small_dataset, input_size=(3, 48, 48), batch_size=4, crop_pct=crop_pct,
-                           interpolation=interpolation, device="cpu")
+    loader = create_loader(
+        small_dataset,
+        input_size=(3, 48, 48),
+        batch_size=4,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        device="cpu",
+    )
     parts = _timm_transform_parts(create_transform((3, 48, 48), crop_pct=crop_pct, interpolation=interpolation))
     spec = loader.spec
     assert not spec.train and not loader.shuffle and loader.last_batch_policy is LastBatchPolicy.PARTIAL
@@ -42,9 +48,19 @@ def test_train_settings_match_timms_train_transform(small_dataset):
     from timm.data import create_transform
 
     kw = dict(scale=(0.2, 0.9), ratio=(0.5, 2.0), hflip=0.3, interpolation="bicubic")
-    loader = create_loader(small_dataset, input_size=40, batch_size=4, is_training=True, color_jitter=0,
-                           mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_workers=1, img_dtype=torch.bfloat16,
-                           device="cpu", **kw)
+    loader = create_loader(
+        small_dataset,
+        input_size=40,
+        batch_size=4,
+        is_training=True,
+        color_jitter=0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        num_workers=1,
+        img_dtype=torch.bfloat16,
+        device="cpu",
+        **kw,
+    )
     parts = _timm_transform_parts(create_transform(40, is_training=True, color_jitter=0, **kw))
     rrc, flip = parts["RandomResizedCropAndInterpolation"], parts["RandomHorizontalFlip"]
     spec = loader.spec
@@ -56,7 +72,10 @@ def test_train_settings_match_timms_train_transform(small_dataset):
     assert images.shape == (4, 3, 40, 40) and images.dtype == torch.bfloat16
     assert loader.norm.mean == (0.5, 0.5, 0.5) and loader.norm.std == (0.25, 0.25, 0.25)
     assert create_loader(small_dataset, 40, 4, fp16=True, device="cpu").dtype == torch.float16
-    assert create_loader(small_dataset, 40, 4, is_training=True, no_aug=True, color_jitter=0, device="cpu").spec.train is False
+    assert (
+        create_loader(small_dataset, 40, 4, is_training=True, no_aug=True, color_jitter=0, device="cpu").spec.train
+        is False
+    )
 
 
 def test_datasets_from_timm_torchvision_paths_and_shards(small_dataset, tmp_path):
@@ -90,18 +109,30 @@ def test_auto_augment_passes_through_for_training(small_dataset):
     assert train.spec.auto_augment == "rand-m9-n2-p0.5-mstd0.5-mmax10-inc1"  # its canonical string
     images, _ = next(iter(train))
     assert images.shape == (4, 3, 32, 32)
-    assert create_loader(**kw, is_training=False, auto_augment="rand-m9-n2").spec.auto_augment is None  # timm: eval ignores it
-    assert create_loader(**kw, is_training=True, auto_augment="augmix-m5-w4-d2").spec.auto_augment == \
-        "augmix-m5-w4-d2-a1-mstd101"
+    assert (
+        create_loader(**kw, is_training=False, auto_augment="rand-m9-n2").spec.auto_augment is None
+    )  # timm: eval ignores it
+    assert (
+        create_loader(**kw, is_training=True, auto_augment="augmix-m5-w4-d2").spec.auto_augment
+        == "augmix-m5-w4-d2-a1-mstd101"
+    )
     with pytest.raises(ValueError, match="v0"):
         create_loader(**kw, is_training=True, auto_augment="v0")
 
 
 def test_timm_options_without_equivalent_are_refused_not_dropped(small_dataset):
     kw = dict(dataset=small_dataset, input_size=32, batch_size=4, device="cpu")
-    for name, value in [("num_aug_repeats", 3), ("num_aug_splits", 2), ("train_crop_mode", "rkrc"),
-                        ("crop_mode", "squash"), ("input_size", (1, 32, 32)), ("tf_preprocessing", True),
-                        ("input_size_choices", [32, 48]), ("num_batches", 10), ("crop_border_pixels", 2)]:
+    for name, value in [
+        ("num_aug_repeats", 3),
+        ("num_aug_splits", 2),
+        ("train_crop_mode", "rkrc"),
+        ("crop_mode", "squash"),
+        ("input_size", (1, 32, 32)),
+        ("tf_preprocessing", True),
+        ("input_size_choices", [32, 48]),
+        ("num_batches", 10),
+        ("crop_border_pixels", 2),
+    ]:
         with pytest.raises(ValueError, match=name if name != "input_size" else "3-channel"):
             create_loader(**{**kw, name: value})
     with pytest.raises(TypeError, match="unexpected keyword argument 'num_worker'"):
@@ -111,8 +142,18 @@ def test_timm_options_without_equivalent_are_refused_not_dropped(small_dataset):
     with pytest.raises(ValueError, match="only timm's Mixup"):
         create_loader(**kw, is_training=True, collate_fn=lambda batch: batch)
     # timm's "off" values and worker-only options pass; an eval loader ignores train augmentations (timm too)
-    loader = create_loader(**kw, re_prob=0.25, re_mode="pixel", vflip=0.5, grayscale_prob=None, auto_augment=None,
-                           persistent_workers=False, worker_seeding="all", train_crop_mode="rrc", num_aug_splits=1)
+    loader = create_loader(
+        **kw,
+        re_prob=0.25,
+        re_mode="pixel",
+        vflip=0.5,
+        grayscale_prob=None,
+        auto_augment=None,
+        persistent_workers=False,
+        worker_seeding="all",
+        train_crop_mode="rrc",
+        num_aug_splits=1,
+    )
     assert len(loader) == 5 and loader.erasing is None and loader.spec.extra is None
     with pytest.warns(UserWarning, match="use_prefetcher=False changes nothing"):
         create_loader(**kw, use_prefetcher=False)
@@ -158,15 +199,23 @@ def test_timm_mixup_object_is_converted(small_dataset):
     """Handing timm's Mixup to create_loader mixes as dalimix's Mixup with the same arguments."""
     from timm.data import Mixup as TimmMixup
 
-    args = dict(mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.9, switch_prob=0.3, mode="elem", label_smoothing=0.2,
-                num_classes=4)
+    args = dict(
+        mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.9, switch_prob=0.3, mode="elem", label_smoothing=0.2, num_classes=4
+    )
     timm_mix = TimmMixup(**args)
     timm_mix.mixup_enabled = False
     common = dict(input_size=32, batch_size=4, is_training=True, color_jitter=0, device="cpu", seed=3)
     loader = create_loader(small_dataset, mix=timm_mix, **common)
     assert isinstance(loader.mix, Mixup) and loader.mixup_enabled is False
     m = loader.mix
-    assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.mode, m.label_smoothing) == (0.4, 1.0, 0.9, 0.3, "elem", 0.2)
+    assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.mode, m.label_smoothing) == (
+        0.4,
+        1.0,
+        0.9,
+        0.3,
+        "elem",
+        0.2,
+    )
     loader.mixup_enabled = True
     ours = create_loader(small_dataset, mix=Mixup(**args), **common)
     for (x, y), (u, v) in zip(loader, ours):
@@ -200,8 +249,9 @@ def test_eval_every_sample_once_over_ranks(small_dataset, world, batch):
             single[int(sid)] = (images[i], int(labels[i]))
     seen = []
     for rank in range(world):
-        loader = ImageLoader(root=small_dataset, batch_size=batch, size=24, device="cpu", train=False,
-                             shard_id=rank, num_shards=world)
+        loader = ImageLoader(
+            root=small_dataset, batch_size=batch, size=24, device="cpu", train=False, shard_id=rank, num_shards=world
+        )
         share = len(range(rank, 20, world))
         assert len(loader) == -(-share // batch)
         for _ in range(2):  # deterministic: a second pass gives the same batches
@@ -219,8 +269,9 @@ def test_eval_every_sample_once_over_ranks(small_dataset, world, batch):
 # --------------------------------------------------------------------------- example scripts
 def run_example(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(ROOT), DALI_LOG_LEVEL="3", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
@@ -228,15 +279,45 @@ def run_example(*args, timeout=600):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_plain.py", "train_plain_torchvision.py"])
 def test_plain_examples_run(small_dataset, script):
-    out = run_example(ROOT / "examples" / script, "--data", small_dataset, "--size", "16", "--steps", "2",
-                      "--batch-size", "4", "--workers", "1", "--device", "cpu")
+    out = run_example(
+        ROOT / "examples" / script,
+        "--data",
+        small_dataset,
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert "epoch 0: 8 images" in out
 
 
 @pytest.mark.slow
 def test_timm_example_runs_and_switches_mixing_off(small_dataset):
-    out = run_example(ROOT / "examples" / "train_timm.py", "--data-dir", small_dataset, "--img-size", "16", "-b", "4",
-                      "--epochs", "2", "--steps", "1", "--mixup-off-epoch", "1", "-j", "1", "--device", "cpu")
+    out = run_example(
+        ROOT / "examples" / "train_timm.py",
+        "--data-dir",
+        small_dataset,
+        "--img-size",
+        "16",
+        "-b",
+        "4",
+        "--epochs",
+        "2",
+        "--steps",
+        "1",
+        "--mixup-off-epoch",
+        "1",
+        "-j",
+        "1",
+        "--device",
+        "cpu",
+    )
     lines = [line for line in out.splitlines() if line.startswith("epoch")]
     assert "mixing on" in lines[0] and "mixing off" in lines[1]
     assert "eval top-1" in lines[1]
@@ -245,7 +326,11 @@ def test_timm_example_runs_and_switches_mixing_off(small_dataset):
 def test_readme_shows_the_plain_example_diff():
     a = (ROOT / "examples" / "train_plain_torchvision.py").read_text().splitlines()
     b = (ROOT / "examples" / "train_plain.py").read_text().splitlines()
-    hunks = [line for line in difflib.unified_diff(a, b, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    hunks = [
+        line
+        for line in difflib.unified_diff(a, b, lineterm="", n=0)
+        if line[:1] in "+-" and line[:3] not in ("+++", "---")
+    ]
     readme = (ROOT / "docs" / "drop-in.md").read_text()  # the README's drop-in section lives there now
     block = readme.split("```diff\n", 1)[1].split("```", 1)[0].splitlines()
     assert [line for line in block if line[:1] in "+-"] == hunks
@@ -257,15 +342,52 @@ def test_readme_shows_the_plain_example_diff():
 # the argparse defaults of every flag that reaches create_loader, and its create_dataset / Mixup /
 # FastCollateMixup / create_loader calls with their arguments, in its words.
 TRAIN_PY_DEFAULTS = dict(
-    reprob=0.0, remode="pixel", recount=1, resplit=False, train_crop_mode=None, scale=[0.08, 1.0],
-    ratio=[3.0 / 4.0, 4.0 / 3.0], hflip=0.5, vflip=0.0, color_jitter=0.4, color_jitter_prob=None, grayscale_prob=None,
-    gaussian_blur_prob=None, aa=None, aug_repeats=0, aug_splits=0, train_interpolation="random", workers=4,
-    worker_seeding="all", pin_mem=False, no_prefetcher=False, use_multi_epochs_loader=False, mixup=0.0, cutmix=0.0,
-    cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch", smoothing=0.1, num_classes=None,
-    seed=42, train_img_sizes=None, train_batch_sizes=None, train_size_probs=None, train_size_schedule="constant",
-    train_size_schedule_spread=0.65, train_size_random_mix=0.1, train_batches_per_epoch=None, epochs=300,
-    no_aug=False, model_dtype=None, distributed=False, batch_size=4, validation_batch_size=None,
-    train_split="train", val_split="validation",
+    reprob=0.0,
+    remode="pixel",
+    recount=1,
+    resplit=False,
+    train_crop_mode=None,
+    scale=[0.08, 1.0],
+    ratio=[3.0 / 4.0, 4.0 / 3.0],
+    hflip=0.5,
+    vflip=0.0,
+    color_jitter=0.4,
+    color_jitter_prob=None,
+    grayscale_prob=None,
+    gaussian_blur_prob=None,
+    aa=None,
+    aug_repeats=0,
+    aug_splits=0,
+    train_interpolation="random",
+    workers=4,
+    worker_seeding="all",
+    pin_mem=False,
+    no_prefetcher=False,
+    use_multi_epochs_loader=False,
+    mixup=0.0,
+    cutmix=0.0,
+    cutmix_minmax=None,
+    mixup_prob=1.0,
+    mixup_switch_prob=0.5,
+    mixup_mode="batch",
+    smoothing=0.1,
+    num_classes=None,
+    seed=42,
+    train_img_sizes=None,
+    train_batch_sizes=None,
+    train_size_probs=None,
+    train_size_schedule="constant",
+    train_size_schedule_spread=0.65,
+    train_size_random_mix=0.1,
+    train_batches_per_epoch=None,
+    epochs=300,
+    no_aug=False,
+    model_dtype=None,
+    distributed=False,
+    batch_size=4,
+    validation_batch_size=None,
+    train_split="train",
+    val_split="validation",
 )
 MODEL_NUM_CLASSES = 1000  # train.py takes args.num_classes from the model when --num-classes is not given
 
@@ -274,60 +396,119 @@ def train_py_loaders(data_dir, create_loader_fn, device="cpu", **flags):
     """train.py's dataset, mixup and loader construction with ``flags`` over its defaults."""
     from types import SimpleNamespace
 
-    from timm.data import FastCollateMixup
+    from timm.data import FastCollateMixup, create_dataset
     from timm.data import Mixup as TimmMixup
-    from timm.data import create_dataset
 
     args = SimpleNamespace(**{**TRAIN_PY_DEFAULTS, **flags})
     args.prefetcher = not args.no_prefetcher
     if args.num_classes is None:
         args.num_classes = MODEL_NUM_CLASSES
-    data_config = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=(0.485, 0.456, 0.406),
-                       std=(0.229, 0.224, 0.225), crop_pct=0.95)  # resolve_data_config of a small model
+    data_config = dict(
+        input_size=(3, 32, 32),
+        interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_pct=0.95,
+    )  # resolve_data_config of a small model
     num_aug_splits = args.aug_splits if args.aug_splits > 0 else 0
-    dataset_train = create_dataset("", root=str(data_dir), split=args.train_split, is_training=True,
-                                   batch_size=args.batch_size, seed=args.seed, repeats=0, input_img_mode="RGB")
-    dataset_eval = create_dataset("", root=str(data_dir), split=args.train_split, is_training=False,
-                                  batch_size=args.batch_size, input_img_mode="RGB")
+    dataset_train = create_dataset(
+        "",
+        root=str(data_dir),
+        split=args.train_split,
+        is_training=True,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        repeats=0,
+        input_img_mode="RGB",
+    )
+    dataset_eval = create_dataset(
+        "",
+        root=str(data_dir),
+        split=args.train_split,
+        is_training=False,
+        batch_size=args.batch_size,
+        input_img_mode="RGB",
+    )
     train_interpolation = args.train_interpolation
     if args.no_aug or not train_interpolation:
         train_interpolation = data_config["interpolation"]
-    common_loader_kwargs = dict(mean=data_config["mean"], std=data_config["std"], pin_memory=args.pin_mem,
-                                img_dtype=torch.float32, device=torch.device(device), distributed=args.distributed,
-                                use_prefetcher=args.prefetcher)
+    common_loader_kwargs = dict(
+        mean=data_config["mean"],
+        std=data_config["std"],
+        pin_memory=args.pin_mem,
+        img_dtype=torch.float32,
+        device=torch.device(device),
+        distributed=args.distributed,
+        use_prefetcher=args.prefetcher,
+    )
     train_loader_kwargs = dict(
-        batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
-        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
-        num_aug_splits=num_aug_splits, interpolation=train_interpolation, num_workers=args.workers,
+        batch_size=args.batch_size,
+        is_training=True,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        re_split=args.resplit,
+        train_crop_mode=args.train_crop_mode,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob,
+        auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats,
+        num_aug_splits=num_aug_splits,
+        interpolation=train_interpolation,
+        num_workers=args.workers,
         worker_seeding=args.worker_seeding,
     )
     mixup_fn = collate_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
     if mixup_active:
-        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        mixup_args = dict(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=args.num_classes,
+        )
         if args.prefetcher:
             collate_fn = FastCollateMixup(**mixup_args)
         else:
             mixup_fn = TimmMixup(**mixup_args)
     loader_train = create_loader_fn(
-        dataset_train, input_size=data_config["input_size"], input_size_choices=args.train_img_sizes,
-        batch_size_choices=args.train_batch_sizes, batch_choice_weights=args.train_size_probs,
-        batch_choice_seed=args.seed, batch_choice_schedule=args.train_size_schedule,
+        dataset_train,
+        input_size=data_config["input_size"],
+        input_size_choices=args.train_img_sizes,
+        batch_size_choices=args.train_batch_sizes,
+        batch_choice_weights=args.train_size_probs,
+        batch_choice_seed=args.seed,
+        batch_choice_schedule=args.train_size_schedule,
         batch_schedule_epochs=args.epochs if args.train_size_schedule == "progressive" else None,
-        batch_schedule_spread=args.train_size_schedule_spread, batch_schedule_random_mix=args.train_size_random_mix,
-        num_batches=args.train_batches_per_epoch, collate_fn=collate_fn,
-        use_multi_epochs_loader=args.use_multi_epochs_loader, **common_loader_kwargs, **train_loader_kwargs,
+        batch_schedule_spread=args.train_size_schedule_spread,
+        batch_schedule_random_mix=args.train_size_random_mix,
+        num_batches=args.train_batches_per_epoch,
+        collate_fn=collate_fn,
+        use_multi_epochs_loader=args.use_multi_epochs_loader,
+        **common_loader_kwargs,
+        **train_loader_kwargs,
     )
-    eval_loader_kwargs = dict(batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-                              interpolation=data_config["interpolation"], num_workers=args.workers,
-                              crop_pct=data_config["crop_pct"])
-    loader_eval = create_loader_fn(dataset_eval, input_size=data_config["input_size"], **common_loader_kwargs,
-                                   **eval_loader_kwargs)
+    eval_loader_kwargs = dict(
+        batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        num_workers=args.workers,
+        crop_pct=data_config["crop_pct"],
+    )
+    loader_eval = create_loader_fn(
+        dataset_eval, input_size=data_config["input_size"], **common_loader_kwargs, **eval_loader_kwargs
+    )
     return loader_train, loader_eval, mixup_fn, args
 
 
@@ -363,8 +544,9 @@ def test_train_py_loaders_with_mixing_randaugment_and_erasing(small_dataset):
     """--mixup 0.8 --cutmix 1.0 --aa rand-m9-mstd0.5-inc1 --reprob 0.25: the FastCollateMixup train.py
     builds becomes the loader's mixer (same arguments, the model's 1000 classes), RandAugment runs as
     timm's, colour jitter is off under it (timm's rule), erasing is timm's pixel mode at 0.25."""
-    train, _, mixup_fn, _ = train_py_loaders(small_dataset, create_loader, mixup=0.8, cutmix=1.0,
-                                             aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+    train, _, mixup_fn, _ = train_py_loaders(
+        small_dataset, create_loader, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", reprob=0.25
+    )
     m = train.mix
     assert mixup_fn is None and isinstance(m, Mixup) and m.num_classes == MODEL_NUM_CLASSES
     assert (m.mixup_alpha, m.cutmix_alpha, m.switch_prob, m.label_smoothing, m.mode) == (0.8, 1.0, 0.5, 0.1, "batch")
@@ -386,6 +568,7 @@ def test_train_py_loaders_with_mixing_randaugment_and_erasing(small_dataset):
 # ------------------------------------------------------------------------------ seed rule
 def test_seed_follows_the_script(small_dataset):
     """No seed given: the script's torch seed (torch.manual_seed); an explicit seed wins."""
+
     def first(**kw):
         loader = ImageLoader(root=small_dataset, batch_size=4, size=24, device="cpu", num_threads=1, **kw)
         return loader.seed, next(iter(loader))[0]
@@ -411,8 +594,15 @@ def test_seed_follows_the_script(small_dataset):
 def test_mixer_num_classes_wins_and_too_few_is_refused(small_dataset):
     """Mixup(num_classes=1000) on a 4-class folder gives N x 1000 targets (the model's outputs); fewer
     classes than the data set's is an error at construction naming both numbers."""
-    loader = ImageLoader(root=small_dataset, batch_size=4, size=24, device="cpu", seed=0, num_threads=1,
-                         mix=Mixup(num_classes=1000, label_smoothing=0.0))
+    loader = ImageLoader(
+        root=small_dataset,
+        batch_size=4,
+        size=24,
+        device="cpu",
+        seed=0,
+        num_threads=1,
+        mix=Mixup(num_classes=1000, label_smoothing=0.0),
+    )
     images, targets = next(iter(loader))
     assert targets.shape == (4, 1000) and int(targets.argmax(1).max()) < 4
     with pytest.raises(ValueError, match=r"num_classes=3 but the data set has 4 classes.*num_classes >= 4"):
@@ -428,7 +618,9 @@ def test_lightning_datamodule_trains_one_epoch_on_cpu(small_dataset):
     class Tiny(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(4)
+            )
             self.shapes = []
 
         def training_step(self, batch, _):
@@ -444,12 +636,28 @@ def test_lightning_datamodule_trains_one_epoch_on_cpu(small_dataset):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     pl.seed_everything(11)
-    dm = DALIMixDataModule(train=dict(root=small_dataset, batch_size=4, size=24, num_threads=1,
-                                      mix=Mixup(cutmix_alpha=1.0), last_batch_policy="drop"),
-                           val=dict(root=small_dataset, batch_size=5, size=24, num_threads=1))
+    dm = DALIMixDataModule(
+        train=dict(
+            root=small_dataset,
+            batch_size=4,
+            size=24,
+            num_threads=1,
+            mix=Mixup(cutmix_alpha=1.0),
+            last_batch_policy="drop",
+        ),
+        val=dict(root=small_dataset, batch_size=5, size=24, num_threads=1),
+    )
     model = Tiny()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)
     assert model.shapes == [((4, 3, 24, 24), (4, 4))] * 5
     assert "val_loss" in trainer.callback_metrics

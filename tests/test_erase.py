@@ -33,7 +33,9 @@ def reference(images: torch.Tensor, eraser: RandomErasing, plan) -> torch.Tensor
 
 
 @pytest.mark.parametrize("mode", ["const", "rand", "pixel"])
-@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.float16, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize(
+    "dtype, channels_last", [(torch.float32, False), (torch.float16, True), (torch.bfloat16, False)]
+)
 def test_matches_the_float64_reference(mode, dtype, channels_last):
     eraser = RandomErasing(probability=0.7, mode=mode, max_count=3)
     rng = np.random.default_rng(5)
@@ -50,13 +52,14 @@ def test_matches_the_float64_reference(mode, dtype, channels_last):
 
 
 def _timm_boxes(n, h, w, **kw):
+    import random
+
     from timm.data.random_erasing import RandomErasing as TimmErasing
 
-    import random
     random.seed(0)
     torch.manual_seed(0)
     erased = TimmErasing(device="cpu", mode="const", **kw)(torch.ones(n, 3, h, w))
-    return (erased[:, 0] == 0)
+    return erased[:, 0] == 0
 
 
 def _stats(mask: torch.Tensor):
@@ -90,8 +93,11 @@ def test_split_leaves_the_clean_share_alone_and_arguments_are_checked():
     assert eraser.num_splits == 2 and from_timm(0.0) is None
     out = eraser(torch.zeros(8, 3, 16, 16), np.random.default_rng(0))
     assert (out[:4] == 0).all() and (out[4:] != 0).flatten(1).any(1).all()
-    for kw, msg in [(dict(probability=1.5), "probability"), (dict(mode="noise"), "mode"),
-                    (dict(max_count=0), "max_count")]:
+    for kw, msg in [
+        (dict(probability=1.5), "probability"),
+        (dict(mode="noise"), "mode"),
+        (dict(max_count=0), "max_count"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             RandomErasing(**kw)
 
@@ -100,8 +106,16 @@ def test_loader_erases_reproducibly_after_mixing(small_dataset):
     from dalimix.mix import Mixup
 
     def batches(seed):
-        loader = ImageLoader(root=small_dataset, batch_size=5, size=24, device="cpu", seed=seed, num_threads=1,
-                             mix=Mixup(), erasing=RandomErasing(probability=1.0, mode="const"))
+        loader = ImageLoader(
+            root=small_dataset,
+            batch_size=5,
+            size=24,
+            device="cpu",
+            seed=seed,
+            num_threads=1,
+            mix=Mixup(),
+            erasing=RandomErasing(probability=1.0, mode="const"),
+        )
         return [x.clone() for x, _ in loader]
 
     a, b, c = batches(3), batches(3), batches(4)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import random_records, reference_mix_normalize
+from test_kernels import CASES, ulp_tolerance
 
 from dalimix import ImageLoader
 from dalimix.mix import Mixup
 from dalimix.ops import Normalization, mix_normalize
 from dalimix.ops.kernels import OUTPUT_TYPES
-from reference import random_records, reference_mix_normalize
-from test_kernels import CASES, ulp_tolerance
 
 pytestmark = pytest.mark.gpu
 
@@ -27,15 +27,31 @@ def test_cuda_kernel_matches_reference_and_cpu(dtype, channels_last, case):
     norm = Normalization()
     images = rng.integers(0, 256, (n_src, h, w, 3), dtype=np.uint8)
     records, pool = random_records(rng, n, n_src, h, w)
-    cuda = mix_normalize(torch.from_numpy(images).cuda(), records, torch.from_numpy(pool).cuda(), norm=norm,
-                         dtype=dtype, channels_last=channels_last)
+    cuda = mix_normalize(
+        torch.from_numpy(images).cuda(),
+        records,
+        torch.from_numpy(pool).cuda(),
+        norm=norm,
+        dtype=dtype,
+        channels_last=channels_last,
+    )
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert cuda.is_cuda and cuda.dtype == dtype and cuda.is_contiguous(memory_format=fmt)
     got = cuda.float().cpu().numpy()
     ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
     assert not (np.abs(got - ref) > ulp_tolerance(ref, dtype, norm)).any()
-    cpu = mix_normalize(torch.from_numpy(images), records, torch.from_numpy(pool), norm=norm, dtype=dtype,
-                        channels_last=channels_last).float().numpy()
+    cpu = (
+        mix_normalize(
+            torch.from_numpy(images),
+            records,
+            torch.from_numpy(pool),
+            norm=norm,
+            dtype=dtype,
+            channels_last=channels_last,
+        )
+        .float()
+        .numpy()
+    )
     assert not (np.abs(got - cpu) > 2 * ulp_tolerance(ref, dtype, norm)).any()
 
 
@@ -85,11 +101,12 @@ def _hook(images, lam, partner):
 
 def _path(name, root, device="cuda"):
     """(loader, step): a loader for one hot path and what a training step does with its batch."""
+    from test_automix import TinyNet
+
     from dalimix.automix import AutoMix
     from dalimix.hook import LearnedMask
     from dalimix.mix import Mixer
     from dalimix.policy import Policy
-    from test_automix import TinyNet
 
     kw = dict(root=root, batch_size=8, size=64, device=device, dtype=torch.bfloat16, channels_last=True, seed=1)
     total = torch.zeros((), device=device)
@@ -148,14 +165,17 @@ def standalone_path(name, device="cuda", n=8, size=64, dtype=torch.bfloat16):
     AutoMix its training step), so the first GPU call needs no DALI."""
     from types import SimpleNamespace
 
+    from test_automix import TinyNet
+
     from dalimix.automix import AutoMix
     from dalimix.hook import LearnedMask, MaskHook, MaskHookStage
     from dalimix.mix import Mixer
     from dalimix.ops.record import identity_records
-    from test_automix import TinyNet
 
     gen = torch.Generator(device=device).manual_seed(0)
-    sources = [torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, device=device, generator=gen) for _ in range(4)]
+    sources = [
+        torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, device=device, generator=gen) for _ in range(4)
+    ]
     labels = [torch.randint(0, 4, (n,), device=device, generator=gen) for _ in range(4)]
     fmt = dict(dtype=dtype, channels_last=True)
     total = torch.zeros((), device=device)
@@ -173,7 +193,9 @@ def standalone_path(name, device="cuda", n=8, size=64, dtype=torch.bfloat16):
         torch.manual_seed(0)
         am = AutoMix(model=TinyNet(), feature_layer="stage3", input_size=size).to(device)
         mixer = am.mixer(num_classes=4)
-        hook = MaskHook(fn=am.mask_hook, interpolation="nearest", logits=True, target_lam="planned", validate="deferred")
+        hook = MaskHook(
+            fn=am.mask_hook, interpolation="nearest", logits=True, target_lam="planned", validate="deferred"
+        )
         opt = torch.optim.SGD(am.parameters(), lr=0.01)
     else:
         assert name == "mask_hook"
@@ -273,8 +295,14 @@ def test_policy_stage_follows_a_busy_stream():
     there, and further batches are applied before the GPU has caught up."""
     from dalimix.policy import Policy, PolicyStage
 
-    stage = PolicyStage(Policy(sub_policies=[[("hflip", 1.0, None)]]), device=torch.device("cuda"), batch_size=4,
-                        num_threads=2, height=32, width=32)
+    stage = PolicyStage(
+        Policy(sub_policies=[[("hflip", 1.0, None)]]),
+        device=torch.device("cuda"),
+        batch_size=4,
+        num_threads=2,
+        height=32,
+        width=32,
+    )
     rng = np.random.default_rng(0)
     sources = [torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, device="cuda") for _ in range(6)]
     torch.cuda.synchronize()
@@ -296,7 +324,9 @@ def test_policy_stage_follows_a_busy_stream():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_loader_with_mixing(small_dataset, dtype):
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem")
-    loader = ImageLoader(root=small_dataset, batch_size=8, size=64, device="cuda", dtype=dtype, channels_last=True, mix=mix)
+    loader = ImageLoader(
+        root=small_dataset, batch_size=8, size=64, device="cuda", dtype=dtype, channels_last=True, mix=mix
+    )
     seen = []
     kept = []
     for images, targets in loader:

@@ -7,23 +7,33 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference_mix_normalize, resample
+from test_kernels import run_shim
 
 from dalimix import ImageLoader
 from dalimix.hook import LearnedMask, MaskHookError, full_resolution_mask_mean, hooked_rows, upsampling_weights
 from dalimix.mix import FMix, Mixer, one_hot_smoothed
 from dalimix.ops import Normalization, mix_normalize
 from dalimix.ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
-from reference import reference_mix_normalize, resample
-from test_kernels import run_shim
 
 PLAIN = Normalization(mean=(0, 0, 0), std=(1, 1, 1))  # out = x / 255
 
 
 def learned_loader(root, **kw):
-    mix = Mixer(methods=[LearnedMask(alpha=2.0, mixup_margin=kw.pop("margin", 0.0))], mode=kw.pop("mode", "elem"),
-                label_smoothing=kw.pop("smoothing", 0.0))
-    return ImageLoader(root=root, batch_size=kw.pop("batch_size", 6), size=kw.pop("size", 32), device="cpu", mix=mix,
-                       seed=kw.pop("seed", 5), **kw)
+    mix = Mixer(
+        methods=[LearnedMask(alpha=2.0, mixup_margin=kw.pop("margin", 0.0))],
+        mode=kw.pop("mode", "elem"),
+        label_smoothing=kw.pop("smoothing", 0.0),
+    )
+    return ImageLoader(
+        root=root,
+        batch_size=kw.pop("batch_size", 6),
+        size=kw.pop("size", 32),
+        device="cpu",
+        mix=mix,
+        seed=kw.pop("seed", 5),
+        **kw,
+    )
 
 
 class Recorder:
@@ -46,7 +56,9 @@ class Recorder:
 
 
 def upsample(masks: torch.Tensor, size, mode: str) -> torch.Tensor:
-    return F.interpolate(masks.float(), size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return F.interpolate(
+        masks.float(), size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {})
+    )
 
 
 # ------------------------------------------------------------------------------ the loader path
@@ -146,16 +158,24 @@ BAD = [
     (lambda im, lam, p: torch.rand(im.shape[0] - 1, 1, 4, 4), "returned shape"),
     (lambda im, lam, p: torch.rand(im.shape[0], 1, 33, 4), "1 <= h <= 32"),
     (lambda im, lam, p: torch.rand(im.shape[0], 1, 4, 4, device="meta"), "masks on meta; the loader mixes on cpu"),
-    (lambda im, lam, p: torch.rand(im.shape[0], 1, 4, 4, dtype=torch.float64), "torch.float64 masks; use torch.float32"),
+    (
+        lambda im, lam, p: torch.rand(im.shape[0], 1, 4, 4, dtype=torch.float64),
+        "torch.float64 masks; use torch.float32",
+    ),
     (lambda im, lam, p: np.zeros((im.shape[0], 1, 4, 4)), "returned ndarray; return a torch.Tensor"),
     (lambda im, lam, p: torch.full((im.shape[0], 1, 4, 4), float("nan")), r"96 nan value\(s\) \(first in sample 0"),
-    (lambda im, lam, p: torch.zeros(im.shape[0], 1, 4, 4).index_fill_(0, torch.tensor([3]), float("inf")), r"16 inf value\(s\) \(first in sample 3"),
+    (
+        lambda im, lam, p: torch.zeros(im.shape[0], 1, 4, 4).index_fill_(0, torch.tensor([3]), float("inf")),
+        r"16 inf value\(s\) \(first in sample 3",
+    ),
     (lambda im, lam, p: torch.full((im.shape[0], 1, 4, 4), 1.5), r"96 above 1 value\(s\).*in \[0, 1\]"),
     (lambda im, lam, p: torch.full((im.shape[0], 1, 4, 4), -0.1), r"96 below 0 value\(s\)"),
 ]
 
 
-@pytest.mark.parametrize("fn, message", BAD, ids=["rank3", "count", "too_tall", "device", "dtype", "numpy", "nan", "inf", "above", "below"])
+@pytest.mark.parametrize(
+    "fn, message", BAD, ids=["rank3", "count", "too_tall", "device", "dtype", "numpy", "nan", "inf", "above", "below"]
+)
 def test_bad_masks_are_refused_and_the_loader_stays_usable(small_dataset, fn, message):
     loader = learned_loader(small_dataset)
     state = {"bad": True}
@@ -288,7 +308,7 @@ def hook_params(n, h, w, masks, flags, fmix_rows=()):
     """MixParams of n LearnedMask samples whose masks sit on the device, plus some FMix host masks."""
     p = LearnedMask().params(n, height=h, width=w, lam=0.5, partner="roll")
     for r in fmix_rows:
-        p.masks[r] = (np.arange(12, dtype=np.float32).reshape(3, 4) % 2)
+        p.masks[r] = np.arange(12, dtype=np.float32).reshape(3, 4) % 2
     p.flags[hooked_rows(p)] = flags
     p.device_masks = masks
     return p
@@ -303,7 +323,9 @@ def test_hook_masks_upsample_like_interpolate(shim, bilinear, sigmoid, shape):
     same batch still read their own slots."""
     n, h, w = 4, 28, 28
     rng = np.random.default_rng(hash((shape, bilinear, sigmoid)) % 2**32)
-    masks = torch.from_numpy((rng.normal(0, 3, (n, 1) + shape) if sigmoid else rng.random((n, 1) + shape)).astype(np.float32))
+    masks = torch.from_numpy(
+        (rng.normal(0, 3, (n, 1) + shape) if sigmoid else rng.random((n, 1) + shape)).astype(np.float32)
+    )
     flags = (FLAG_BILINEAR if bilinear else 0) | (FLAG_SIGMOID if sigmoid else 0)
     p = hook_params(n, h, w, masks, flags, fmix_rows=(2,))
     records, pool = p.records(), p.mask_pool("cpu")
@@ -329,8 +351,17 @@ def test_hook_masks_upsample_like_interpolate(shim, bilinear, sigmoid, shape):
 # ------------------------------------------------------------------------------ mask-mean lam
 @pytest.mark.parametrize("bilinear", [False, True], ids=["nearest", "bilinear"])
 @pytest.mark.parametrize("logits", [False, True], ids=["probs", "logits"])
-@pytest.mark.parametrize("shape, size", [((1, 1), (7, 9)), ((3, 5), (32, 32)), ((7, 7), (224, 224)), ((14, 14), (224, 224)),
-                                         ((5, 11), (33, 35)), ((13, 1), (40, 3))])
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((1, 1), (7, 9)),
+        ((3, 5), (32, 32)),
+        ((7, 7), (224, 224)),
+        ((14, 14), (224, 224)),
+        ((5, 11), (33, 35)),
+        ((13, 1), (40, 3)),
+    ],
+)
 def test_mask_mean_is_exact(bilinear, logits, shape, size):
     rng = np.random.default_rng(11)
     low = (rng.normal(0, 2, (3,) + shape) if logits else rng.random((3,) + shape)).astype(np.float32)

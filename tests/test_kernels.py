@@ -10,13 +10,27 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from reference import random_records, reference_mix_normalize
 
 from dalimix.ops import Normalization
-from dalimix.ops.kernels import (ENTRIES, KERNEL_FILES, OUTPUT_TYPES, kernel_dir, kernel_source, launch_config,
-                                 mix_normalize_entry)
-from dalimix.ops.record import FLAG_BILINEAR, FLAG_FLIP_PARTNER, FLAG_FLIP_SELF, RECORD_DTYPE, identity_records, set_flips
+from dalimix.ops.kernels import (
+    ENTRIES,
+    KERNEL_FILES,
+    OUTPUT_TYPES,
+    kernel_dir,
+    kernel_source,
+    launch_config,
+    mix_normalize_entry,
+)
+from dalimix.ops.record import (
+    FLAG_BILINEAR,
+    FLAG_FLIP_PARTNER,
+    FLAG_FLIP_SELF,
+    RECORD_DTYPE,
+    identity_records,
+    set_flips,
+)
 from dalimix.testing.hostshim import SHIM_PRELUDE, bf16_bits_to_float, half_bits_to_float
-from reference import random_records, reference_mix_normalize
 
 NVCC = shutil.which("nvcc")
 
@@ -26,8 +40,18 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("file", KERNEL_FILES)
 def test_nvcc_compiles_without_spills(tmp_path, arch, file):
-    cmd = [NVCC, "-cubin", f"-arch={arch}", "--resource-usage", "-Werror", "all-warnings", f"-I{kernel_dir()}",
-           str(kernel_dir() / file), "-o", str(tmp_path / "k.cubin")]
+    cmd = [
+        NVCC,
+        "-cubin",
+        f"-arch={arch}",
+        "--resource-usage",
+        "-Werror",
+        "all-warnings",
+        f"-I{kernel_dir()}",
+        str(kernel_dir() / file),
+        "-o",
+        str(tmp_path / "k.cubin"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     log = res.stdout + res.stderr
@@ -97,8 +121,11 @@ def test_nvrtc_compiles_runtime_source(arch, file, monkeypatch):
         return result
 
     monkeypatch.setattr(compiler._NVRTCProgram, "compile", compile_and_record)
-    kw = {k: made[k] for k in ("backend", "translate_cucomplex", "enable_cooperative_groups", "name_expressions",
-                               "jitify") if k in made}
+    kw = {
+        k: made[k]
+        for k in ("backend", "translate_cucomplex", "enable_cooperative_groups", "name_expressions", "jitify")
+        if k in made
+    }
     try:
         core.compile_with_cache(made["code"], tuple(made.get("options", ())), prepend_cupy_headers=False, **kw)
     except compiler.CompileException as exc:
@@ -107,8 +134,13 @@ def test_nvrtc_compiles_runtime_source(arch, file, monkeypatch):
         if torch.cuda.is_available():  # loading the cubin needs a GPU; where there is one, it must load
             raise
     opts = compiled[-1]
-    for flag in ("--std=c++17", f"-I{kernel_dir()}", "-ftz=true", f"-arch=sm_{arch}",
-                 "--device-as-default-execution-space"):
+    for flag in (
+        "--std=c++17",
+        f"-I{kernel_dir()}",
+        "-ftz=true",
+        f"-arch=sm_{arch}",
+        "--device-as-default-execution-space",
+    ):
         assert flag in opts, f"{flag} not among CuPy's NVRTC options {opts}"
 
     # 3. the same options to PTX: every fp32 operation flushes subnormals
@@ -120,8 +152,11 @@ def test_nvrtc_compiles_runtime_source(arch, file, monkeypatch):
     _, size = nvrtc.nvrtcGetPTXSize(prog)
     ptx = b" " * size
     nvrtc.nvrtcGetPTX(prog, ptx)
-    f32_ops = re.findall(r"^\s*((?:add|sub|mul|fma|mad|div|rcp|sqrt|rsqrt|min|max|neg|abs|ex2|lg2|setp)\.[\w.]*f32)\b",
-                         ptx.decode(), flags=re.M)
+    f32_ops = re.findall(
+        r"^\s*((?:add|sub|mul|fma|mad|div|rcp|sqrt|rsqrt|min|max|neg|abs|ex2|lg2|setp)\.[\w.]*f32)\b",
+        ptx.decode(),
+        flags=re.M,
+    )
     assert f32_ops, "no fp32 arithmetic found in the PTX"
     assert all(".ftz" in op for op in f32_ops), sorted({op for op in f32_ops if ".ftz" not in op})
 
@@ -133,31 +168,62 @@ def test_record_layout_matches_struct(tmp_path):
     src += '#include "dalimix_common.cuh"\nint main() {\n  printf("%zu\\n", sizeof(DmRecord));\n'
     src += "".join(f'  printf("%zu\\n", offsetof(DmRecord, {f}));\n' for f in fields) + "}\n"
     (tmp_path / "layout.cpp").write_text(src)
-    subprocess.run(["g++", "-std=c++17", f"-I{kernel_dir()}", str(tmp_path / "layout.cpp"), "-o", str(tmp_path / "layout")], check=True)
-    out = [int(v) for v in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()]
+    subprocess.run(
+        ["g++", "-std=c++17", f"-I{kernel_dir()}", str(tmp_path / "layout.cpp"), "-o", str(tmp_path / "layout")],
+        check=True,
+    )
+    out = [
+        int(v)
+        for v in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()
+    ]
     assert out[0] == RECORD_DTYPE.itemsize
     assert out[1:] == [RECORD_DTYPE.fields[f][1] for f in fields]
 
 
 def _special_floats(rng) -> np.ndarray:
     bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
-    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 65536, 6.1e-5, 5.96e-8, 2.98e-8,
-                      2.9802322e-08, 1e-40, 3.4e38, 1.0, -1.0, 0.5, 1 + 2**-11, 1 + 3 * 2**-11], dtype=np.float32)
+    edges = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            65504,
+            65519.99,
+            65520,
+            65536,
+            6.1e-5,
+            5.96e-8,
+            2.98e-8,
+            2.9802322e-08,
+            1e-40,
+            3.4e38,
+            1.0,
+            -1.0,
+            0.5,
+            1 + 2**-11,
+            1 + 3 * 2**-11,
+        ],
+        dtype=np.float32,
+    )
     # ties and near-ties of half and bfloat16 rounding
     ties = (np.arange(-2000, 2000, dtype=np.int64) << 13).astype(np.uint32) | 0x1000
     return np.concatenate([bits.view(np.float32), edges, ties.view(np.float32), (ties + 1).view(np.float32)])
 
 
-
-
 def test_f16_and_bf16_rounding_matches_numpy_and_torch(shim, tmp_path):
     """dm_f32_to_f16 / dm_f32_to_bf16 round to nearest even exactly like numpy and torch."""
-    src = ('#include "dalimix_common.cuh"\n'
-           'extern "C" void to_f16(const float* x, unsigned short* y, int n) { for (int i = 0; i < n; ++i) y[i] = dm_f32_to_f16(x[i]); }\n'
-           'extern "C" void to_bf16(const float* x, unsigned short* y, int n) { for (int i = 0; i < n; ++i) y[i] = dm_f32_to_bf16(x[i]); }\n')
+    src = (
+        '#include "dalimix_common.cuh"\n'
+        'extern "C" void to_f16(const float* x, unsigned short* y, int n) { for (int i = 0; i < n; ++i) y[i] = dm_f32_to_f16(x[i]); }\n'
+        'extern "C" void to_bf16(const float* x, unsigned short* y, int n) { for (int i = 0; i < n; ++i) y[i] = dm_f32_to_bf16(x[i]); }\n'
+    )
     (tmp_path / "cast.cpp").write_text(SHIM_PRELUDE + src)
     lib = tmp_path / "cast.so"
-    subprocess.run(["g++", "-O2", "-shared", "-fPIC", f"-I{kernel_dir()}", str(tmp_path / "cast.cpp"), "-o", str(lib)], check=True)
+    subprocess.run(
+        ["g++", "-O2", "-shared", "-fPIC", f"-I{kernel_dir()}", str(tmp_path / "cast.cpp"), "-o", str(lib)], check=True
+    )
     import ctypes
 
     so = ctypes.CDLL(str(lib))
@@ -214,8 +280,20 @@ def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=None,
         assert out.ctypes.data % 16 == 4
     else:
         out = np.zeros(shape, np_out)
-    shim.launch(mix_normalize_entry(dtype, channels_last), grid, block, images, records, pool, out, n, h, w,
-                *norm.mean255, *norm.inv_std255)
+    shim.launch(
+        mix_normalize_entry(dtype, channels_last),
+        grid,
+        block,
+        images,
+        records,
+        pool,
+        out,
+        n,
+        h,
+        w,
+        *norm.mean255,
+        *norm.inv_std255,
+    )
     if dtype == torch.float16:
         out = half_bits_to_float(out)
     elif dtype == torch.bfloat16:
@@ -224,8 +302,18 @@ def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=None,
 
 
 # (n_src, H, W, n): 1x1, widths that are and are not a multiple of the 4-pixel vector width, N = 1
-CASES = [(1, 1, 1, 1), (1, 7, 5, 1), (4, 13, 17, 3), (5, 32, 24, 5), (3, 1, 31, 2), (6, 19, 1, 6), (8, 33, 35, 7),
-         (3, 6, 8, 3), (2, 9, 4, 1), (4, 11, 30, 4)]
+CASES = [
+    (1, 1, 1, 1),
+    (1, 7, 5, 1),
+    (4, 13, 17, 3),
+    (5, 32, 24, 5),
+    (3, 1, 31, 2),
+    (6, 19, 1, 6),
+    (8, 33, 35, 7),
+    (3, 6, 8, 3),
+    (2, 9, 4, 1),
+    (4, 11, 30, 4),
+]
 
 
 @pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
@@ -253,7 +341,14 @@ def test_shim_grid_stride_and_launch_shapes(shim):
     records, pool = random_records(rng, 3, 3, 9, 11)
     norm = Normalization()
     ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
-    for grid, block in [(1, 1), (1, 7), (50, 256), ((1, 2, 1), (2, 3, 1)), ((3, 1, 2), (1, 1, 1)), ((1, 5, 7), (4, 2, 1))]:
+    for grid, block in [
+        (1, 1),
+        (1, 7),
+        (50, 256),
+        ((1, 2, 1), (2, 3, 1)),
+        ((3, 1, 2), (1, 1, 1)),
+        ((1, 5, 7), (4, 2, 1)),
+    ]:
         got = run_shim(shim, images, records, pool, norm, torch.float32, False, grid=grid, block=block)
         np.testing.assert_allclose(got, ref, atol=1e-5)
 
@@ -294,8 +389,12 @@ def test_set_flips_marks_self_and_partner():
     rec["partner"] = [2, 0, 3, 3]
     rec["flags"] = [FLAG_BILINEAR, 0, FLAG_FLIP_SELF | FLAG_FLIP_PARTNER, 0]
     set_flips(rec, np.array([True, False, False, True, True]))  # one more source image than records
-    assert rec["flags"].tolist() == [FLAG_BILINEAR | FLAG_FLIP_SELF, FLAG_FLIP_PARTNER, FLAG_FLIP_PARTNER,
-                                     FLAG_FLIP_SELF | FLAG_FLIP_PARTNER]
+    assert rec["flags"].tolist() == [
+        FLAG_BILINEAR | FLAG_FLIP_SELF,
+        FLAG_FLIP_PARTNER,
+        FLAG_FLIP_PARTNER,
+        FLAG_FLIP_SELF | FLAG_FLIP_PARTNER,
+    ]
     with pytest.raises(ValueError, match="one per source image"):
         set_flips(rec, np.array([True, False]))
     with pytest.raises(ValueError, match="1-D bool array"):
@@ -390,8 +489,9 @@ def test_bench_sass_counter_finds_the_vector_main_loop(tmp_path):
     cuobjdump = bench_mix.find_cuobjdump()
     if cuobjdump is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
-    funcs = bench_mix._compile_sass(kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": "DMK_BLEND"}, "sm_90",
-                                    cuobjdump, tmp_path)
+    funcs = bench_mix._compile_sass(
+        kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": "DMK_BLEND"}, "sm_90", cuobjdump, tmp_path
+    )
     assert sorted(funcs) == sorted(ENTRIES)
     for name, code in funcs.items():
         cost = bench_mix.main_loop_cost(code, 4 if "_f32_" in name else 2)

@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import write_image
 
 from dalimix import DatasetError, DecodeError, ImageLoader, LastBatchPolicy, plan_epoch
-from conftest import write_image
 
 
 def collect(loader, epochs=1):
@@ -26,11 +26,19 @@ def collect(loader, epochs=1):
 # ------------------------------------------------------------------------ planning (pure)
 @pytest.mark.parametrize("n, b, w", [(20, 3, 1), (20, 3, 3), (17, 4, 2), (5, 8, 2), (100, 7, 8), (3, 1, 4)])
 def test_plan_epoch_policies(n, b, w):
-    plans = {p: [plan_epoch(n, batch_size=b, epoch=3, seed=5, shuffle=True, shard_id=r, num_shards=w, policy=p)
-                 for r in range(w)] for p in LastBatchPolicy}
+    plans = {
+        p: [
+            plan_epoch(n, batch_size=b, epoch=3, seed=5, shuffle=True, shard_id=r, num_shards=w, policy=p)
+            for r in range(w)
+        ]
+        for p in LastBatchPolicy
+    }
     # PARTIAL: every sample exactly once over all ranks
     partial = plans[LastBatchPolicy.PARTIAL]
-    seen = np.concatenate([np.concatenate([p.order[i * b:i * b + v] for i, v in enumerate(p.valid)]) for p in partial if len(p.valid)] or [np.array([], int)])
+    seen = np.concatenate(
+        [np.concatenate([p.order[i * b : i * b + v] for i, v in enumerate(p.valid)]) for p in partial if len(p.valid)]
+        or [np.array([], int)]
+    )
     assert sorted(seen.tolist()) == list(range(n))
     for p in partial:
         assert all(1 <= v <= b for v in p.valid)
@@ -62,8 +70,9 @@ def test_plan_epoch_is_a_function_of_seed_and_epoch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_shapes_dtypes_layouts(small_dataset, dtype, channels_last):
-    loader = ImageLoader(root=small_dataset, batch_size=6, size=(40, 56), device="cpu", dtype=dtype,
-                         channels_last=channels_last)
+    loader = ImageLoader(
+        root=small_dataset, batch_size=6, size=(40, 56), device="cpu", dtype=dtype, channels_last=channels_last
+    )
     assert len(loader) == 4  # 20 samples, PARTIAL
     sizes = []
     for images, labels in loader:
@@ -113,13 +122,24 @@ def test_the_kernel_flips_what_the_hook_the_unmixed_and_the_mixed_batch_see(smal
     from dalimix.mix import Mixer, MixUp
 
     def run(hflip, methods):
-        loader = ImageLoader(root=small_dataset, batch_size=4, size=24, device="cpu", seed=5, num_threads=1,
-                             hflip=hflip, keep_unmixed=True, mix=Mixer(methods=methods, prob=1.0))
+        loader = ImageLoader(
+            root=small_dataset,
+            batch_size=4,
+            size=24,
+            device="cpu",
+            seed=5,
+            num_threads=1,
+            hflip=hflip,
+            keep_unmixed=True,
+            mix=Mixer(methods=methods, prob=1.0),
+        )
         seen = []
         if any(isinstance(m, LearnedMask) for m in methods):
+
             def hook(images, lam, partner):
                 seen.append(images.clone())
                 return torch.full((images.shape[0], 1, 3, 3), 0.25)
+
             loader.set_mask_hook(hook)
         images, _ = next(iter(loader))
         assert loader.last_batch.flips.all() == bool(hflip)
@@ -251,8 +271,16 @@ def test_formats_decode_to_rgb(tmp_path):
     base[:, :8] = rng.integers(0, 255, 3)
     for name, fmt, mode, kw, _ in FORMATS:
         write_image(tmp_path / "c" / name, base, fmt=fmt, mode=mode, **kw)
-    loader = ImageLoader(root=tmp_path, batch_size=len(FORMATS), size=48, train=False, crop_pct=1.0, device="cpu",
-                         mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
+    loader = ImageLoader(
+        root=tmp_path,
+        batch_size=len(FORMATS),
+        size=48,
+        train=False,
+        crop_pct=1.0,
+        device="cpu",
+        mean=(0, 0, 0),
+        std=(1 / 255, 1 / 255, 1 / 255),
+    )
     images, _ = next(iter(loader))
     tol = {name: t for name, _, _, _, t in FORMATS}
     for img, i in zip(images, loader.last_batch.sample_ids):
@@ -451,8 +479,9 @@ def test_a_finished_iterator_stays_finished_after_a_new_one(small_dataset):
 
 # ------------------------------------------------------------------------ output buffers
 def test_cpu_outputs_are_recycled_only_when_nobody_holds_them(small_dataset):
-    loader = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=3, num_threads=1,
-                         last_batch_policy="drop")
+    loader = ImageLoader(
+        root=small_dataset, batch_size=4, size=32, device="cpu", seed=3, num_threads=1, last_batch_policy="drop"
+    )
     kept = []
     ptrs = []
     for i, (images, _) in enumerate(loader):
@@ -462,11 +491,23 @@ def test_cpu_outputs_are_recycled_only_when_nobody_holds_them(small_dataset):
     assert ptrs[0] not in ptrs[1:]  # held: never written again
     assert torch.equal(kept[0][0], kept[0][1])
     assert len(set(ptrs[1:])) < len(ptrs) - 1  # the others are recycled
-    fresh = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=3, num_threads=1,
-                        last_batch_policy="drop", reuse_outputs=False)
+    fresh = ImageLoader(
+        root=small_dataset,
+        batch_size=4,
+        size=32,
+        device="cpu",
+        seed=3,
+        num_threads=1,
+        last_batch_policy="drop",
+        reuse_outputs=False,
+    )
     got = [x.clone() for x, _ in fresh]
-    again = [x.clone() for x, _ in ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=3,
-                                                num_threads=1, last_batch_policy="drop")]
+    again = [
+        x.clone()
+        for x, _ in ImageLoader(
+            root=small_dataset, batch_size=4, size=32, device="cpu", seed=3, num_threads=1, last_batch_policy="drop"
+        )
+    ]
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
@@ -478,8 +519,16 @@ def test_cuda_loader_never_waits_for_the_gpu_in_next(small_dataset):
     from dalimix.mix import Mixup
 
     def make():
-        return ImageLoader(root=small_dataset, batch_size=6, size=32, device="cuda", seed=3, num_threads=1,
-                           mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem"), last_batch_policy="drop")
+        return ImageLoader(
+            root=small_dataset,
+            batch_size=6,
+            size=32,
+            device="cuda",
+            seed=3,
+            num_threads=1,
+            mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem"),
+            last_batch_policy="drop",
+        )
 
     plain = make()
     want = [(x.clone(), y.clone()) for _ in range(3) for x, y in plain]

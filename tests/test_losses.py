@@ -22,14 +22,14 @@ def reference(z, y_a, y_b, lam, eta, mode, thr, power, eps=0.0):
     for zi, a, b, l in zip(z.astype(np.float64), y_a, y_b, lam.astype(np.float64)):
         c = len(zi)
         ls = log_softmax(zi)
-        smooth = lambda k: -((1 - eps) * ls[k] + eps * ls.mean())
+        smooth = lambda k, ls=ls: -((1 - eps) * ls[k] + eps * ls.mean())
         loss = l * smooth(a) + (1 - l) * smooth(b)
         if a != b:
             wa = wb = eta
             if mode != "both":
                 pick_a = (l < thr) if mode == "less" else not (l < thr)
                 wa, wb = (wa, 0.0) if pick_a else (0.0, wb)
-            wa, wb = wa * l ** power, wb * (1 - l) ** power
+            wa, wb = wa * l**power, wb * (1 - l) ** power
             keep_a = [k for k in range(c) if k != b]
             keep_b = [k for k in range(c) if k != a]
             loss += wa * -log_softmax(zi[keep_a])[keep_a.index(a)] + wb * -log_softmax(zi[keep_b])[keep_b.index(b)]

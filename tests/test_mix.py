@@ -33,7 +33,9 @@ ALL_METHODS = [MixUp(), CutMix(), FMix(), ResizeMix(), GridMix(n_holes=(2, 5)), 
 
 def batch(n=6, h=24, w=32, seed=0):
     rng = np.random.default_rng(seed)
-    return torch.from_numpy(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)), torch.from_numpy(rng.integers(0, 10, n))
+    return torch.from_numpy(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)), torch.from_numpy(
+        rng.integers(0, 10, n)
+    )
 
 
 def normalised(images, norm=None):
@@ -81,8 +83,16 @@ def test_mixup_batch_equals_timm(monkeypatch, smoothing):
 def test_cutmix_batch_equals_timm(monkeypatch, correct_lam):
     images, labels = batch()
     lam, box = 0.6, (3, 20, 5, 32)  # timm's order: yl, yh, xl, xh — clipped at the right edge
-    timm_fn = timm_mixup(monkeypatch, lam=lam, use_cutmix=True, boxes=[box], mixup_alpha=0.0,
-                         cutmix_alpha=1.0, correct_lam=correct_lam, label_smoothing=0.1)
+    timm_fn = timm_mixup(
+        monkeypatch,
+        lam=lam,
+        use_cutmix=True,
+        boxes=[box],
+        mixup_alpha=0.0,
+        cutmix_alpha=1.0,
+        correct_lam=correct_lam,
+        label_smoothing=0.1,
+    )
     want_x, want_t = timm_fn(normalised(images), labels)
     mixer = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, correct_lam=correct_lam, num_classes=10)
     yl, yh, xl, xh = box
@@ -98,8 +108,16 @@ def test_elem_and_pair_modes_equal_timm(monkeypatch):
     lam = [0.8, 0.35, 1.0, 0.5, 0.2, 0.9]
     use_cutmix = [True, False, False, True, False, True]
     boxes = {0: (2, 10, 4, 30), 3: (0, 24, 0, 16), 5: (5, 6, 7, 9)}
-    timm_fn = timm_mixup(monkeypatch, lam=lam, use_cutmix=use_cutmix, boxes=[boxes[i] for i in sorted(boxes)],
-                         mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", label_smoothing=0.1)
+    timm_fn = timm_mixup(
+        monkeypatch,
+        lam=lam,
+        use_cutmix=use_cutmix,
+        boxes=[boxes[i] for i in sorted(boxes)],
+        mixup_alpha=1.0,
+        cutmix_alpha=1.0,
+        mode="elem",
+        label_smoothing=0.1,
+    )
     want_x, want_t = timm_fn(normalised(images), labels)
     p = MixParams.unmixed(6, ("mixup", "cutmix"))
     p.partner = pair_indices(6, "flip")
@@ -119,8 +137,16 @@ def test_elem_and_pair_modes_equal_timm(monkeypatch):
     # pair mode: pairs (i, n-1-i) share lam and box
     lam3, cut3 = [0.7, 0.4, 0.55], [True, False, True]
     pboxes = [(1, 9, 2, 12), (4, 20, 10, 31)]
-    timm_fn = timm_mixup(monkeypatch, lam=lam3, use_cutmix=cut3, boxes=pboxes,
-                         mixup_alpha=1.0, cutmix_alpha=1.0, mode="pair", label_smoothing=0.0)
+    timm_fn = timm_mixup(
+        monkeypatch,
+        lam=lam3,
+        use_cutmix=cut3,
+        boxes=pboxes,
+        mixup_alpha=1.0,
+        cutmix_alpha=1.0,
+        mode="pair",
+        label_smoothing=0.0,
+    )
     want_x, want_t = timm_fn(normalised(images), labels)
     p = MixParams.unmixed(6, ("mixup", "cutmix"))
     p.partner = pair_indices(6, "flip")
@@ -129,10 +155,14 @@ def test_elem_and_pair_modes_equal_timm(monkeypatch):
         rows = np.array([i, 5 - i])
         if cut3[i]:
             yl, yh, xl, xh = next(it)
-            CutMix()._fill_explicit(p, rows, np.array([lam3[i]] * 2), rng=None, height=24, width=32, box=(yl, xl, yh, xh))
+            CutMix()._fill_explicit(
+                p, rows, np.array([lam3[i]] * 2), rng=None, height=24, width=32, box=(yl, xl, yh, xh)
+            )
         else:
             MixUp().fill(p, rows, np.array([lam3[i]] * 2), rng=None, height=24, width=32, shared=False)
-    got_x, got_t = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="pair", label_smoothing=0.0, num_classes=10)(images, labels, params=p)
+    got_x, got_t = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="pair", label_smoothing=0.0, num_classes=10)(
+        images, labels, params=p
+    )
     torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_t, want_t, atol=1e-6, rtol=1e-6)
 
@@ -153,7 +183,12 @@ def test_cutmix_boxes_follow_timm_rules():
                     return np.random.randint(lo, hi, size=size)
 
             box = CutMix(minmax=minmax).boxes(Replay(), np.array([lam]), 37, 53)[0]
-            assert tuple(box) == (int(np.ravel(yl)[0]), int(np.ravel(xl)[0]), int(np.ravel(yh)[0]), int(np.ravel(xh)[0]))
+            assert tuple(box) == (
+                int(np.ravel(yl)[0]),
+                int(np.ravel(xl)[0]),
+                int(np.ravel(yh)[0]),
+                int(np.ravel(xh)[0]),
+            )
             p = CutMix(minmax=minmax).params(1, height=37, width=53, lam=lam, box=box)
             assert p.lam[0] == pytest.approx(float(np.ravel(tlam)[0]), abs=1e-12)
 
@@ -450,8 +485,22 @@ def test_compact_and_soft_losses_agree():
 
 def test_samplepairing_keeps_the_label_and_follows_its_schedule():
     sp = SamplePairing(start_epoch=2, end_epoch=12, on_epochs=3, off_epochs=2)
-    assert [sp.is_active(e) for e in range(14)] == [False, False, True, True, True, False, False, True, True, True,
-                                                    False, False, False, False]
+    assert [sp.is_active(e) for e in range(14)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
     mixer = Mixer(methods=[sp], num_classes=10)
     mixer.set_epoch(0)
     assert (mixer.plan(4, rng=np.random.default_rng(0), height=8, width=8).method == METHOD_NONE).all()
@@ -553,7 +602,9 @@ def test_arguments_are_validated(make, message):
 # ----------------------------------------------------------------------------- loader
 def test_loader_with_mixer(small_dataset):
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", label_smoothing=0.1)
-    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", mix=mix, seed=4, last_batch_policy="drop")
+    loader = ImageLoader(
+        root=small_dataset, batch_size=6, size=32, device="cpu", mix=mix, seed=4, last_batch_policy="drop"
+    )
     assert mix.num_classes == 4 and loader.mixup_enabled
     runs = []
     for _ in range(2):
@@ -562,7 +613,9 @@ def test_loader_with_mixer(small_dataset):
         for images, targets in loader:
             p = loader.last_batch.params
             labels = torch.from_numpy(loader.dataset.labels[loader.last_batch.sample_ids])
-            want = soft_targets(labels, torch.from_numpy(p.partner), torch.from_numpy(p.target_lam.astype(np.float32)), 4, 0.1)
+            want = soft_targets(
+                labels, torch.from_numpy(p.partner), torch.from_numpy(p.target_lam.astype(np.float32)), 4, 0.1
+            )
             torch.testing.assert_close(targets, want)
             got.append((images, targets))
         runs.append(got)

@@ -26,23 +26,27 @@ def reference_spectral_residual(img: np.ndarray) -> np.ndarray:
     amp = np.maximum(np.abs(spec), 1e-20)
     log_amp = np.log(amp)
     padded = np.pad(log_amp, 1, mode="reflect")  # reflect-101
-    box = sum(padded[dy:dy + 64, dx:dx + 64] for dy in range(3) for dx in range(3)) / 9
+    box = sum(padded[dy : dy + 64, dx : dx + 64] for dy in range(3) for dx in range(3)) / 9
     back = np.abs(np.fft.ifft2(np.exp(log_amp - box) * spec / amp))
     x = np.arange(5) - 2.0
     g = np.exp(-x * x / 128.0)
     g /= g.sum()
     padded = np.pad(back, 2, mode="reflect")
-    rows = sum(g[k] * padded[:, k:k + 64] for k in range(5))
-    smooth = sum(g[k] * rows[k:k + 64, :] for k in range(5))
-    return resample((smooth ** 2)[:, :, None], h, w, bilinear=True)[:, :, 0]
+    rows = sum(g[k] * padded[:, k : k + 64] for k in range(5))
+    smooth = sum(g[k] * rows[k : k + 64, :] for k in range(5))
+    return resample((smooth**2)[:, :, None], h, w, bilinear=True)[:, :, 0]
 
 
 def openmixup_box(peak_y: int, peak_x: int, lam: float, h: int, w: int):
     """The official SaliencyMix / OpenMixup ``saliency_bbox`` for a given peak (rows, then columns)."""
     cut = np.sqrt(1.0 - lam)
     cut_h, cut_w = int(h * cut), int(w * cut)
-    return (int(np.clip(peak_y - cut_h // 2, 0, h)), int(np.clip(peak_x - cut_w // 2, 0, w)),
-            int(np.clip(peak_y + cut_h // 2, 0, h)), int(np.clip(peak_x + cut_w // 2, 0, w)))
+    return (
+        int(np.clip(peak_y - cut_h // 2, 0, h)),
+        int(np.clip(peak_x - cut_w // 2, 0, w)),
+        int(np.clip(peak_y + cut_h // 2, 0, h)),
+        int(np.clip(peak_x + cut_w // 2, 0, w)),
+    )
 
 
 def images(n, h, w, seed=0):
@@ -52,7 +56,7 @@ def images(n, h, w, seed=0):
     for i in range(n):
         y, x = int(torch.randint(4, h - 4, (1,), generator=g)), int(torch.randint(4, w - 4, (1,), generator=g))
         u8[i] //= 4
-        u8[i, y - 3:y + 3, x - 3:x + 3] = 255
+        u8[i, y - 3 : y + 3, x - 3 : x + 3] = 255
     return u8
 
 
@@ -69,7 +73,9 @@ def test_spectral_residual_matches_float64_reference(size):
     # normalised input with its Normalization gives the same map as the 0..1 pixels
     norm = Normalization()
     mean, std = torch.tensor(norm.mean).view(1, 3, 1, 1), torch.tensor(norm.std).view(1, 3, 1, 1)
-    torch.testing.assert_close(spectral_residual((x - mean) / std, norm=norm), spectral_residual(x), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(
+        spectral_residual((x - mean) / std, norm=norm), spectral_residual(x), rtol=1e-3, atol=1e-6
+    )
 
 
 def test_saliency_peak_finds_a_salient_object():
@@ -163,8 +169,14 @@ def test_a_mixer_takes_one_policy_and_validates():
 
 def test_policies_are_named_like_any_method_on_a_loader(small_dataset):
     """The mixer registers the policy's hook: no set_mask_hook call; other methods mix as before."""
-    loader = ImageLoader(root=small_dataset, batch_size=8, size=48, device="cpu", seed=0,
-                         mix=Mixer(methods=[MixUp(), SaliencyMix()], mode="elem"))
+    loader = ImageLoader(
+        root=small_dataset,
+        batch_size=8,
+        size=48,
+        device="cpu",
+        seed=0,
+        mix=Mixer(methods=[MixUp(), SaliencyMix()], mode="elem"),
+    )
     for _, (x, t) in zip(range(2), loader):
         info = loader.last_batch
         p = info.params
@@ -186,6 +198,24 @@ def test_policies_are_named_like_any_method_on_a_loader(small_dataset):
 @pytest.mark.parametrize("name", ["saliencymix", "attentivemix"])
 def test_preview(small_dataset, tmp_path, capsys, name):
     out = tmp_path / f"{name}.png"
-    assert main(["preview", "--mix", name, "--data", str(small_dataset), "--size", "64", "--batch-size", "4",
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "preview",
+                "--mix",
+                name,
+                "--data",
+                str(small_dataset),
+                "--size",
+                "64",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.exists() and f"{name}: 4 samples" in capsys.readouterr().out

@@ -9,14 +9,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dalimix.ops import Normalization, mix_normalize
-from dalimix.ops.kernels import OUTPUT_TYPES
-from dalimix.ops.record import (FLAG_BILINEAR, FLAG_SIGMOID, METHOD_MASK, METHOD_RESIZE, RECORD_DTYPE, identity_records,
-                                set_flips)
 from reference import random_records, reference_mix_normalize, resample
 from test_kernels import CASES, run_shim, stable_seed, ulp_tolerance
 
+from dalimix.ops import Normalization, mix_normalize
+from dalimix.ops.kernels import OUTPUT_TYPES
+from dalimix.ops.record import (
+    FLAG_BILINEAR,
+    FLAG_SIGMOID,
+    METHOD_MASK,
+    METHOD_RESIZE,
+    RECORD_DTYPE,
+    identity_records,
+    set_flips,
+)
 
 BACKENDS = ["host", "torch"]
 
@@ -34,8 +40,9 @@ def backend(request, monkeypatch):
 
 
 def cpu(images, records, pool, norm, dtype, channels_last):
-    out = mix_normalize(torch.from_numpy(images), records, torch.from_numpy(pool), norm=norm, dtype=dtype,
-                        channels_last=channels_last)
+    out = mix_normalize(
+        torch.from_numpy(images), records, torch.from_numpy(pool), norm=norm, dtype=dtype, channels_last=channels_last
+    )
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt) and out.dtype == dtype
     return out.float().numpy()
@@ -55,7 +62,9 @@ def test_cpu_backends_match_float64_reference(backend, dtype, channels_last, cas
         got = cpu(images, records, pool, norm, dtype, channels_last)
         ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
         err = np.abs(got - ref)
-        assert not (err > ulp_tolerance(ref, dtype, norm)).any(), f"worst {err.max()} (methods {records['method'].tolist()})"
+        assert not (err > ulp_tolerance(ref, dtype, norm)).any(), (
+            f"worst {err.max()} (methods {records['method'].tolist()})"
+        )
 
 
 def test_cpu_backends_and_shim_agree(backend, shim):
@@ -84,8 +93,12 @@ def test_mask_upsampling_equals_interpolate(backend, shim, bilinear, shape):
     rec["method"], rec["partner"], rec["mask_h"], rec["mask_w"] = METHOD_MASK, 1, shape[0], shape[1]
     rec["flags"] = FLAG_BILINEAR if bilinear else 0
     norm = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
-    want = F.interpolate(torch.from_numpy(mask)[None, None], size=(h, w), mode="bilinear" if bilinear else "nearest",
-                         **({"align_corners": False} if bilinear else {}))[0, 0].numpy()
+    want = F.interpolate(
+        torch.from_numpy(mask)[None, None],
+        size=(h, w),
+        mode="bilinear" if bilinear else "nearest",
+        **({"align_corners": False} if bilinear else {}),
+    )[0, 0].numpy()
     got_cpu = cpu(images, rec, mask.ravel(), norm, torch.float32, False)[0, 0]
     got_shim = run_shim(shim, images, rec, mask.ravel(), norm, torch.float32, False)[0, 0]
     np.testing.assert_allclose(got_cpu, want, atol=1e-6)
@@ -106,7 +119,9 @@ def test_sigmoid_applies_after_upsampling(backend, shim):
     want = torch.sigmoid(up)[0, 0].numpy()
     norm = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
     np.testing.assert_allclose(cpu(images, rec, logits.ravel(), norm, torch.float32, False)[0, 0], want, atol=1e-6)
-    np.testing.assert_allclose(run_shim(shim, images, rec, logits.ravel(), norm, torch.float32, False)[0, 0], want, atol=1e-6)
+    np.testing.assert_allclose(
+        run_shim(shim, images, rec, logits.ravel(), norm, torch.float32, False)[0, 0], want, atol=1e-6
+    )
 
 
 def test_resize_partner_equals_interpolate(backend):
@@ -120,8 +135,12 @@ def test_resize_partner_equals_interpolate(backend):
         rec["y0"], rec["x0"], rec["y1"], rec["x1"] = 3, 4, 14, 21
         got = cpu(images, rec, np.zeros(1, np.float32), norm, torch.float32, False)[0]
         part = torch.from_numpy(images[1]).permute(2, 0, 1)[None].float()
-        want = F.interpolate(part, size=(11, 17), mode="bilinear" if bilinear else "nearest",
-                             **({"align_corners": False} if bilinear else {}))[0].numpy()
+        want = F.interpolate(
+            part,
+            size=(11, 17),
+            mode="bilinear" if bilinear else "nearest",
+            **({"align_corners": False} if bilinear else {}),
+        )[0].numpy()
         np.testing.assert_allclose(got[:, 3:14, 4:21], want, atol=1e-3)
         np.testing.assert_array_equal(got[:, :3], images[0].transpose(2, 0, 1)[:, :3].astype(np.float32))
 
@@ -138,7 +157,10 @@ def test_batch_of_one_and_empty(backend):
         (lambda r: r.__setitem__("partner", 9), "partner 9 is outside the batch"),
         (lambda r: r.__setitem__("method", 42), "unknown method id 42"),
         (lambda r: (r.__setitem__("method", 2), r.__setitem__("y1", 99)), "is not inside the 4x5 image"),
-        (lambda r: (r.__setitem__("method", 3), r.__setitem__("mask_h", 8), r.__setitem__("mask_w", 8)), "does not fit a mask pool"),
+        (
+            lambda r: (r.__setitem__("method", 3), r.__setitem__("mask_h", 8), r.__setitem__("mask_w", 8)),
+            "does not fit a mask pool",
+        ),
     ],
 )
 def test_bad_records_are_refused_before_launch(bad, message):
@@ -171,8 +193,16 @@ def test_host_kernels_split_a_batch_over_threads_exactly():
     outs = []
     for threads in (1, 2, 4, 9):
         out = torch.empty(9, 3, 100, 120)
-        host.mix_normalize_host(images, records, torch.from_numpy(pool), entry=mix_normalize_entry(torch.float32, False),
-                                mean255=norm.mean255, inv_std255=norm.inv_std255, out=out, threads=threads)
+        host.mix_normalize_host(
+            images,
+            records,
+            torch.from_numpy(pool),
+            entry=mix_normalize_entry(torch.float32, False),
+            mean255=norm.mean255,
+            inv_std255=norm.inv_std255,
+            out=out,
+            threads=threads,
+        )
         outs.append(out)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
@@ -193,7 +223,9 @@ def test_cpu_backends_flip_then_mix(backend, dtype, channels_last, case):
         got = cpu(images, records, pool, norm, dtype, channels_last)
         ref = reference_mix_normalize(images, records, pool, norm.mean, norm.std)
         err = np.abs(got - ref)
-        assert not (err > ulp_tolerance(ref, dtype, norm)).any(), f"worst {err.max()} (flags {records['flags'].tolist()})"
+        assert not (err > ulp_tolerance(ref, dtype, norm)).any(), (
+            f"worst {err.max()} (flags {records['flags'].tolist()})"
+        )
 
 
 def test_flipped_identity_equals_flipped_input(backend):
@@ -208,8 +240,10 @@ def test_flipped_identity_equals_flipped_input(backend):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-HOST_SYNC = re.compile(r"\.item\(\)|\.cpu\(\)|synchronize\(\)|\.tolist\(\)|torch\.tensor\([^)]*device|"
-                       r"\.to\((?![^)]*non_blocking)[^)]*device|\.numpy\(\)")
+HOST_SYNC = re.compile(
+    r"\.item\(\)|\.cpu\(\)|synchronize\(\)|\.tolist\(\)|torch\.tensor\([^)]*device|"
+    r"\.to\((?![^)]*non_blocking)[^)]*device|\.numpy\(\)"
+)
 
 
 @pytest.mark.parametrize("module", ["dalimix/ops/cuda.py", "dalimix/ops/__init__.py", "dalimix/hook.py"])

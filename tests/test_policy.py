@@ -69,8 +69,10 @@ def test_sampled_histogram_follows_the_vector():
 
 def test_zero_probability_is_never_drawn_and_step_coins_follow_their_probability():
     stats = _stats()
-    policy = Policy(sub_policies=[[("rotate", 0.3, 4), ("equalize", 0.8, None)], [("hflip", 1.0, None)],
-                                  [("invert", 0.0, None)]], probs=[0.0, 1.0, 0.0])
+    policy = Policy(
+        sub_policies=[[("rotate", 0.3, 4), ("equalize", 0.8, None)], [("hflip", 1.0, None)], [("invert", 0.0, None)]],
+        probs=[0.0, 1.0, 0.0],
+    )
     assert (policy.sample(50000, np.random.default_rng(1)).sub_policy == 1).all()
     policy.set_probs([1.0, 0.0, 0.0])
     draws = policy.sample(20000, np.random.default_rng(2))
@@ -91,16 +93,19 @@ def test_edges_of_the_vector():
     assert (policy.sample(10000, np.random.default_rng(0)).sub_policy == 0).all()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([0.5, 0.5, 0.5], "has shape \\(3,\\): the policy has 4 sub-policies"),
-    ([[0.25] * 4], "has shape \\(1, 4\\)"),
-    ([0.5, 0.5, 0.5, -0.5], "negative entries at \\[3\\]"),
-    ([0.25, float("nan"), 0.5, 0.25], "NaN or infinite entries at \\[1\\]"),
-    ([0.25, float("inf"), 0.5, 0.25], "NaN or infinite entries at \\[1\\]"),
-    ([0.3, 0.3, 0.3, 0.3], "sums to 1.2"),
-    ([0.0, 0.0, 0.0, 0.0], "sums to 0.0"),
-    ("uniform", "4 numbers"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([0.5, 0.5, 0.5], "has shape \\(3,\\): the policy has 4 sub-policies"),
+        ([[0.25] * 4], "has shape \\(1, 4\\)"),
+        ([0.5, 0.5, 0.5, -0.5], "negative entries at \\[3\\]"),
+        ([0.25, float("nan"), 0.5, 0.25], "NaN or infinite entries at \\[1\\]"),
+        ([0.25, float("inf"), 0.5, 0.25], "NaN or infinite entries at \\[1\\]"),
+        ([0.3, 0.3, 0.3, 0.3], "sums to 1.2"),
+        ([0.0, 0.0, 0.0, 0.0], "sums to 0.0"),
+        ("uniform", "4 numbers"),
+    ],
+)
 def test_bad_vectors_are_refused_and_the_previous_vector_stays(bad, message):
     policy = Policy(sub_policies=FOUR, probs=[0.1, 0.2, 0.3, 0.4])
     before = policy.probs
@@ -123,17 +128,20 @@ def test_accepted_vectors():
     assert policy.probs[0] < 1
 
 
-@pytest.mark.parametrize("subs, message", [
-    ([], "sub_policies is empty"),
-    ([[]], "sub_policies\\[0\\] is empty"),
-    ([[("blur", 1.0, None)]], "unknown operation 'blur'"),
-    ([[("rotate", 1.5, 3)]], "probability must be a number in \\[0, 1\\]"),
-    ([[("rotate", 0.5, None)]], "needs a magnitude bin"),
-    ([[("rotate", 0.5, 11)]], "needs a magnitude bin, an int in \\[0, 11\\)"),
-    ([[("equalize", 0.5, 3)]], "takes no magnitude"),
-    ([[("rotate", 0.5)]], "each step is \\(operation, probability, magnitude\\)"),
-    ([[(print, 0.5, None)]], "must be a name"),
-])
+@pytest.mark.parametrize(
+    "subs, message",
+    [
+        ([], "sub_policies is empty"),
+        ([[]], "sub_policies\\[0\\] is empty"),
+        ([[("blur", 1.0, None)]], "unknown operation 'blur'"),
+        ([[("rotate", 1.5, 3)]], "probability must be a number in \\[0, 1\\]"),
+        ([[("rotate", 0.5, None)]], "needs a magnitude bin"),
+        ([[("rotate", 0.5, 11)]], "needs a magnitude bin, an int in \\[0, 11\\)"),
+        ([[("equalize", 0.5, 3)]], "takes no magnitude"),
+        ([[("rotate", 0.5)]], "each step is \\(operation, probability, magnitude\\)"),
+        ([[(print, 0.5, None)]], "must be a name"),
+    ],
+)
 def test_sub_policies_are_validated(subs, message):
     with pytest.raises(ValueError, match=message):
         Policy(sub_policies=subs)
@@ -247,8 +255,11 @@ def test_a_refused_vector_leaves_the_loader_on_the_previous_one(small_dataset):
 def test_draws_are_reproducible_and_the_partial_batch_reports_its_real_samples(small_dataset):
     def run():
         policy = Policy(sub_policies=FOUR)
-        out = batches(loader_for(small_dataset, policy, batch_size=6), 4, on_batch=lambda t: t == 1
-                      and policy.set_probs([0.7, 0.1, 0.1, 0.1]))
+        out = batches(
+            loader_for(small_dataset, policy, batch_size=6),
+            4,
+            on_batch=lambda t: t == 1 and policy.set_probs([0.7, 0.1, 0.1, 0.1]),
+        )
         return out
 
     a, b = run(), run()
@@ -279,8 +290,9 @@ def test_policy_runs_before_the_mix_kernel(small_dataset, device):
     kw = dict(dtype=torch.float32, batch_size=6, size=16, device=device)
     subs = [[("identity", 1.0, None)], [("invert", 1.0, None)], [("hflip", 1.0, None)]]
     plain = batches(loader_for(small_dataset, Policy(sub_policies=subs), **kw), 3)
-    loader = loader_for(small_dataset, Policy(sub_policies=subs), mix=Mixer(methods=[MixUp(alpha=1.0)], mode="elem"),
-                        **kw)
+    loader = loader_for(
+        small_dataset, Policy(sub_policies=subs), mix=Mixer(methods=[MixUp(alpha=1.0)], mode="elem"), **kw
+    )
     mixed = batches(loader, 3)
     for (x, _, d0), (xm, targets, dm), info in zip(plain, mixed, loader.infos):
         np.testing.assert_array_equal(d0.sub_policy, dm.sub_policy)  # the mixing stream is separate
@@ -299,8 +311,9 @@ def test_policy_resumes_exactly_with_its_vector(small_dataset):
 
     def make():
         policy = Policy(sub_policies=FOUR)
-        return ImageLoader(root=small_dataset, batch_size=6, size=16, device="cpu", seed=8, num_threads=1,
-                           auto_augment=policy), policy
+        return ImageLoader(
+            root=small_dataset, batch_size=6, size=16, device="cpu", seed=8, num_threads=1, auto_augment=policy
+        ), policy
 
     full, policy = make()
     policy.set_probs(vec)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,6 @@ from dalimix.cli import main
 from dalimix.mix import CutMix, FMix, GridMix, Mixer, MixUp, Mixup, ResizeMix, SamplePairing, SmoothMix
 from dalimix.ops import mix_normalize
 from dalimix.ops.record import RECORD_DTYPE
-from conftest import write_image
 
 
 def make_dataset(root: Path, n_per_class=3):
@@ -153,23 +153,55 @@ def test_fuzzed_files_give_an_image_or_a_dalimix_error(tmp_path):
     script.write_text(FUZZ_SCRIPT)
     env = {**os.environ, "DALI_LOG_LEVEL": "3"}
     try:
-        res = subprocess.run([sys.executable, str(script), str(tmp_path), "40", str(Path(__file__).parent)],
-                             capture_output=True, text=True, timeout=240, env=env)
+        res = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), "40", str(Path(__file__).parent)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"fuzzing hung; last inputs: {(tmp_path / 'log.jsonl').read_text()[-500:]}")
     log = (tmp_path / "log.jsonl").read_text().splitlines()
-    assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}\nlast input: {log[-1:]}"
+    assert res.returncode == 0, (
+        f"rc={res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}\nlast input: {log[-1:]}"
+    )
     outcomes = [json.loads(line)["outcome"] for line in log if "outcome" in line]
     assert len(outcomes) >= 40 + 9 and {"decoded", "error"} <= set(outcomes) and outcomes.count("special") == 9
 
 
 # -------------------------------------------------------------- random invalid arguments
-junk = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
-                 st.text(max_size=6), st.tuples(st.integers(-3, 300)), st.tuples(st.floats(-2, 2), st.floats(-2, 2)),
-                 st.lists(st.integers(-2, 3), max_size=3))
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.tuples(st.integers(-3, 300)),
+    st.tuples(st.floats(-2, 2), st.floats(-2, 2)),
+    st.lists(st.integers(-2, 3), max_size=3),
+)
 
-LOADER_ARGS = ["batch_size", "size", "dtype", "channels_last", "mean", "std", "scale", "ratio", "hflip", "crop_pct",
-               "interpolation", "seed", "shard_id", "num_shards", "last_batch_policy", "num_threads", "prefetch", "device"]
+LOADER_ARGS = [
+    "batch_size",
+    "size",
+    "dtype",
+    "channels_last",
+    "mean",
+    "std",
+    "scale",
+    "ratio",
+    "hflip",
+    "crop_pct",
+    "interpolation",
+    "seed",
+    "shard_id",
+    "num_shards",
+    "last_batch_policy",
+    "num_threads",
+    "prefetch",
+    "device",
+]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -190,8 +222,22 @@ def test_loader_arguments_fail_cleanly(small_dataset, data):
 @given(data=st.data())
 def test_mixer_arguments_fail_cleanly(data):
     makers = {
-        "Mixup": (Mixup, ["mixup_alpha", "cutmix_alpha", "cutmix_minmax", "prob", "switch_prob", "mode", "correct_lam",
-                          "label_smoothing", "num_classes", "pairing", "targets"]),
+        "Mixup": (
+            Mixup,
+            [
+                "mixup_alpha",
+                "cutmix_alpha",
+                "cutmix_minmax",
+                "prob",
+                "switch_prob",
+                "mode",
+                "correct_lam",
+                "label_smoothing",
+                "num_classes",
+                "pairing",
+                "targets",
+            ],
+        ),
         "MixUp": (MixUp, ["alpha"]),
         "CutMix": (CutMix, ["alpha", "minmax", "correct_lam"]),
         "FMix": (FMix, ["alpha", "decay_power", "mask_size", "mask_scale"]),
@@ -367,20 +413,35 @@ def test_kill_9_mid_epoch_and_resume_loses_and_repeats_nothing(small_dataset, tm
     script.write_text(KILL_SCRIPT)
     ckpt = str(tmp_path / "ckpt.pt")
     env = {**os.environ, "DALI_LOG_LEVEL": "3"}
-    full = subprocess.run([sys.executable, str(script), str(small_dataset), str(tmp_path / "full.pt"), "full"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    full = subprocess.run(
+        [sys.executable, str(script), str(small_dataset), str(tmp_path / "full.pt"), "full"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert full.returncode == 0, full.stderr
     want = [int(i) for i in full.stdout.split()]
-    victim = subprocess.Popen([sys.executable, str(script), str(small_dataset), ckpt, "run"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
+    victim = subprocess.Popen(
+        [sys.executable, str(script), str(small_dataset), ckpt, "run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert victim.stdout.readline().strip() == "ready"
     finally:
         victim.kill()  # SIGKILL: no cleanup, no flush beyond what is on disk
         victim.wait(timeout=30)
     assert victim.returncode == -9
-    resumed = subprocess.run([sys.executable, str(script), str(small_dataset), ckpt, "resume"], capture_output=True,
-                             text=True, env=env, timeout=120)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(small_dataset), ckpt, "resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr
     got = [int(i) for i in resumed.stdout.split()]
     assert got == want  # the same samples in the same order: none lost, none repeated
@@ -416,15 +477,40 @@ def hooked_loader(small_dataset):
     from dalimix.hook import LearnedMask
 
     state = {"kind": "good"}
-    loader = ImageLoader(root=small_dataset, batch_size=2, size=12, device="cpu",
-                         mix=Mixer(methods=[LearnedMask()], mode="elem", num_classes=4))
+    loader = ImageLoader(
+        root=small_dataset,
+        batch_size=2,
+        size=12,
+        device="cpu",
+        mix=Mixer(methods=[LearnedMask()], mode="elem", num_classes=4),
+    )
     loader.set_mask_hook(lambda images, lam, partner: _hook_output(state["kind"], None, images.shape[0], 12, 12))
     return loader, state
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["good", "good_f16", "nan", "inf", "above_one", "negative", "wrong_n", "three_channels",
-                             "three_dims", "too_big", "int", "float64", "numpy", "none", "raises", "empty"]))
+@given(
+    kind=st.sampled_from(
+        [
+            "good",
+            "good_f16",
+            "nan",
+            "inf",
+            "above_one",
+            "negative",
+            "wrong_n",
+            "three_channels",
+            "three_dims",
+            "too_big",
+            "int",
+            "float64",
+            "numpy",
+            "none",
+            "raises",
+            "empty",
+        ]
+    )
+)
 def test_random_hook_outputs_give_a_batch_or_a_clear_error(hooked_loader, kind):
     from dalimix.hook import MaskHookError
 
@@ -463,9 +549,21 @@ def test_policy_hook_and_automix_arguments_fail_cleanly(data):
     which = data.draw(st.sampled_from(["policy", "probs", "learned", "automix"]))
     try:
         if which == "policy":
-            Policy(sub_policies=data.draw(st.one_of(junk, st.lists(st.lists(st.tuples(st.sampled_from(
-                ["rotate", "flip?", "hflip", "invert", 3]), junk, junk), max_size=2), max_size=2))),
-                probs=data.draw(junk))
+            Policy(
+                sub_policies=data.draw(
+                    st.one_of(
+                        junk,
+                        st.lists(
+                            st.lists(
+                                st.tuples(st.sampled_from(["rotate", "flip?", "hflip", "invert", 3]), junk, junk),
+                                max_size=2,
+                            ),
+                            max_size=2,
+                        ),
+                    )
+                ),
+                probs=data.draw(junk),
+            )
         elif which == "probs":
             p = Policy(sub_policies=[[("hflip", 1.0, 0)], [("invert", 0.5, 0)]])
             before = p.probs
@@ -476,16 +574,28 @@ def test_policy_hook_and_automix_arguments_fail_cleanly(data):
         elif which == "learned":
             LearnedMask(alpha=data.draw(junk), mixup_margin=data.draw(junk))
         else:
-            kw = {k: data.draw(junk, label=k) for k in data.draw(st.lists(st.sampled_from(
-                ["input_size", "alpha", "momentum", "mask_loss_weight", "mixup_margin"]), max_size=2, unique=True))}
-            AutoMix(model=torchvision.models.resnet18(num_classes=4), feature_layer=data.draw(
-                st.sampled_from(["layer3", "layer9", "fc"])), **kw)
+            kw = {
+                k: data.draw(junk, label=k)
+                for k in data.draw(
+                    st.lists(
+                        st.sampled_from(["input_size", "alpha", "momentum", "mask_loss_weight", "mixup_margin"]),
+                        max_size=2,
+                        unique=True,
+                    )
+                )
+            }
+            AutoMix(
+                model=torchvision.models.resnet18(num_classes=4),
+                feature_layer=data.draw(st.sampled_from(["layer3", "layer9", "fc"])),
+                **kw,
+            )
     except (ValueError, DalimixError):
         pass
 
 
 # ------------------------------------------- bad files: the right one is named, no good one dropped
 import badfiles  # noqa: E402
+
 from dalimix import DatasetError, DecodeError, StateError  # noqa: E402
 
 
@@ -519,8 +629,9 @@ def epoch_ids(loader, epoch=0):
     return ids
 
 
-@pytest.mark.parametrize("name", ["dht_zeroed.jpg", "idat_crc.png", "no_iend.png", "truncated.png", "huge_header.jpg",
-                                  "huge_header.png"])
+@pytest.mark.parametrize(
+    "name", ["dht_zeroed.jpg", "idat_crc.png", "no_iend.png", "truncated.png", "huge_header.jpg", "huge_header.png"]
+)
 def test_a_file_dali_cannot_decode_is_named_alone(tmp_path, corpus, name):
     """Files PIL reads but DALI does not, and headers claiming 60000x60000: under "raise" the
     DecodeError names that file and no good one; under "skip" only that file is dropped."""
@@ -593,8 +704,13 @@ def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
     script = tmp_path / "fifo.py"
     script.write_text(FIFO_SCRIPT)
     try:
-        res = subprocess.run([sys.executable, str(script), str(root), str(fifo)], capture_output=True, text=True,
-                             timeout=90, env={**os.environ, "DALI_LOG_LEVEL": "3"})
+        res = subprocess.run(
+            [sys.executable, str(script), str(root), str(fifo)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env={**os.environ, "DALI_LOG_LEVEL": "3"},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("a FIFO among the samples hangs the loader")
     out = res.stdout
@@ -646,8 +762,11 @@ def test_strict_refuses_silent_garbage_and_scan_agrees(tmp_path, corpus, monkeyp
 
     # without strict, what the loader finds decoding whole images is what scan reports
     assert main(["scan", str(root), "--quiet"]) == 1
-    scanned = {line.split(": ", 1)[0] for line in capsys.readouterr().out.splitlines() if ": " in line
-               and not line.startswith("scanned")}
+    scanned = {
+        line.split(": ", 1)[0]
+        for line in capsys.readouterr().out.splitlines()
+        if ": " in line and not line.startswith("scanned")
+    }
     loader = ImageLoader(root=root, batch_size=4, size=16, device="cpu", train=False, on_error="skip")
     with pytest.warns(Warning):
         ids = epoch_ids(loader)
@@ -659,8 +778,11 @@ def test_strict_refuses_silent_garbage_and_scan_agrees(tmp_path, corpus, monkeyp
         ImageLoader(root=root, batch_size=4, size=16, device="cpu", strict=True)
     assert {p for p, _ in e.value.files} == bad_paths and "flipped.jpg" in str(e.value)
     assert main(["scan", str(root), "--strict", "--quiet"]) == 1
-    strict_scanned = {line.split(": ", 1)[0] for line in capsys.readouterr().out.splitlines() if ": " in line
-                      and not line.startswith("scanned")}
+    strict_scanned = {
+        line.split(": ", 1)[0]
+        for line in capsys.readouterr().out.splitlines()
+        if ": " in line and not line.startswith("scanned")
+    }
     assert strict_scanned == bad_paths
     with pytest.warns(Warning, match="strict check at construction"):
         loader = ImageLoader(root=root, batch_size=4, size=16, device="cpu", strict=True, on_error="skip", seed=1)
@@ -693,20 +815,23 @@ class _NotAMixer(torch.nn.Module):
         return x
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"mix": "mixup"}, "mix='mixup' is not a dalimix mixer"),
-    ({"mix": torch.nn.Identity()}, "is not a dalimix mixer"),
-    ({"mix": MixUp()}, r"mix=Mixer\(methods=\[MixUp"),
-    ({"root": 123}, "root=123: a path"),
-    ({"mean": (128, 128, 128)}, "0..255 scale"),
-    ({"std": (58.4, 57.1, 57.4)}, "0..255 scale"),
-    ({"mean": (0.5, 0.5, 1.5)}, r"each value in \[0, 1\]"),
-    ({"classes": ["x", "y"]}, "classes= names the labels of a file_list"),
-    ({"keep_unmixed": "no"}, "keep_unmixed='no': True or False"),
-    ({"strict": "yes"}, "strict='yes': True or False"),
-    ({"prefetch": 10000}, r"prefetch=10000: an int in \[1, 32\]"),
-    ({"size": 8192}, "above dalimix's bound of 4096"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mix": "mixup"}, "mix='mixup' is not a dalimix mixer"),
+        ({"mix": torch.nn.Identity()}, "is not a dalimix mixer"),
+        ({"mix": MixUp()}, r"mix=Mixer\(methods=\[MixUp"),
+        ({"root": 123}, "root=123: a path"),
+        ({"mean": (128, 128, 128)}, "0..255 scale"),
+        ({"std": (58.4, 57.1, 57.4)}, "0..255 scale"),
+        ({"mean": (0.5, 0.5, 1.5)}, r"each value in \[0, 1\]"),
+        ({"classes": ["x", "y"]}, "classes= names the labels of a file_list"),
+        ({"keep_unmixed": "no"}, "keep_unmixed='no': True or False"),
+        ({"strict": "yes"}, "strict='yes': True or False"),
+        ({"prefetch": 10000}, r"prefetch=10000: an int in \[1, 32\]"),
+        ({"size": 8192}, "above dalimix's bound of 4096"),
+    ],
+)
 def test_bad_arguments_are_refused_at_construction(small_dataset, kwargs, match):
     kw = {"root": small_dataset, "batch_size": 4, "size": 16, "device": "cpu", **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -719,8 +844,9 @@ def test_more_bad_arguments_are_refused(small_dataset, monkeypatch):
 
     with pytest.raises(ValueError, match=r"methods=\[MixUp"):
         Mixer(methods=MixUp())
-    loader = ImageLoader(root=small_dataset, batch_size=2, size=12, device="cpu",
-                         mix=Mixer(methods=[LearnedMask()], num_classes=4))
+    loader = ImageLoader(
+        root=small_dataset, batch_size=2, size=12, device="cpu", mix=Mixer(methods=[LearnedMask()], num_classes=4)
+    )
     with pytest.raises(ValueError, match="logits='yes': True or False"):
         loader.set_mask_hook(lambda x, lam, partner: torch.rand(2, 1, 4, 4), logits="yes")
     loader.close()
@@ -760,17 +886,20 @@ def test_resume_refuses_swapped_class_folders(tmp_path):
     ImageLoader(**{**kw, "root": tmp_path / "copy"}).load_state_dict(state)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda s: s.pop("seed"), "the state has no 'seed' entry"),
-    (lambda s: s.update(step=-1), r"state\['step'\]=-1: a non-negative int"),
-    (lambda s: s.update(epoch="1"), r"state\['epoch'\]='1': a non-negative int"),
-    (lambda s: s.update(shuffle="yes"), r"state\['shuffle'\]='yes': True or False"),
-    (lambda s: s.update(dali_checkpoint=b"garbage"), r"state\['dali_checkpoint'\]=b'garbage': None or the bytes"),
-    (lambda s: s.update(dali_checkpoint=s["dali_checkpoint"][:-7]), r"state\['dali_checkpoint'\]"),
-    (lambda s: s.update(dali_checkpoint="text"), r"state\['dali_checkpoint'\]='text'"),
-    (lambda s: s["dataset"].pop("fingerprint"), r"state\['dataset'\] has no 'fingerprint'"),
-    (lambda s: s.update(dataset=[1]), r"state\['dataset'\]=\[1\]: a dict"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda s: s.pop("seed"), "the state has no 'seed' entry"),
+        (lambda s: s.update(step=-1), r"state\['step'\]=-1: a non-negative int"),
+        (lambda s: s.update(epoch="1"), r"state\['epoch'\]='1': a non-negative int"),
+        (lambda s: s.update(shuffle="yes"), r"state\['shuffle'\]='yes': True or False"),
+        (lambda s: s.update(dali_checkpoint=b"garbage"), r"state\['dali_checkpoint'\]=b'garbage': None or the bytes"),
+        (lambda s: s.update(dali_checkpoint=s["dali_checkpoint"][:-7]), r"state\['dali_checkpoint'\]"),
+        (lambda s: s.update(dali_checkpoint="text"), r"state\['dali_checkpoint'\]='text'"),
+        (lambda s: s["dataset"].pop("fingerprint"), r"state\['dataset'\] has no 'fingerprint'"),
+        (lambda s: s.update(dataset=[1]), r"state\['dataset'\]=\[1\]: a dict"),
+    ],
+)
 def test_hand_made_states_are_refused_by_name(small_dataset, edit, match):
     import copy
 

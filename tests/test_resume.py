@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_loader(source, **kw):
-    args = dict(batch_size=3, size=24, device="cpu", seed=13, num_threads=1,
-                mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", label_smoothing=0.1))
+    args = dict(
+        batch_size=3,
+        size=24,
+        device="cpu",
+        seed=13,
+        num_threads=1,
+        mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", label_smoothing=0.1),
+    )
     args.update(source)
     args.update(kw)
     return ImageLoader(**args)
@@ -29,8 +35,15 @@ def make_loader(source, **kw):
 
 def record(loader, images, targets):
     info = loader.last_batch
-    return (info.epoch, info.step, info.sample_ids.copy(), images.clone(), targets.clone(),
-            info.params.lam.copy(), info.params.partner.copy())
+    return (
+        info.epoch,
+        info.step,
+        info.sample_ids.copy(),
+        images.clone(),
+        targets.clone(),
+        info.params.lam.copy(),
+        info.params.partner.copy(),
+    )
 
 
 def run(loader, stop_after=None, start_epoch=0, set_epoch=True):
@@ -159,8 +172,20 @@ def test_resume_in_a_fresh_process(sources, reference, tmp_path):
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
     torch.save(state, tmp_path / "state.pt")
     env = dict(os.environ, PYTHONPATH=str(ROOT), DALI_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(sources["folder"]["root"]), str(tmp_path / "state.pt"),
-                           str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RESUME_SCRIPT,
+            str(sources["folder"]["root"]),
+            str(tmp_path / "state.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     want = reference["folder"][4:]
@@ -172,13 +197,16 @@ def test_resume_in_a_fresh_process(sources, reference, tmp_path):
         np.testing.assert_array_equal(g[5].numpy(), w[5])
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"batch_size": 4}, "batch_size=3"),
-    ({"seed": 14}, "seed=13"),
-    ({"size": 32}, "augment="),
-    ({"shard_id": 1, "num_shards": 2}, "num_shards=1"),
-    ({"last_batch_policy": "drop"}, "last_batch_policy='PARTIAL'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"batch_size": 4}, "batch_size=3"),
+        ({"seed": 14}, "seed=13"),
+        ({"size": 32}, "augment="),
+        ({"shard_id": 1, "num_shards": 2}, "num_shards=1"),
+        ({"last_batch_policy": "drop"}, "last_batch_policy='PARTIAL'"),
+    ],
+)
 def test_refuses_a_state_from_other_settings(sources, change, message):
     first = make_loader(sources["folder"])
     run(first, stop_after=2)

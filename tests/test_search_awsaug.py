@@ -15,9 +15,28 @@ def test_search_runs_and_plots(small_dataset, tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "search.png"
-    history = module.main(["--data", str(small_dataset), "--size", "24", "--batch-size", "4", "--stage1-epochs", "1",
-                           "--rounds", "2", "--candidates", "2", "--finetune-steps", "1", "--heldout-per-class", "2",
-                           "--out", str(out)])
+    history = module.main(
+        [
+            "--data",
+            str(small_dataset),
+            "--size",
+            "24",
+            "--batch-size",
+            "4",
+            "--stage1-epochs",
+            "1",
+            "--rounds",
+            "2",
+            "--candidates",
+            "2",
+            "--finetune-steps",
+            "1",
+            "--heldout-per-class",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert history.shape == (3, len(module.SUB_POLICIES))
     np.testing.assert_allclose(history.sum(1), 1.0)
     assert np.allclose(history[0], 1 / len(module.SUB_POLICIES))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_image
 
 from dalimix.errors import DatasetError
 from dalimix.sources import read_file_list, scan_image_folder
-from conftest import write_image
 
 
 def make_tree(root, layout):

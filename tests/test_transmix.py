@@ -9,14 +9,30 @@ import torch
 import torch.nn.functional as F
 
 from dalimix import ImageLoader
-from dalimix.mix import CompactTargets, CutMix, MixUp, Mixup, one_hot_smoothed
+from dalimix.mix import (
+    CompactTargets,
+    CutMix,
+    FMix,
+    GridMix,
+    Mixer,
+    MixUp,
+    Mixup,
+    ResizeMix,
+    SamplePairing,
+    SmoothMix,
+    one_hot_smoothed,
+)
 from dalimix.mix.params import MixParams
 from dalimix.transmix import (
     ClsAttention,
+    own_weight_maps,
+    reweighted_lam,
+    reweighted_targets,
     token_box_mask,
     transmix_lam,
     transmix_targets,
 )
+from tests.reference import reference_mix_normalize
 
 
 def cutmix_params(n, h, w, box, partner="flip"):
@@ -38,7 +54,9 @@ def test_hand_computed_case():
     torch.testing.assert_close(t, torch.tensor([[0.675, 0.0, 0.325], [1 - 0.825, 0.0, 0.825]]))
     c = transmix_targets(labels, p, attn, num_classes=3, height=4, width=4, form="compact", smoothing=0.1)
     assert isinstance(c, CompactTargets) and c.smoothing == 0.1
-    torch.testing.assert_close(c.to_soft(3), transmix_targets(labels, p, attn, num_classes=3, height=4, width=4, smoothing=0.1))
+    torch.testing.assert_close(
+        c.to_soft(3), transmix_targets(labels, p, attn, num_classes=3, height=4, width=4, smoothing=0.1)
+    )
 
 
 def test_box_at_token_resolution_follows_nearest_resizing():
@@ -81,8 +99,10 @@ def test_matches_the_official_formula_and_orientation():
     labels = torch.arange(n) % 3
     y1 = one_hot_smoothed(labels, 3, 0.1)
     lam = official_lam(box, attn, h, w, grid)[:, None]
-    torch.testing.assert_close(transmix_targets(labels, p, attn, num_classes=3, height=h, width=w, smoothing=0.1),
-                               y1 * (1 - lam) + y1.flip(0) * lam)
+    torch.testing.assert_close(
+        transmix_targets(labels, p, attn, num_classes=3, height=h, width=w, smoothing=0.1),
+        y1 * (1 - lam) + y1.flip(0) * lam,
+    )
 
 
 def test_only_cutmix_samples_are_reweighted():
@@ -92,7 +112,9 @@ def test_only_cutmix_samples_are_reweighted():
     p.partner = np.array([2, 0, 1])
     attn = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 3)
     lam = transmix_lam(p, attn, height=8, width=8)
-    torch.testing.assert_close(lam, torch.tensor([np.float32(0.7), 1 - (0.5 + 1.0) / 2, 1.0]))  # attention all in the box
+    torch.testing.assert_close(
+        lam, torch.tensor([np.float32(0.7), 1 - (0.5 + 1.0) / 2, 1.0])
+    )  # attention all in the box
     assert token_box_mask(p, (2, 2), height=8, width=8)[[0, 2]].sum() == 0
 
 
@@ -152,7 +174,9 @@ def test_transmix_on_a_loader_batch(small_dataset):
     p = info.params
     boxed = p.method == 2
     assert boxed.any() and (~boxed).any()
-    t = transmix_targets(info.labels, p, rec.attention, num_classes=4, height=32, width=32, grid=rec.grid, smoothing=0.1)
+    t = transmix_targets(
+        info.labels, p, rec.attention, num_classes=4, height=32, width=32, grid=rec.grid, smoothing=0.1
+    )
     torch.testing.assert_close(t[~torch.from_numpy(boxed)], targets[~torch.from_numpy(boxed)])  # MixUp rows unchanged
     lam = transmix_lam(p, rec.attention, height=32, width=32, grid=rec.grid)
     mask = token_box_mask(p, rec.grid, height=32, width=32).flatten(1)
@@ -172,15 +196,15 @@ def test_example_runs(small_dataset, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from train_transmix import main
 
-    assert main(["--data", str(small_dataset), "--device", "cpu", "--steps", "6", "--batch-size", "6", "--size", "32"]) == 0
+    assert (
+        main(["--data", str(small_dataset), "--device", "cpu", "--steps", "6", "--batch-size", "6", "--size", "32"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "clean-image accuracy" in text and "step    5" in text
 
 
 # ------------------------------------------------ re-weighting for any method and weighting
-from dalimix.mix import FMix, GridMix, Mixer, ResizeMix, SamplePairing, SmoothMix
-from dalimix.transmix import own_weight_maps, reweighted_lam, reweighted_targets
-from tests.reference import reference_mix_normalize
 
 
 def reference_own_maps(params, h, w):
@@ -195,7 +219,15 @@ def reference_own_maps(params, h, w):
     return out[:, 0]
 
 
-ANY_METHODS = [MixUp(), CutMix(), FMix(mask_scale=3), ResizeMix(), GridMix(n_holes=(2, 4)), SmoothMix(), SamplePairing()]
+ANY_METHODS = [
+    MixUp(),
+    CutMix(),
+    FMix(mask_scale=3),
+    ResizeMix(),
+    GridMix(n_holes=(2, 4)),
+    SmoothMix(),
+    SamplePairing(),
+]
 
 
 @pytest.mark.parametrize("size, grid", [((32, 32), (4, 4)), ((30, 45), (5, 3))])
@@ -249,8 +281,9 @@ def test_reweighting_hook_masks_and_special_cases():
     torch.testing.assert_close(t.diagonal(), want, atol=1e-6, rtol=0)
     c = cutmix_params(3, 20, 20, (2, 3, 13, 17))
     att = torch.rand(3, 25)
-    torch.testing.assert_close(reweighted_lam(c, att, height=20, width=20, tokens="nearest"),
-                               transmix_lam(c, att, height=20, width=20))
+    torch.testing.assert_close(
+        reweighted_lam(c, att, height=20, width=20, tokens="nearest"), transmix_lam(c, att, height=20, width=20)
+    )
     with pytest.raises(ValueError, match="attention_weight"):
         reweighted_lam(c, att, height=20, width=20, attention_weight=1.5)
     with pytest.raises(ValueError, match="tokens='box'"):

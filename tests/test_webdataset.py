@@ -69,8 +69,9 @@ def test_dali_webdataset_reader_reads_the_packed_shards(shards, small_dataset):
 
     @pipeline_def(batch_size=20, num_threads=1, device_id=None)
     def pipe():
-        images, labels = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                                               ext=["jpg", "cls"])
+        images, labels = fn.readers.webdataset(
+            paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "cls"]
+        )
         return images, labels
 
     p = pipe()
@@ -86,8 +87,16 @@ def test_dali_webdataset_reader_reads_the_packed_shards(shards, small_dataset):
 @pytest.mark.parametrize("shard_id, num_shards", [(0, 1), (1, 3)])
 def test_shards_give_the_folder_loaders_batches_bit_for_bit(small_dataset, shards, policy, shard_id, num_shards):
     """Same seed, same order, shards, crops, flips, mixing: packing a folder changes nothing."""
-    kw = dict(batch_size=3, size=24, device="cpu", seed=5, num_threads=1, last_batch_policy=policy,
-              shard_id=shard_id, num_shards=num_shards)
+    kw = dict(
+        batch_size=3,
+        size=24,
+        device="cpu",
+        seed=5,
+        num_threads=1,
+        last_batch_policy=policy,
+        shard_id=shard_id,
+        num_shards=num_shards,
+    )
     for epoch in range(2):
         folder = ImageLoader(root=small_dataset, mix=Mixup(cutmix_alpha=1.0), **kw)
         wds = ImageLoader(webdataset=shards, mix=Mixup(cutmix_alpha=1.0), **kw)
@@ -130,29 +139,46 @@ def _jpeg(seed=0):
 
 def test_configurable_keys_and_class_names(tmp_path):
     """Other extensions (DALI's ';' alternatives), sub-folder keys, names with dots after the key."""
-    tar = _tar(tmp_path / "a.tar", [
-        ("train/x1.input.png", _jpeg(1)), ("train/x1.label", b"1"), ("train/x1.meta.json", b"{}"),
-        ("train/x2.input.jpeg", _jpeg(2)), ("train/x2.label", b" 0\n"), ("._hidden.label", b"9"),
-    ])
+    tar = _tar(
+        tmp_path / "a.tar",
+        [
+            ("train/x1.input.png", _jpeg(1)),
+            ("train/x1.label", b"1"),
+            ("train/x1.meta.json", b"{}"),
+            ("train/x2.input.jpeg", _jpeg(2)),
+            ("train/x2.label", b" 0\n"),
+            ("._hidden.label", b"9"),
+        ],
+    )
     with pytest.raises(DatasetError, match="no image member"):
         index_webdataset(tar)
     s = index_webdataset(tar, keys=("input.png;input.jpeg", "label"), classes=["neg", "pos"])
     assert s.labels.tolist() == [1, 0] and s.classes == ["neg", "pos"]
     assert s.paths[0].endswith("a.tar::train/x1.input.png")
-    loader = ImageLoader(webdataset=[tar], webdataset_keys=("input.png;input.jpeg", "label"), batch_size=2,
-                         size=16, device="cpu", train=False, classes=["neg", "pos"])
+    loader = ImageLoader(
+        webdataset=[tar],
+        webdataset_keys=("input.png;input.jpeg", "label"),
+        batch_size=2,
+        size=16,
+        device="cpu",
+        train=False,
+        classes=["neg", "pos"],
+    )
     _, labels = next(iter(loader))
     assert labels.tolist() == [1, 0]
     assert split_member_name("d/k.a.b") == ("d/k", "a.b")
     assert split_member_name("d/.k.a") is None and split_member_name("noext") is None
 
 
-@pytest.mark.parametrize("members, message", [
-    ([("k.jpg", b"x")], "no .cls member"),
-    ([("k.jpg", b"x"), ("k.cls", b"cat")], "not an integer"),
-    ([("k.jpg", b"x"), ("k.cls", b"-1")], "negative"),
-    ([("k.jpg", b"x"), ("k.cls", b"3")], "names only 2 classes"),
-])
+@pytest.mark.parametrize(
+    "members, message",
+    [
+        ([("k.jpg", b"x")], "no .cls member"),
+        ([("k.jpg", b"x"), ("k.cls", b"cat")], "not an integer"),
+        ([("k.jpg", b"x"), ("k.cls", b"-1")], "negative"),
+        ([("k.jpg", b"x"), ("k.cls", b"3")], "names only 2 classes"),
+    ],
+)
 def test_bad_shards_name_the_tar_and_sample(tmp_path, members, message):
     tar = _tar(tmp_path / "bad.tar", members)
     with pytest.raises(DatasetError, match=message):
@@ -199,14 +225,33 @@ def test_pack_command(small_dataset, tmp_path, capsys):
     assert cli_main(["pack", str(small_dataset), str(tmp_path / "out"), "--shard-size", "8", "--prefix", "train"]) == 0
     assert "3 shard(s)" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "classes.txt", "train-000000.idx", "train-000000.tar", "train-000001.idx", "train-000001.tar",
-        "train-000002.idx", "train-000002.tar"]
+        "classes.txt",
+        "train-000000.idx",
+        "train-000000.tar",
+        "train-000001.idx",
+        "train-000001.tar",
+        "train-000002.idx",
+        "train-000002.tar",
+    ]
     assert cli_main(["pack", str(small_dataset), str(tmp_path / "out")]) == 2
     assert "already holds 3 shard(s)" in capsys.readouterr().err
     assert cli_main(["pack", str(small_dataset), str(tmp_path / "out"), "--overwrite"]) == 2
     assert "other than shard-*.tar" in capsys.readouterr().err
-    assert cli_main(["pack", str(small_dataset), str(tmp_path / "out"), "--shard-size", "10", "--prefix", "train",
-                     "--overwrite"]) == 0
+    assert (
+        cli_main(
+            [
+                "pack",
+                str(small_dataset),
+                str(tmp_path / "out"),
+                "--shard-size",
+                "10",
+                "--prefix",
+                "train",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "out").glob("*.tar"))) == 2
     assert cli_main(["pack", str(small_dataset), str(tmp_path / "x"), "--shard-size", "0"]) == 2
     assert not os.path.exists(tmp_path / "x" / "shard-000000.tar")

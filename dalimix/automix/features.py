@@ -30,8 +30,10 @@ class FeatureTap:
             self.module = model.get_submodule(layer)
         except AttributeError:
             names = [name for name, _ in model.named_children()]
-            raise ValueError(f"feature_layer={layer!r} is not a module of {type(model).__name__}; "
-                             f"its top-level modules are {names} (nested names use dots, e.g. 'layer3' or 'stages.2')") from None
+            raise ValueError(
+                f"feature_layer={layer!r} is not a module of {type(model).__name__}; "
+                f"its top-level modules are {names} (nested names use dots, e.g. 'layer3' or 'stages.2')"
+            ) from None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         box = []
@@ -52,6 +54,8 @@ class FeatureTap:
         out = box[0]
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"{self.layer!r} outputs {got}; the Mix Block needs an N x C x h x w feature map "
-                             "(pick a CNN stage, e.g. 'layer3')")
+            raise ValueError(
+                f"{self.layer!r} outputs {got}; the Mix Block needs an N x C x h x w feature map "
+                "(pick a CNN stage, e.g. 'layer3')"
+            )
         return out

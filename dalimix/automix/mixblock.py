@@ -47,26 +47,44 @@ class MixBlock(nn.Module):
     are close to a constant 0.5.
     """
 
-    def __init__(self, in_channels: int, *, reduction: int = 2, value_from: str = "partner", lam_concat: bool = True,
-                 lam_mul: bool = False, qk_concat: bool = False, value_hidden: int | None = None,
-                 value_dropout: float = 0.0, init_std: float = 0.01):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        reduction: int = 2,
+        value_from: str = "partner",
+        lam_concat: bool = True,
+        lam_mul: bool = False,
+        qk_concat: bool = False,
+        value_hidden: int | None = None,
+        value_dropout: float = 0.0,
+        init_std: float = 0.01,
+    ):
         super().__init__()
         if isinstance(in_channels, bool) or int(in_channels) < 1:
-            raise ValueError(f"in_channels={in_channels!r}: the feature map's channel count (e.g. 256 for ResNet-18's layer3)")
+            raise ValueError(
+                f"in_channels={in_channels!r}: the feature map's channel count (e.g. 256 for ResNet-18's layer3)"
+            )
         if int(reduction) < 1:
             raise ValueError(f"reduction={reduction!r}: a positive int (query/key width = in_channels // reduction)")
         if value_from not in VALUE_SOURCES:
-            raise ValueError(f"value_from={value_from!r}: 'partner' (OpenMixup's PixelMixBlock: -P v_j) or "
-                             "'own' (an early variant: P^T v_i)")
+            raise ValueError(
+                f"value_from={value_from!r}: 'partner' (OpenMixup's PixelMixBlock: -P v_j) or "
+                "'own' (an early variant: P^T v_i)"
+            )
         if not isinstance(lam_concat, bool):
-            raise ValueError(f"lam_concat={lam_concat!r}: True (lam as an extra channel, ImageNet configs) or False (CIFAR)")
+            raise ValueError(
+                f"lam_concat={lam_concat!r}: True (lam as an extra channel, ImageNet configs) or False (CIFAR)"
+            )
         for name, flag in (("lam_mul", lam_mul), ("qk_concat", qk_concat)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name}={flag!r}: True or False")
         if lam_mul and lam_concat:
             raise ValueError("lam_concat and lam_mul both carry lam into the features: choose one (SAMix: lam_mul)")
         if value_hidden is not None and (isinstance(value_hidden, bool) or int(value_hidden) < 1):
-            raise ValueError(f"value_hidden={value_hidden!r}: the value neck's hidden channels (SAMix: in_channels // 2) or None")
+            raise ValueError(
+                f"value_hidden={value_hidden!r}: the value neck's hidden channels (SAMix: in_channels // 2) or None"
+            )
         if not 0 <= float(value_dropout) < 1:
             raise ValueError(f"value_dropout={value_dropout!r}: a probability in [0, 1)")
         self.in_channels = int(in_channels)
@@ -82,8 +100,13 @@ class MixBlock(nn.Module):
         if value_hidden is None:
             self.value = nn.Conv2d(width, 1, kernel_size=1)
         else:
-            self.value = nn.Sequential(nn.Conv2d(width, int(value_hidden), 1, bias=False), nn.BatchNorm2d(int(value_hidden)),
-                                       nn.ELU(), nn.Conv2d(int(value_hidden), 1, 1, bias=False), nn.Dropout(float(value_dropout)))
+            self.value = nn.Sequential(
+                nn.Conv2d(width, int(value_hidden), 1, bias=False),
+                nn.BatchNorm2d(int(value_hidden)),
+                nn.ELU(),
+                nn.Conv2d(int(value_hidden), 1, 1, bias=False),
+                nn.Dropout(float(value_dropout)),
+            )
         for conv in self.modules():
             if isinstance(conv, nn.Conv2d):
                 nn.init.normal_(conv.weight, std=init_std)
@@ -95,8 +118,13 @@ class MixBlock(nn.Module):
         """SAMix's Mix Block as its released configs build it: no lam channel, lam multiplied
         (residual), query and key from ``[x_i, x_j]``, a non-linear value neck of ``C / 2`` hidden
         channels with dropout 0.1."""
-        args = dict(lam_concat=False, lam_mul=True, qk_concat=True, value_hidden=max(int(in_channels) // 2, 1),
-                    value_dropout=0.1)
+        args = dict(
+            lam_concat=False,
+            lam_mul=True,
+            qk_concat=True,
+            value_hidden=max(int(in_channels) // 2, 1),
+            value_dropout=0.1,
+        )
         args.update(overrides)
         return cls(in_channels, **args)
 
@@ -129,6 +157,7 @@ class MixBlock(nn.Module):
             x_i = x_i * (1.0 + lam.view(n, 1, 1, 1))
             x_j = x_j * (2.0 - lam.view(n, 1, 1, 1))
         if self.qk_concat:
+            assert self.key is not None  # built with qk_concat
             both = torch.cat([x_i, x_j], dim=1)
             q, k = self.query(both).flatten(2), self.key(both).flatten(2)
         else:
@@ -153,7 +182,9 @@ class MixBlock(nn.Module):
         return torch.sigmoid(F.interpolate(logits, size=tuple(size), mode=mode, **extra))
 
 
-def adjust_to_lam(logits: torch.Tensor, lam: torch.Tensor, size, mode: str = "nearest", eps: float = 1e-8) -> torch.Tensor:
+def adjust_to_lam(
+    logits: torch.Tensor, lam: torch.Tensor, size, mode: str = "nearest", eps: float = 1e-8
+) -> torch.Tensor:
     """AutoMix's ``mask_adjust``: each own-image mask ``m = sigmoid(upsample(logits))`` rescaled so
     that its mean at ``size`` is the sample's lam — ``m * lam / mean`` when the mean is above lam,
     ``1 - (1 - m) * (1 - lam) / (1 - mean)`` when below (masks clamped to ``[eps, 1 - eps]`` first,

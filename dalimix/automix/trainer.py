@@ -71,11 +71,28 @@ class AutoMix(nn.Module):
         seed: seed of the Mix Block flow's lam and partners.
     """
 
-    def __init__(self, *, model: nn.Module, feature_layer: str, input_size=224, alpha: float = 2.0,
-                 momentum: float = 0.999, end_momentum: float = 0.99999, mask_loss_weight: float = 0.1,
-                 mask_loss_margin: float = 0.1, mixup_margin: float = 0.08, reduction: int = 2,
-                 value_from: str = "partner", lam_concat: bool = True, variant: str = "automix", upsampling: str = "nearest",
-                 mask_adjust: float = 0.0, switch_off: float = 0.0, label_smoothing: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        feature_layer: str,
+        input_size=224,
+        alpha: float = 2.0,
+        momentum: float = 0.999,
+        end_momentum: float = 0.99999,
+        mask_loss_weight: float = 0.1,
+        mask_loss_margin: float = 0.1,
+        mixup_margin: float = 0.08,
+        reduction: int = 2,
+        value_from: str = "partner",
+        lam_concat: bool = True,
+        variant: str = "automix",
+        upsampling: str = "nearest",
+        mask_adjust: float = 0.0,
+        switch_off: float = 0.0,
+        label_smoothing: float = 0.0,
+        seed: int = 0,
+    ):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module classifier, got {type(model).__name__}")
@@ -108,7 +125,9 @@ class AutoMix(nn.Module):
         if self.variant == "samix":
             self.mix_block = MixBlock.samix(self._channels(size), reduction=reduction, value_from=value_from)
         else:
-            self.mix_block = MixBlock(self._channels(size), reduction=reduction, value_from=value_from, lam_concat=lam_concat)
+            self.mix_block = MixBlock(
+                self._channels(size), reduction=reduction, value_from=value_from, lam_concat=lam_concat
+            )
         self.mix_block.to(self._device())
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
         self._criterion = MixCrossEntropy()
@@ -126,8 +145,10 @@ class AutoMix(nn.Module):
             with torch.no_grad():
                 feats = self._tap(torch.zeros(2, 3, *size, device=self._device()))
         except RuntimeError as e:
-            raise ValueError(f"input_size={size}: the model cannot run images of this size up to "
-                             f"{self.feature_layer!r} ({str(e).splitlines()[0]}); use the loader's image size") from None
+            raise ValueError(
+                f"input_size={size}: the model cannot run images of this size up to "
+                f"{self.feature_layer!r} ({str(e).splitlines()[0]}); use the loader's image size"
+            ) from None
         finally:
             self.ema.train(was)
         return int(feats.shape[1])
@@ -136,8 +157,9 @@ class AutoMix(nn.Module):
     def mixer(self, **kw) -> Mixer:
         """The loader's mixer for AutoMix: ``LearnedMask`` in batch mode (one lam per batch, as in
         the paper) with random partners; keyword arguments override ``Mixer``'s."""
-        args = dict(methods=[self.mixer_method], mode="batch", pairing="derangement",
-                    label_smoothing=self.label_smoothing)
+        args = dict(
+            methods=[self.mixer_method], mode="batch", pairing="derangement", label_smoothing=self.label_smoothing
+        )
         args.update(kw)
         return Mixer(**args)
 
@@ -147,8 +169,9 @@ class AutoMix(nn.Module):
         checks the logits on the device and reads the result one batch later: no host sync per
         batch on CUDA; non-finite logits are then reported at the next batch (``"eager"``: at
         once, with a sync). On CPU both check at once."""
-        loader.set_mask_hook(self.mask_hook, interpolation=self.upsampling, logits=True, target_lam="planned",
-                             validate=validate)
+        loader.set_mask_hook(
+            self.mask_hook, interpolation=self.upsampling, logits=True, target_lam="planned", validate=validate
+        )
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -190,17 +213,27 @@ class AutoMix(nn.Module):
         """
         clean, labels = batch.unmixed, batch.labels
         if clean is None or labels is None:
-            raise ValueError("batch.unmixed/labels are missing: pass loader.last_batch of a loader AutoMix is attached to")
+            raise ValueError(
+                "batch.unmixed/labels are missing: pass loader.last_batch of a loader AutoMix is attached to"
+            )
         loss_mix = self._criterion(self.model(images), targets)
         loss_clean = F.cross_entropy(self.model(clean), labels, label_smoothing=self.label_smoothing)
         feats = self._cache[1] if self._cache is not None and self._cache[0] is clean else self.features(clean)
         flow = self.mix_block_flow(clean, labels, feats)
         total = loss_mix + loss_clean + flow["loss_mix_block"] + flow["loss_mask"]
-        return dict(loss=total, loss_mix=loss_mix.detach(), loss_clean=loss_clean.detach(),
-                    loss_mix_block=flow["loss_mix_block"].detach(), loss_mask=flow["loss_mask"].detach(),
-                    lam_mix_block=flow["lam"], mask_std=mask_spatial_std(flow["logits"]))
+        return dict(
+            loss=total,
+            loss_mix=loss_mix.detach(),
+            loss_clean=loss_clean.detach(),
+            loss_mix_block=flow["loss_mix_block"].detach(),
+            loss_mask=flow["loss_mask"].detach(),
+            lam_mix_block=flow["lam"],
+            mask_std=mask_spatial_std(flow["logits"]),
+        )
 
-    def mix_block_flow(self, clean: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor, *, lam=None, partner=None) -> dict:
+    def mix_block_flow(
+        self, clean: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor, *, lam=None, partner=None
+    ) -> dict:
         """The Mix Block's loss: its mask mixes the clean batch (differentiably), the frozen EMA model
         classifies it against the mixed labels; plus the annealed mask loss. ``lam``/``partner``
         are drawn (seeded) unless given."""
@@ -220,12 +253,16 @@ class AutoMix(nn.Module):
         else:
             out = self.ema(mixed)
             eps = self.label_smoothing
-            ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(out, labels[partner], label_smoothing=eps)
+            ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(
+                out, labels[partner], label_smoothing=eps
+            )
         weight = cosine_decay(self.base_mask_loss_weight, self.progress)
         gap = torch.clamp((mask.mean() - lam).abs() - self.mask_loss_margin, min=0.0)
         if self.variant == "samix":  # OpenMixup's "L1+Variance": also reward masks that are not flat
             gap = gap - 2.0 * mask.var(unbiased=False)
-        return dict(loss_mix_block=ce, loss_mask=weight * gap, logits=logits, mask=mask, mixed=mixed, lam=lam, partner=partner)
+        return dict(
+            loss_mix_block=ce, loss_mask=weight * gap, logits=logits, mask=mask, mixed=mixed, lam=lam, partner=partner
+        )
 
     @torch.no_grad()
     def update(self, progress: float) -> None:
@@ -245,7 +282,9 @@ def _on_device(partner, device: torch.device) -> torch.Tensor:
     non-blocking copy (no host sync; the caching host allocator keeps the pinned block until the copy ran)."""
     if isinstance(partner, torch.Tensor) and partner.device == device:
         return partner.to(torch.long)
-    host = torch.as_tensor(np.asarray(partner.cpu() if isinstance(partner, torch.Tensor) else partner), dtype=torch.long)
+    host = torch.as_tensor(
+        np.asarray(partner.cpu() if isinstance(partner, torch.Tensor) else partner), dtype=torch.long
+    )
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)

@@ -62,11 +62,26 @@ class _DalimixContender:
         from dalimix import ImageLoader
         from dalimix.mix import Mixup
 
-        mix = Mixup(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, switch_prob=SWITCH_PROB,
-                    label_smoothing=SMOOTHING) if cfg.mix else None
+        mix = (
+            Mixup(
+                mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, switch_prob=SWITCH_PROB, label_smoothing=SMOOTHING
+            )
+            if cfg.mix
+            else None
+        )
         self.loader = ImageLoader(
-            root=cfg.root, batch_size=cfg.batch_size, size=cfg.size, device=cfg.device, num_threads=cfg.workers,
-            seed=cfg.seed, mix=mix, last_batch_policy="drop", scale=SCALE, ratio=RATIO, mean=MEAN, std=STD,
+            root=cfg.root,
+            batch_size=cfg.batch_size,
+            size=cfg.size,
+            device=cfg.device,
+            num_threads=cfg.workers,
+            seed=cfg.seed,
+            mix=mix,
+            last_batch_policy="drop",
+            scale=SCALE,
+            ratio=RATIO,
+            mean=MEAN,
+            std=STD,
         )
 
     def epoch(self):
@@ -82,8 +97,12 @@ class TorchvisionMixCollate:
     def __init__(self, num_classes: int):
         from torchvision.transforms import v2
 
-        self.mix = v2.RandomChoice([v2.CutMix(num_classes=num_classes, alpha=CUTMIX_ALPHA),
-                                    v2.MixUp(num_classes=num_classes, alpha=MIXUP_ALPHA)])
+        self.mix = v2.RandomChoice(
+            [
+                v2.CutMix(num_classes=num_classes, alpha=CUTMIX_ALPHA),
+                v2.MixUp(num_classes=num_classes, alpha=MIXUP_ALPHA),
+            ]
+        )
 
     def __call__(self, batch):
         from torch.utils.data import default_collate
@@ -97,18 +116,25 @@ class _TorchvisionContender:
         from torchvision import datasets
         from torchvision.transforms import v2
 
-        transform = v2.Compose([
-            v2.RandomResizedCrop(cfg.size, scale=SCALE, ratio=RATIO, antialias=True),
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=MEAN, std=STD),
-        ])
+        transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(cfg.size, scale=SCALE, ratio=RATIO, antialias=True),
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=MEAN, std=STD),
+            ]
+        )
         dataset = datasets.ImageFolder(cfg.root, transform=transform)
         self.device = torch.device(cfg.device)
         self.loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers, pin_memory=cfg.cuda,
-            drop_last=True, collate_fn=TorchvisionMixCollate(cfg.num_classes) if cfg.mix else default_collate,
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            num_workers=cfg.workers,
+            pin_memory=cfg.cuda,
+            drop_last=True,
+            collate_fn=TorchvisionMixCollate(cfg.num_classes) if cfg.mix else default_collate,
         )
 
     def epoch(self):
@@ -123,8 +149,13 @@ class _TimmContender:
     def __init__(self, cfg: Config):
         from timm.data import FastCollateMixup, ImageDataset, Mixup, create_loader
 
-        mix_args = dict(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, switch_prob=SWITCH_PROB,
-                        label_smoothing=SMOOTHING, num_classes=cfg.num_classes)
+        mix_args = dict(
+            mixup_alpha=MIXUP_ALPHA,
+            cutmix_alpha=CUTMIX_ALPHA,
+            switch_prob=SWITCH_PROB,
+            label_smoothing=SMOOTHING,
+            num_classes=cfg.num_classes,
+        )
         self.mixup_fn = None
         collate = None
         if cfg.mix and cfg.cuda:
@@ -132,9 +163,21 @@ class _TimmContender:
         elif cfg.mix:
             self.mixup_fn = Mixup(**mix_args)
         self.loader = create_loader(
-            ImageDataset(cfg.root), input_size=(3, cfg.size, cfg.size), batch_size=cfg.batch_size, is_training=True,
-            scale=SCALE, ratio=RATIO, hflip=0.5, color_jitter=None, interpolation="bilinear", mean=MEAN, std=STD,
-            num_workers=cfg.workers, collate_fn=collate, pin_memory=cfg.cuda, use_prefetcher=cfg.cuda,
+            ImageDataset(cfg.root),
+            input_size=(3, cfg.size, cfg.size),
+            batch_size=cfg.batch_size,
+            is_training=True,
+            scale=SCALE,
+            ratio=RATIO,
+            hflip=0.5,
+            color_jitter=None,
+            interpolation="bilinear",
+            mean=MEAN,
+            std=STD,
+            num_workers=cfg.workers,
+            collate_fn=collate,
+            pin_memory=cfg.cuda,
+            use_prefetcher=cfg.cuda,
             device=torch.device(cfg.device),
         )
 
@@ -159,21 +202,43 @@ class _DaliContender:
         @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.workers, device_id=device_id, seed=cfg.seed + 1)
         def train_pipe():
             jpegs, labels = fn.readers.file(file_root=cfg.root, random_shuffle=True, name="Reader")
-            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                   random_area=list(SCALE), random_aspect_ratio=list(RATIO),
-                                                   num_attempts=10)
-            images = fn.resize(images, device=ops, resize_x=cfg.size, resize_y=cfg.size,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.crop_mirror_normalize(images, device=ops, dtype=types.FLOAT, output_layout="CHW",
-                                              mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
-                                              mirror=fn.random.coin_flip(probability=0.5))
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                device=decoder,
+                output_type=types.RGB,
+                random_area=list(SCALE),
+                random_aspect_ratio=list(RATIO),
+                num_attempts=10,
+            )
+            images = fn.resize(
+                images,
+                device=ops,
+                resize_x=cfg.size,
+                resize_y=cfg.size,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
+            images = fn.crop_mirror_normalize(
+                images,
+                device=ops,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[255 * m for m in MEAN],
+                std=[255 * s for s in STD],
+                mirror=fn.random.coin_flip(probability=0.5),
+            )
             return images, labels.gpu() if cfg.cuda else labels
 
         pipe = train_pipe()
         pipe.build()
-        self.iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
-                                            last_batch_policy=LastBatchPolicy.DROP, auto_reset=False,
-                                            prepare_first_batch=False)
+        self.iterator = DALIGenericIterator(
+            pipe,
+            ["images", "labels"],
+            reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.DROP,
+            auto_reset=False,
+            prepare_first_batch=False,
+        )
         self.mix = cfg.mix
         self.num_classes = cfg.num_classes
         self.rng = np.random.default_rng(cfg.seed)
@@ -188,8 +253,16 @@ class _DaliContender:
         for out in self.iterator:
             images, labels = out[0]["images"], out[0]["labels"].view(-1).long()
             if self.mix:
-                yield mix_batch(images, labels, num_classes=self.num_classes, rng=self.rng, mixup_alpha=MIXUP_ALPHA,
-                                cutmix_alpha=CUTMIX_ALPHA, switch_prob=SWITCH_PROB, label_smoothing=SMOOTHING)
+                yield mix_batch(
+                    images,
+                    labels,
+                    num_classes=self.num_classes,
+                    rng=self.rng,
+                    mixup_alpha=MIXUP_ALPHA,
+                    cutmix_alpha=CUTMIX_ALPHA,
+                    switch_prob=SWITCH_PROB,
+                    label_smoothing=SMOOTHING,
+                )
             else:
                 yield images, labels
 

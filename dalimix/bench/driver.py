@@ -49,13 +49,13 @@ class Settings:
     seed: int = 0
 
     @classmethod
-    def quick(cls, **overrides) -> "Settings":
+    def quick(cls, **overrides) -> Settings:
         """Tiny sizes for a smoke run: one small batch size, 64 px, short epochs."""
         base = dict(batch_sizes=(8,), size=64, epochs=2, warmup=1, min_batches=2, max_images=32)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
-    def validate(self) -> "Settings":
+    def validate(self) -> Settings:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: 'cpu' or 'cuda'")
         if not self.batch_sizes or any(int(b) < 2 for b in self.batch_sizes):
@@ -119,8 +119,14 @@ def make_view(root: str | os.PathLike, dest: str | os.PathLike, *, images: int, 
         for r in range(repeats):
             for p in paths:
                 (folder / f"{p.stem}.r{r}{p.suffix}").symlink_to(p.resolve())
-    return {"source": str(root), "classes": len(files), "source_files": total, "distinct_files": subset,
-            "repeats": repeats, "files": subset * repeats}
+    return {
+        "source": str(root),
+        "classes": len(files),
+        "source_files": total,
+        "distinct_files": subset,
+        "repeats": repeats,
+        "files": subset * repeats,
+    }
 
 
 # ---------------------------------------------------------------------------------- runners
@@ -139,7 +145,11 @@ class Runner:
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dalimix.bench.runner", json.dumps(asdict(cfg))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
         )
         self.error: str | None = None
         self.setup_s: float | None = None
@@ -225,9 +235,20 @@ def run(settings: Settings, *, progress: bool = True, log_dir: str | os.PathLike
         bar = progress_bar(len(settings.batch_sizes) * len(configs) * rounds, enabled=progress)
         for batch_size in settings.batch_sizes:
             runners = [
-                Runner(Config(library=lib, mix=mix, root=str(view_dir), num_classes=data["classes"],
-                              batch_size=int(batch_size), size=int(settings.size), workers=workers,
-                              device=settings.device, seed=settings.seed), logs)
+                Runner(
+                    Config(
+                        library=lib,
+                        mix=mix,
+                        root=str(view_dir),
+                        num_classes=data["classes"],
+                        batch_size=int(batch_size),
+                        size=int(settings.size),
+                        workers=workers,
+                        device=settings.device,
+                        seed=settings.seed,
+                    ),
+                    logs,
+                )
                 for lib, mix in configs
             ]
             records = {r.key: _record(r.cfg) for r in runners}
@@ -235,30 +256,44 @@ def run(settings: Settings, *, progress: bool = True, log_dir: str | os.PathLike
                 for r in runners:
                     bar.set_postfix_str(f"starting {r.cfg.library} b{batch_size}")
                     if not r.wait_ready():
-                        errors.append({"library": r.cfg.library, "mix": r.cfg.mix, "batch_size": batch_size,
-                                       "error": r.error})
+                        errors.append(
+                            {"library": r.cfg.library, "mix": r.cfg.mix, "batch_size": batch_size, "error": r.error}
+                        )
                         bar.update(rounds)
                     records[r.key]["setup_s"] = r.setup_s
                 live = [r for r in runners if r.error is None]
                 for rnd in range(rounds):
-                    order = live[rnd % len(live):] + live[: rnd % len(live)] if live else []
+                    order = live[rnd % len(live) :] + live[: rnd % len(live)] if live else []
                     for r in order:
                         if r.error is not None:
                             bar.update(1)
                             continue
-                        bar.set_postfix_str(f"b{batch_size} {r.cfg.library} mix {'on' if r.cfg.mix else 'off'}"
-                                            f" {'warm-up' if rnd < settings.warmup else f'epoch {rnd - settings.warmup + 1}'}")
+                        bar.set_postfix_str(
+                            f"b{batch_size} {r.cfg.library} mix {'on' if r.cfg.mix else 'off'}"
+                            f" {'warm-up' if rnd < settings.warmup else f'epoch {rnd - settings.warmup + 1}'}"
+                        )
                         t0 = time.perf_counter()
                         with PeakSampler(r.proc.pid, gpu=gpu) as mem:
                             reply = r.epoch()
                         reply["driver_s"] = time.perf_counter() - t0
                         bar.update(1)
                         if "error" in reply:
-                            errors.append({"library": r.cfg.library, "mix": r.cfg.mix, "batch_size": batch_size,
-                                           "error": reply["error"], "log": r.log_tail()})
+                            errors.append(
+                                {
+                                    "library": r.cfg.library,
+                                    "mix": r.cfg.mix,
+                                    "batch_size": batch_size,
+                                    "error": reply["error"],
+                                    "log": r.log_tail(),
+                                }
+                            )
                             continue
-                        reply.update(memory_peak_bytes=mem.peak_bytes, memory_kind=mem.kind,
-                                     nvml_gpu_peak_bytes=mem.gpu_peak_bytes, round=rnd)
+                        reply.update(
+                            memory_peak_bytes=mem.peak_bytes,
+                            memory_kind=mem.kind,
+                            nvml_gpu_peak_bytes=mem.gpu_peak_bytes,
+                            round=rnd,
+                        )
                         key = "warmup" if rnd < settings.warmup else "epochs"
                         records[r.key][key].append(reply)
                 results.extend(rec for rec in records.values() if rec["epochs"])
@@ -289,8 +324,17 @@ def run(settings: Settings, *, progress: bool = True, log_dir: str | os.PathLike
 
 
 def _record(cfg: Config) -> dict:
-    return {"library": cfg.library, "mix": cfg.mix, "batch_size": cfg.batch_size, "size": cfg.size,
-            "workers": cfg.workers, "device": cfg.device, "setup_s": None, "warmup": [], "epochs": []}
+    return {
+        "library": cfg.library,
+        "mix": cfg.mix,
+        "batch_size": cfg.batch_size,
+        "size": cfg.size,
+        "workers": cfg.workers,
+        "device": cfg.device,
+        "setup_s": None,
+        "warmup": [],
+        "epochs": [],
+    }
 
 
 class NoProgress:

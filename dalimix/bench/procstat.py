@@ -33,7 +33,7 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def children(pid: int) -> list[int]:
@@ -146,7 +146,7 @@ class DeviceMemory:
         self.source = source
 
     @classmethod
-    def open(cls, device_index: int = 0) -> "DeviceMemory | None":
+    def open(cls, device_index: int = 0) -> DeviceMemory | None:
         try:
             import pynvml
 
@@ -243,7 +243,7 @@ class PeakSampler:
             self._sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -251,4 +251,3 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
-

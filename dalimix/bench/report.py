@@ -33,23 +33,25 @@ def summarize(raw: dict) -> list[dict]:
         cpu_ms = [1e3 * e["cpu_s"] / e["images"] for e in ep if e["images"]]
         gpu_nvml = [e["nvml_gpu_peak_bytes"] for e in ep if e.get("nvml_gpu_peak_bytes")]
         gpu_torch = [e["torch_gpu_peak_bytes"] for e in ep if e.get("torch_gpu_peak_bytes") is not None]
-        rows.append({
-            "library": rec["library"],
-            "mix": rec["mix"],
-            "batch_size": rec["batch_size"],
-            "epochs": len(ep),
-            "images_per_epoch": ep[0]["images"] if ep else 0,
-            "images_per_s": statistics.median(ips) if ips else None,
-            "images_per_s_min": min(ips) if ips else None,
-            "images_per_s_max": max(ips) if ips else None,
-            "cpu_cores": statistics.median(cores) if cores else None,
-            "cpu_ms_per_image": statistics.median(cpu_ms) if cpu_ms else None,
-            "memory_mib": max(e["memory_peak_bytes"] for e in ep) / MIB if ep else None,
-            "memory_kind": "rss" if any(e.get("memory_kind") == "rss" for e in ep) else "pss",
-            **_gpu_memory(rec.get("gpu_freed_bytes"), gpu_nvml, gpu_torch),
-            "setup_s": rec.get("setup_s"),
-            "first_batch": ep[0].get("first_batch") if ep else None,
-        })
+        rows.append(
+            {
+                "library": rec["library"],
+                "mix": rec["mix"],
+                "batch_size": rec["batch_size"],
+                "epochs": len(ep),
+                "images_per_epoch": ep[0]["images"] if ep else 0,
+                "images_per_s": statistics.median(ips) if ips else None,
+                "images_per_s_min": min(ips) if ips else None,
+                "images_per_s_max": max(ips) if ips else None,
+                "cpu_cores": statistics.median(cores) if cores else None,
+                "cpu_ms_per_image": statistics.median(cpu_ms) if cpu_ms else None,
+                "memory_mib": max(e["memory_peak_bytes"] for e in ep) / MIB if ep else None,
+                "memory_kind": "rss" if any(e.get("memory_kind") == "rss" for e in ep) else "pss",
+                **_gpu_memory(rec.get("gpu_freed_bytes"), gpu_nvml, gpu_torch),
+                "setup_s": rec.get("setup_s"),
+                "first_batch": ep[0].get("first_batch") if ep else None,
+            }
+        )
     base = {(r["mix"], r["batch_size"]): r for r in rows if r["library"] == "dalimix"}
     for r in rows:
         ref = base.get((r["mix"], r["batch_size"]))
@@ -61,7 +63,7 @@ def summarize(raw: dict) -> list[dict]:
 
 GPU_NOTES = {
     "device": "what the device got back when each loader's process ended (CUDA context, torch's cache and "
-              "DALI's pools; device-wide used memory before and after, one process at a time)",
+    "DALI's pools; device-wide used memory before and after, one process at a time)",
     "nvml": "per-process use from NVML",
     "torch": "torch's peak reserved memory (the CUDA context and DALI's own pools not included)",
 }
@@ -85,8 +87,15 @@ def mixing_cost(rows: list[dict]) -> list[dict]:
     for (lib, batch, mix), r in by_key.items():
         off = by_key.get((lib, batch, False))
         if mix and off and r["images_per_s"] and off["images_per_s"]:
-            out.append({"library": lib, "batch_size": batch, "on": r["images_per_s"], "off": off["images_per_s"],
-                        "on_over_off": r["images_per_s"] / off["images_per_s"]})
+            out.append(
+                {
+                    "library": lib,
+                    "batch_size": batch,
+                    "on": r["images_per_s"],
+                    "off": off["images_per_s"],
+                    "on_over_off": r["images_per_s"] / off["images_per_s"],
+                }
+            )
     return out
 
 
@@ -98,10 +107,20 @@ def mixing_for_free(rows: list[dict]) -> list[dict]:
     for (lib, batch, mix), r in sorted(by_key.items(), key=lambda kv: kv[0][1]):
         plain = by_key.get(("dali", batch, False))
         if lib == "dalimix" and mix and plain and r["images_per_s"] and plain["images_per_s"]:
-            cpu = (r["cpu_ms_per_image"] / plain["cpu_ms_per_image"]
-                   if r["cpu_ms_per_image"] and plain["cpu_ms_per_image"] else None)
-            out.append({"batch_size": batch, "dalimix_mixed": r["images_per_s"], "dali_plain": plain["images_per_s"],
-                        "ratio": r["images_per_s"] / plain["images_per_s"], "cpu_ms_ratio": cpu})
+            cpu = (
+                r["cpu_ms_per_image"] / plain["cpu_ms_per_image"]
+                if r["cpu_ms_per_image"] and plain["cpu_ms_per_image"]
+                else None
+            )
+            out.append(
+                {
+                    "batch_size": batch,
+                    "dalimix_mixed": r["images_per_s"],
+                    "dali_plain": plain["images_per_s"],
+                    "ratio": r["images_per_s"] / plain["images_per_s"],
+                    "cpu_ms_ratio": cpu,
+                }
+            )
     return out
 
 
@@ -142,36 +161,89 @@ def markdown(raw: dict, rows: list[dict] | None = None) -> str:
     """The results as markdown: context, the main table, the mixing-cost table, errors."""
     rows = summarize(raw) if rows is None else rows
     gpu = any(r["gpu_mib"] is not None for r in rows)
-    header = ["loader", "mixing", "batch", "images/s", "min–max", "vs dalimix", "CPU cores", "vs dalimix",
-              "CPU ms/image", "vs dalimix", "memory MiB", "vs dalimix"]
+    header = [
+        "loader",
+        "mixing",
+        "batch",
+        "images/s",
+        "min–max",
+        "vs dalimix",
+        "CPU cores",
+        "vs dalimix",
+        "CPU ms/image",
+        "vs dalimix",
+        "memory MiB",
+        "vs dalimix",
+    ]
     if gpu:
         header += ["GPU MiB", "vs dalimix"]
     order = {lib: i for i, lib in enumerate(LABELS)}
     body = []
     for r in sorted(rows, key=lambda r: (r["batch_size"], not r["mix"], order.get(r["library"], 99))):
-        cells = [LABELS.get(r["library"], r["library"]), "on" if r["mix"] else "off", str(r["batch_size"]),
-                 _num(r["images_per_s"]), f"{_num(r['images_per_s_min'])}–{_num(r['images_per_s_max'])}",
-                 _ratio(r["images_per_s_vs_dalimix"]), _num(r["cpu_cores"], "{:.2f}"), _ratio(r["cpu_cores_vs_dalimix"]),
-                 _num(r["cpu_ms_per_image"], "{:.1f}"), _ratio(r["cpu_ms_per_image_vs_dalimix"]),
-                 _num(r["memory_mib"]), _ratio(r["memory_mib_vs_dalimix"])]
+        cells = [
+            LABELS.get(r["library"], r["library"]),
+            "on" if r["mix"] else "off",
+            str(r["batch_size"]),
+            _num(r["images_per_s"]),
+            f"{_num(r['images_per_s_min'])}–{_num(r['images_per_s_max'])}",
+            _ratio(r["images_per_s_vs_dalimix"]),
+            _num(r["cpu_cores"], "{:.2f}"),
+            _ratio(r["cpu_cores_vs_dalimix"]),
+            _num(r["cpu_ms_per_image"], "{:.1f}"),
+            _ratio(r["cpu_ms_per_image_vs_dalimix"]),
+            _num(r["memory_mib"]),
+            _ratio(r["memory_mib_vs_dalimix"]),
+        ]
         if gpu:
             cells += [_num(r["gpu_mib"]), _ratio(r["gpu_mib_vs_dalimix"])]
         body.append(cells)
     parts = [" ".join(context_lines(raw)), "", markdown_table(header, body)]
     cost = mixing_cost(rows)
     if cost:
-        parts += ["", "Mixing on vs off, same loader, same run:", "",
-                  markdown_table(["loader", "batch", "images/s on", "images/s off", "on / off"],
-                         [[LABELS.get(c["library"], c["library"]), str(c["batch_size"]), _num(c["on"]), _num(c["off"]),
-                           f"{c['on_over_off']:.3f}"] for c in sorted(cost, key=lambda c: (c["batch_size"], order.get(c["library"], 99)))])]
+        parts += [
+            "",
+            "Mixing on vs off, same loader, same run:",
+            "",
+            markdown_table(
+                ["loader", "batch", "images/s on", "images/s off", "on / off"],
+                [
+                    [
+                        LABELS.get(c["library"], c["library"]),
+                        str(c["batch_size"]),
+                        _num(c["on"]),
+                        _num(c["off"]),
+                        f"{c['on_over_off']:.3f}",
+                    ]
+                    for c in sorted(cost, key=lambda c: (c["batch_size"], order.get(c["library"], 99)))
+                ],
+            ),
+        ]
     free = mixing_for_free(rows)
     if free:
-        parts += ["", "dalimix with mixing vs DALI's plain pipeline without mixing, same run:", "",
-                  markdown_table(["batch", "dalimix mixed images/s", "DALI plain images/s", "ratio", "CPU ms/image ratio"],
-                                 [[str(f["batch_size"]), _num(f["dalimix_mixed"]), _num(f["dali_plain"]),
-                                   f"{f['ratio']:.3f}", _num(f["cpu_ms_ratio"], "{:.3f}")] for f in free])]
+        parts += [
+            "",
+            "dalimix with mixing vs DALI's plain pipeline without mixing, same run:",
+            "",
+            markdown_table(
+                ["batch", "dalimix mixed images/s", "DALI plain images/s", "ratio", "CPU ms/image ratio"],
+                [
+                    [
+                        str(f["batch_size"]),
+                        _num(f["dalimix_mixed"]),
+                        _num(f["dali_plain"]),
+                        f"{f['ratio']:.3f}",
+                        _num(f["cpu_ms_ratio"], "{:.3f}"),
+                    ]
+                    for f in free
+                ],
+            ),
+        ]
     kinds = {r["memory_kind"] for r in rows}
-    note = "Memory: peak PSS of the process and its workers" if kinds == {"pss"} else "Memory: peak RSS (PSS unreadable here)"
+    note = (
+        "Memory: peak PSS of the process and its workers"
+        if kinds == {"pss"}
+        else "Memory: peak RSS (PSS unreadable here)"
+    )
     if gpu:
         gk = sorted({r["gpu_kind"] for r in rows if r["gpu_kind"]})
         if len(gk) == 1:
@@ -179,11 +251,16 @@ def markdown(raw: dict, rows: list[dict] | None = None) -> str:
         else:  # some process could not be measured like the others: say so per row
             note += "; GPU: NOT like with like, rows measured differently: " + "; ".join(
                 f"{LABELS.get(r['library'], r['library'])} mixing {'on' if r['mix'] else 'off'} b{r['batch_size']}: "
-                f"{r['gpu_kind']}" for r in rows if r["gpu_kind"])
+                f"{r['gpu_kind']}"
+                for r in rows
+                if r["gpu_kind"]
+            )
     parts += ["", note + "."]
     for e in raw.get("errors", []):
-        parts.append(f"- {LABELS.get(e['library'], e['library'])}, mixing {'on' if e['mix'] else 'off'}, "
-                     f"batch {e['batch_size']}: not measured: {e['error']}")
+        parts.append(
+            f"- {LABELS.get(e['library'], e['library'])}, mixing {'on' if e['mix'] else 'off'}, "
+            f"batch {e['batch_size']}: not measured: {e['error']}"
+        )
     return "\n".join(parts) + "\n"
 
 
@@ -201,17 +278,20 @@ def chart(raw: dict, rows: list[dict], path: Path) -> Path:
         for k, (mix, colour) in enumerate(((False, "#9ecae1"), (True, "#08519c"))):
             xs, ys, lo, hi = [], [], [], []
             for i, lib in enumerate(libs):
-                r = next((r for r in rows if r["library"] == lib and r["mix"] == mix and r["batch_size"] == batch), None)
+                r = next(
+                    (r for r in rows if r["library"] == lib and r["mix"] == mix and r["batch_size"] == batch), None
+                )
                 if r is None or r["images_per_s"] is None:
                     continue
                 xs.append(i + (k - 0.5) * 0.38)
                 ys.append(r["images_per_s"])
                 lo.append(r["images_per_s"] - r["images_per_s_min"])
                 hi.append(r["images_per_s_max"] - r["images_per_s"])
-            ax.bar(xs, ys, width=0.36, color=colour, yerr=[lo, hi], capsize=3,
-                   label=f"mixing {'on' if mix else 'off'}")
+            ax.bar(xs, ys, width=0.36, color=colour, yerr=[lo, hi], capsize=3, label=f"mixing {'on' if mix else 'off'}")
         ax.set_xticks(range(len(libs)))
-        ax.set_xticklabels([LABELS[lib].replace(" + ", "\n+ ").replace(" create", "\ncreate") for lib in libs], fontsize=8)
+        ax.set_xticklabels(
+            [LABELS[lib].replace(" + ", "\n+ ").replace(" create", "\ncreate") for lib in libs], fontsize=8
+        )
         ax.set_title(f"batch {batch}")
         ax.set_ylabel("images/s (median, min–max)")
         ax.legend(fontsize=8)

@@ -15,5 +15,17 @@ from .iterator import EpochIterator, StaleIteratorError
 from .options import IMAGENET_MEAN, IMAGENET_STD, ON_ERROR, LoaderOptions
 from .plan import EpochPlan, LastBatchPolicy, plan_batch, plan_epoch
 
-__all__ = ["BatchInfo", "EpochIterator", "EpochPlan", "IMAGENET_MEAN", "IMAGENET_STD", "ImageLoader", "LastBatchPolicy",
-           "LoaderOptions", "ON_ERROR", "StaleIteratorError", "plan_batch", "plan_epoch"]
+__all__ = [
+    "BatchInfo",
+    "EpochIterator",
+    "EpochPlan",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageLoader",
+    "LastBatchPolicy",
+    "LoaderOptions",
+    "ON_ERROR",
+    "StaleIteratorError",
+    "plan_batch",
+    "plan_epoch",
+]

@@ -49,7 +49,7 @@ class BatchInfo:
 class _EpochSampler:
     """``loader.sampler``: carries ``set_epoch`` for training loops that call ``loader.sampler.set_epoch(e)``."""
 
-    def __init__(self, loader: "ImageLoader"):
+    def __init__(self, loader: ImageLoader):
         # weak: a loader dropped by its owner is freed (and its DALI threads stopped) at once
         self._loader = weakref.ref(loader)
 
@@ -133,8 +133,14 @@ class ImageLoader:
             Reliability page for what is checked with and without it.
     """
 
-    @suggest_keywords({"num_workers": "num_threads= (DALI threads)", "drop_last": "last_batch_policy='drop'",
-                       "image_size": "size=", "input_size": "size="})
+    @suggest_keywords(
+        {
+            "num_workers": "num_threads= (DALI threads)",
+            "drop_last": "last_batch_policy='drop'",
+            "image_size": "size=",
+            "input_size": "size=",
+        }
+    )
     def __init__(
         self,
         *,
@@ -180,12 +186,33 @@ class ImageLoader:
         v.data_source(root=root, file_list=file_list, webdataset=webdataset, samples=samples, classes=classes)
         v.mixer(mix)
         o = LoaderOptions.parse(
-            batch_size=batch_size, train=train, size=size, device=device, dtype=dtype, channels_last=channels_last,
-            mean=mean, std=std, scale=scale, ratio=ratio, hflip=hflip, crop_pct=crop_pct,
-            interpolation=interpolation, shuffle=shuffle, seed=seed, shard_id=shard_id, num_shards=num_shards,
-            last_batch_policy=last_batch_policy, num_threads=num_threads, prefetch=prefetch,
-            auto_augment=auto_augment, on_error=on_error, overlap_epochs=overlap_epochs, keep_unmixed=keep_unmixed,
-            reuse_outputs=reuse_outputs, augment=augment, erasing=erasing,
+            batch_size=batch_size,
+            train=train,
+            size=size,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            mean=mean,
+            std=std,
+            scale=scale,
+            ratio=ratio,
+            hflip=hflip,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            shuffle=shuffle,
+            seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            last_batch_policy=last_batch_policy,
+            num_threads=num_threads,
+            prefetch=prefetch,
+            auto_augment=auto_augment,
+            on_error=on_error,
+            overlap_epochs=overlap_epochs,
+            keep_unmixed=keep_unmixed,
+            reuse_outputs=reuse_outputs,
+            augment=augment,
+            erasing=erasing,
         )
         self.options = o
         self.batch_size, self.spec, self.device, self.dtype = o.batch_size, o.spec, o.device, o.dtype
@@ -193,33 +220,58 @@ class ImageLoader:
         self.shuffle, self.shard_id, self.num_shards = o.shuffle, o.shard_id, o.num_shards
         self.last_batch_policy, self.num_threads, self.prefetch = o.last_batch_policy, o.num_threads, o.prefetch
         self.on_error, self.keep_unmixed, self.erasing = o.on_error, o.keep_unmixed, o.erasing
-        self.samples: Samples = resolve_source(root=root, file_list=file_list, webdataset=webdataset,
-                                               webdataset_keys=webdataset_keys, samples=samples, classes=classes)
+        self.samples: Samples = resolve_source(
+            root=root,
+            file_list=file_list,
+            webdataset=webdataset,
+            webdataset_keys=webdataset_keys,
+            samples=samples,
+            classes=classes,
+        )
         if len(self) == 0:
             raise DatasetError(
                 f"{self.samples.source}: {len(self.samples)} samples over {self.num_shards} shard(s) make no batch of "
                 f"{self.batch_size} under {self.last_batch_policy.name}; use a smaller batch_size or last_batch_policy='partial'"
             )
         self._recovery = Recovery(self.samples, self.on_error, self.device)
-        self._files = check_loader_files(self.samples, on_error=self.on_error, strict=strict,
-                                         workers=self.num_threads, mark=self._recovery.mark)
+        self._files = check_loader_files(
+            self.samples, on_error=self.on_error, strict=strict, workers=self.num_threads, mark=self._recovery.mark
+        )
         self.mix = mix
         self.sampler = _EpochSampler(self)
         self.batch_sampler = None
         self.last_batch: BatchInfo | None = None
         self._traversal = Traversal(self.plan, self.batch_size, self._recovery.substitute)
         self._feed = PipelineFeed(
-            samples=self.samples, spec=self.spec, device=self.device, batch_size=self.batch_size,
-            num_threads=self.num_threads, prefetch=self.prefetch, seed=self.seed,
-            dali_seed=rng_mod.derive_seed(self.seed, rng_mod.DALI, self.shard_id), shard_id=self.shard_id,
-            traversal=self._traversal, recovery=self._recovery, checkpointing=_dali_draws(self.spec),
+            samples=self.samples,
+            spec=self.spec,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
+            seed=self.seed,
+            dali_seed=rng_mod.derive_seed(self.seed, rng_mod.DALI, self.shard_id),
+            shard_id=self.shard_id,
+            traversal=self._traversal,
+            recovery=self._recovery,
+            checkpointing=_dali_draws(self.spec),
         )
         self._finishing = Finishing(
-            samples=self.samples, device=self.device, norm=self.norm, dtype=self.dtype,
-            channels_last=self.channels_last, height=self.spec.height, width=self.spec.width, seed=self.seed,
-            shard_id=self.shard_id, mix=mix, num_classes=self.num_classes,
-            ring=OutputRing(self.device, 4 if o.reuse_outputs else 0), planner=self._planner,
-            policy_stage=self._get_policy_stage if self.policy is not None else None, keep_unmixed=self.keep_unmixed,
+            samples=self.samples,
+            device=self.device,
+            norm=self.norm,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+            height=self.spec.height,
+            width=self.spec.width,
+            seed=self.seed,
+            shard_id=self.shard_id,
+            mix=mix,
+            num_classes=self.num_classes,
+            ring=OutputRing(self.device, 4 if o.reuse_outputs else 0),
+            planner=self._planner,
+            policy_stage=self._get_policy_stage if self.policy is not None else None,
+            keep_unmixed=self.keep_unmixed,
             erasing=self.erasing,
         )
         self._finisher = Finisher(self._finishing)
@@ -308,8 +360,14 @@ class ImageLoader:
     def plan(self, epoch: int) -> EpochPlan:
         """This rank's sample order for ``epoch``."""
         return plan_epoch(
-            len(self.samples), batch_size=self.batch_size, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
-            shard_id=self.shard_id, num_shards=self.num_shards, policy=self.last_batch_policy,
+            len(self.samples),
+            batch_size=self.batch_size,
+            epoch=epoch,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            policy=self.last_batch_policy,
         )
 
     def __iter__(self) -> EpochIterator:
@@ -324,9 +382,15 @@ class ImageLoader:
         if self._resume is not None and self._resume[0] == self._epoch:
             start = self._resume[1]
         self._resume = None
-        ctx = EpochContext(epoch=self._epoch, num_batches=self.plan(self._epoch).num_batches, take=self._take,
-                           finish=self._finish, plan_ahead=self._plan_ahead, dead=self._why_dead,
-                           ended=release_free_heap)
+        ctx = EpochContext(
+            epoch=self._epoch,
+            num_batches=self.plan(self._epoch).num_batches,
+            take=self._take,
+            finish=self._finish,
+            plan_ahead=self._plan_ahead,
+            dead=self._why_dead,
+            ended=release_free_heap,
+        )
         self._active = EpochIterator(ctx, start_step=start)
         return self._active
 
@@ -406,9 +470,16 @@ class ImageLoader:
             else:
                 self._feed.consumed()
             self._recovery.count_replaced(ticket.planned[: ticket.valid])
-        self.last_batch = BatchInfo(epoch=ticket.epoch, step=ticket.step, sample_ids=batch.ids, params=batch.params,
-                                    labels=batch.labels, unmixed=batch.unmixed, extra=batch.extra,
-                                    flips=batch.flips[: ticket.valid])
+        self.last_batch = BatchInfo(
+            epoch=ticket.epoch,
+            step=ticket.step,
+            sample_ids=batch.ids,
+            params=batch.params,
+            labels=batch.labels,
+            unmixed=batch.unmixed,
+            extra=batch.extra,
+            flips=batch.flips[: ticket.valid],
+        )
         return batch.result
 
     def _plan_ahead(self, epoch: int, step: int) -> None:
@@ -418,9 +489,14 @@ class ImageLoader:
         if self._policy_stage is None:
             from ..policy import PolicyStage
 
-            self._policy_stage = PolicyStage(self.policy, device=self.device, batch_size=self.batch_size,
-                                             num_threads=self.num_threads, height=self.spec.height,
-                                             width=self.spec.width)
+            self._policy_stage = PolicyStage(
+                self.policy,
+                device=self.device,
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                height=self.spec.height,
+                width=self.spec.width,
+            )
         return self._policy_stage
 
     def _planner(self):
@@ -454,12 +530,20 @@ class ImageLoader:
             pass
 
     # ------------------------------------------------------------------------- mask hook
-    def set_mask_hook(self, fn, *, interpolation: str = "nearest", logits: bool = False, target_lam: str = "mask",
-                      validate: str = "auto") -> None:
+    def set_mask_hook(
+        self,
+        fn,
+        *,
+        interpolation: str = "nearest",
+        logits: bool = False,
+        target_lam: str = "mask",
+        validate: str = "auto",
+    ) -> None:
         """Let ``fn(images, lam, partner) -> masks`` supply the masks of ``LearnedMask`` samples, for
         the very batch being mixed (see ``dalimix.hook`` and the README's mask hook section)."""
-        self._mask_hook = make_stage(self, fn, interpolation=interpolation, logits=logits, target_lam=target_lam,
-                                     validate=validate)
+        self._mask_hook = make_stage(
+            self, fn, interpolation=interpolation, logits=logits, target_lam=target_lam, validate=validate
+        )
         self._finishing.hook = self._mask_hook
 
     def remove_mask_hook(self) -> None:

@@ -28,8 +28,22 @@ from .plan import Ticket, Traversal, draw_augment
 class PipelineFeed:
     """The loader's DALI pipeline and the batches queued in it."""
 
-    def __init__(self, *, samples, spec, device: torch.device, batch_size: int, num_threads: int, prefetch: int,
-                 seed: int, dali_seed: int, shard_id: int, traversal: Traversal, recovery, checkpointing: bool):
+    def __init__(
+        self,
+        *,
+        samples,
+        spec,
+        device: torch.device,
+        batch_size: int,
+        num_threads: int,
+        prefetch: int,
+        seed: int,
+        dali_seed: int,
+        shard_id: int,
+        traversal: Traversal,
+        recovery,
+        checkpointing: bool,
+    ):
         self.samples = samples
         self.spec = spec
         self.device = device
@@ -79,8 +93,10 @@ class PipelineFeed:
             images_tl, ids_tl = outputs
             got = np.asarray(ids_tl.as_tensor()).reshape(-1)
             if not np.array_equal(got, ticket.ids):
-                raise RuntimeError(f"dalimix: DALI returned samples {got[:4].tolist()}... for epoch {epoch} step {step}, "
-                                   f"which was fed {ticket.ids[:4].tolist()}...")
+                raise RuntimeError(
+                    f"dalimix: DALI returned samples {got[:4].tolist()}... for epoch {epoch} step {step}, "
+                    f"which was fed {ticket.ids[:4].tolist()}..."
+                )
             if self.checkpointing:
                 self._last_checkpoint = self._pipe.checkpoint()
             return ticket, torch.from_dlpack(images_tl.as_tensor()), flips
@@ -119,9 +135,16 @@ class PipelineFeed:
         return self._pipe.share_outputs()
 
     def _build(self) -> None:
-        self._pipe = build_pipeline(spec=self.spec, device=self.device, batch_size=self.batch_size,
-                                    num_threads=self.num_threads, seed=self.dali_seed, prefetch=self.prefetch,
-                                    checkpointing=self.checkpointing, checkpoint=self._restore)
+        self._pipe = build_pipeline(
+            spec=self.spec,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            seed=self.dali_seed,
+            prefetch=self.prefetch,
+            checkpointing=self.checkpointing,
+            checkpoint=self._restore,
+        )
         self._restore = None
         self.builds += 1
 
@@ -138,6 +161,7 @@ class PipelineFeed:
             self._pipe.schedule_run()
 
     def _feed_one(self) -> None:
+        assert self._next is not None  # set by take() before anything is fed
         ticket = self.traversal.ticket(*self._next)
         encoded = self._read(ticket)
         windows, flips = draw_augment(self.spec, self.seed, self.shard_id, ticket, self._sizes_of(ticket.ids, encoded))

@@ -3,8 +3,8 @@ it, plan ahead, and whether it is still the loader's current iteration."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import DalimixError
 
@@ -46,8 +46,10 @@ class EpochIterator:
             raise StopIteration
         why = self.ctx.dead(self)
         if why is not None:
-            raise StaleIteratorError(f"this iterator over epoch {self.epoch} is finished: {why}; "
-                                     "start a new iteration with iter(loader) (or a new for loop)")
+            raise StaleIteratorError(
+                f"this iterator over epoch {self.epoch} is finished: {why}; "
+                "start a new iteration with iter(loader) (or a new for loop)"
+            )
         taken = self.ctx.take(self.epoch, self.step)  # a DecodeError here leaves the step where it is
         self.step += 1
         if self.step < self.ctx.num_batches:

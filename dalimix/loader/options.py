@@ -21,9 +21,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ON_ERROR = ("raise", "skip")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -51,15 +56,45 @@ class LoaderOptions:
     erasing: object  # dalimix.erase.RandomErasing or None
 
     @classmethod
-    def parse(cls, *, batch_size, train, size, device, dtype, channels_last, mean, std, scale, ratio, hflip, crop_pct,
-              interpolation, shuffle, seed, shard_id, num_shards, last_batch_policy, num_threads, prefetch,
-              auto_augment, on_error, overlap_epochs, keep_unmixed, reuse_outputs, augment=None,
-              erasing=None) -> "LoaderOptions":
+    def parse(
+        cls,
+        *,
+        batch_size,
+        train,
+        size,
+        device,
+        dtype,
+        channels_last,
+        mean,
+        std,
+        scale,
+        ratio,
+        hflip,
+        crop_pct,
+        interpolation,
+        shuffle,
+        seed,
+        shard_id,
+        num_shards,
+        last_batch_policy,
+        num_threads,
+        prefetch,
+        auto_augment,
+        on_error,
+        overlap_epochs,
+        keep_unmixed,
+        reuse_outputs,
+        augment=None,
+        erasing=None,
+    ) -> LoaderOptions:
         if overlap_epochs is not None and v.flag("overlap_epochs", overlap_epochs):
             # False asked for what no longer exists (a drained epoch boundary): only timing, accepted quietly
-            warnings.warn("ImageLoader(overlap_epochs=...) is deprecated and has no effect: the loader's one DALI "
-                          "pipeline always reads the next epoch's first batches while the current one ends",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "ImageLoader(overlap_epochs=...) is deprecated and has no effect: the loader's one DALI "
+                "pipeline always reads the next epoch's first batches while the current one ends",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         height, width = v.size("size", size, hint=", e.g. 224 or (224, 224)")
         scale = v.pair("scale", scale, lo=0, hi=1, lo_open=True, hint=" (area fraction of the random crop)")
         ratio = v.pair("ratio", ratio, lo=0, lo_open=True, hint=" (aspect ratio range of the random crop)")
@@ -69,9 +104,16 @@ class LoaderOptions:
         policy = auto_augment if isinstance(auto_augment, Policy) else None
         preset = None if policy is not None else parse_auto_augment(auto_augment)
         spec = AugmentSpec(
-            train=v.flag("train", train), height=height, width=width, scale=scale, ratio=ratio,
-            hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
-            auto_augment=None if preset is None else preset.canonical, extra=_train_only("augment", augment, train),
+            train=v.flag("train", train),
+            height=height,
+            width=width,
+            scale=scale,
+            ratio=ratio,
+            hflip=hflip,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            auto_augment=None if preset is None else preset.canonical,
+            extra=_train_only("augment", augment, train),
         )
         if (preset is not None or policy is not None) and not spec.train:
             raise ValueError(f"auto_augment={auto_augment!r} augments training batches: use it with train=True")
@@ -81,8 +123,15 @@ class LoaderOptions:
         device = resolve_device(device)
         v.normalization(mean, std)
         prefetch = v.prefetch(prefetch)
-        v.loader_memory(batch_size=batch_size, height=height, width=width, prefetch=prefetch,
-                        itemsize=dtype.itemsize, device=device, keep_unmixed=keep_unmixed)
+        v.loader_memory(
+            batch_size=batch_size,
+            height=height,
+            width=width,
+            prefetch=prefetch,
+            itemsize=dtype.itemsize,
+            device=device,
+            keep_unmixed=keep_unmixed,
+        )
         return cls(
             batch_size=batch_size,
             spec=spec,
@@ -91,7 +140,9 @@ class LoaderOptions:
             channels_last=v.flag("channels_last", channels_last),
             norm=Normalization(mean, std),
             policy=policy,
-            seed=rng_mod.script_seed() if seed is None else v.integer("seed", seed, lo=0, hint=" (equal on every rank)"),
+            seed=rng_mod.script_seed()
+            if seed is None
+            else v.integer("seed", seed, lo=0, hint=" (equal on every rank)"),
             shuffle=spec.train if shuffle is None else v.flag("shuffle", shuffle),
             shard_id=shard_id,
             num_shards=num_shards,

@@ -30,6 +30,7 @@ def _ring_refs() -> int:
     slots = [(object(), 0)]
     for t, _ in slots:
         return sys.getrefcount(t)
+    raise AssertionError("unreachable")
 
 
 _RING_REFS = _ring_refs()
@@ -64,7 +65,7 @@ class OutputRing:
     def __init__(self, device: torch.device, size: int = 4):
         self.device = device
         self.size = size if (device.type == "cpu" and _CAN_COUNT) else 0
-        self._slots: dict[tuple, list[tuple[torch.Tensor, int, int]]] = {}
+        self._slots: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
 
     def get(self, n: int, height: int, width: int, *, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
         """An ``n x 3 x H x W`` tensor nobody else holds (its old contents are garbage)."""

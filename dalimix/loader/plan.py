@@ -34,13 +34,15 @@ class LastBatchPolicy(enum.Enum):
     FILL = "fill"
 
     @classmethod
-    def parse(cls, value) -> "LastBatchPolicy":
+    def parse(cls, value) -> LastBatchPolicy:
         if isinstance(value, cls):
             return value
         name = getattr(value, "name", value)
         if isinstance(name, str) and name.upper() in cls.__members__ and not isinstance(value, bool):
             return cls[name.upper()]
-        raise ValueError(f"last_batch_policy={value!r} is not one of 'drop', 'partial', 'fill' (or DALI's LastBatchPolicy)")
+        raise ValueError(
+            f"last_batch_policy={value!r} is not one of 'drop', 'partial', 'fill' (or DALI's LastBatchPolicy)"
+        )
 
 
 @dataclass(frozen=True)

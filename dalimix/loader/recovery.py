@@ -33,8 +33,11 @@ class Recovery:
             return order
         bad = np.isin(order, self._bad_arr)
         if bad.all():
-            raise DecodeError(f"every sample of this rank's epoch is unreadable ({len(self.skipped)} files skipped so far); "
-                              "check the data with `dalimix scan`", files=list(self.skipped.items()))
+            raise DecodeError(
+                f"every sample of this rank's epoch is unreadable ({len(self.skipped)} files skipped so far); "
+                "check the data with `dalimix scan`",
+                files=list(self.skipped.items()),
+            )
         good_pos = np.flatnonzero(~bad)
         nxt = np.searchsorted(good_pos, np.arange(len(order)))
         nxt = np.where(nxt < len(good_pos), good_pos[nxt % len(good_pos)], good_pos[0])
@@ -60,12 +63,19 @@ class Recovery:
             self._bad.add(int(i))
             if path not in self.skipped:
                 self.skipped[path] = reason
-                warnings.warn(f"dalimix: skipping {path}: {reason} ({why}); it is replaced by the next readable "
-                              "sample of the epoch from now on", DalimixWarning, stacklevel=stacklevel)
+                warnings.warn(
+                    f"dalimix: skipping {path}: {reason} ({why}); it is replaced by the next readable "
+                    "sample of the epoch from now on",
+                    DalimixWarning,
+                    stacklevel=stacklevel,
+                )
         self._bad_arr = np.fromiter(self._bad, dtype=np.int64)
         if len(self._bad) >= len(self.samples):
-            raise DecodeError(f"{self.samples.source}: every sample is unusable ({len(self.skipped)} files skipped); "
-                              "check the data with `dalimix scan`", files=list(self.skipped.items()))
+            raise DecodeError(
+                f"{self.samples.source}: every sample is unusable ({len(self.skipped)} files skipped); "
+                "check the data with `dalimix scan`",
+                files=list(self.skipped.items()),
+            )
 
     def find_unreadable(self, ids: list[int]) -> list[tuple[int, str]]:
         """The samples among ``ids`` that do not decode: each file alone, with the pipeline's own
@@ -74,8 +84,9 @@ class Recovery:
         from ..pipeline import device_strings
 
         dev = device_strings(self.device) if self.device is not None else None
-        return find_unreadable(self.samples, ids, decoder=dev.decoder if dev else "cpu",
-                               device_id=dev.device_id if dev else None)
+        return find_unreadable(
+            self.samples, ids, decoder=dev.decoder if dev else "cpu", device_id=dev.device_id if dev else None
+        )
 
     def decode_error(self, exc: Exception, found, ids: list[int], epoch: int, step: int) -> DecodeError:
         """A DecodeError naming the files behind a DALI failure, the epoch and the step."""
@@ -85,12 +96,16 @@ class Recovery:
         if suspects:
             listing = "; ".join(f"{p} {r}" for p, r in suspects[:10])
             more = f" (and {len(suspects) - 10} more)" if len(suspects) > 10 else ""
-            msg = (f"could not decode {len(suspects)} file(s) at {where}: {listing}{more}. Remove or replace them, "
-                   "list the good files with `dalimix scan DIR --fix-list OUT`, or pass on_error='skip'")
+            msg = (
+                f"could not decode {len(suspects)} file(s) at {where}: {listing}{more}. Remove or replace them, "
+                "list the good files with `dalimix scan DIR --fix-list OUT`, or pass on_error='skip'"
+            )
         else:
             first = str(exc).strip().splitlines()
             detail = next((line for line in first if "rror" in line), first[0] if first else "")
             paths = [paths_of[i] for i in ids[:3]]
-            msg = (f"DALI failed at {where} on one of the files {paths}{' ...' if len(ids) > 3 else ''} "
-                   f"({detail.strip()}); the pipeline's decoder reads each of them alone")
+            msg = (
+                f"DALI failed at {where} on one of the files {paths}{' ...' if len(ids) > 3 else ''} "
+                f"({detail.strip()}); the pipeline's decoder reads each of them alone"
+            )
         return DecodeError(msg, files=suspects, epoch=epoch, step=step)

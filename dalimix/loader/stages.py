@@ -89,8 +89,9 @@ def _out(f: Finishing, n: int) -> torch.Tensor:
 
 def _unmixed(f: Finishing, b: Batch) -> None:
     records = set_flips(identity_records(b.n), b.flips)
-    b.unmixed = mix_normalize(b.images_u8, records, None, norm=f.norm, dtype=f.dtype, channels_last=f.channels_last,
-                              out=_out(f, b.n))
+    b.unmixed = mix_normalize(
+        b.images_u8, records, None, norm=f.norm, dtype=f.dtype, channels_last=f.channels_last, out=_out(f, b.n)
+    )
 
 
 def _mix_plan(f: Finishing, b: Batch) -> None:
@@ -109,8 +110,9 @@ def _mask_pool(f: Finishing, b: Batch) -> None:
 def _kernel(f: Finishing, b: Batch) -> None:
     records = identity_records(b.n) if b.records is None else b.records
     set_flips(records, b.flips)
-    b.images = mix_normalize(b.images_u8, records, b.masks, norm=f.norm, dtype=f.dtype,
-                             channels_last=f.channels_last, out=_out(f, b.n))
+    b.images = mix_normalize(
+        b.images_u8, records, b.masks, norm=f.norm, dtype=f.dtype, channels_last=f.channels_last, out=_out(f, b.n)
+    )
 
 
 def _erase(f: Finishing, b: Batch) -> None:

@@ -7,11 +7,32 @@ from .saliency import AttentiveMix, MaskPolicy, SaliencyMix, spectral_residual
 from .targets import CompactTargets, one_hot_smoothed, soft_targets
 
 # every method by name (``dalimix preview --mix NAME``)
-METHODS = {cls.name: cls for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix, SaliencyMix,
-                                     AttentiveMix)}
+METHODS = {
+    cls.name: cls
+    for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix, SaliencyMix, AttentiveMix)
+}
 
 __all__ = [
-    "METHODS", "MODES", "PAIRINGS", "AttentiveMix", "CompactTargets", "CutMix", "FMix", "GridMix", "MaskPolicy",
-    "MixMethod", "MixParams", "MixUp", "Mixer", "Mixup", "ResizeMix", "SaliencyMix", "SamplePairing", "SmoothMix",
-    "one_hot_smoothed", "pair_indices", "soft_targets", "spectral_residual",
+    "METHODS",
+    "MODES",
+    "PAIRINGS",
+    "AttentiveMix",
+    "CompactTargets",
+    "CutMix",
+    "FMix",
+    "GridMix",
+    "MaskPolicy",
+    "MixMethod",
+    "MixParams",
+    "MixUp",
+    "Mixer",
+    "Mixup",
+    "ResizeMix",
+    "SaliencyMix",
+    "SamplePairing",
+    "SmoothMix",
+    "one_hot_smoothed",
+    "pair_indices",
+    "soft_targets",
+    "spectral_residual",
 ]

@@ -66,7 +66,9 @@ class MixMethod:
     def draw_lam(self, rng: np.random.Generator, count: int) -> np.ndarray:
         raise NotImplementedError
 
-    def fill(self, p: MixParams, rows: np.ndarray, lam: np.ndarray, *, rng, height: int, width: int, shared: bool) -> None:
+    def fill(
+        self, p: MixParams, rows: np.ndarray, lam: np.ndarray, *, rng, height: int, width: int, shared: bool
+    ) -> None:
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
@@ -147,12 +149,22 @@ class SamplePairing(MixMethod):
 
     name = "samplepairing"
 
-    def __init__(self, *, pairing: str = "derangement", start_epoch: int = 0, end_epoch: int | None = None,
-                 on_epochs: int = 1, off_epochs: int = 0):
+    def __init__(
+        self,
+        *,
+        pairing: str = "derangement",
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        on_epochs: int = 1,
+        off_epochs: int = 0,
+    ):
         self.pairing = v.choice("pairing", pairing, PAIRINGS)
         self.start_epoch = v.integer("start_epoch", start_epoch, lo=0)
-        self.end_epoch = None if end_epoch is None else v.integer("end_epoch", end_epoch, lo=self.start_epoch,
-                                                                   hint=" (>= start_epoch, or None for no end)")
+        self.end_epoch = (
+            None
+            if end_epoch is None
+            else v.integer("end_epoch", end_epoch, lo=self.start_epoch, hint=" (>= start_epoch, or None for no end)")
+        )
         self.on_epochs = v.integer("on_epochs", on_epochs, lo=1)
         self.off_epochs = v.integer("off_epochs", off_epochs, lo=0)
         self._epoch = 0
@@ -254,7 +266,9 @@ class ResizeMix(MixMethod):
 
     name = "resizemix"
 
-    def __init__(self, *, scope=(0.1, 0.8), interpolation: str = "nearest", use_alpha: bool = False, alpha: float = 1.0):
+    def __init__(
+        self, *, scope=(0.1, 0.8), interpolation: str = "nearest", use_alpha: bool = False, alpha: float = 1.0
+    ):
         self.scope = _range("scope", scope, 0.0, 1.0)
         self.interpolation = v.choice("interpolation", interpolation, ("nearest", "bilinear"))
         self.use_alpha = v.flag("use_alpha", use_alpha)
@@ -345,14 +359,24 @@ class FMix(MixMethod):
 
     name = "fmix"
 
-    def __init__(self, *, alpha: float = 1.0, decay_power: float = 3.0, max_soft: float = 0.0,
-                 reformulate: bool = False, mask_size=None, mask_scale: int = 1):
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        decay_power: float = 3.0,
+        max_soft: float = 0.0,
+        reformulate: bool = False,
+        mask_size=None,
+        mask_scale: int = 1,
+    ):
         self.alpha = _positive("alpha", alpha)
         self.decay_power = v.number("decay_power", decay_power, lo=0, hi=10, lo_open=True)
         self.max_soft = v.number("max_soft", max_soft, lo=0, hi=0.5, hint=" (the release's soft-edge width, 0 = hard)")
         self.reformulate = v.flag("reformulate", reformulate)
         self.mask_size = None if mask_size is None else v.size("mask_size", mask_size)
-        self.mask_scale = v.integer("mask_scale", mask_scale, lo=1, hint=" (output size / mask size; 1 = full resolution)")
+        self.mask_scale = v.integer(
+            "mask_scale", mask_scale, lo=1, hint=" (output size / mask size; 1 = full resolution)"
+        )
 
     def draw_lam(self, rng, count):
         return rng.beta(self.alpha + 1.0 if self.reformulate else self.alpha, self.alpha, size=count)
@@ -455,7 +479,9 @@ class GridMix(MixMethod):
 
     name = "gridmix"
 
-    def __init__(self, *, alpha: float = 1.0, n_holes=20, hole_aspect_ratio=1.0, cut_area_ratio=1.0, cut_aspect_ratio=1.0):
+    def __init__(
+        self, *, alpha: float = 1.0, n_holes=20, hole_aspect_ratio=1.0, cut_area_ratio=1.0, cut_aspect_ratio=1.0
+    ):
         self.alpha = _positive("alpha", alpha)
         if isinstance(n_holes, (tuple, list)) and len(n_holes) == 2:
             self.n_holes = tuple(v.integer("n_holes", h, lo=1) for h in n_holes)
@@ -503,9 +529,11 @@ class GridMix(MixMethod):
 
     def fill(self, p, rows, lam, *, rng, height, width, shared):
         lam = np.asarray(lam, dtype=np.float64)
-        grids = [self.grid(rng, float(lam[0]), height, width)] * len(rows) if shared else [
-            self.grid(rng, float(v), height, width) for v in lam
-        ]
+        grids = (
+            [self.grid(rng, float(lam[0]), height, width)] * len(rows)
+            if shared
+            else [self.grid(rng, float(v), height, width) for v in lam]
+        )
         for r, (box, pattern) in zip(rows, grids):
             p.method[r] = METHOD_GRID
             p.box[r] = box
@@ -553,4 +581,3 @@ class SmoothMix(MixMethod):
             p.floats[r] = k
             p.lam[r] = 1.0 - self.partner_fraction(oy, ox, k, height, width)
             p.target_lam[r] = p.lam[r]
-

@@ -71,7 +71,12 @@ class Mixer:
             probs = np.asarray(probs, dtype=np.float64)
         except (TypeError, ValueError):
             probs = np.array([np.nan])
-        if probs.shape != (len(methods),) or not np.isfinite(probs).all() or (probs < 0).any() or abs(probs.sum() - 1) > 1e-6:
+        if (
+            probs.shape != (len(methods),)
+            or not np.isfinite(probs).all()
+            or (probs < 0).any()
+            or abs(probs.sum() - 1) > 1e-6
+        ):
             raise ValueError(f"probs={probs.tolist()}: {len(methods)} non-negative numbers that sum to 1")
         self.probs = probs / probs.sum()
         self.prob = v.number("prob", prob, lo=0, hi=1, hint=" (the probability of mixing)")
@@ -82,20 +87,26 @@ class Mixer:
         for m in methods:
             own = getattr(m, "pairing", None)
             if mode == "pair" and own not in (None, "flip"):
-                raise ValueError(f"mode='pair' mixes i with n-1-i and back: {type(m).__name__}(pairing={own!r}) "
-                                 "cannot choose other partners; use mode='elem' or pairing='flip'")
+                raise ValueError(
+                    f"mode='pair' mixes i with n-1-i and back: {type(m).__name__}(pairing={own!r}) "
+                    "cannot choose other partners; use mode='elem' or pairing='flip'"
+                )
         self.label_smoothing = v.number("label_smoothing", label_smoothing, lo=0, hi=1, hi_open=True)
         self.num_classes = None if num_classes is None else v.integer("num_classes", num_classes, lo=1)
         self.target_form = v.choice("targets", targets, TARGET_FORMS)
         self.mixup_enabled = True
         if len([m for m in methods if isinstance(m, MaskPolicy)]) > 1:
-            raise ValueError("a mixer takes one mask policy (SaliencyMix or AttentiveMix): the loader has one mask hook; "
-                             "mix two policies in separate loaders or write one hook that does both")
+            raise ValueError(
+                "a mixer takes one mask policy (SaliencyMix or AttentiveMix): the loader has one mask hook; "
+                "mix two policies in separate loaders or write one hook that does both"
+            )
 
     def __repr__(self) -> str:
         methods = ", ".join(f"{m!r}: p={p:.2f}" for m, p in zip(self.methods, self.probs))
-        return (f"{type(self).__name__}([{methods}], prob={self.prob}, mode={self.mode!r}, pairing={self.pairing!r}, "
-                f"label_smoothing={self.label_smoothing}, targets={self.target_form!r})")
+        return (
+            f"{type(self).__name__}([{methods}], prob={self.prob}, mode={self.mode!r}, pairing={self.pairing!r}, "
+            f"label_smoothing={self.label_smoothing}, targets={self.target_form!r})"
+        )
 
     # ------------------------------------------------------------------ loader protocol
     def bind(self, loader) -> None:
@@ -104,9 +115,11 @@ class Mixer:
         if self.num_classes is None:
             self.num_classes = loader.num_classes
         elif self.num_classes < loader.num_classes:
-            raise ValueError(f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes "
-                             f"({type(self).__name__}'s targets could not hold its labels); pass num_classes >= "
-                             f"{loader.num_classes} (the model's outputs) or None (the data set's)")
+            raise ValueError(
+                f"num_classes={self.num_classes} but the data set has {loader.num_classes} classes "
+                f"({type(self).__name__}'s targets could not hold its labels); pass num_classes >= "
+                f"{loader.num_classes} (the model's outputs) or None (the data set's)"
+            )
         policy = self.mask_policy
         if policy is not None and hasattr(loader, "set_mask_hook"):
             policy.bind(loader)
@@ -173,8 +186,17 @@ class Mixer:
         return soft_targets(labels, partner, lam, c, self.label_smoothing)
 
     # --------------------------------------------------------- a tensor batch, directly
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, rng=None, norm: Normalization | None = None,
-                 dtype=torch.float32, channels_last: bool = False, params: MixParams | None = None):
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        rng=None,
+        norm: Normalization | None = None,
+        dtype=torch.float32,
+        channels_last: bool = False,
+        params: MixParams | None = None,
+    ):
         """Mix a uint8 ``N x H x W x 3`` batch (CPU or CUDA) outside a loader: ``(images, targets)``.
 
         ``params`` (from ``plan`` or a method's ``params``) replaces sampling; ``rng`` is a
@@ -185,7 +207,9 @@ class Mixer:
         n, h, w, _ = images.shape
         c = self.num_classes
         if c is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
-            raise ValueError(f"labels must be in [0, {c}) for num_classes={c}; got [{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"labels must be in [0, {c}) for num_classes={c}; got [{int(labels.min())}, {int(labels.max())}]"
+            )
         if params is None:
             rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             params = self.plan(n, rng=rng, height=h, width=w)
@@ -258,8 +282,16 @@ class Mixup(Mixer):
             probs.append(float(switch_prob) if float(mixup_alpha) > 0 else 1.0)
         if not methods:
             raise ValueError("Mixup needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax")
-        super().__init__(methods=methods, probs=probs, prob=prob, mode=mode, pairing=pairing,
-                         label_smoothing=label_smoothing, num_classes=num_classes, targets=targets)
+        super().__init__(
+            methods=methods,
+            probs=probs,
+            prob=prob,
+            mode=mode,
+            pairing=pairing,
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+            targets=targets,
+        )
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
         self.cutmix_minmax = cutmix_minmax

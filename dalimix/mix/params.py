@@ -74,7 +74,7 @@ class MixParams:
     device_target_lam: torch.Tensor | None = None  # N target lams on the device (mask hook); else target_lam
 
     @classmethod
-    def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> "MixParams":
+    def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> MixParams:
         """``n`` samples, none mixed (partner = self, lam = 1)."""
         return cls(
             n=n,

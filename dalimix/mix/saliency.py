@@ -191,25 +191,35 @@ class AttentiveMix(MaskPolicy):
     def __init__(self, *, features=None, top_k: int | None = 6, patches_from: str = "partner", alpha: float = 1.0):
         super().__init__(alpha=alpha)
         if not callable(features):
-            raise ValueError(f"features={features!r}: a callable images (N x 3 x H x W) -> N x C x h x w feature map, "
-                             "e.g. dalimix.automix.FeatureTap(torchvision.models.resnet50(weights=...), 'layer4')")
+            raise ValueError(
+                f"features={features!r}: a callable images (N x 3 x H x W) -> N x C x h x w feature map, "
+                "e.g. dalimix.automix.FeatureTap(torchvision.models.resnet50(weights=...), 'layer4')"
+            )
         self.features = features
-        self.top_k = None if top_k is None else v.integer("top_k", top_k, lo=1, hint=" (cells exchanged; None = from lam)")
+        self.top_k = (
+            None if top_k is None else v.integer("top_k", top_k, lo=1, hint=" (cells exchanged; None = from lam)")
+        )
         self.patches_from = v.choice("patches_from", patches_from, PATCH_SOURCES)
 
     def __repr__(self) -> str:
-        return (f"AttentiveMix(features={type(self.features).__name__}, top_k={self.top_k}, "
-                f"patches_from={self.patches_from!r}, alpha={self.alpha})")
+        return (
+            f"AttentiveMix(features={type(self.features).__name__}, top_k={self.top_k}, "
+            f"patches_from={self.patches_from!r}, alpha={self.alpha})"
+        )
 
     def attention(self, images: torch.Tensor) -> torch.Tensor:
         """N x h x w channel-mean activation of ``features(images)`` (float32)."""
         feats = self.features(images)
         if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[0] != images.shape[0]:
             got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
-            raise ValueError(f"AttentiveMix: features(images) returned {got}; it must be N x C x h x w with N = {images.shape[0]}")
+            raise ValueError(
+                f"AttentiveMix: features(images) returned {got}; it must be N x C x h x w with N = {images.shape[0]}"
+            )
         h, w = feats.shape[-2:]
         if h > images.shape[2] or w > images.shape[3]:
-            raise ValueError(f"AttentiveMix: the feature grid {h} x {w} is finer than the images {tuple(images.shape[2:])}")
+            raise ValueError(
+                f"AttentiveMix: the feature grid {h} x {w} is finer than the images {tuple(images.shape[2:])}"
+            )
         return feats.detach().to(torch.float32).mean(dim=1)
 
     @torch.no_grad()

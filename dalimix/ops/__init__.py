@@ -38,13 +38,18 @@ class Normalization:
         self.std = std
         self.mean255 = tuple(float(np.float32(255.0 * m)) for m in mean)
         self.inv_std255 = tuple(float(np.float32(1.0 / (255.0 * s))) for s in std)
-        self._cpu = (torch.tensor(self.mean255, dtype=torch.float32), torch.tensor(self.inv_std255, dtype=torch.float32))
+        self._cpu = (
+            torch.tensor(self.mean255, dtype=torch.float32),
+            torch.tensor(self.inv_std255, dtype=torch.float32),
+        )
 
     def __repr__(self) -> str:
         return f"Normalization(mean={self.mean}, std={self.std})"
 
 
-def allocate_output(n: int, height: int, width: int, *, dtype: torch.dtype, channels_last: bool, device) -> torch.Tensor:
+def allocate_output(
+    n: int, height: int, width: int, *, dtype: torch.dtype, channels_last: bool, device
+) -> torch.Tensor:
     """An ``n x 3 x H x W`` tensor in NCHW or channels_last memory order."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty((n, 3, height, width), dtype=dtype, device=device, memory_format=fmt)
@@ -74,7 +79,12 @@ def mix_normalize(
     Returns:
         ``n x 3 x H x W`` tensor of ``dtype`` on ``images.device``.
     """
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+    if (
+        not isinstance(images, torch.Tensor)
+        or images.dtype != torch.uint8
+        or images.dim() != 4
+        or images.shape[-1] != 3
+    ):
         got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a uint8 tensor N x H x W x 3, got {got}")
     if not images.is_contiguous():
@@ -84,20 +94,31 @@ def mix_normalize(
     norm = norm or Normalization()
     n_src, h, w, _ = images.shape
     if h * w * 3 >= 2**32:
-        raise ValueError(f"images of {h}x{w} pixels are too large: the kernels index within one image with 32 bits "
-                         "(H * W * 3 < 2^32); crop or resize them first")
+        raise ValueError(
+            f"images of {h}x{w} pixels are too large: the kernels index within one image with 32 bits "
+            "(H * W * 3 < 2^32); crop or resize them first"
+        )
     if records is None:
         records = identity_records(n_src)
     pool = 0 if masks is None else masks.numel()
     validate_records(records, n_src=n_src, height=h, width=w, mask_pool_size=pool)
-    if masks is not None and (masks.dtype != torch.float32 or masks.device != images.device or not masks.is_contiguous()):
-        raise ValueError(f"masks must be a contiguous float32 tensor on {images.device}, got {masks.dtype} on {masks.device}")
+    if masks is not None and (
+        masks.dtype != torch.float32 or masks.device != images.device or not masks.is_contiguous()
+    ):
+        raise ValueError(
+            f"masks must be a contiguous float32 tensor on {images.device}, got {masks.dtype} on {masks.device}"
+        )
     n = len(records)
     if out is None:
         out = allocate_output(n, h, w, dtype=dtype, channels_last=channels_last, device=images.device)
     else:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        if out.shape != (n, 3, h, w) or out.dtype != dtype or out.device != images.device or not out.is_contiguous(memory_format=fmt):
+        if (
+            out.shape != (n, 3, h, w)
+            or out.dtype != dtype
+            or out.device != images.device
+            or not out.is_contiguous(memory_format=fmt)
+        ):
             raise ValueError(
                 f"out must be a {n}x3x{h}x{w} {dtype} tensor on {images.device} in "
                 f"{'channels_last' if channels_last else 'NCHW'} order, got {out.dtype} {tuple(out.shape)} on {out.device}"
@@ -108,14 +129,26 @@ def mix_normalize(
         from .cuda import mix_normalize_cuda
 
         return mix_normalize_cuda(
-            images, records, masks, entry=mix_normalize_entry(dtype, channels_last),
-            mean255=norm.mean255, inv_std255=norm.inv_std255, out=out,
+            images,
+            records,
+            masks,
+            entry=mix_normalize_entry(dtype, channels_last),
+            mean255=norm.mean255,
+            inv_std255=norm.inv_std255,
+            out=out,
         )
     from . import host
 
     if host.available():
-        return host.mix_normalize_host(images, records, masks, entry=mix_normalize_entry(dtype, channels_last),
-                                       mean255=norm.mean255, inv_std255=norm.inv_std255, out=out)
+        return host.mix_normalize_host(
+            images,
+            records,
+            masks,
+            entry=mix_normalize_entry(dtype, channels_last),
+            mean255=norm.mean255,
+            inv_std255=norm.inv_std255,
+            out=out,
+        )
     from .cpu import mix_normalize_cpu
 
     mean255, inv_std255 = norm._cpu

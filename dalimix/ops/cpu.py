@@ -83,7 +83,9 @@ def mix_normalize_cpu(
             ys = torch.arange(h).view(h, 1)
             xs = torch.arange(w).view(1, w)
             in_box = (ys >= int(r["y0"])) & (ys < int(r["y1"])) & (xs >= int(r["x0"])) & (xs < int(r["x1"]))
-            hole = ((xs - int(r["x0"])) % int(r["p0"]) < int(r["p2"])) & ((ys - int(r["y0"])) % int(r["p1"]) < int(r["p3"]))
+            hole = ((xs - int(r["x0"])) % int(r["p0"]) < int(r["p2"])) & (
+                (ys - int(r["y0"])) % int(r["p1"]) < int(r["p3"])
+            )
             wself[i, :, :, 0] = (~(in_box & hole)).to(torch.float32)
         for i in np.flatnonzero(m == METHOD_SMOOTH):
             r = rec[i]

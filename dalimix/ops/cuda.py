@@ -29,7 +29,7 @@ _modules: dict[tuple[int, str, str], object] = {}
 _sms: dict[int, int] = {}
 _placeholders: dict[int, torch.Tensor] = {}
 _streams: OrderedDict = OrderedDict()
-_rings: dict[int, "PinnedRing"] = {}
+_rings: dict[int, PinnedRing] = {}
 _MAX_STREAMS = 64
 
 
@@ -140,7 +140,9 @@ class PinnedRing:
             slot = self._slots[(self._next + i) % n]
             if slot.event is None or slot.event.query():
                 if slot.host.numel() < nbytes:
-                    self._slots[(self._next + i) % n] = slot = _Slot(max(nbytes, 2 * slot.host.numel()), self.device, stream)
+                    self._slots[(self._next + i) % n] = slot = _Slot(
+                        max(nbytes, 2 * slot.host.numel()), self.device, stream
+                    )
                 self._next = (self._next + i + 1) % n
                 return slot
         if n < self.max_slots:

@@ -96,8 +96,11 @@ def library() -> ctypes.CDLL | None:
                     _state["lib"] = _compile()
                 except (RuntimeError, OSError) as e:
                     _state["lib"] = None
-                    warnings.warn(f"dalimix: the CPU build of the fused kernel is unavailable ({str(e).splitlines()[0]}); "
-                                  "using the slower torch implementation", stacklevel=3)
+                    warnings.warn(
+                        f"dalimix: the CPU build of the fused kernel is unavailable ({str(e).splitlines()[0]}); "
+                        "using the slower torch implementation",
+                        stacklevel=3,
+                    )
         return _state["lib"]
 
 
@@ -136,8 +139,17 @@ def mix_normalize_host(
     rec = np.ascontiguousarray(records)
     pool_t = masks if masks is not None and masks.numel() else torch.zeros(1)
     fn = getattr(so, host_entry(entry))
-    args = (ctypes.c_void_p(images.data_ptr()), ctypes.c_void_p(rec.ctypes.data), ctypes.c_void_p(pool_t.data_ptr()),
-            ctypes.c_void_p(out.data_ptr()), n, h, w, *mean255, *inv_std255)
+    args = (
+        ctypes.c_void_p(images.data_ptr()),
+        ctypes.c_void_p(rec.ctypes.data),
+        ctypes.c_void_p(pool_t.data_ptr()),
+        ctypes.c_void_p(out.data_ptr()),
+        n,
+        h,
+        w,
+        *mean255,
+        *inv_std255,
+    )
     threads = max(1, min(threads or torch.get_num_threads(), n))
     if threads == 1 or n * h * w < 65536:
         fn(*args, 0, n)
@@ -147,4 +159,3 @@ def mix_normalize_host(
     for job in jobs:
         job.result()
     return out
-

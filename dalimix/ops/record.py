@@ -65,14 +65,20 @@ def set_flips(records: np.ndarray, flip) -> np.ndarray:
     """
     flip = np.asarray(flip)
     if flip.ndim != 1 or flip.dtype.kind not in "bui":
-        raise ValueError(f"flip must be a 1-D bool array with one value per source image, got {flip.dtype} {flip.shape}")
+        raise ValueError(
+            f"flip must be a 1-D bool array with one value per source image, got {flip.dtype} {flip.shape}"
+        )
     flip = flip.astype(bool)
     n = len(records)
     if n and int(records["partner"].min()) < 0:
-        raise ValueError(f"record {int(np.argmin(records['partner']))}: negative partner {int(records['partner'].min())}")
+        raise ValueError(
+            f"record {int(np.argmin(records['partner']))}: negative partner {int(records['partner'].min())}"
+        )
     if len(flip) < n or (n and int(records["partner"].max()) >= len(flip)):
-        raise ValueError(f"flip has {len(flip)} values; {n} records (partners up to "
-                         f"{int(records['partner'].max()) if n else -1}) need one per source image")
+        raise ValueError(
+            f"flip has {len(flip)} values; {n} records (partners up to "
+            f"{int(records['partner'].max()) if n else -1}) need one per source image"
+        )
     flags = records["flags"] & ~np.int32(FLIP_FLAGS)
     flags |= np.where(flip[:n], FLAG_FLIP_SELF, 0).astype(np.int32)
     flags |= np.where(flip[records["partner"]], FLAG_FLIP_PARTNER, 0).astype(np.int32)

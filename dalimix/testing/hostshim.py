@@ -88,8 +88,20 @@ class HostShim:
             cpp = build / f"shim-{digest}.cpp"
             cpp.write_text(src)
             tmp = build / f"shim-{digest}.{os.getpid()}.so"
-            cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unused-function",
-                   f"-I{kernel_dir()}", str(cpp), "-o", str(tmp)]
+            cmd = [
+                cxx,
+                "-std=c++17",
+                "-O2",
+                "-shared",
+                "-fPIC",
+                "-Wall",
+                "-Werror",
+                "-Wno-unused-function",
+                f"-I{kernel_dir()}",
+                str(cpp),
+                "-o",
+                str(tmp),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"host shim failed to compile:\n{' '.join(cmd)}\n{res.stderr}")
