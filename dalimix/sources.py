@@ -35,12 +35,6 @@ class Samples:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def check_image(self, index: int) -> str | None:
-        """None if sample ``index`` decodes with PIL, else a short reason (for error messages)."""
-        from .diagnose import check_image_file
-
-        return check_image_file(self.paths[index])
-
     def read_bytes(self, index: int) -> bytes:
         """The encoded bytes of sample ``index``."""
         with open(self.paths[index], "rb") as f:

@@ -52,22 +52,6 @@ class TarSamples(Samples):
     def read_bytes(self, index: int) -> bytes:
         return self.read(index).tobytes()
 
-    def check_image(self, index: int) -> str | None:
-        from PIL import Image
-
-        try:
-            data = self.read(index)
-        except (OSError, DatasetError) as e:
-            return f"cannot be read ({e})"
-        if data.size == 0:
-            return "is empty (0 bytes)"
-        try:
-            with Image.open(io.BytesIO(data.tobytes())) as im:
-                im.load()
-        except Exception as e:  # PIL raises many types for bad data
-            return f"does not decode ({e})"
-        return None
-
     def read_batch(self, ids) -> list[np.ndarray]:
         """The encoded bytes of samples ``ids``: one ``pread`` each, one open per tar (what the loader
         feeds DALI, the same feed as for image files)."""
