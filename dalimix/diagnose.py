@@ -202,15 +202,20 @@ def bytes_verdict(data: bytes, *, strict: bool = False) -> str | None:
     return reason
 
 
+def in_tar_shards(samples) -> bool:
+    """Whether ``samples`` live in tar shards (read by offset) rather than as files (read by path)."""
+    from .webdataset import TarSamples
+
+    return isinstance(samples, TarSamples)
+
+
 def find_unreadable(samples, ids, *, decoder: str = "cpu", device_id: int | None = None) -> list[tuple[int, str]]:
     """The samples among ``ids`` that the pipeline's decoder cannot decode, each with the reason.
 
     Each file is decided alone, with the decoder the pipeline uses, so a good file is never named
     for a bad one beside it. Files read by path are checked to be regular files before opening.
     """
-    from .webdataset import TarSamples
-
-    by_path = not isinstance(samples, TarSamples)
+    by_path = not in_tar_shards(samples)
     check = decode_check(decoder, device_id)
     found = []
     for i in ids:

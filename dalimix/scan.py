@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .diagnose import bytes_verdict, file_kind, file_verdict
+from .diagnose import bytes_verdict, file_kind, file_verdict, in_tar_shards
 from .errors import DalimixWarning, DatasetError, DecodeError
 from .sources import Samples, resolve_source
 
@@ -46,15 +46,9 @@ class ScanResult:
 
 
 # ------------------------------------------------------------------------------ verdicts
-def _is_tar(samples) -> bool:
-    from .webdataset import TarSamples
-
-    return isinstance(samples, TarSamples)
-
-
 def _jobs(samples, indices) -> list:
     """Picklable descriptions of the files: a path, or (tar, offset, size) of a shard member."""
-    if not _is_tar(samples):
+    if not in_tar_shards(samples):
         return [samples.paths[i] for i in indices]
     return [(samples.tars[int(samples.tar_index[i])], int(samples.offsets[i]), int(samples.sizes[i])) for i in indices]
 
@@ -166,7 +160,7 @@ class FileFacts:
 def stat_samples(samples: Samples) -> FileFacts:
     """Stat every sample once (``os.stat`` follows symlinks; nothing is opened)."""
     n = len(samples)
-    if _is_tar(samples):
+    if in_tar_shards(samples):
         sizes = np.asarray(samples.sizes, dtype=np.int64)
         mt = {t: os.stat(t).st_mtime_ns if os.path.exists(t) else -1 for t in samples.tars}
         mtimes = np.array([mt[samples.tars[int(k)]] for k in samples.tar_index], dtype=np.int64)
