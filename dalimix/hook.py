@@ -32,6 +32,7 @@ from .mix.methods import MixMethod, _positive
 from .mix.params import MixParams
 from .mix.saliency import MaskPolicy
 from .ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
+from .ops.staging import to_device
 
 INTERPOLATIONS = ("nearest", "bilinear")
 TARGET_LAMS = ("mask", "planned")
@@ -128,11 +129,9 @@ def _weights(h: int, w: int, height: int, width: int, bilinear: bool, device: to
     if key not in _WEIGHTS:
         if len(_WEIGHTS) > 64:
             _WEIGHTS.clear()
-        wy = torch.from_numpy(upsampling_weights(h, height, bilinear) / height)
-        wx = torch.from_numpy(upsampling_weights(w, width, bilinear) / width)
-        if torch.device(device).type == "cuda":  # once per shape; still no blocking copy
-            wy, wx = wy.pin_memory().to(device, non_blocking=True), wx.pin_memory().to(device, non_blocking=True)
-        _WEIGHTS[key] = (wy, wx)
+        wy = upsampling_weights(h, height, bilinear) / height
+        wx = upsampling_weights(w, width, bilinear) / width
+        _WEIGHTS[key] = tuple(to_device([wy, wx], device))  # once per shape: one staged copy, no wait
     return _WEIGHTS[key]
 
 
@@ -249,8 +248,6 @@ class MaskHookStage:
         self._last_stream = None
         self._pending = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
         self._stat_buffers: list = []  # pinned stats buffers whose check was read, for reuse
-        self._ring = None  # pinned staging of lam / partner / target lam (CUDA)
-        self._ring_stream = None
 
     # ------------------------------------------------------------------------- per batch
     def prepare(self, images: torch.Tensor, params: MixParams, *, epoch: int, step: int):
@@ -263,48 +260,42 @@ class MaskHookStage:
         self.resolve_pending(wait=False)
         n, _, height, width = images.shape
         cuda = self.device.type == "cuda"
-        use = np.zeros(n, dtype=bool)
-        use[hooked_rows(params)] = True
-        lam, partner, planned, use_t = self._upload(
-            [params.lam.astype(np.float32), params.partner.astype(np.int64), params.target_lam.astype(np.float32), use]
-        )
+        # lam, partner, planned target lam and hooked rows: the batch's one staged copy (fresh device
+        # tensors the hook may keep; its lam and partner are its own, not the targets')
+        staged = params.device_params(self.device, hook=True)
+        lam, partner, planned, use_t = staged.lam, staged.hook_partner, staged.target_lam, staged.use
+        where = f"epoch {epoch}, step {step}"
         try:
-            if cuda:  # the hook may keep lam and partner: its own copies, not views of the staging ring
-                lam, partner = lam.clone(), partner.clone()
-            where = f"epoch {epoch}, step {step}"
-            try:
-                masks = self.hook.fn(images, lam, partner)
-            except Exception as exc:
-                raise MaskHookError(
-                    f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}"
-                ) from exc
-            self._check_form(masks, n, height, width, where)
-            masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
-            stats = _value_stats(masks, self.hook.logits)
-            if self.hook.validate == "eager" or not cuda:
-                problem = _value_problem(stats.cpu().numpy(), self.hook.logits)  # host sync: validate='eager' / CPU
-                if problem:
-                    raise MaskHookError(f"mask hook {self.hook.name} at {where}: {problem}")
-            else:
-                self._defer(stats, epoch, step)
+            masks = self.hook.fn(images, lam, partner)
+        except Exception as exc:
+            raise MaskHookError(
+                f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}"
+            ) from exc
+        self._check_form(masks, n, height, width, where)
+        masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
+        stats = _value_stats(masks, self.hook.logits)
+        if self.hook.validate == "eager" or not cuda:
+            problem = _value_problem(stats.cpu().numpy(), self.hook.logits)  # host sync: validate='eager' / CPU
+            if problem:
+                raise MaskHookError(f"mask hook {self.hook.name} at {where}: {problem}")
+        else:
+            self._defer(stats, epoch, step)
 
-            stored = self._store(masks)
-            flags, logits = self.hook.flags, self.hook.logits
-            if logits and self.hook.interpolation == "nearest":
-                # nearest upsampling commutes with the sigmoid: apply it to the h x w values, not the H x W pixels
-                stored.sigmoid_()
-                flags, logits = flags & ~FLAG_SIGMOID, False
-            rows = hooked_rows(params)
-            params.flags[rows] = flags
-            params.device_masks = stored
-            if self.hook.target_lam == "mask" and len(rows):
-                mean = full_resolution_mask_mean(
-                    stored, height, width, bilinear=self.hook.interpolation == "bilinear", logits=logits
-                )
-                params.device_target_lam = torch.where(use_t, mean, planned)
-            return params.records(), params.mask_pool(self.device)
-        finally:
-            self._release()  # the staged inputs are read by the work queued so far
+        stored = self._store(masks)
+        flags, logits = self.hook.flags, self.hook.logits
+        if logits and self.hook.interpolation == "nearest":
+            # nearest upsampling commutes with the sigmoid: apply it to the h x w values, not the H x W pixels
+            stored.sigmoid_()
+            flags, logits = flags & ~FLAG_SIGMOID, False
+        rows = hooked_rows(params)
+        params.flags[rows] = flags
+        params.device_masks = stored
+        if self.hook.target_lam == "mask" and len(rows):
+            mean = full_resolution_mask_mean(
+                stored, height, width, bilinear=self.hook.interpolation == "bilinear", logits=logits
+            )
+            params.device_target_lam = torch.where(use_t, mean, planned)
+        return params.records(), params.mask_pool(self.device)
 
     def resolve_pending(self, wait: bool = True) -> None:
         """Raise the deferred check's error of an earlier batch, if it failed.
@@ -341,33 +332,6 @@ class MaskHookStage:
         host.copy_(stats, non_blocking=True)
         event.record(stream)
         self._pending.append((host, event, epoch, step))
-
-    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Small host arrays to the device: on CUDA one copy through the stage's pinned ring (views into
-        its slot, valid until ``_release``); on the CPU plain tensors."""
-        if self.device.type != "cuda":
-            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-        from .ops.cuda import PinnedRing
-
-        if self._ring is None:
-            self._ring = PinnedRing(self.device, slot_bytes=4096)
-        offsets, total = [], 0
-        for a in arrays:
-            offsets.append(total)
-            total += -(-a.nbytes // 8) * 8  # 8-byte aligned segments
-        packed = np.zeros(max(total, 8), np.uint8)
-        for a, off in zip(arrays, offsets):
-            packed[off : off + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-        stream = torch.cuda.current_stream(self.device)
-        dev = self._ring.upload(packed, stream)
-        self._ring_stream = stream
-        dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64, np.dtype(bool): torch.bool}
-        return [dev[off : off + a.nbytes].view(dtypes[a.dtype]) for a, off in zip(arrays, offsets)]
-
-    def _release(self) -> None:
-        if self._ring is not None and self._ring_stream is not None:
-            self._ring.release(self._ring_stream)
-            self._ring_stream = None
 
     # ------------------------------------------------------------------------------ helpers
     def _check_form(self, masks, n: int, height: int, width: int, where: str) -> None:

@@ -81,7 +81,9 @@ def test_kernel_runs_on_the_current_stream():
 
 
 # ------------------------------------------------------------------- no host sync in the hot path
-SYNC_PATHS = ["plain", "mixup_cutmix_elem", "mask_hook", "automix", "policy"]
+# fmix_compact: host FMix masks (the staged mask pool) and compact targets (the staged target lam kept
+# by the user); saliency: a mask policy of the mixer (the hook stage, saliency's staged constants)
+SYNC_PATHS = ["plain", "mixup_cutmix_elem", "fmix_compact", "saliency", "mask_hook", "automix", "policy"]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,10 @@ def _path(name, root, device="cuda"):
         return ImageLoader(**kw), consume
     if name == "mixup_cutmix_elem":
         return ImageLoader(mix=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=4), **kw), consume
+    if name == "fmix_compact":
+        return ImageLoader(mix=_fmix_compact(), **kw), _consume_compact(total)
+    if name == "saliency":
+        return ImageLoader(mix=_saliency(), **kw), consume
     if name == "mask_hook":
         loader = ImageLoader(mix=Mixer(methods=[LearnedMask(alpha=1.0)]), **kw)
         loader.set_mask_hook(_hook, validate="deferred")
@@ -156,7 +162,37 @@ def _batches(loader, count):
                 return
 
 
-STANDALONE_PATHS = ["plain", "mixup_cutmix_elem", "mask_hook", "automix"]
+def _fmix_compact():
+    from dalimix.mix import FMix, Mixer, MixUp
+
+    return Mixer(methods=[FMix(alpha=1.0), MixUp(alpha=0.8)], mode="elem", num_classes=4, targets="compact")
+
+
+def _saliency():
+    from dalimix.mix import Mixer, MixUp
+    from dalimix.mix.saliency import SaliencyMix
+
+    return Mixer(methods=[SaliencyMix(alpha=1.0), MixUp(alpha=0.8)], mode="elem", num_classes=4)
+
+
+def _consume_compact(total):
+    kept = []  # the compact targets' tensors kept across batches: later batches must not overwrite them
+
+    def consume(images, targets):
+        total.add_(images.float().mean()).add_(targets.lam.mean()).add_(targets.y_b.float().mean())
+        kept.append((targets.y_a, targets.lam, targets.y_a.clone(), targets.lam.clone()))
+
+    consume.kept = kept
+    return consume
+
+
+def _check_kept(step):
+    """The targets kept from every batch still hold their values after all later batches."""
+    for y_a, lam, y_copy, lam_copy in getattr(step, "kept", []):
+        assert torch.equal(y_a, y_copy) and torch.equal(lam, lam_copy)
+
+
+STANDALONE_PATHS = ["plain", "mixup_cutmix_elem", "fmix_compact", "saliency", "mask_hook", "automix"]
 
 
 def standalone_path(name, device="cuda", n=8, size=64, dtype=torch.bfloat16):
@@ -188,6 +224,15 @@ def standalone_path(name, device="cuda", n=8, size=64, dtype=torch.bfloat16):
     if name == "mixup_cutmix_elem":
         mixer = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=4)
         return lambda i: consume(*mixer(sources[i % 4], labels[i % 4], rng=np.random.default_rng(i), **fmt))
+    if name in ("fmix_compact", "saliency"):
+        mixer = _fmix_compact() if name == "fmix_compact" else _saliency()
+        eat = _consume_compact(total) if name == "fmix_compact" else consume
+
+        def mixed(i):
+            eat(*mixer(sources[i % 4], labels[i % 4], rng=np.random.default_rng(i), **fmt))
+
+        mixed.kept = getattr(eat, "kept", [])
+        return mixed
     am = None
     if name == "automix":
         torch.manual_seed(0)
@@ -238,6 +283,7 @@ def test_standalone_twenty_batches_without_a_host_sync(path):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+    _check_kept(step)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -267,6 +313,7 @@ def test_twenty_batches_without_a_host_sync(eighty_images, path):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+    _check_kept(step)
 
 
 @pytest.mark.parametrize("path", SYNC_PATHS)

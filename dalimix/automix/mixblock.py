@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops.staging import to_device
 
 VALUE_SOURCES = ("partner", "own")
 UPSAMPLINGS = ("nearest", "bilinear")
@@ -140,12 +143,12 @@ class MixBlock(nn.Module):
             raise ValueError(f"features must be N x {self.in_channels} x h x w, got {tuple(features.shape)}")
         z = features.to(torch.float32)
         n, _, h, w = z.shape
-        lam = torch.as_tensor(lam, dtype=torch.float32, device=z.device).reshape(-1)
+        lam = _lam_on(lam, z.device).to(torch.float32)
         if lam.numel() == 1:
             lam = lam.expand(n)
         if lam.numel() != n:
             raise ValueError(f"lam must be a float or {n} values, got {lam.numel()}")
-        partner = torch.as_tensor(partner, dtype=torch.long, device=z.device).reshape(-1)
+        partner = partner_on(partner, z.device).reshape(-1)
         if partner.numel() != n:
             raise ValueError(f"partner must hold {n} indices, got {partner.numel()}")
         x_i, x_j = z, z[partner]
@@ -199,7 +202,7 @@ def adjust_to_lam(
 
     height, width = (int(s) for s in size)
     n = logits.shape[0]
-    lam = torch.as_tensor(lam, device=logits.device).to(torch.float64).reshape(-1)
+    lam = _lam_on(lam, logits.device)
     lam = (lam.expand(n) if lam.numel() == 1 else lam).view(n, 1, 1, 1)
     if mode == "bilinear":
         m = MixBlock.mask(logits.to(torch.float32), (height, width), "bilinear").to(torch.float64).clamp(eps, 1 - eps)
@@ -207,9 +210,29 @@ def adjust_to_lam(
     else:
         m = torch.sigmoid(logits.to(torch.float64)).clamp(eps, 1 - eps)
         h, w = m.shape[-2:]
-        wy = torch.from_numpy(upsampling_weights(h, height, False) / height).to(m.device)
-        wx = torch.from_numpy(upsampling_weights(w, width, False) / width).to(m.device)
+        wy, wx = to_device(
+            [upsampling_weights(h, height, False) / height, upsampling_weights(w, width, False) / width], m.device
+        )
         mean = torch.einsum("y,nyx,x->n", wy, m.reshape(n, h, w), wx).view(n, 1, 1, 1)
     above, below = mean > lam + eps, mean < lam - eps
     m = torch.where(above, m * (lam / mean), torch.where(below, 1 - (1 - m) * ((1 - lam) / (1 - mean)), m))
     return torch.logit(m).to(torch.float32)
+
+
+def _lam_on(lam, device: torch.device) -> torch.Tensor:
+    """lam (a float, N values or a tensor) as float64 on ``device`` without a host wait: a device
+    tensor is cast there, a float is a fill, host values travel through the staging ring."""
+    if isinstance(lam, torch.Tensor) and lam.device.type != "cpu":
+        return lam.to(device=device, dtype=torch.float64, non_blocking=True).reshape(-1)  # device to device
+    values = np.asarray(lam, dtype=np.float64).reshape(-1)
+    if values.size == 1:
+        return torch.full((1,), float(values[0]), dtype=torch.float64, device=device)
+    return to_device([values], device)[0]
+
+
+def partner_on(partner, device: torch.device) -> torch.Tensor:
+    """Partner indices as int64 on ``device`` without a host wait: a device tensor stays there
+    (cast there), host indices travel through the staging ring (one asynchronous copy)."""
+    if isinstance(partner, torch.Tensor) and partner.device.type != "cpu":
+        return partner.to(device=device, dtype=torch.long, non_blocking=True)  # device to device
+    return to_device([np.asarray(partner, dtype=np.int64)], device)[0]  # a CPU tensor reads as an array

@@ -32,7 +32,7 @@ from ..hook import LearnedMask
 from ..losses import MixCrossEntropy
 from ..mix import Mixer, pair_indices
 from .features import FeatureTap
-from .mixblock import UPSAMPLINGS, MixBlock, adjust_to_lam
+from .mixblock import UPSAMPLINGS, MixBlock, adjust_to_lam, partner_on
 from .momentum import cosine_decay, cosine_rise, ema_update
 
 
@@ -128,7 +128,7 @@ class AutoMix(nn.Module):
             self.mix_block = MixBlock(
                 self._channels(size), reduction=reduction, value_from=value_from, lam_concat=lam_concat
             )
-        self.mix_block.to(self._device())
+        self.mix_block.to(self._device())  # once: at construction, not per batch
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
         self._criterion = MixCrossEntropy()
         self._cache = None  # (clean images, EMA features) of the batch the hook saw last
@@ -241,7 +241,7 @@ class AutoMix(nn.Module):
         lam = float(self._rng.beta(self.alpha, self.alpha)) if lam is None else float(lam)
         if partner is None:
             partner = pair_indices(n, "derangement", self._rng)
-        partner = _on_device(partner, clean.device)
+        partner = partner_on(partner, clean.device)
         # lam as a device tensor filled there: a Python float would be copied to the GPU with a host sync
         lam_t = torch.full((n,), lam, dtype=torch.float32, device=clean.device)
         logits = self._mix_block(feats, lam_t, partner)
@@ -275,16 +275,3 @@ class AutoMix(nn.Module):
     @property
     def mask_loss_weight(self) -> float:
         return cosine_decay(self.base_mask_loss_weight, self.progress)
-
-
-def _on_device(partner, device: torch.device) -> torch.Tensor:
-    """Partner indices as int64 on ``device``: a host array goes through pinned memory with a
-    non-blocking copy (no host sync; the caching host allocator keeps the pinned block until the copy ran)."""
-    if isinstance(partner, torch.Tensor) and partner.device == device:
-        return partner.to(torch.long)
-    host = torch.as_tensor(
-        np.asarray(partner.cpu() if isinstance(partner, torch.Tensor) else partner), dtype=torch.long
-    )
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)

@@ -18,6 +18,7 @@ from .. import rng as rng_mod
 from ..hook import require_hook
 from ..ops import identity_records, mix_normalize
 from ..ops.record import set_flips
+from ..ops.staging import to_device
 from .plan import Ticket, plan_batch
 
 
@@ -29,6 +30,7 @@ class Batch:
     images_u8: torch.Tensor  # N_src x H x W x 3 uint8
     flips: np.ndarray  # N_src bools
     labels: torch.Tensor | None = None
+    labels_host: np.ndarray | None = None
     params: object = None
     records: np.ndarray | None = None
     masks: torch.Tensor | None = None
@@ -70,10 +72,11 @@ class Finishing:
 
 
 def _labels(f: Finishing, b: Batch) -> None:
-    labels = torch.from_numpy(f.samples.labels[b.ids])
-    if f.device.type == "cuda":
-        labels = labels.pin_memory().to(f.device, non_blocking=True)
-    b.labels = labels
+    """The batch's labels. With a mixer they travel with the mix parameters (``_mix_plan``: one
+    staged copy per batch); without one they are the batch's only staged copy besides the records."""
+    b.labels_host = f.samples.labels[b.ids]
+    if f.mix is None:
+        (b.labels,) = to_device([b.labels_host], f.device)
 
 
 def _policy(f: Finishing, b: Batch) -> None:
@@ -95,7 +98,10 @@ def _unmixed(f: Finishing, b: Batch) -> None:
 
 
 def _mix_plan(f: Finishing, b: Batch) -> None:
+    """The plan, then the batch's one staged copy: labels, partner, target lam, host masks and the
+    mask hook's inputs (fresh device tensors the targets and the hook may keep; no host wait)."""
     b.params, b.records = f.planned(b)
+    b.labels = b.params.stage(f.device, labels=b.labels_host, hook=f.hook is not None).labels
 
 
 def _hook(f: Finishing, b: Batch) -> None:
@@ -149,8 +155,12 @@ class Finisher:
         return out + [_kernel] + ([_erase] if f.erasing is not None else []) + [_targets]
 
     def run(self, batch: Batch) -> Batch:
-        for stage in self.stages():
-            stage(self.f, batch)
+        try:
+            for stage in self.stages():
+                stage(self.f, batch)
+        finally:
+            if batch.params is not None:
+                batch.params.staged = None  # the batch's staged tensors belong to it, not to later readers
         return batch
 
     def plan_ahead(self, epoch: int, step: int, n: int) -> None:

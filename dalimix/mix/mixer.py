@@ -77,7 +77,8 @@ class Mixer:
             or (probs < 0).any()
             or abs(probs.sum() - 1) > 1e-6
         ):
-            raise ValueError(f"probs={probs.tolist()}: {len(methods)} non-negative numbers that sum to 1")
+            listed = probs.tolist()  # once: a host array, at construction
+            raise ValueError(f"probs={listed}: {len(methods)} non-negative numbers that sum to 1")
         self.probs = probs / probs.sum()
         self.prob = v.number("prob", prob, lo=0, hi=1, hint=" (the probability of mixing)")
         self.mode = v.choice("mode", mode, MODES)
@@ -179,8 +180,9 @@ class Mixer:
         c = num_classes or self.num_classes
         if c is None:
             raise ValueError("num_classes is unknown: pass num_classes= to the mixer or use it with an ImageLoader")
-        partner = torch.from_numpy(params.partner).to(labels.device, non_blocking=True)
-        lam = params.target_lam_tensor(labels.device)
+        staged = params.device_params(labels.device, masks=False)  # one staged copy, or the batch's own
+        partner = staged.partner
+        lam = params.target_lam_tensor(labels.device, staged)
         if self.target_form == "compact":
             return CompactTargets(labels, labels[partner], lam, self.label_smoothing)
         return soft_targets(labels, partner, lam, c, self.label_smoothing)
@@ -214,9 +216,19 @@ class Mixer:
             rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             params = self.plan(n, rng=rng, height=h, width=w)
         out = allocate_output(n, h, w, dtype=dtype, channels_last=channels_last, device=images.device)
+        policy = self.mask_policy
+        hooked = policy is not None and (params.method == METHOD_MASK).any() and params.device_masks is None
+        previous = params.staged
+        params.stage(images.device, hook=hooked)  # partner, target lam, host masks (+ the hook's): one copy
+        try:
+            return self._mix(images, labels, params, out, norm, dtype, channels_last, hooked)
+        finally:
+            params.staged = previous
+
+    def _mix(self, images, labels, params, out, norm, dtype, channels_last, hooked):
         records, pool = params.records(), None
         policy = self.mask_policy
-        if policy is not None and (params.method == METHOD_MASK).any() and params.device_masks is None:
+        if hooked:
             from ..hook import (  # the loader's hook stage, run here for a tensor batch
                 MaskHook,
                 MaskHookStage,

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..ops.record import METHOD_NONE, RECORD_DTYPE
+from ..ops.record import METHOD_MASK, METHOD_NONE, RECORD_DTYPE
+from ..ops.staging import to_device
 
 PAIRINGS = ("flip", "roll", "derangement")
 # pairings under which no two samples of a batch (n >= 3) mix the same two images: the partner
@@ -46,6 +47,25 @@ def pair_indices(n: int, pairing: str, rng: np.random.Generator | None = None) -
 
 
 @dataclass
+class DeviceParams:
+    """The per-sample arrays of one batch on its device, from one staged copy (``MixParams.stage``).
+
+    Every tensor is a fresh tensor of torch's caching allocator (or a plain CPU tensor): the staging
+    ring never writes it again, so targets, losses and a mask hook may keep it.
+    """
+
+    device: torch.device
+    partner: torch.Tensor  # N int64: the partners, for the targets
+    target_lam: torch.Tensor  # N float32: the planned target lam
+    host_masks: torch.Tensor | None  # the host masks, flat float32 in ``records()``'s pool order
+    labels: torch.Tensor | None = None  # the batch's labels when given to ``stage``
+    lam: torch.Tensor | None = None  # N float32 for the mask hook (hook=True)
+    hook_partner: torch.Tensor | None = None  # N int64 for the mask hook, its own copy (hook=True)
+    use: torch.Tensor | None = None  # N bool: the samples whose mask the hook supplies (hook=True)
+    with_masks: bool = True  # host_masks was staged (None then means: no host masks)
+
+
+@dataclass
 class MixParams:
     """Everything the fused kernel and the targets need to mix one batch of ``n`` samples.
 
@@ -72,6 +92,7 @@ class MixParams:
     masks: list = field(default_factory=list)
     device_masks: torch.Tensor | None = None  # N x 1 x h x w masks already on the device (mask hook)
     device_target_lam: torch.Tensor | None = None  # N target lams on the device (mask hook); else target_lam
+    staged: DeviceParams | None = field(default=None, repr=False, compare=False)  # set by stage()
 
     @classmethod
     def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> MixParams:
@@ -124,25 +145,85 @@ class MixParams:
             rec["mask_h"][i], rec["mask_w"][i] = m.shape
         return rec
 
-    def mask_pool(self, device) -> torch.Tensor | None:
-        """All masks in one flat float32 tensor on ``device`` (the order ``records`` assumes)."""
+    def _host_masks(self) -> list[np.ndarray]:
+        """The distinct host masks, flat float32, in the pool order ``records`` assumes."""
         unique, seen = [], set()
         for m in self.masks:
             if m is not None and id(m) not in seen:
                 seen.add(id(m))
                 unique.append(np.asarray(m, dtype=np.float32).reshape(-1))
-        device_pool = None if self.device_masks is None else self.device_masks.reshape(-1)
-        if not unique:
-            return device_pool
-        pool = torch.from_numpy(np.concatenate(unique))
-        device = torch.device(device)
-        if device.type == "cuda":
-            pool = pool.pin_memory().to(device, non_blocking=True)
-        return pool if device_pool is None else torch.cat([device_pool, pool.to(device_pool.device)])
+        return unique
 
-    def target_lam_tensor(self, device) -> torch.Tensor:
+    def device_params(
+        self, device, *, labels: np.ndarray | None = None, hook: bool = False, masks: bool = True
+    ) -> DeviceParams:
+        """The batch's per-sample arrays on ``device``: ``staged`` when it covers the request, else
+        staged now (``dalimix.ops.staging.to_device``; not kept on ``self``): the per-sample arrays in
+        one copy, the host masks (if any; ``masks=False`` leaves them out) in a second one of their
+        own, so a kept lam or label never holds a batch's mask pool alive."""
+        device = torch.device(device)
+        have = self.staged
+        if (
+            have is not None
+            and have.device == device
+            and (labels is None or have.labels is not None)
+            and (not hook or have.lam is not None)
+            and (not masks or have.with_masks)
+        ):
+            return have
+        groups: list = [self.partner.astype(np.int64, copy=False), self.target_lam.astype(np.float32)]
+        if labels is not None:
+            groups.append(np.asarray(labels))
+        if hook:
+            use = (self.method == METHOD_MASK) & np.array([m is None for m in self.masks], dtype=bool)
+            groups += [self.lam.astype(np.float32), self.partner.astype(np.int64), use]
+        t = to_device(groups, device)
+        host = self._host_masks() if masks else []
+        out = DeviceParams(
+            device=device,
+            partner=t[0],
+            target_lam=t[1],
+            host_masks=to_device([host], device)[0] if host else None,
+            with_masks=masks,
+        )
+        if labels is not None:
+            out.labels = t[2]
+        if hook:
+            out.lam, out.hook_partner, out.use = t[-3:]
+        return out
+
+    def stage(self, device, *, labels: np.ndarray | None = None, hook: bool = False) -> DeviceParams:
+        """Copy the batch's per-sample arrays (partner, target lam; ``labels``; the mask hook's
+        lam/partner/rows with ``hook=True``) to ``device`` in ONE asynchronous copy, and its host
+        masks (FMix and the like) in one more, and keep them as ``self.staged``, which ``mask_pool``,
+        ``target_lam_tensor``, ``partner_tensor`` and the hook then read. Call it once the plan is
+        final; set ``staged = None`` after the batch."""
+        self.staged = None
+        self.staged = self.device_params(device, labels=labels, hook=hook)
+        return self.staged
+
+    def mask_pool(self, device) -> torch.Tensor | None:
+        """All masks in one flat float32 tensor on ``device`` (the order ``records`` assumes)."""
+        device_pool = None if self.device_masks is None else self.device_masks.reshape(-1)
+        device = torch.device(device)
+        have = self.staged
+        if have is not None and have.device == device and have.with_masks:
+            pool = have.host_masks
+        else:
+            masks = self._host_masks()
+            pool = to_device([masks], device)[0] if masks else None
+        if pool is None:
+            return device_pool
+        return pool if device_pool is None else torch.cat([device_pool, pool])
+
+    def partner_tensor(self, device) -> torch.Tensor:
+        """The partners as int64 on ``device`` (``staged`` when it is there; else one staged copy)."""
+        return self.device_params(device, masks=False).partner
+
+    def target_lam_tensor(self, device, staged: DeviceParams | None = None) -> torch.Tensor:
         """Per-sample target lam as float32 on ``device``: ``device_target_lam`` when a mask hook set
-        it (no host round trip), else ``target_lam``."""
+        it (no host round trip), else ``target_lam`` (from ``staged``, ``self.staged`` when it is on
+        ``device``, else one staged copy)."""
         if self.device_target_lam is not None:
-            return self.device_target_lam.to(device=device, dtype=torch.float32)
-        return torch.from_numpy(self.target_lam.astype(np.float32)).to(device, non_blocking=True)
+            return self.device_target_lam.to(device=device, dtype=torch.float32, non_blocking=True)  # device to device
+        return (staged or self.device_params(device, masks=False)).target_lam

@@ -17,9 +17,22 @@ import torch.nn.functional as F
 
 from .. import validate as v
 from ..ops.record import METHOD_MASK
+from ..ops.staging import to_device
 from .methods import MixMethod, _positive
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, OpenCV's RGB -> grey
+_CONSTANTS: dict = {}
+
+
+def _constants(norm, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(std, mean, LUMA) as float32 on ``device``: one staged copy per (norm, device), then cached."""
+    std, mean = (norm.std, norm.mean) if norm is not None else ((1.0,) * 3, (0.0,) * 3)
+    key = (tuple(std), tuple(mean), str(device))
+    if key not in _CONSTANTS:
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = tuple(to_device([np.asarray(c, np.float32) for c in (std, mean, LUMA)], device))
+    return _CONSTANTS[key]
 
 
 class MaskPolicy(MixMethod):
@@ -88,11 +101,9 @@ def spectral_residual(images: torch.Tensor, *, norm=None, work_size: int = 64) -
     # resize first: de-normalising and the grey weights are affine per pixel, bilinear weights sum
     # to 1, so they commute with the resize (and then touch 64 x 64 pixels, not H x W)
     x = F.interpolate(images.to(torch.float32), size=(work_size, work_size), mode="bilinear", align_corners=False)
+    std, mean, luma = (c.view(1, 3, 1, 1) for c in _constants(norm, x.device))
     if norm is not None:
-        std = torch.tensor(norm.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        mean = torch.tensor(norm.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         x = x * std + mean
-    luma = torch.tensor(LUMA, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     small = (x * luma).sum(dim=1, keepdim=True)
     spec = torch.fft.fft2(small)
     amp = spec.abs().clamp_min(1e-20)
@@ -153,8 +164,8 @@ class SaliencyMix(MaskPolicy):
     @torch.no_grad()
     def mask_policy(self, images, lam, partner):
         n, _, h, w = images.shape
-        partner = partner.to(images.device, torch.int64)
-        lam = lam.to(images.device)
+        partner = partner.to(images.device, torch.int64, non_blocking=True)  # device to device
+        lam = lam.to(images.device, non_blocking=True)  # device to device
         peak = spectral_residual(images, norm=self._norm).reshape(n, -1).argmax(dim=1)[partner]
         if self.shared_box:
             peak, lam = peak[:1].expand(n), lam[:1].expand(n)
@@ -228,13 +239,13 @@ class AttentiveMix(MaskPolicy):
         att = self.attention(images)
         h, w = att.shape[-2:]
         cells = h * w
-        partner = partner.to(att.device, torch.int64)
+        partner = partner.to(att.device, torch.int64, non_blocking=True)  # device to device
         source = att[partner] if self.patches_from == "partner" else att
         order = torch.argsort(source.reshape(n, cells), dim=1, descending=True, stable=True)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(cells, device=att.device).expand(n, cells))
         if self.top_k is None:
-            share = lam.to(att.device, torch.float64)
+            share = lam.to(att.device, torch.float64, non_blocking=True)  # device to device
             share = 1.0 - share if self.patches_from == "partner" else share
             k = torch.floor(cells * share).to(torch.int64).clamp(1, cells).view(n, 1)
         else:

@@ -4,10 +4,11 @@ Launches on the caller's current torch CUDA stream, so the output is stream-orde
 training step that consumes it. The per-batch path never waits on the GPU from the host and
 allocates nothing in the steady state:
 
-- records travel through a ring of pinned host slots, each with its own device buffer; a slot is
-  reused only once the event recorded after its last kernel has completed (``Event.query``, never
-  a wait: a busy ring grows by a slot instead), and its device buffer is rewritten only after that
-  kernel on the GPU's side (``Stream.wait_event``) when the caller switched streams;
+- records travel through the device's staging ring (``dalimix.ops.staging``): one reused pinned
+  slot with its own device buffer per launch, reused only once the event recorded after its kernel
+  has completed (``Event.query``, never a wait: a busy ring grows by a slot instead), its device
+  buffer rewritten only after that kernel on the GPU's side (``Stream.wait_event``) when the caller
+  switched streams;
 - records without masks get a one-element placeholder pool allocated once per device;
 - the CuPy stream wrapping torch's current stream is made once per stream
   (``cupy.cuda.Stream.from_external``, CuPy 14's replacement for the deprecated ``ExternalStream``).
@@ -23,13 +24,14 @@ import torch
 
 from .._optional import require
 from .kernels import ENTRIES, kernel_dir, kernel_source, launch_config
+from .staging import PinnedRing, Staged
+from .staging import ring as staging_ring
 
 _lock = threading.Lock()
 _modules: dict[tuple[int, str, str], object] = {}
 _sms: dict[int, int] = {}
 _placeholders: dict[int, torch.Tensor] = {}
 _streams: OrderedDict = OrderedDict()
-_rings: dict[int, PinnedRing] = {}
 _MAX_STREAMS = 64
 
 
@@ -99,111 +101,19 @@ def cupy_stream(stream: torch.cuda.Stream):
     return cs
 
 
-class _Slot:
-    __slots__ = ("host", "host_np", "device", "event", "stream", "alloc_stream")
-
-    def __init__(self, nbytes: int, device: torch.device, stream: torch.cuda.Stream):
-        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        self.host_np = self.host.numpy()
-        with torch.cuda.stream(stream):
-            self.device = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.event = None  # recorded after the last work that read this slot
-        self.stream = None  # the stream of that work
-        self.alloc_stream = stream
-
-
-class PinnedRing:
-    """Host→device staging through reused pinned slots, guarded by events (no host waits).
-
-    ``upload(array, stream)`` returns a device view of ``array``'s bytes valid for work queued on
-    ``stream`` until ``release(stream)`` is called after that work; the slot is reused once the
-    event recorded then has completed. A slot still in flight is never waited for: the ring grows
-    (up to ``max_slots``; past that, the oldest slot is waited for, which only a GPU more than
-    ``max_slots`` batches behind the host can cause).
-    """
-
-    def __init__(self, device: torch.device, *, slots: int = 4, slot_bytes: int = 64 * 1024, max_slots: int = 64):
-        self.device = torch.device(device)
-        self.slot_bytes = slot_bytes
-        self.max_slots = max_slots
-        self._initial = slots
-        self._slots: list[_Slot] = []
-        self._next = 0
-        self._current: _Slot | None = None
-        self.lock = threading.Lock()  # held from upload to release by one launch
-        self.grown = 0  # slots added because all were in flight (a diagnostic)
-        self.waits = 0  # host waits (only when max_slots are all in flight)
-
-    def _take(self, nbytes: int, stream: torch.cuda.Stream) -> _Slot:
-        n = len(self._slots)
-        for i in range(n):
-            slot = self._slots[(self._next + i) % n]
-            if slot.event is None or slot.event.query():
-                if slot.host.numel() < nbytes:
-                    self._slots[(self._next + i) % n] = slot = _Slot(
-                        max(nbytes, 2 * slot.host.numel()), self.device, stream
-                    )
-                self._next = (self._next + i + 1) % n
-                return slot
-        if n < self.max_slots:
-            slot = _Slot(max(nbytes, self.slot_bytes), self.device, stream)
-            self._slots.insert(self._next, slot)
-            self._next = (self._next + 1) % len(self._slots)
-            if n >= self._initial:
-                self.grown += 1
-            return slot
-        slot = self._slots[self._next]  # every slot in flight: only a GPU far behind gets here
-        self.waits += 1
-        slot.event.synchronize()  # host sync: only with max_slots batches in flight
-        if slot.host.numel() < nbytes:
-            self._slots[self._next] = slot = _Slot(max(nbytes, 2 * slot.host.numel()), self.device, stream)
-        self._next = (self._next + 1) % len(self._slots)
-        return slot
-
-    def upload(self, array: np.ndarray, stream: torch.cuda.Stream) -> torch.Tensor:
-        """Copy ``array`` (C-contiguous) to the device on ``stream``; a uint8 device view of its bytes."""
-        raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
-        nbytes = raw.size
-        slot = self._take(max(nbytes, 1), stream)
-        slot.host_np[:nbytes] = raw
-        if slot.stream is not None and slot.stream != stream and slot.event is not None:
-            stream.wait_event(slot.event)  # the device buffer was read on another stream: GPU-side order
-        if stream != slot.alloc_stream:
-            slot.device.record_stream(stream)
-        dev = slot.device[:nbytes]
-        with torch.cuda.stream(stream):
-            dev.copy_(slot.host[:nbytes], non_blocking=True)
-        self._current = slot
-        slot.stream = stream
-        return dev
-
-    def release(self, stream: torch.cuda.Stream) -> None:
-        """Mark the last upload's slot free once the work queued on ``stream`` so far has completed."""
-        slot, self._current = self._current, None
-        if slot is not None:
-            if slot.event is None:
-                slot.event = torch.cuda.Event()
-            slot.event.record(stream)
-
-
 def record_ring(device: torch.device) -> PinnedRing:
-    """The records' ring of ``device`` (one per device, created on first use)."""
-    index = device.index or 0
-    with _lock:
-        ring = _rings.get(index)
-        if ring is None:
-            ring = _rings[index] = PinnedRing(device)
-    return ring
+    """The staging ring of ``device`` (``dalimix.ops.staging.ring``), which the records use too."""
+    return staging_ring(device)
 
 
-def upload_records(records: np.ndarray, device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
-    """Copy the host records to ``device`` asynchronously through the device's pinned ring.
+def upload_records(records: np.ndarray, device: torch.device, stream: torch.cuda.Stream | None = None) -> Staged:
+    """Copy the host records to ``device`` asynchronously through the device's staging ring.
 
-    The returned device buffer belongs to the ring: valid for work queued on ``stream`` before the
-    next ``record_ring(device).release(stream)``.
+    ``.tensors[0]`` is a uint8 view of the slot's device buffer: valid for work queued on ``stream``
+    before ``.release(stream)``.
     """
     stream = stream or torch.cuda.current_stream(device)
-    return record_ring(device).upload(records, stream)
+    return record_ring(device).stage([records], stream, keep=False)
 
 
 def mix_normalize_cuda(
@@ -223,14 +133,15 @@ def mix_normalize_cuda(
     n = len(records)
     _, h, w, _ = images.shape
     stream = torch.cuda.current_stream(device)
-    ring = record_ring(device)
-    with ring.lock:
-        return _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w)
+    staged = upload_records(records, device, stream)
+    try:
+        return _launch(staged.tensors[0], stream, images, masks, entry, mean255, inv_std255, out, n, h, w)
+    finally:
+        staged.release(stream)  # the slot returns to the ring once this kernel has run
 
 
-def _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w):
+def _launch(rec_dev, stream, images, masks, entry, mean255, inv_std255, out, n, h, w):
     device = images.device
-    rec_dev = ring.upload(records, stream)
     if masks is None or masks.numel() == 0:
         masks = _placeholder_pool(device)
     fn = _function(device, entry)
@@ -251,5 +162,4 @@ def _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, ou
 
     with cupy.cuda.Device(device.index or 0), cupy_stream(stream):
         fn(grid, block, args)
-    ring.release(stream)  # the slot returns to the ring once this kernel has run
     return out
