@@ -29,6 +29,7 @@ from .mix.params import MixParams
 from .mix.targets import CompactTargets, soft_targets
 from .ops import Normalization, mix_normalize
 from .ops.record import METHOD_BOX, METHOD_NONE
+from .ops.staging import to_device
 
 
 def _nearest_sources(in_size: int, out_size: int) -> np.ndarray:
@@ -65,7 +66,7 @@ def token_box_mask(params: MixParams, grid, *, height: int, width: int, device=N
     y0, x0, y1, x1 = (params.box[:, k].astype(np.int64)[:, None, None] for k in range(4))
     inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
     inside &= (params.method == METHOD_BOX)[:, None, None]
-    return torch.from_numpy(inside.astype(np.float32)).to(device if device is not None else "cpu")
+    return to_device([inside.astype(np.float32)], device if device is not None else "cpu")[0].view(inside.shape)
 
 
 def transmix_lam(params: MixParams, attention: torch.Tensor, *, height: int, width: int, grid=None) -> torch.Tensor:
@@ -140,8 +141,7 @@ def token_own_fraction(own: torch.Tensor, grid, rule: str = "area") -> torch.Ten
         return F.adaptive_avg_pool2d(own.unsqueeze(1), (gh, gw)).squeeze(1)
     if rule == "nearest":
         _, h, w = own.shape
-        ys = torch.from_numpy(_nearest_sources(h, gh)).to(own.device)
-        xs = torch.from_numpy(_nearest_sources(w, gw)).to(own.device)
+        ys, xs = to_device([_nearest_sources(h, gh), _nearest_sources(w, gw)], own.device)
         return own[:, ys][:, :, xs]
     raise ValueError(f"tokens={rule!r}: 'area' (mean over the token's pixels) or 'nearest' (TransMix's rule)")
 
@@ -196,17 +196,25 @@ def reweighted_lam(
         raise ValueError(f"tokens={tokens!r}: 'area' (mean over the token's pixels) or 'nearest' (TransMix's rule)")
     attn = weights.detach().to(torch.float32).reshape(params.n, gh * gw)
     device = attn.device
-    a = torch.as_tensor(attention_weight, dtype=torch.float32, device=device).reshape(-1)
-    if a.numel() not in (1, params.n) or not bool(((a >= 0) & (a <= 1)).all()):
+    if rows is None:
+        rows = (params.method != METHOD_NONE) & (params.target_lam == params.lam)
+    rows = np.asarray(rows, dtype=bool)
+    if isinstance(attention_weight, torch.Tensor) and attention_weight.device.type != "cpu":
+        a = attention_weight.detach().to(device=device, dtype=torch.float32, non_blocking=True)  # device to device
+        a = a.reshape(-1)
+        in_range = a.numel() in (1, params.n) and bool(((a >= 0) & (a <= 1)).all())  # host sync: a device a
+        (use,) = to_device([rows], device)
+    else:
+        a_host = np.asarray(attention_weight, dtype=np.float32).reshape(-1)
+        in_range = a_host.size in (1, params.n) and bool(((a_host >= 0) & (a_host <= 1)).all())
+        a, use = to_device([a_host, rows], device) if in_range else (None, None)
+    if not in_range:
         raise ValueError(f"attention_weight must be in [0, 1]: a float or {params.n} values")
     own = own_weight_maps(params, height=height, width=width, device=device)
     lam_pixels = own.to(torch.float64).mean(dim=(1, 2)).to(torch.float32)
     frac = token_own_fraction(own, (gh, gw), tokens).reshape(params.n, -1)
     lam_attention = (frac * attn).sum(dim=1) / attn.sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     lam = (1 - a) * lam_pixels + a * lam_attention
-    if rows is None:
-        rows = (params.method != METHOD_NONE) & (params.target_lam == params.lam)
-    use = torch.from_numpy(np.asarray(rows, dtype=bool)).to(device)
     return torch.where(use, lam, params.target_lam_tensor(device))
 
 
@@ -221,8 +229,9 @@ def lam_targets(
 ):
     """Targets of the batch with per-sample own-label weights ``lam`` (from ``reweighted_lam``):
     soft N x C (timm's rule with ``smoothing``) or ``CompactTargets``, on ``labels.device``."""
-    lam = lam.to(labels.device)
-    partner = torch.from_numpy(params.partner).to(labels.device)
+    if lam.device != labels.device:
+        lam = lam.to(labels.device)  # host sync: only when lam and labels live on different devices
+    partner = params.partner_tensor(labels.device)
     if form == "compact":
         return CompactTargets(labels, labels[partner], lam, smoothing)
     if form != "soft":

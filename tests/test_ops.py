@@ -263,6 +263,7 @@ PER_BATCH_CUDA_MODULES = [
     "dalimix/loader/stages.py",
     "dalimix/automix/trainer.py",
     "dalimix/automix/mixblock.py",
+    "dalimix/transmix.py",
 ]
 
 

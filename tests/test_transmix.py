@@ -288,3 +288,33 @@ def test_reweighting_hook_masks_and_special_cases():
         reweighted_lam(c, att, height=20, width=20, attention_weight=1.5)
     with pytest.raises(ValueError, match="tokens='box'"):
         reweighted_lam(c, att, height=20, width=20, tokens="box")
+
+
+@pytest.mark.gpu
+def test_reweighting_after_the_forward_pass_waits_for_nothing_on_cuda():
+    """On CUDA, TransMix's and the general re-weighting's targets (float and N-value host
+    attention_weight, both target forms) run under set_sync_debug_mode("error") after a warm-up,
+    and agree with the CPU."""
+    n, h, w, grid = 12, 32, 32, (4, 4)
+    p = Mixer(methods=ANY_METHODS, mode="elem", prob=0.9).plan(n, rng=np.random.default_rng(7), height=h, width=w)
+    attn = torch.rand(n, grid[0] * grid[1], generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(n) % 4
+    a_host = np.linspace(0, 1, n)
+    want = reweighted_targets(labels, p, attn, num_classes=4, height=h, width=w, grid=grid, attention_weight=a_host)
+    attn_d, labels_d = attn.cuda(), labels.cuda()
+
+    def run():
+        out = reweighted_targets(
+            labels_d, p, attn_d, num_classes=4, height=h, width=w, grid=grid, attention_weight=a_host
+        )
+        transmix_targets(labels_d, p, attn_d, num_classes=4, height=h, width=w, grid=grid, form="compact")
+        return out
+
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=0)
