@@ -350,6 +350,134 @@ def test_fmix_binarisation_and_soft_edges_match_the_release(max_soft):
     np.testing.assert_allclose(p.lam, [m.mean() for m in p.masks], atol=1e-12)
 
 
+def fmix_reference_images(seed: int, count: int, h: int, w: int, decay: float) -> np.ndarray:
+    """FMix's low-pass noise in float64 from the paper's definition: the same complex Gaussian draws
+    (torch's generator, ``seed``), amplitude ``1 / max(f, 1 / max(h, w)) ** decay``, inverse real FFT."""
+    noise = torch.randn((count, h, w // 2 + 1, 2), generator=torch.Generator().manual_seed(seed)).double().numpy()
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    scale = 1.0 / np.maximum(np.sqrt(fy * fy + fx * fx), 1.0 / max(h, w)) ** decay
+    return np.fft.irfft2((noise[..., 0] + 1j * noise[..., 1]) * scale, s=(h, w))
+
+
+def assert_top_pixels(masks: np.ndarray, images: np.ndarray, lam: np.ndarray) -> None:
+    """Each mask is 1 on the top round(lam h w) pixels of its float64 image and 0 elsewhere, except
+    possibly on pixels within float32 rounding of that image's threshold."""
+    count, h, w = images.shape
+    size = h * w
+    flat, got = images.reshape(count, -1), masks.reshape(count, -1)
+    keep = np.rint(lam * size).astype(np.int64)
+    np.testing.assert_array_equal(got.sum(1), keep)  # lam exact to 1 / (h w)
+    order = np.argsort(-flat, axis=1, kind="stable")
+    want = np.zeros_like(flat)
+    np.put_along_axis(want, order, (np.arange(size)[None, :] < keep[:, None]).astype(np.float64), axis=1)
+    wrong = got != want
+    if wrong.any():
+        sorted_desc = np.take_along_axis(flat, order, axis=1)
+        threshold = sorted_desc[np.arange(count), np.clip(keep - 1, 0, size - 1)]
+        spread = np.abs(flat).max(1, keepdims=True)
+        near = np.abs(flat - threshold[:, None]) <= 1e-5 * spread
+        assert not (wrong & ~near).any()
+    assert wrong.mean() < 1e-3
+
+
+@pytest.mark.parametrize("h, w, decay", [(13, 17, 3.0), (32, 32, 1.0), (48, 40, 3.0)])
+def test_fmix_planner_matches_a_float64_reference(h, w, decay):
+    """The batched float32 planner (numpy FFT in chunks on a thread pool, selection per row) against
+    the paper's definition in float64 from the same draws: top-ceil/round(lam h w) pixels of the
+    low-pass noise are 1."""
+    f = FMix(decay_power=decay)
+    lam = np.random.default_rng(1).uniform(0, 1, 70)
+    lam[:3] = (0.0, 1.0, 0.5)
+    masks, means = f.masks(np.random.default_rng(5), lam, h, w)
+    seed = int(np.random.default_rng(5).integers(0, 2**62))
+    assert_top_pixels(masks, fmix_reference_images(seed, len(lam), h, w, decay), lam)
+    np.testing.assert_array_equal(means, np.rint(lam * h * w) / (h * w))
+    # the planner before this one: torch's FFT, the same draws (masks agree but for float32 near-ties)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.view_as_complex(torch.randn((len(lam), h, w // 2 + 1, 2), generator=gen))
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    scale = (1.0 / np.maximum(np.sqrt(fy * fy + fx * fx), 1.0 / max(h, w)) ** decay).astype(np.float32)
+    before = f.binarize(torch.fft.irfft2(noise * torch.from_numpy(scale), s=(h, w)).numpy(), lam)
+    assert (before != masks).mean() < 1e-4
+
+
+def test_fmix_chunking_does_not_change_the_masks(monkeypatch):
+    import dalimix.mix.methods as methods
+
+    lam = np.random.default_rng(2).uniform(0, 1, 40)
+    whole, _ = FMix().masks(np.random.default_rng(9), lam, 24, 20)
+    monkeypatch.setattr(methods, "_FMIX_CHUNK_PIXELS", 24 * 20 * 3)  # 3 samples a chunk, on the pool
+    chunked, _ = FMix().masks(np.random.default_rng(9), lam, 24, 20)
+    np.testing.assert_array_equal(chunked, whole)
+
+
+@pytest.mark.parametrize("max_soft", [0.0, 0.1])
+def test_fmix_device_planner_matches_the_host_planner(max_soft):
+    """FMix(device=...) ranks the same noise (on the CPU device: the same generator) with a stable
+    sort; its masks and lams match the host planner's and the release's soft edge."""
+    rng = np.random.default_rng(4)
+    lam = rng.uniform(0.02, 0.98, 30)
+    dev = FMix(device="cpu", max_soft=max_soft)
+    masks, means = dev.device_masks(np.random.default_rng(6), lam, 20, 28)
+    masks = masks.numpy()
+    np.testing.assert_allclose(means, masks.mean(axis=(1, 2), dtype=np.float64), rtol=0, atol=1e-12)
+    seed = int(np.random.default_rng(6).integers(0, 2**62))
+    images = fmix_reference_images(seed, len(lam), 20, 28, 3.0)
+    if max_soft == 0:
+        assert_top_pixels(masks, images, lam)
+        host, _ = FMix().masks(np.random.default_rng(6), lam, 20, 28)
+        assert (host != masks).mean() < 1e-4
+    else:
+        want = np.stack([release_binarise(im, v, max_soft) for im, v in zip(images, lam)])
+        assert (np.abs(masks - want) > 1e-6).mean() < 1e-3  # ranks agree but for float32 near-ties
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_fmix_device_masks_through_the_mixer_and_kernel(mode):
+    mixer = Mixer(methods=[FMix(device="cpu"), CutMix()], mode=mode, num_classes=10)
+    images, _ = batch(n=8, h=16, w=12)
+    p = mixer.plan(8, rng=np.random.default_rng(3), height=16, width=12)
+    assert p.device_masks is not None and all(m is None for m in p.masks)
+    rows = p.method == 3
+    assert rows.any()
+    dm = p.device_masks[:, 0].double()
+    np.testing.assert_allclose(dm.mean((1, 2)).numpy()[rows], p.lam[rows], atol=1e-12)
+    if mode == "pair":
+        np.testing.assert_array_equal(dm[rows].numpy(), dm[p.partner[rows]].numpy())
+    out = mix_normalize(images, p.records(), p.mask_pool("cpu"), norm=Normalization(mean=(0, 0, 0), std=(1, 1, 1)))
+    x = images.permute(0, 3, 1, 2).double() / 255
+    want = dm[:, None] * x + (1 - dm[:, None]) * x[p.partner]
+    torch.testing.assert_close(out[rows].double(), want[rows], atol=1e-6, rtol=0)
+
+
+def test_fmix_device_rejects_coarse_masks_and_a_second_device_method():
+    from dalimix.mix import SaliencyMix
+
+    with pytest.raises(ValueError, match="full-resolution"):
+        FMix(device="cpu", mask_scale=4)
+    with pytest.raises(ValueError, match="torch device"):
+        FMix(device="tpu-ish")
+    with pytest.raises(ValueError, match="device masks"):
+        Mixer(methods=[FMix(device="cpu"), SaliencyMix()])
+
+
+@pytest.mark.gpu
+def test_fmix_device_planner_on_cuda_does_not_sync():
+    mixer = Mixer(methods=[FMix(device="cuda")], mode="elem", num_classes=10)
+    mixer.plan(8, rng=np.random.default_rng(0), height=32, width=32)  # warm-up: caches, cuFFT plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = mixer.plan(64, rng=np.random.default_rng(1), height=224, width=224)
+        pool = p.mask_pool("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert pool.is_cuda and p.device_ready is not None
+    means = p.device_masks[:, 0].double().mean((1, 2)).cpu().numpy()
+    np.testing.assert_allclose(means, p.lam, atol=1e-12)
+
+
 def test_fmix_reformulate_draws_lam_from_beta_alpha_plus_one():
     lam = FMix(alpha=1.0, reformulate=True).draw_lam(np.random.default_rng(0), 3000)
     assert stats.kstest(lam, stats.beta(2.0, 1.0).cdf).pvalue > 1e-3

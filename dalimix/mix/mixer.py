@@ -100,6 +100,12 @@ class Mixer:
                 "a mixer takes one mask policy (SaliencyMix or AttentiveMix): the loader has one mask hook; "
                 "mix two policies in separate loaders or write one hook that does both"
             )
+        on_device = [m for m in methods if getattr(m, "device", None) is not None]
+        if len(on_device) > 1 or (on_device and any(isinstance(m, MaskPolicy) for m in methods)):
+            raise ValueError(
+                "a mixer takes one method with masks on the device (FMix(device=...), SaliencyMix or "
+                "AttentiveMix): they share the batch's device masks; plan the other FMix on the host (device=None)"
+            )
 
     def __repr__(self) -> str:
         methods = ", ".join(f"{m!r}: p={p:.2f}" for m, p in zip(self.methods, self.probs))
@@ -239,6 +245,11 @@ def _copy_rows(p: MixParams, src: np.ndarray, dst: np.ndarray) -> None:
         arr[dst] = arr[src]
     for s, d in zip(src, dst):
         p.masks[d] = p.masks[s]
+    if p.device_masks is not None and len(src):  # masks planned on the device (FMix(device=...))
+        from .methods import _to_device
+
+        index = _to_device(np.stack([src, dst]).astype(np.int64), p.device_masks.device)
+        p.device_masks[index[1]] = p.device_masks[index[0]]
 
 
 class Mixup(Mixer):

@@ -72,6 +72,9 @@ class MixParams:
     masks: list = field(default_factory=list)
     device_masks: torch.Tensor | None = None  # N x 1 x h x w masks already on the device (mask hook)
     device_target_lam: torch.Tensor | None = None  # N target lams on the device (mask hook); else target_lam
+    # a CUDA event recorded after ``device_masks`` were written on another stream (FMix(device=...)
+    # on the planner thread): ``mask_pool`` makes the consumer's stream wait for it, no host sync
+    device_ready: torch.cuda.Event | None = None
 
     @classmethod
     def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> MixParams:
@@ -132,6 +135,10 @@ class MixParams:
                 seen.add(id(m))
                 unique.append(np.asarray(m, dtype=np.float32).reshape(-1))
         device_pool = None if self.device_masks is None else self.device_masks.reshape(-1)
+        if self.device_ready is not None and device_pool is not None and device_pool.is_cuda:
+            stream = torch.cuda.current_stream(device_pool.device)
+            stream.wait_event(self.device_ready)
+            device_pool.record_stream(stream)  # the planner's allocation stays valid until this stream is done
         if not unique:
             return device_pool
         pool = torch.from_numpy(np.concatenate(unique))
