@@ -757,3 +757,15 @@ def test_loader_with_mixer(small_dataset):
 def test_loader_rejects_too_few_classes(small_dataset):
     with pytest.raises(ValueError, match="num_classes=2 but the data set has 4 classes"):
         ImageLoader(root=small_dataset, batch_size=4, device="cpu", mix=Mixup(num_classes=2))
+
+
+def test_mask_pool_of_fmix_masks_is_their_buffer_without_a_copy():
+    mixer = Mixer(methods=[FMix(), CutMix()], mode="elem", num_classes=10)
+    p = mixer.plan(40, rng=np.random.default_rng(2), height=20, width=24)
+    masks = [m for m in p.masks if m is not None]
+    pool = p.mask_pool("cpu")
+    np.testing.assert_array_equal(pool.numpy(), np.concatenate([m.reshape(-1) for m in masks]))
+    assert np.shares_memory(pool.numpy(), masks[0])
+    apart = MixParams.unmixed(2)
+    apart.masks = [masks[3], masks[1]]  # not back to back: copied, in record order
+    np.testing.assert_array_equal(apart.mask_pool("cpu").numpy(), np.concatenate([masks[3].ravel(), masks[1].ravel()]))

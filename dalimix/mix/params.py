@@ -45,6 +45,25 @@ def pair_indices(n: int, pairing: str, rng: np.random.Generator | None = None) -
     raise ValueError(f"pairing={pairing!r}: use one of {', '.join(PAIRINGS)}")
 
 
+def _contiguous_run(arrays: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(arrays)`` (float32, 1-D), without the copy when they lie back to back in one
+    buffer (the masks FMix plans for a batch: views of one array)."""
+    first = arrays[0]
+    base = first.base if first.base is not None else first
+    if isinstance(base, np.ndarray) and base.dtype == np.float32 and base.flags.c_contiguous:
+        start = first.__array_interface__["data"][0]
+        origin = base.__array_interface__["data"][0]
+        address = start
+        for a in arrays:
+            if a.__array_interface__["data"][0] != address or not a.flags.c_contiguous:
+                break
+            address += a.nbytes
+        else:
+            begin = (start - origin) // 4
+            return base.reshape(-1)[begin : begin + (address - start) // 4]
+    return np.concatenate(arrays)
+
+
 @dataclass
 class MixParams:
     """Everything the fused kernel and the targets need to mix one batch of ``n`` samples.
@@ -141,7 +160,7 @@ class MixParams:
             device_pool.record_stream(stream)  # the planner's allocation stays valid until this stream is done
         if not unique:
             return device_pool
-        pool = torch.from_numpy(np.concatenate(unique))
+        pool = torch.from_numpy(_contiguous_run(unique))
         device = torch.device(device)
         if device.type == "cuda":
             pool = pool.pin_memory().to(device, non_blocking=True)
