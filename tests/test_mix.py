@@ -769,3 +769,24 @@ def test_mask_pool_of_fmix_masks_is_their_buffer_without_a_copy():
     apart = MixParams.unmixed(2)
     apart.masks = [masks[3], masks[1]]  # not back to back: copied, in record order
     np.testing.assert_array_equal(apart.mask_pool("cpu").numpy(), np.concatenate([masks[3].ravel(), masks[1].ravel()]))
+
+
+def test_kth_smallest_is_np_partition_exactly():
+    """The band selection FMix thresholds with, on smooth, tied and adversarial rows (a strided
+    sample that sees only the large values: the band misses, the row is partitioned whole)."""
+    from dalimix.mix.methods import kth_smallest
+
+    rng = np.random.default_rng(0)
+    size = 64 * 80
+    rows = [rng.normal(size=size), rng.integers(0, 4, size).astype(np.float64), np.sort(rng.normal(size=size))]
+    adversarial = np.zeros(size)
+    adversarial[:: size // 1024] = 10.0 + rng.random(len(adversarial[:: size // 1024]))
+    rows.append(adversarial)
+    flat = np.stack(rows * 3).astype(np.float32)
+    kth = np.array([0, size - 1, size // 2, 7, 100, size - 300, 4000, 1, 2500, 0, size - 1, 3333])
+    want = np.array([np.partition(r, k)[k] for r, k in zip(flat, kth)])
+    np.testing.assert_array_equal(kth_smallest(flat, kth), want)
+    small = flat[:, :100].copy()  # short rows take np.partition directly
+    np.testing.assert_array_equal(
+        kth_smallest(small, kth % 100), [np.partition(r, k % 100)[k % 100] for r, k in zip(small, kth)]
+    )
