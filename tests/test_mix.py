@@ -458,8 +458,11 @@ def test_fmix_device_rejects_coarse_masks_and_a_second_device_method():
         FMix(device="cpu", mask_scale=4)
     with pytest.raises(ValueError, match="torch device"):
         FMix(device="tpu-ish")
-    with pytest.raises(ValueError, match="device masks"):
-        Mixer(methods=[FMix(device="cpu"), SaliencyMix()])
+    from dalimix.hook import LearnedMask
+
+    for other in (SaliencyMix(), LearnedMask(), FMix(device="cpu")):
+        with pytest.raises(ValueError, match="device masks"):
+            Mixer(methods=[FMix(device="cpu"), other])
 
 
 @pytest.mark.gpu
@@ -752,6 +755,23 @@ def test_loader_with_mixer(small_dataset):
     loader.mixup_enabled = False
     images, targets = next(iter(loader))
     assert (loader.last_batch.params.method == METHOD_NONE).all()
+
+
+def test_loader_with_fmix_planned_on_the_device(small_dataset):
+    """FMix(device=...) through the loader (planner thread, mask pool, kernel): each mixed sample is
+    its mask's blend of the unmixed batch, the mask's mean is the targets' lam."""
+    mix = Mixer(methods=[FMix(device="cpu")], mode="elem")
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", mix=mix, seed=2, keep_unmixed=True)
+    for images, _ in loader:
+        b = loader.last_batch
+        p = b.params
+        m = p.device_masks.double()
+        np.testing.assert_allclose(m.mean((1, 2, 3)).numpy()[p.method == 3], p.lam[p.method == 3], atol=1e-12)
+        x = b.unmixed.double()
+        want = m * x + (1 - m) * x[p.partner]
+        rows = torch.from_numpy(p.method == 3)
+        torch.testing.assert_close(images.double()[rows], want[rows], atol=1e-5, rtol=0)
+        break
 
 
 def test_loader_rejects_too_few_classes(small_dataset):

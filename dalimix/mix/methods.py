@@ -664,6 +664,9 @@ class FMix(MixMethod):
         index = _to_device(np.asarray(rows, dtype=np.int64), self.device)
         p.device_masks[index, 0] = masks if len(masks) == len(rows) else masks.expand(len(rows), -1, -1)
         p.device_ready = _record_event(self.device)
+        if p.device_planned is None:
+            p.device_planned = np.zeros(p.n, dtype=bool)
+        p.device_planned[rows] = True
         p.method[rows] = METHOD_MASK
         p.flags[rows] = 0
         for r in rows:

@@ -94,6 +94,8 @@ class MixParams:
     # a CUDA event recorded after ``device_masks`` were written on another stream (FMix(device=...)
     # on the planner thread): ``mask_pool`` makes the consumer's stream wait for it, no host sync
     device_ready: torch.cuda.Event | None = None
+    # samples whose mask a method planned on the device (FMix(device=...)), not the mask hook
+    device_planned: np.ndarray | None = None
 
     @classmethod
     def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> MixParams:
