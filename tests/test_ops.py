@@ -246,7 +246,16 @@ HOST_SYNC = re.compile(
 )
 
 
-@pytest.mark.parametrize("module", ["dalimix/ops/cuda.py", "dalimix/ops/__init__.py", "dalimix/hook.py"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "dalimix/ops/cuda.py",
+        "dalimix/ops/__init__.py",
+        "dalimix/hook.py",
+        "dalimix/mix/methods.py",
+        "dalimix/losses.py",
+    ],
+)
 def test_no_host_sync_in_the_per_batch_cuda_path(module):
     """Every .item() / .cpu() / synchronize() / .tolist() / .numpy() / device tensor from host data /
     blocking .to(device) in the CUDA backend and the hook is either on a host-only value or marked

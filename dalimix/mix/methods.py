@@ -381,7 +381,7 @@ def _to_device(arr: np.ndarray, device):
     t = torch.from_numpy(np.ascontiguousarray(arr))
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.to(device)  # host sync: none, a CPU device
 
 
 def _record_event(device):
@@ -538,7 +538,7 @@ class FMix(MixMethod):
         import torch
 
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        return torch.randn((count, h, w // 2 + 1, 2), generator=gen).numpy()
+        return torch.randn((count, h, w // 2 + 1, 2), generator=gen).numpy()  # host sync: none, host noise
 
     def _inverse(self, noise: np.ndarray, h: int, w: int) -> np.ndarray:
         """Scale ``noise`` in place by the filter (computed once per (h, w, decay_power)) and
