@@ -810,3 +810,26 @@ def test_kth_smallest_is_np_partition_exactly():
     np.testing.assert_array_equal(
         kth_smallest(small, kth % 100), [np.partition(r, k % 100)[k % 100] for r, k in zip(small, kth)]
     )
+
+
+def test_fmix_plans_in_a_forked_child_after_the_parent_used_its_pool(monkeypatch):
+    """The parent's planning pool has no threads in a forked child (a DataLoader worker): the child
+    builds its own instead of waiting on it forever."""
+    import multiprocessing as mp
+
+    import dalimix.mix.methods as methods
+
+    monkeypatch.setattr(methods, "_FMIX_CHUNK_PIXELS", 16 * 16 * 2)
+    lam = np.full(8, 0.5)
+    want, _ = FMix().masks(np.random.default_rng(1), lam, 16, 16)  # the parent's pool is up
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_fmix_masks_in_child, (lam,)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)
+
+
+def _fmix_masks_in_child(lam):
+    import dalimix.mix.methods as methods
+
+    methods._FMIX_CHUNK_PIXELS = 16 * 16 * 2
+    return FMix().masks(np.random.default_rng(1), lam, 16, 16)[0]

@@ -348,11 +348,13 @@ _fmix_lock = threading.Lock()
 
 
 def _fmix_pool() -> ThreadPoolExecutor:
+    """The planning pool of this process (a forked child makes its own: the parent's threads are
+    not there)."""
     with _fmix_lock:
         pool = _fmix_state.get("pool")
-        if pool is None:
+        if pool is None or _fmix_state.get("pid") != os.getpid():
             pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="dalimix-fmix")
-            _fmix_state["pool"] = pool
+            _fmix_state["pool"], _fmix_state["pid"] = pool, os.getpid()
         return pool
 
 
