@@ -458,6 +458,11 @@ def test_fmix_device_rejects_coarse_masks_and_a_second_device_method():
         FMix(device="cpu", mask_scale=4)
     with pytest.raises(ValueError, match="torch device"):
         FMix(device="tpu-ish")
+    with pytest.raises(ValueError, match="'meta'"):
+        FMix(device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            FMix(device="cuda")
     from dalimix.hook import LearnedMask
 
     for other in (SaliencyMix(), LearnedMask(), FMix(device="cpu")):

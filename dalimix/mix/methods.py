@@ -368,6 +368,14 @@ def _mask_device(device, mask_size, mask_scale):
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r}: a torch device ('cuda', 'cuda:1', 'cpu') or None ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device={str(device)!r}: FMix plans masks on 'cuda' (or 'cpu') devices, or on the host (None)"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but torch sees no CUDA GPU: use device=None (masks planned on the host)"
+        )
     if mask_size is not None or mask_scale != 1:
         raise ValueError(
             f"device={str(device)!r} samples full-resolution masks only: drop mask_size / mask_scale, or "
