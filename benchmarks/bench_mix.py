@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mix.py [--device cpu|cuda] [--batch-sizes 64,128,256] [--size 224]
                                    [--repeats R] [--data DIR] [--quick] [--out DIR]
+    python benchmarks/bench_mix.py --planning-only [--planning-methods fmix] [--planning-baseline REV]
 
 1. Stage: the same uint8 ``N x H x W x 3`` batches (random pixels), the same labels, one process,
    interleaved repeats, median time per batch. Every row ends with a normalised float ``N x 3 x H x W``
@@ -21,7 +22,10 @@
    mixing) — against a measured device-to-device copy (``copy_`` of a 1 GiB buffer, read + write).
    Box and mask methods read the partner only where it shows, so their real traffic is lower.
 2. Planning (host): ``Mixer.plan`` + ``records`` (the loader runs these on its planner thread) and
-   ``mask_pool`` (main thread), per method, in "batch" and "elem" mode.
+   ``mask_pool`` (main thread), per method, in "batch" and "elem" mode, repeats interleaved across
+   methods; wall and CPU time. ``--planning-only`` runs this table alone, ``--planning-methods fmix``
+   keeps some rows, ``--planning-baseline REV`` adds the FMix of git ``REV`` (before/after in one
+   run); with CUDA, "fmix on cuda" plans the masks on the device (``FMix(device="cuda")``).
 3. Loader: ``ImageLoader`` images/s with mixing off, MixUp/CutMix, and FMix in "elem" mode,
    epochs interleaved in one process, with the planner thread's time per batch and how long the
    main thread waited for a plan (0 = planning hidden behind the batch before it).
@@ -623,40 +627,93 @@ def stage_section(args, device, progress_factory) -> tuple[list[dict], dict]:
 
 
 # ------------------------------------------------------------------------------- planning
-def planning_section(args, progress_factory) -> list[dict]:
-    """Host cost per batch of planning each method in each mode."""
-    rows = []
+def baseline_fmix(rev: str):
+    """The FMix class of ``dalimix/mix/methods.py`` at git ``rev`` (the planning table's "before" rows)."""
+    import importlib.util
+
+    text = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:dalimix/mix/methods.py"], capture_output=True, text=True, check=True
+    ).stdout
+    work = Path(tempfile.mkdtemp(prefix="dalimix-baseline-"))
+    path = work / "methods.py"
+    # its methods subclass today's base class, so today's Mixer takes them
+    path.write_text(
+        text.replace(
+            "class MixMethod:", "from dalimix.mix.methods import MixMethod as _Today\n\n\nclass MixMethod(_Today):", 1
+        )
+    )
+    spec = importlib.util.spec_from_file_location("dalimix.mix._baseline_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "dalimix.mix"
+    spec.loader.exec_module(module)
+    return module.FMix
+
+
+def planning_methods(args) -> dict:
     methods = {k: v for k, v in dalimix_methods().items() if v is not None and "elem" not in k}
     methods["mixup|cutmix"] = lambda: Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=NUM_CLASSES)
-    bar = progress_factory(len(args.batch_sizes) * len(methods) * 2, "planning")
+    if torch.cuda.is_available():
+        methods["fmix on cuda"] = lambda: Mixer(methods=[FMix(device="cuda")], num_classes=NUM_CLASSES)
+    if args.planning_baseline:
+        try:
+            old = baseline_fmix(args.planning_baseline)
+        except (subprocess.CalledProcessError, OSError) as e:
+            print(f"planning baseline {args.planning_baseline}: {e}", file=sys.stderr)
+        else:
+            rev = args.planning_baseline
+            methods[f"fmix @{rev}"] = lambda: Mixer(methods=[old()], num_classes=NUM_CLASSES)
+            methods[f"fmix 1/4 res @{rev}"] = lambda: Mixer(methods=[old(mask_scale=4)], num_classes=NUM_CLASSES)
+    if args.planning_methods:
+        wanted = [m.strip() for m in args.planning_methods.split(",") if m.strip()]
+        methods = {k: v for k, v in methods.items() if any(k == w or k.startswith(w + " ") for w in wanted)}
+    return methods
+
+
+def planning_section(args, progress_factory) -> list[dict]:
+    """Host cost per batch of planning each method in each mode: wall and CPU time (process time of
+    the whole process, so the thread pool FMix plans on counts), repeats interleaved across methods."""
+    rows = []
+    methods = planning_methods(args)
+    repeats = max(20, args.repeats) if args.planning_repeats is None else args.planning_repeats
+    bar = progress_factory(len(args.batch_sizes) * len(methods) * 2 * (repeats + 1), "planning")
     for n in args.batch_sizes:
+        cases = []
         for name, factory in methods.items():
             for mode in ("batch", "elem"):
                 mixer = factory()
                 mixer.mode = mode
-                rng = np.random.default_rng(args.seed)
-                plan_t, pool_t = [], []
-                for _ in range(max(20, args.repeats) + 1):
-                    t0 = time.perf_counter()
-                    p = mixer.plan(n, rng=rng, height=args.size, width=args.size)
-                    p.records()
-                    t1 = time.perf_counter()
-                    p.mask_pool("cpu")
-                    plan_t.append(t1 - t0)
-                    pool_t.append(time.perf_counter() - t1)
-                rows.append(
-                    {
-                        "batch_size": n,
-                        "size": args.size,
-                        "method": name,
-                        "mode": mode,
-                        "plan_ms": 1e3 * statistics.median(plan_t[1:]),
-                        "plan_ms_min": 1e3 * min(plan_t[1:]),
-                        "plan_ms_max": 1e3 * max(plan_t[1:]),
-                        "mask_pool_ms": 1e3 * statistics.median(pool_t[1:]),
-                    }
+                cases.append(
+                    {"name": name, "mode": mode, "mixer": mixer, "rng": np.random.default_rng(args.seed), "t": []}
                 )
+        for _ in range(repeats + 1):  # the first round warms up (caches, FFT plans, the thread pool)
+            for c in cases:
+                cuda = "cuda" in c["name"]
+                t0, c0 = time.perf_counter(), time.process_time()
+                p = c["mixer"].plan(n, rng=c["rng"], height=args.size, width=args.size)
+                p.records()
+                t1, c1 = time.perf_counter(), time.process_time()
+                p.mask_pool("cuda" if cuda else "cpu")
+                if cuda:
+                    torch.cuda.synchronize()  # device time of the masks, not only the launches
+                t2 = time.perf_counter()
+                c["t"].append((t1 - t0, c1 - c0, t2 - t1))
                 bar.update(1)
+        for c in cases:
+            t = c["t"][1:]
+            plan_t, cpu_t, pool_t = ([r[i] for r in t] for i in range(3))
+            rows.append(
+                {
+                    "batch_size": n,
+                    "size": args.size,
+                    "method": c["name"],
+                    "mode": c["mode"],
+                    "plan_ms": 1e3 * statistics.median(plan_t),
+                    "plan_ms_min": 1e3 * min(plan_t),
+                    "plan_ms_max": 1e3 * max(plan_t),
+                    "plan_cpu_ms": 1e3 * statistics.median(cpu_t),
+                    "mask_pool_ms": 1e3 * statistics.median(pool_t),
+                }
+            )
     bar.close()
     return rows
 
@@ -790,6 +847,25 @@ def _med_min(row: dict, key: str) -> str:
     return f"{row[key]:.2f} / {row[f'{key}_min']:.2f}" if row.get(f"{key}_min") is not None else f"{row[key]:.2f}"
 
 
+def planning_markdown(rows: list[dict]) -> str:
+    return markdown_table(
+        ["batch", "size", "method", "mode", "plan ms (median / min)", "plan ms max", "plan CPU ms", "mask pool ms"],
+        [
+            [
+                str(r["batch_size"]),
+                str(r["size"]),
+                r["method"],
+                r["mode"],
+                _med_min(r, "plan_ms"),
+                _fmt(r["plan_ms_max"]),
+                _fmt(r.get("plan_cpu_ms")),
+                _fmt(r["mask_pool_ms"]),
+            ]
+            for r in rows
+        ],
+    )
+
+
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     gpu = s["device"] == "cuda"
@@ -832,20 +908,7 @@ def markdown(result: dict) -> str:
         "",
         "Planning on the host, per batch (plan + records: planner thread; mask pool: main thread):",
         "",
-        markdown_table(
-            ["batch", "method", "mode", "plan ms (median / min)", "plan ms max", "mask pool ms"],
-            [
-                [
-                    str(r["batch_size"]),
-                    r["method"],
-                    r["mode"],
-                    _med_min(r, "plan_ms"),
-                    _fmt(r["plan_ms_max"]),
-                    _fmt(r["mask_pool_ms"]),
-                ]
-                for r in result["planning"]
-            ],
-        ),
+        planning_markdown(result["planning"]),
     ]
     if result.get("loader"):
         parts += [
@@ -909,6 +972,20 @@ def parse_args(argv=None):
         help="only the SASS instructions-per-pixel table (no GPU needed: nvcc + cuobjdump)",
     )
     p.add_argument("--no-sass", action="store_true", help="skip the SASS table")
+    p.add_argument(
+        "--planning-only", action="store_true", help="only the planning table (host cost of Mixer.plan per batch)"
+    )
+    p.add_argument(
+        "--planning-methods",
+        default=None,
+        help="comma-separated planning rows to keep, by name or prefix (e.g. 'fmix' keeps every FMix row)",
+    )
+    p.add_argument(
+        "--planning-baseline",
+        default=None,
+        help="git revision whose FMix is timed in the same run (rows 'fmix @REV', 'fmix 1/4 res @REV')",
+    )
+    p.add_argument("--planning-repeats", type=int, default=None, help="timed plans per case (default max(20, repeats))")
     p.add_argument("--sass-arch", default="sm_90", help="architecture of the SASS table (default sm_90)")
     p.add_argument(
         "--sass-baseline",
@@ -946,7 +1023,7 @@ def parse_args(argv=None):
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.quick and not args.sass_only:
+    if args.planning_only or (args.quick and not args.sass_only):
         args.no_sass = True  # a smoke run: the SASS table takes ~22 nvcc builds
     args.dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     bad = [d for d in args.dtypes if d not in DTYPES]
@@ -975,6 +1052,15 @@ def main(argv=None) -> int:
     if args.sass_only:
         result = {"kind": "dalimix-bench-mix-sass", "machine": machine, "settings": settings, "sass": sass}
         text = sass_markdown(sass)
+    elif args.planning_only:
+        planning = planning_section(args, progress_factory)
+        machine["loadavg_end"] = list(os.getloadavg())
+        result = {"kind": "dalimix-bench-mix-planning", "machine": machine, "settings": settings, "planning": planning}
+        text = (
+            f"{machine['date'][:10]}, {one_line(machine)}; load average {machine['loadavg_start'][0]:.1f} at the "
+            f"start, {machine['loadavg_end'][0]:.1f} at the end. Planning per batch, repeats interleaved:\n\n"
+            + planning_markdown(planning)
+        )
     else:
         stage, copy = stage_section(args, device, progress_factory)
         kernels = kernel_section(args, device, copy["copy_GBps"] * 1e9) if device.type == "cuda" else None
@@ -1000,7 +1086,7 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kind = "bench-mix-sass" if args.sass_only else "bench-mix"
+    kind = "bench-mix-sass" if args.sass_only else "bench-mix-planning" if args.planning_only else "bench-mix"
     stem = f"{kind}-{short_name(machine, args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(text)

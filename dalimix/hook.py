@@ -88,8 +88,12 @@ class LearnedMask(MixMethod):
 
 
 def hooked_rows(params: MixParams) -> np.ndarray:
-    """Samples whose mask comes from the hook: method MASK without a host mask."""
-    return np.flatnonzero((params.method == METHOD_MASK) & np.array([m is None for m in params.masks], dtype=bool))
+    """Samples whose mask comes from the hook: method MASK without a host mask, not planned on the
+    device by their method (``FMix(device=...)``)."""
+    hooked = (params.method == METHOD_MASK) & np.array([m is None for m in params.masks], dtype=bool)
+    if params.device_planned is not None:
+        hooked &= ~params.device_planned
+    return np.flatnonzero(hooked)
 
 
 def require_hook(params: MixParams | None) -> None:

@@ -467,3 +467,51 @@ def test_samix_variant_trains_its_mix_block_with_the_variance_mask_loss():
     assert all(p.grad is None for p in am.model.parameters())
     with pytest.raises(ValueError, match="variant"):
         make_automix(variant="puzzlemix")
+
+
+def test_samix_eta_balanced_mix_block_loss():
+    """mix_block_loss="eta_balanced": the Mix Block flow classifies its mixed batch with SAMix's
+    η-balanced loss (the EMA model's logits, the flow's lam and partners); "ce" (the default) is the
+    mixup cross-entropy; gradients still reach only the Mix Block."""
+    from dalimix.losses import EtaBalancedMixLoss
+    from dalimix.mix import CompactTargets
+
+    clean = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    partner = [1, 2, 3, 0]
+    for loss, eta in (("eta_balanced", 0.5), ("eta_balanced", 1.0), ("ce", 0.5)):
+        am = make_automix(variant="samix", mix_block_loss=loss, eta=eta)
+        flow = am.mix_block_flow(clean, labels, am.features(clean), lam=0.3, partner=partner)
+        with torch.no_grad():
+            out = am.ema(flow["mixed"])
+        t = CompactTargets(labels, labels[partner], torch.full((4,), 0.3))
+        if loss == "ce":
+            want = 0.3 * F.cross_entropy(out, labels) + 0.7 * F.cross_entropy(out, labels[partner])
+        else:
+            want = EtaBalancedMixLoss(eta=eta)(out, t)
+        torch.testing.assert_close(flow["loss_mix_block"].detach(), want)
+        flow["loss_mix_block"].backward()
+        assert all(p.grad is None for p in am.model.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in am.mix_block.parameters())
+    assert make_automix().mix_block_loss == "ce"
+    with pytest.raises(ValueError, match="mix_block_loss"):
+        make_automix(mix_block_loss="bce")
+    with pytest.raises(ValueError, match="eta"):
+        make_automix(mix_block_loss="eta_balanced", eta=-0.1)
+
+
+def test_eta_balanced_step_reads_nothing_back_to_the_host(monkeypatch):
+    """The whole step with the η-balanced loss calls no Tensor.item / cpu / tolist / numpy (on CUDA
+    each would be a host sync)."""
+    am = make_automix(variant="samix", mix_block_loss="eta_balanced")
+    clean = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    feats = am.features(clean)
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a host read-back in the training step")
+
+    for name in ("item", "cpu", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    flow = am.mix_block_flow(clean, labels, feats, lam=0.4, partner=np.array([1, 2, 3, 0]))
+    (flow["loss_mix_block"] + flow["loss_mask"]).backward()

@@ -192,7 +192,16 @@ def _check_kept(step):
         assert torch.equal(y_a, y_copy) and torch.equal(lam, lam_copy)
 
 
-STANDALONE_PATHS = ["plain", "mixup_cutmix_elem", "fmix_compact", "saliency", "mask_hook", "automix"]
+STANDALONE_PATHS = [
+    "plain",
+    "mixup_cutmix_elem",
+    "fmix_compact",
+    "saliency",
+    "fmix_device",
+    "mask_hook",
+    "automix",
+    "samix_eta",
+]
 
 
 def standalone_path(name, device="cuda", n=8, size=64, dtype=torch.bfloat16):
@@ -233,10 +242,16 @@ def standalone_path(name, device="cuda", n=8, size=64, dtype=torch.bfloat16):
 
         mixed.kept = getattr(eat, "kept", [])
         return mixed
+    if name == "fmix_device":  # FMix masks planned on the device: no host sync, an event orders the kernel
+        from dalimix.mix import FMix
+
+        mixer = Mixer(methods=[FMix(device=device)], mode="elem", num_classes=4)
+        return lambda i: consume(*mixer(sources[i % 4], labels[i % 4], rng=np.random.default_rng(i), **fmt))
     am = None
-    if name == "automix":
+    if name in ("automix", "samix_eta"):
         torch.manual_seed(0)
-        am = AutoMix(model=TinyNet(), feature_layer="stage3", input_size=size).to(device)
+        extra = dict(variant="samix", mix_block_loss="eta_balanced") if name == "samix_eta" else {}
+        am = AutoMix(model=TinyNet(), feature_layer="stage3", input_size=size, **extra).to(device)
         mixer = am.mixer(num_classes=4)
         hook = MaskHook(
             fn=am.mask_hook, interpolation="nearest", logits=True, target_lam="planned", validate="deferred"

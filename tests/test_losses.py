@@ -1,13 +1,14 @@
-"""DecoupleMix's loss against a float64 re-derivation of the paper's definition and OpenMixup's
-soft decoupled cross-entropy."""
+"""DecoupleMix's loss and SAMix's η-balanced loss against float64 re-derivations of their papers'
+definitions and OpenMixup's behaviour."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dalimix.losses import DecoupledMixCrossEntropy, MixCrossEntropy
+from dalimix.losses import DecoupledMixCrossEntropy, EtaBalancedMixLoss, MixCrossEntropy
 from dalimix.mix import CompactTargets
 
 
@@ -91,3 +92,97 @@ def test_eta_zero_is_mixup_cross_entropy_and_dense_targets_are_refused():
         DecoupledMixCrossEntropy()(z, t.to_soft(4))
     with pytest.raises(ValueError, match="mode='all'"):
         DecoupledMixCrossEntropy(mode="all")
+
+
+def log_sigmoid(z):
+    return -np.logaddexp(0.0, -z)
+
+
+def eta_reference(z, y_a, y_b, lam, eta, eps=0.0):
+    """SAMix's η-balanced loss per its definition in float64: per sample, the binary cross-entropy
+    of the two mixed classes plus eta times that of every other class (sum), mean over samples."""
+    total = 0.0
+    for zi, a, b, l in zip(z.astype(np.float64), y_a, y_b, lam.astype(np.float64)):
+        c = len(zi)
+        y = np.full(c, eps / c)
+        y[a] += (1 - eps) * l
+        y[b] += (1 - eps) * (1 - l)
+        bce = -(y * log_sigmoid(zi) + (1 - y) * log_sigmoid(-zi))
+        positive = np.zeros(c, dtype=bool)
+        positive[[a, b]] = True
+        total += bce[positive].sum() + eta * bce[~positive].sum()
+    return total / len(z)
+
+
+def openmixup_neg_weight(z, y_a, y_b, lam, neg_weight):
+    """OpenMixup's ClsMixupHead(multi_label=True, neg_weight=w) with a sigmoid CrossEntropyLoss, as
+    read from its source and rewritten: mixed one-hot labels, class weights max(y > 0, w) on the
+    elementwise binary cross-entropy with logits, summed and divided by the batch size."""
+    z = torch.as_tensor(z, dtype=torch.float64)
+    c = z.shape[1]
+    lam = torch.as_tensor(lam, dtype=torch.float64).view(-1, 1)
+    y = lam * F.one_hot(torch.as_tensor(y_a), c) + (1 - lam) * F.one_hot(torch.as_tensor(y_b), c)
+    weight = (y > 0).double().clamp(min=neg_weight)
+    return float((F.binary_cross_entropy_with_logits(z, y, weight=weight, reduction="none")).sum() / len(z))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_eta_balanced_loss_matches_float64_definition(eta, eps):
+    rng = np.random.default_rng(int(eta * 10) + int(eps * 100))
+    n, c = 12, 9
+    z = rng.normal(0, 3, (n, c)).astype(np.float32)
+    y_a, y_b = rng.integers(0, c, n), rng.integers(0, c, n)
+    y_b[:2] = y_a[:2]  # mixed within one class: one positive
+    lam = rng.uniform(0.05, 0.95, n).astype(np.float32)
+    t = CompactTargets(torch.from_numpy(y_a), torch.from_numpy(y_b), torch.from_numpy(lam), eps)
+    got = EtaBalancedMixLoss(eta=eta)(torch.from_numpy(z), t)
+    assert got.item() == pytest.approx(eta_reference(z, y_a, y_b, lam, eta, eps), rel=1e-5)
+    # dense soft targets (positives where t > 0) agree when nothing is smoothed
+    if eps == 0:
+        dense = EtaBalancedMixLoss(eta=eta)(torch.from_numpy(z), t.to_soft(c))
+        assert dense.item() == pytest.approx(got.item(), rel=1e-6)
+        assert got.item() == pytest.approx(openmixup_neg_weight(z, y_a, y_b, lam, eta), rel=1e-5)
+
+
+def test_eta_balanced_limits_and_gradients():
+    """eta=1: the plain mixup BCE; eta=0: the two mixed classes alone; the gradient on a class not
+    mixed is eta times its BCE gradient sigmoid(z)."""
+    rng = np.random.default_rng(0)
+    n, c = 8, 6
+    z = torch.from_numpy(rng.normal(0, 2, (n, c))).requires_grad_(True)
+    y_a, y_b = torch.from_numpy(rng.integers(0, c, n)), torch.from_numpy(rng.integers(0, c, n))
+    lam = torch.from_numpy(rng.uniform(0.1, 0.9, n))
+    t = CompactTargets(y_a, y_b, lam)
+    soft = t.to_soft(c).double()
+    plain = F.binary_cross_entropy_with_logits(z, soft, reduction="sum") / n
+    torch.testing.assert_close(EtaBalancedMixLoss(eta=1.0)(z, t), plain.float(), rtol=1e-6, atol=0)
+    positive = (F.one_hot(y_a, c) + F.one_hot(y_b, c)) > 0
+    local = (F.binary_cross_entropy_with_logits(z, soft, reduction="none") * positive).sum() / n
+    torch.testing.assert_close(EtaBalancedMixLoss(eta=0.0)(z, t), local.float(), rtol=1e-6, atol=0)
+    EtaBalancedMixLoss(eta=0.25)(z, t).backward()
+    negative = ~positive
+    want = 0.25 * torch.sigmoid(z.detach())[negative] / n
+    torch.testing.assert_close(z.grad[negative], want, rtol=1e-5, atol=1e-7)
+    # int64 labels: one-hot, one positive per sample
+    y = torch.from_numpy(rng.integers(0, c, n))
+    onehot = CompactTargets(y, y, torch.ones(n))
+    torch.testing.assert_close(EtaBalancedMixLoss(eta=0.4)(z, y), EtaBalancedMixLoss(eta=0.4)(z, onehot))
+    with pytest.raises(ValueError, match="eta"):
+        EtaBalancedMixLoss(eta=1.5)
+    with pytest.raises(ValueError, match="soft targets"):
+        EtaBalancedMixLoss()(z, torch.zeros(n, c + 1))
+
+
+def test_openmixups_released_samix_head_ignores_neg_weight():
+    """OpenMixup's released SAMix configs put neg_weight on a SOFTMAX soft cross-entropy: the class
+    weights max(y > 0, w) only touch zero targets, so the Mix Block is trained with the plain
+    mixup cross-entropy whatever w is, which is AutoMix(mix_block_loss="ce")."""
+    rng = np.random.default_rng(3)
+    n, c = 10, 7
+    z = torch.from_numpy(rng.normal(0, 2, (n, c))).float()
+    t = CompactTargets(torch.from_numpy(rng.integers(0, c, n)), torch.from_numpy(rng.integers(0, c, n)), torch.rand(n))
+    y = t.to_soft(c)
+    for w in (0.5, 1.0):
+        weighted = (-y * F.log_softmax(z, dim=-1) * (y > 0).float().clamp(min=w)).sum(-1).mean()
+        torch.testing.assert_close(weighted, MixCrossEntropy()(z, t))

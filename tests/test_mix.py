@@ -350,6 +350,142 @@ def test_fmix_binarisation_and_soft_edges_match_the_release(max_soft):
     np.testing.assert_allclose(p.lam, [m.mean() for m in p.masks], atol=1e-12)
 
 
+def fmix_reference_images(seed: int, count: int, h: int, w: int, decay: float) -> np.ndarray:
+    """FMix's low-pass noise in float64 from the paper's definition: the same complex Gaussian draws
+    (torch's generator, ``seed``), amplitude ``1 / max(f, 1 / max(h, w)) ** decay``, inverse real FFT."""
+    noise = torch.randn((count, h, w // 2 + 1, 2), generator=torch.Generator().manual_seed(seed)).double().numpy()
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    scale = 1.0 / np.maximum(np.sqrt(fy * fy + fx * fx), 1.0 / max(h, w)) ** decay
+    return np.fft.irfft2((noise[..., 0] + 1j * noise[..., 1]) * scale, s=(h, w))
+
+
+def assert_top_pixels(masks: np.ndarray, images: np.ndarray, lam: np.ndarray) -> None:
+    """Each mask is 1 on the top round(lam h w) pixels of its float64 image and 0 elsewhere, except
+    possibly on pixels within float32 rounding of that image's threshold."""
+    count, h, w = images.shape
+    size = h * w
+    flat, got = images.reshape(count, -1), masks.reshape(count, -1)
+    keep = np.rint(lam * size).astype(np.int64)
+    np.testing.assert_array_equal(got.sum(1), keep)  # lam exact to 1 / (h w)
+    order = np.argsort(-flat, axis=1, kind="stable")
+    want = np.zeros_like(flat)
+    np.put_along_axis(want, order, (np.arange(size)[None, :] < keep[:, None]).astype(np.float64), axis=1)
+    wrong = got != want
+    if wrong.any():
+        sorted_desc = np.take_along_axis(flat, order, axis=1)
+        threshold = sorted_desc[np.arange(count), np.clip(keep - 1, 0, size - 1)]
+        spread = np.abs(flat).max(1, keepdims=True)
+        near = np.abs(flat - threshold[:, None]) <= 1e-5 * spread
+        assert not (wrong & ~near).any()
+    assert wrong.mean() < 1e-3
+
+
+@pytest.mark.parametrize("h, w, decay", [(13, 17, 3.0), (32, 32, 1.0), (48, 40, 3.0)])
+def test_fmix_planner_matches_a_float64_reference(h, w, decay):
+    """The batched float32 planner (numpy FFT in chunks on a thread pool, selection per row) against
+    the paper's definition in float64 from the same draws: top-ceil/round(lam h w) pixels of the
+    low-pass noise are 1."""
+    f = FMix(decay_power=decay)
+    lam = np.random.default_rng(1).uniform(0, 1, 70)
+    lam[:3] = (0.0, 1.0, 0.5)
+    masks, means = f.masks(np.random.default_rng(5), lam, h, w)
+    seed = int(np.random.default_rng(5).integers(0, 2**62))
+    assert_top_pixels(masks, fmix_reference_images(seed, len(lam), h, w, decay), lam)
+    np.testing.assert_array_equal(means, np.rint(lam * h * w) / (h * w))
+    # the planner before this one: torch's FFT, the same draws (masks agree but for float32 near-ties)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.view_as_complex(torch.randn((len(lam), h, w // 2 + 1, 2), generator=gen))
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    scale = (1.0 / np.maximum(np.sqrt(fy * fy + fx * fx), 1.0 / max(h, w)) ** decay).astype(np.float32)
+    before = f.binarize(torch.fft.irfft2(noise * torch.from_numpy(scale), s=(h, w)).numpy(), lam)
+    assert (before != masks).mean() < 1e-4
+
+
+def test_fmix_chunking_does_not_change_the_masks(monkeypatch):
+    import dalimix.mix.methods as methods
+
+    lam = np.random.default_rng(2).uniform(0, 1, 40)
+    whole, _ = FMix().masks(np.random.default_rng(9), lam, 24, 20)
+    monkeypatch.setattr(methods, "_FMIX_CHUNK_PIXELS", 24 * 20 * 3)  # 3 samples a chunk, on the pool
+    chunked, _ = FMix().masks(np.random.default_rng(9), lam, 24, 20)
+    np.testing.assert_array_equal(chunked, whole)
+
+
+@pytest.mark.parametrize("max_soft", [0.0, 0.1])
+def test_fmix_device_planner_matches_the_host_planner(max_soft):
+    """FMix(device=...) ranks the same noise (on the CPU device: the same generator) with a stable
+    sort; its masks and lams match the host planner's and the release's soft edge."""
+    rng = np.random.default_rng(4)
+    lam = rng.uniform(0.02, 0.98, 30)
+    dev = FMix(device="cpu", max_soft=max_soft)
+    masks, means = dev.device_masks(np.random.default_rng(6), lam, 20, 28)
+    masks = masks.numpy()
+    np.testing.assert_allclose(means, masks.mean(axis=(1, 2), dtype=np.float64), rtol=0, atol=1e-12)
+    seed = int(np.random.default_rng(6).integers(0, 2**62))
+    images = fmix_reference_images(seed, len(lam), 20, 28, 3.0)
+    if max_soft == 0:
+        assert_top_pixels(masks, images, lam)
+        host, _ = FMix().masks(np.random.default_rng(6), lam, 20, 28)
+        assert (host != masks).mean() < 1e-4
+    else:
+        want = np.stack([release_binarise(im, v, max_soft) for im, v in zip(images, lam)])
+        assert (np.abs(masks - want) > 1e-6).mean() < 1e-3  # ranks agree but for float32 near-ties
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_fmix_device_masks_through_the_mixer_and_kernel(mode):
+    mixer = Mixer(methods=[FMix(device="cpu"), CutMix()], mode=mode, num_classes=10)
+    images, _ = batch(n=8, h=16, w=12)
+    p = mixer.plan(8, rng=np.random.default_rng(3), height=16, width=12)
+    assert p.device_masks is not None and all(m is None for m in p.masks)
+    rows = p.method == 3
+    assert rows.any()
+    dm = p.device_masks[:, 0].double()
+    np.testing.assert_allclose(dm.mean((1, 2)).numpy()[rows], p.lam[rows], atol=1e-12)
+    if mode == "pair":
+        np.testing.assert_array_equal(dm[rows].numpy(), dm[p.partner[rows]].numpy())
+    out = mix_normalize(images, p.records(), p.mask_pool("cpu"), norm=Normalization(mean=(0, 0, 0), std=(1, 1, 1)))
+    x = images.permute(0, 3, 1, 2).double() / 255
+    want = dm[:, None] * x + (1 - dm[:, None]) * x[p.partner]
+    torch.testing.assert_close(out[rows].double(), want[rows], atol=1e-6, rtol=0)
+
+
+def test_fmix_device_rejects_coarse_masks_and_a_second_device_method():
+    from dalimix.mix import SaliencyMix
+
+    with pytest.raises(ValueError, match="full-resolution"):
+        FMix(device="cpu", mask_scale=4)
+    with pytest.raises(ValueError, match="torch device"):
+        FMix(device="tpu-ish")
+    with pytest.raises(ValueError, match="'meta'"):
+        FMix(device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            FMix(device="cuda")
+    from dalimix.hook import LearnedMask
+
+    for other in (SaliencyMix(), LearnedMask(), FMix(device="cpu")):
+        with pytest.raises(ValueError, match="device masks"):
+            Mixer(methods=[FMix(device="cpu"), other])
+
+
+@pytest.mark.gpu
+def test_fmix_device_planner_on_cuda_does_not_sync():
+    mixer = Mixer(methods=[FMix(device="cuda")], mode="elem", num_classes=10)
+    mixer.plan(8, rng=np.random.default_rng(0), height=32, width=32)  # warm-up: caches, cuFFT plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = mixer.plan(64, rng=np.random.default_rng(1), height=224, width=224)
+        pool = p.mask_pool("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert pool.is_cuda and p.device_ready is not None
+    means = p.device_masks[:, 0].double().mean((1, 2)).cpu().numpy()
+    np.testing.assert_allclose(means, p.lam, atol=1e-12)
+
+
 def test_fmix_reformulate_draws_lam_from_beta_alpha_plus_one():
     lam = FMix(alpha=1.0, reformulate=True).draw_lam(np.random.default_rng(0), 3000)
     assert stats.kstest(lam, stats.beta(2.0, 1.0).cdf).pvalue > 1e-3
@@ -626,6 +762,79 @@ def test_loader_with_mixer(small_dataset):
     assert (loader.last_batch.params.method == METHOD_NONE).all()
 
 
+def test_loader_with_fmix_planned_on_the_device(small_dataset):
+    """FMix(device=...) through the loader (planner thread, mask pool, kernel): each mixed sample is
+    its mask's blend of the unmixed batch, the mask's mean is the targets' lam."""
+    mix = Mixer(methods=[FMix(device="cpu")], mode="elem")
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=32, device="cpu", mix=mix, seed=2, keep_unmixed=True)
+    for images, _ in loader:
+        b = loader.last_batch
+        p = b.params
+        m = p.device_masks.double()
+        np.testing.assert_allclose(m.mean((1, 2, 3)).numpy()[p.method == 3], p.lam[p.method == 3], atol=1e-12)
+        x = b.unmixed.double()
+        want = m * x + (1 - m) * x[p.partner]
+        rows = torch.from_numpy(p.method == 3)
+        torch.testing.assert_close(images.double()[rows], want[rows], atol=1e-5, rtol=0)
+        break
+
+
 def test_loader_rejects_too_few_classes(small_dataset):
     with pytest.raises(ValueError, match="num_classes=2 but the data set has 4 classes"):
         ImageLoader(root=small_dataset, batch_size=4, device="cpu", mix=Mixup(num_classes=2))
+
+
+def test_mask_pool_of_fmix_masks_is_their_buffer_without_a_copy():
+    mixer = Mixer(methods=[FMix(), CutMix()], mode="elem", num_classes=10)
+    p = mixer.plan(40, rng=np.random.default_rng(2), height=20, width=24)
+    masks = [m for m in p.masks if m is not None]
+    pool = p.mask_pool("cpu")
+    np.testing.assert_array_equal(pool.numpy(), np.concatenate([m.reshape(-1) for m in masks]))
+    assert np.shares_memory(pool.numpy(), masks[0])
+    apart = MixParams.unmixed(2)
+    apart.masks = [masks[3], masks[1]]  # not back to back: copied, in record order
+    np.testing.assert_array_equal(apart.mask_pool("cpu").numpy(), np.concatenate([masks[3].ravel(), masks[1].ravel()]))
+
+
+def test_kth_smallest_is_np_partition_exactly():
+    """The band selection FMix thresholds with, on smooth, tied and adversarial rows (a strided
+    sample that sees only the large values: the band misses, the row is partitioned whole)."""
+    from dalimix.mix.methods import kth_smallest
+
+    rng = np.random.default_rng(0)
+    size = 64 * 80
+    rows = [rng.normal(size=size), rng.integers(0, 4, size).astype(np.float64), np.sort(rng.normal(size=size))]
+    adversarial = np.zeros(size)
+    adversarial[:: size // 1024] = 10.0 + rng.random(len(adversarial[:: size // 1024]))
+    rows.append(adversarial)
+    flat = np.stack(rows * 3).astype(np.float32)
+    kth = np.array([0, size - 1, size // 2, 7, 100, size - 300, 4000, 1, 2500, 0, size - 1, 3333])
+    want = np.array([np.partition(r, k)[k] for r, k in zip(flat, kth)])
+    np.testing.assert_array_equal(kth_smallest(flat, kth), want)
+    small = flat[:, :100].copy()  # short rows take np.partition directly
+    np.testing.assert_array_equal(
+        kth_smallest(small, kth % 100), [np.partition(r, k % 100)[k % 100] for r, k in zip(small, kth)]
+    )
+
+
+def test_fmix_plans_in_a_forked_child_after_the_parent_used_its_pool(monkeypatch):
+    """The parent's planning pool has no threads in a forked child (a DataLoader worker): the child
+    builds its own instead of waiting on it forever."""
+    import multiprocessing as mp
+
+    import dalimix.mix.methods as methods
+
+    monkeypatch.setattr(methods, "_FMIX_CHUNK_PIXELS", 16 * 16 * 2)
+    lam = np.full(8, 0.5)
+    want, _ = FMix().masks(np.random.default_rng(1), lam, 16, 16)  # the parent's pool is up
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_fmix_masks_in_child, (lam,)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)
+
+
+def _fmix_masks_in_child(lam):
+    import dalimix.mix.methods as methods
+
+    methods._FMIX_CHUNK_PIXELS = 16 * 16 * 2
+    return FMix().masks(np.random.default_rng(1), lam, 16, 16)[0]

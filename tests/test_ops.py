@@ -264,6 +264,8 @@ PER_BATCH_CUDA_MODULES = [
     "dalimix/automix/trainer.py",
     "dalimix/automix/mixblock.py",
     "dalimix/transmix.py",
+    "dalimix/mix/methods.py",
+    "dalimix/losses.py",
 ]
 
 

@@ -240,7 +240,7 @@ def test_mixer_arguments_fail_cleanly(data):
         ),
         "MixUp": (MixUp, ["alpha"]),
         "CutMix": (CutMix, ["alpha", "minmax", "correct_lam"]),
-        "FMix": (FMix, ["alpha", "decay_power", "mask_size", "mask_scale"]),
+        "FMix": (FMix, ["alpha", "decay_power", "mask_size", "mask_scale", "device"]),
         "ResizeMix": (ResizeMix, ["scope", "interpolation"]),
         "GridMix": (GridMix, ["alpha", "n_holes", "hole_aspect_ratio", "cut_area_ratio", "cut_aspect_ratio"]),
         "SmoothMix": (SmoothMix, ["sigma_range"]),
@@ -578,7 +578,17 @@ def test_policy_hook_and_automix_arguments_fail_cleanly(data):
                 k: data.draw(junk, label=k)
                 for k in data.draw(
                     st.lists(
-                        st.sampled_from(["input_size", "alpha", "momentum", "mask_loss_weight", "mixup_margin"]),
+                        st.sampled_from(
+                            [
+                                "input_size",
+                                "alpha",
+                                "momentum",
+                                "mask_loss_weight",
+                                "mixup_margin",
+                                "mix_block_loss",
+                                "eta",
+                            ]
+                        ),
                         max_size=2,
                         unique=True,
                     )

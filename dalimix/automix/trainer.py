@@ -12,7 +12,8 @@ Per step, with ``images, targets`` from a loader the ``AutoMix`` is attached to:
 - clean flow: the online model on the clean batch (``loader.last_batch.unmixed``), cross-entropy;
 - Mix Block flow: a second lam ~ Beta(alpha, alpha) with its own partners, the Mix Block on the
   cached features WITH gradient, the batch mixed differentiably here and classified by the frozen
-  EMA model: gradient reaches only the Mix Block; plus the mask loss
+  EMA model (mixup cross-entropy, or SAMix's η-balanced loss with ``mix_block_loss="eta_balanced"``):
+  gradient reaches only the Mix Block; plus the mask loss
   ``w * clamp(|mean(mask) - lam| - margin, 0)`` with ``w`` annealed from 0.1 to 0 by a cosine;
 - ``update(progress)`` after the optimiser step: EMA momentum rising by a cosine from 0.999 to
   0.99999, then the EMA update.
@@ -29,11 +30,13 @@ from torch import nn
 
 from .. import validate as v
 from ..hook import LearnedMask
-from ..losses import MixCrossEntropy
-from ..mix import Mixer, pair_indices
+from ..losses import EtaBalancedMixLoss, MixCrossEntropy
+from ..mix import CompactTargets, Mixer, pair_indices
 from .features import FeatureTap
 from .mixblock import UPSAMPLINGS, MixBlock, adjust_to_lam, partner_on
 from .momentum import cosine_decay, cosine_rise, ema_update
+
+MIX_BLOCK_LOSSES = ("ce", "eta_balanced")
 
 
 def mask_spatial_std(logits: torch.Tensor) -> torch.Tensor:
@@ -67,6 +70,12 @@ class AutoMix(nn.Module):
         switch_off: > 0 trains the Mix Block flow's classification loss only with probability
             ``switch_off * c``, ``c`` a cosine from 1 to 0 over training (OpenMixup's ``switch_off``,
             for faster training; the mask loss stays on). 0 = always.
+        mix_block_loss: the Mix Block flow's classification loss: "ce" (default: mixup
+            cross-entropy, what AutoMix and OpenMixup's released SAMix configs compute) or
+            "eta_balanced" (SAMix's η-balanced mixup loss, ``dalimix.losses.EtaBalancedMixLoss``:
+            the two mixed classes' sigmoid cross-entropy plus ``eta`` times the other classes').
+        eta: the η of "eta_balanced" (0.5, the paper's and the CIFAR configs' value; 1 = plain
+            mixup BCE).
         label_smoothing: for every cross-entropy here and the loader's targets (``mixer()``).
         seed: seed of the Mix Block flow's lam and partners.
     """
@@ -90,6 +99,8 @@ class AutoMix(nn.Module):
         upsampling: str = "nearest",
         mask_adjust: float = 0.0,
         switch_off: float = 0.0,
+        mix_block_loss: str = "ce",
+        eta: float = 0.5,
         label_smoothing: float = 0.0,
         seed: int = 0,
     ):
@@ -107,6 +118,9 @@ class AutoMix(nn.Module):
         self.variant = v.choice("variant", variant, ("automix", "samix"))
         self.mask_adjust = v.number("mask_adjust", mask_adjust, lo=0, hi=1, hint=" (a probability per step)")
         self.switch_off = v.number("switch_off", switch_off, lo=0, hi=1, hint=" (0 = the Mix Block flow always trains)")
+        self.mix_block_loss = v.choice("mix_block_loss", mix_block_loss, MIX_BLOCK_LOSSES)
+        self._eta_loss = EtaBalancedMixLoss(eta=eta)  # validates eta
+        self.eta = self._eta_loss.eta
         self.mixer_method = LearnedMask(alpha=alpha, mixup_margin=mixup_margin)  # validates alpha and margin
         self.alpha = float(alpha)
         self.base_momentum = float(momentum)
@@ -253,9 +267,12 @@ class AutoMix(nn.Module):
         else:
             out = self.ema(mixed)
             eps = self.label_smoothing
-            ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(
-                out, labels[partner], label_smoothing=eps
-            )
+            if self.mix_block_loss == "eta_balanced":
+                ce = self._eta_loss(out, CompactTargets(labels, labels[partner], lam_t, eps))
+            else:
+                ce = lam * F.cross_entropy(out, labels, label_smoothing=eps) + (1 - lam) * F.cross_entropy(
+                    out, labels[partner], label_smoothing=eps
+                )
         weight = cosine_decay(self.base_mask_loss_weight, self.progress)
         gap = torch.clamp((mask.mean() - lam).abs() - self.mask_loss_margin, min=0.0)
         if self.variant == "samix":  # OpenMixup's "L1+Variance": also reward masks that are not flat

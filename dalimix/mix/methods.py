@@ -17,6 +17,10 @@ SamplePairing, which keeps the sample's label).
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 
@@ -338,6 +342,142 @@ def full_resolution_means(masks, height: int, width: int) -> np.ndarray:
     return np.einsum("y,nyx,x->n", cy, stack, cx) / (height * width)
 
 
+_FMIX_CHUNK_PIXELS = 1 << 21  # samples per planning chunk: about 8 MB of float32 masks
+_fmix_state: dict = {}
+_fmix_lock = threading.Lock()
+
+
+def _fmix_pool() -> ThreadPoolExecutor:
+    """The planning pool of this process (a forked child makes its own: the parent's threads are
+    not there)."""
+    with _fmix_lock:
+        pool = _fmix_state.get("pool")
+        if pool is None or _fmix_state.get("pid") != os.getpid():
+            pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="dalimix-fmix")
+            _fmix_state["pool"], _fmix_state["pid"] = pool, os.getpid()
+        return pool
+
+
+def _mask_device(device, mask_size, mask_scale):
+    """FMix's ``device``: None (masks planned on the host) or a torch device, full resolution only."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}: a torch device ('cuda', 'cuda:1', 'cpu') or None ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device={str(device)!r}: FMix plans masks on 'cuda' (or 'cpu') devices, or on the host (None)"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but torch sees no CUDA GPU: use device=None (masks planned on the host)"
+        )
+    if mask_size is not None or mask_scale != 1:
+        raise ValueError(
+            f"device={str(device)!r} samples full-resolution masks only: drop mask_size / mask_scale, or "
+            "plan coarse masks on the host (device=None)"
+        )
+    return device
+
+
+def _to_device(arr: np.ndarray, device):
+    """A small host array on ``device`` without a host synchronisation (pinned, non-blocking)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)  # host sync: none, a CPU device
+
+
+def _record_event(device):
+    """A CUDA event after the work queued so far on ``device``'s current stream (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+_device_scales: dict = {}
+
+
+def _device_scale(h: int, w: int, decay_power: float, device):
+    key = (h, w, decay_power, str(device))
+    scale = _device_scales.get(key)
+    if scale is None:
+        scale = _to_device(_spectrum_scale(h, w, decay_power).copy(), device)
+        _device_scales[key] = scale
+    return scale
+
+
+@lru_cache(maxsize=4096)
+def _ranked_sum(low: int, high: int, size: int) -> float:
+    """Sum of a ranked mask's values (float32, as the device builds them): 1 below rank ``low``,
+    the ramp over ``[low, high)``, 0 after."""
+    low_c, high_c = min(max(low, 0), size), min(max(high, 0), size)
+    rank = np.arange(low_c, high_c)
+    ramp = (1.0 - (rank - low) / max(high - low - 1, 1)).astype(np.float32)
+    return float(low_c + ramp.sum(dtype=np.float64))
+
+
+def kth_smallest(flat: np.ndarray, kth: np.ndarray) -> np.ndarray:
+    """Per row of ``flat`` (count x size), its ``kth[i]``-th smallest value: exactly
+    ``np.partition(row, k)[k]``, found in a narrow band. A sorted strided sample of each row gives
+    bounds around rank ``k`` (4 standard deviations of a sample quantile wide); the values between
+    them (a few percent of the row) are partitioned; a row whose rank falls outside its band (rare)
+    is partitioned whole."""
+    count, size = flat.shape
+    out = np.empty(count, dtype=flat.dtype)
+    step = max(1, size // 1024)
+    if step < 4:  # small rows: the band would not pay for itself
+        for i, (row, k) in enumerate(zip(flat, kth)):
+            out[i] = np.partition(row, k)[k]
+        return out
+    sample = np.sort(flat[:, ::step], axis=1)
+    m = sample.shape[1]
+    centre = np.asarray(kth) * (m / size)
+    margin = 4.0 * np.sqrt(m * 0.25) + 2.0
+    lo_i = np.floor(centre - margin).astype(np.int64)
+    hi_i = np.ceil(centre + margin).astype(np.int64)
+    rows = np.arange(count)
+    lo = np.where(lo_i >= 0, sample[rows, np.clip(lo_i, 0, m - 1)], -np.inf)
+    hi = np.where(hi_i < m, sample[rows, np.clip(hi_i, 0, m - 1)], np.inf)
+    for i in range(count):
+        row, k = flat[i], int(kth[i])
+        below = row < lo[i]
+        band = row[~below & (row <= hi[i])]
+        j = k - int(np.count_nonzero(below))
+        out[i] = np.partition(band, j)[j] if 0 <= j < len(band) else np.partition(row, k)[k]
+    return out
+
+
+@lru_cache(maxsize=32)
+def _spectrum_scale_pairs(h: int, w: int, decay_power: float) -> np.ndarray:
+    """``_spectrum_scale`` with each value twice (h x 2 (w // 2 + 1)): the scale of a (re, im) pair."""
+    pairs = np.repeat(_spectrum_scale(h, w, decay_power), 2, axis=1)
+    pairs.setflags(write=False)
+    return pairs
+
+
+@lru_cache(maxsize=32)
+def _spectrum_scale(h: int, w: int, decay_power: float) -> np.ndarray:
+    """FMix's filter ``1 / max(f, 1 / max(h, w)) ** decay_power`` on the real FFT's grid (float32,
+    read-only: shared by every plan of that size)."""
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    freqs = np.sqrt(fy * fy + fx * fx)
+    scale = (1.0 / np.maximum(freqs, 1.0 / max(h, w)) ** decay_power).astype(np.float32)
+    scale.setflags(write=False)
+    return scale
+
+
 class FMix(MixMethod):
     """FMix (Harris et al., "FMix: Enhancing Mixed Sample Data Augmentation", 2020), as the FMix
     release samples it.
@@ -355,6 +495,13 @@ class FMix(MixMethod):
     lies on a 1 / (h * w) grid (at 32 px and k = 4: 4 x 4 blocks, lam in steps of 1/64), and the
     spectrum above that resolution's Nyquist frequency is lost (at decay_power 1 a visible part).
     The reported ``lam`` is the mask mean at full resolution, exactly.
+
+    Planning on the host draws the whole batch's noise in one call, then inverse-FFTs and
+    thresholds it in chunks of samples on a small thread pool (float32; the threshold by selection,
+    not a sort; the filter cached per size). ``device="cuda"`` samples the masks on that device
+    instead (torch's generator and FFT there, a stable sort ranks the pixels; no host
+    synchronisation, the lams follow from the ranks on the host): full resolution only, one such
+    method per mixer, and the loader's device should be that device.
     """
 
     name = "fmix"
@@ -368,6 +515,7 @@ class FMix(MixMethod):
         reformulate: bool = False,
         mask_size=None,
         mask_scale: int = 1,
+        device=None,
     ):
         self.alpha = _positive("alpha", alpha)
         self.decay_power = v.number("decay_power", decay_power, lo=0, hi=10, lo_open=True)
@@ -377,6 +525,7 @@ class FMix(MixMethod):
         self.mask_scale = v.integer(
             "mask_scale", mask_scale, lo=1, hint=" (output size / mask size; 1 = full resolution)"
         )
+        self.device = _mask_device(device, self.mask_size, self.mask_scale)
 
     def draw_lam(self, rng, count):
         return rng.beta(self.alpha + 1.0 if self.reformulate else self.alpha, self.alpha, size=count)
@@ -388,17 +537,51 @@ class FMix(MixMethod):
 
     def low_freq_images(self, rng, count: int, h: int, w: int) -> np.ndarray:
         """``count`` smooth random images (h x w, float32): complex Gaussian noise scaled by
-        ``1 / max(f, 1 / max(h, w)) ** decay_power``, inverse real FFT (torch's, multi-threaded,
-        seeded from ``rng``)."""
+        ``1 / max(f, 1 / max(h, w)) ** decay_power``, inverse real FFT."""
+        return self._inverse(self._noise(rng, count, h, w), h, w)
+
+    @staticmethod
+    def _noise(rng, count: int, h: int, w: int) -> np.ndarray:
+        """``count`` complex Gaussian spectra as float32 pairs (count x h x (w // 2 + 1) x 2): torch's
+        normal generator seeded from ``rng`` (one seed per call, so plans stay reproducible from the
+        numpy generator; one draw for the whole batch)."""
         import torch
 
-        fy = np.fft.fftfreq(h)[:, None]
-        fx = np.fft.rfftfreq(w)[None, :]
-        freqs = np.sqrt(fy * fy + fx * fx)
-        scale = torch.from_numpy((1.0 / np.maximum(freqs, 1.0 / max(h, w)) ** self.decay_power).astype(np.float32))
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        noise = torch.randn((count,) + tuple(freqs.shape) + (2,), generator=gen)
-        return torch.fft.irfft2(torch.view_as_complex(noise) * scale, s=(h, w)).numpy()
+        return torch.randn((count, h, w // 2 + 1, 2), generator=gen).numpy()  # host sync: none, host noise
+
+    def _inverse(self, noise: np.ndarray, h: int, w: int) -> np.ndarray:
+        """Scale ``noise`` in place by the filter (computed once per (h, w, decay_power)) and
+        inverse-FFT it (numpy's, float32 in and out)."""
+        count, _, half, _ = noise.shape
+        flat = noise.reshape(count, h, 2 * half)  # (re, im) pairs side by side: one contiguous product
+        np.multiply(flat, _spectrum_scale_pairs(h, w, self.decay_power), out=flat)
+        return np.fft.irfft2(noise.view(np.complex64)[..., 0], s=(h, w))
+
+    def masks(self, rng, lam: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """``len(lam)`` masks (float32, h x w) and their exact means: ``low_freq_images`` then
+        ``binarize``, in chunks of samples on a small thread pool (numpy's FFT and selection release
+        the GIL, and a chunk's arrays stay in cache). The noise is drawn for the whole batch first,
+        so the masks do not depend on the chunking."""
+        lam = np.asarray(lam, dtype=np.float64)
+        count = len(lam)
+        noise = self._noise(rng, count, h, w)
+        out = np.empty((count, h, w), dtype=np.float32)
+        means = np.empty(count, dtype=np.float64)
+        chunk = max(1, min(count, _FMIX_CHUNK_PIXELS // (h * w)))
+
+        def work(start: int) -> None:
+            part = slice(start, min(start + chunk, count))
+            out[part] = self.binarize(self._inverse(noise[part], h, w), lam[part])
+            means[part] = out[part].mean(axis=(1, 2), dtype=np.float64)
+
+        starts = range(0, count, chunk)
+        if len(starts) == 1:
+            work(0)
+        else:
+            for f in [_fmix_pool().submit(work, s) for s in starts]:
+                f.result()
+        return out, means
 
     def binarize(self, images: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """Per image: 1 on its top ``round(lam * h * w)`` pixels, 0 elsewhere (float32); with
@@ -414,11 +597,10 @@ class FMix(MixMethod):
             if soft.any():
                 return self._soft(flat, keep, soft).reshape(count, h, w)
         # each mask's k-th largest value by selection, row by row (O(h w) per mask, not a sort)
-        kth = np.clip(size - keep, 0, size - 1)
-        threshold = np.array([np.partition(row, k)[k] for row, k in zip(flat, kth)], dtype=np.float32).reshape(count)
+        threshold = kth_smallest(flat, np.clip(size - keep, 0, size - 1))
         masks = flat >= threshold[:, None]
         masks[keep <= 0] = False
-        return masks.astype(np.float32).reshape(count, h, w)
+        return masks.view(np.uint8).astype(np.float32).reshape(count, h, w)
 
     @staticmethod
     def _soft(flat: np.ndarray, keep: np.ndarray, soft: np.ndarray) -> np.ndarray:
@@ -436,22 +618,91 @@ class FMix(MixMethod):
         lam = np.asarray(lam, dtype=np.float64)
         mh, mw = self.resolution(height, width)
         count = 1 if shared else len(rows)
-        masks = self.binarize(self.low_freq_images(rng, count, mh, mw), lam[:count])
-        self._set(p, rows, [masks[0]] * len(rows) if shared else list(masks), height, width)
+        if self.device is not None:
+            return self._fill_device(p, rows, lam[:count], rng=rng, height=height, width=width)
+        masks, means = self.masks(rng, lam[:count], mh, mw)
+        if shared:
+            self._set(p, rows, [masks[0]] * len(rows), height, width)
+        elif (mh, mw) == (height, width):  # full resolution: lam is each mask's plain mean
+            self._set(p, rows, list(masks), height, width, lam=means)
+        else:
+            self._set(p, rows, list(masks), height, width)
 
-    def _set(self, p, rows, masks, height, width):
+    def device_masks(self, rng, lam: np.ndarray, h: int, w: int):
+        """``len(lam)`` masks (count x h x w float32 on ``device``) and their exact means (host
+        float64), sampled on the device with no host synchronisation: the same noise model as
+        ``masks`` (torch's generator on the device, seeded from ``rng``; torch's FFT), each mask's
+        pixels ranked by a stable descending sort, rank ``r`` -> 1 for ``r < keep - s``, the
+        release's linear ramp over ``[keep - s, keep + s)``, 0 after (``s = 0`` without
+        ``max_soft``). Exactly ``keep = round(lam h w)`` pixels are 1 in a hard mask, so the means
+        follow from ``keep`` and ``s`` on the host."""
+        import torch
+
+        lam = np.asarray(lam, dtype=np.float64)
+        count, size = len(lam), h * w
+        keep = np.rint(lam * size).astype(np.int64)
+        soft = np.zeros(count, dtype=np.int64)
+        if self.max_soft > 0:
+            soft = (size * np.minimum(self.max_soft, np.minimum(lam, 1.0 - lam))).astype(np.int64)
+        low, high = keep - soft, keep + soft
+        device = self.device
+        gen = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**62)))
+        noise = torch.randn((count, h, w // 2 + 1, 2), generator=gen, device=device)
+        spectra = torch.view_as_complex(noise) * _device_scale(h, w, self.decay_power, device)
+        images = torch.fft.irfft2(spectra, s=(h, w)).reshape(count, size)
+        order = torch.sort(images, dim=1, descending=True, stable=True).indices  # rank -> pixel
+        bounds = _to_device(np.stack([low, high], 1), device)
+        lo, hi = bounds[:, :1], bounds[:, 1:]
+        rank = torch.arange(size, device=device)[None, :]
+        ramp = 1.0 - (rank - lo).double() / torch.clamp(hi - lo - 1, min=1).double()
+        by_rank = torch.where(rank < lo, 1.0, torch.where(rank < hi, ramp, 0.0)).float()
+        out = torch.empty_like(by_rank).scatter_(1, order, by_rank)
+        means = np.array([_ranked_sum(int(a), int(b), size) for a, b in zip(low, high)]) / size
+        return out.reshape(count, h, w), means
+
+    def _fill_device(self, p, rows, lam, *, rng, height, width):
+        import torch
+
+        masks, means = self.device_masks(rng, lam, height, width)
+        if p.device_masks is None:
+            p.device_masks = torch.zeros((p.n, 1, height, width), dtype=torch.float32, device=self.device)
+        elif tuple(p.device_masks.shape) != (p.n, 1, height, width) or p.device_masks.device != masks.device:
+            raise ValueError(
+                "FMix(device=...): the batch already holds device masks of another shape or device "
+                f"({tuple(p.device_masks.shape)} on {p.device_masks.device}); use one device FMix per mixer"
+            )
+        index = _to_device(np.asarray(rows, dtype=np.int64), self.device)
+        p.device_masks[index, 0] = masks if len(masks) == len(rows) else masks.expand(len(rows), -1, -1)
+        p.device_ready = _record_event(self.device)
+        if p.device_planned is None:
+            p.device_planned = np.zeros(p.n, dtype=bool)
+        p.device_planned[rows] = True
+        p.method[rows] = METHOD_MASK
+        p.flags[rows] = 0
+        for r in rows:
+            p.masks[r] = None
+        p.lam[rows] = means if len(means) == len(rows) else means[0]
+        p.target_lam[rows] = p.lam[rows]
+
+    def _set(self, p, rows, masks, height, width, lam=None):
+        """Store ``masks`` for ``rows``; ``lam`` (their exact means, when the caller has them) or the
+        full-resolution mean of each mask."""
         p.method[rows] = METHOD_MASK
         p.flags[rows] = 0
         for r, m in zip(rows, masks):
             p.masks[r] = m
-        if all(m is masks[0] for m in masks):
-            lam = full_resolution_mean(masks[0], height, width)
-        elif all(m.shape == (height, width) for m in masks):  # full resolution: the plain mean
-            lam = np.stack(masks).mean(axis=(1, 2), dtype=np.float64)
-        else:
-            lam = full_resolution_means(masks, height, width)
+        if lam is None:
+            lam = self._means(masks, height, width)
         p.lam[rows] = lam
         p.target_lam[rows] = lam
+
+    @staticmethod
+    def _means(masks, height: int, width: int):
+        if all(m is masks[0] for m in masks):
+            return full_resolution_mean(masks[0], height, width)
+        if all(m.shape == (height, width) for m in masks):  # full resolution: the plain mean
+            return np.stack(masks).mean(axis=(1, 2), dtype=np.float64)
+        return full_resolution_means(masks, height, width)
 
     def _fill_explicit(self, p, rows, lam, *, rng, height, width, mask=None):
         if mask is None:

@@ -101,6 +101,16 @@ class Mixer:
                 "a mixer takes one mask policy (SaliencyMix or AttentiveMix): the loader has one mask hook; "
                 "mix two policies in separate loaders or write one hook that does both"
             )
+        on_device = [m for m in methods if getattr(m, "device", None) is not None]
+        if on_device:
+            from ..hook import LearnedMask
+
+            if len(on_device) > 1 or any(isinstance(m, (MaskPolicy, LearnedMask)) for m in methods):
+                raise ValueError(
+                    "a mixer takes one method with masks on the device (FMix(device=...), LearnedMask, "
+                    "SaliencyMix or AttentiveMix): they share the batch's device masks; plan FMix on the host "
+                    "(device=None) to combine it with the others"
+                )
 
     def __repr__(self) -> str:
         methods = ", ".join(f"{m!r}: p={p:.2f}" for m, p in zip(self.methods, self.probs))
@@ -251,6 +261,12 @@ def _copy_rows(p: MixParams, src: np.ndarray, dst: np.ndarray) -> None:
         arr[dst] = arr[src]
     for s, d in zip(src, dst):
         p.masks[d] = p.masks[s]
+    if p.device_planned is not None and len(src):  # masks planned on the device (FMix(device=...))
+        from .methods import _to_device
+
+        p.device_planned[dst] = p.device_planned[src]
+        index = _to_device(np.stack([src, dst]).astype(np.int64), p.device_masks.device)
+        p.device_masks[index[1]] = p.device_masks[index[0]]
 
 
 class Mixup(Mixer):

@@ -93,6 +93,11 @@ class MixParams:
     device_masks: torch.Tensor | None = None  # N x 1 x h x w masks already on the device (mask hook)
     device_target_lam: torch.Tensor | None = None  # N target lams on the device (mask hook); else target_lam
     staged: DeviceParams | None = field(default=None, repr=False, compare=False)  # set by stage()
+    # a CUDA event recorded after ``device_masks`` were written on another stream (FMix(device=...)
+    # on the planner thread): ``mask_pool`` makes the consumer's stream wait for it, no host sync
+    device_ready: torch.cuda.Event | None = None
+    # samples whose mask a method planned on the device (FMix(device=...)), not the mask hook
+    device_planned: np.ndarray | None = None
 
     @classmethod
     def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> MixParams:
@@ -205,6 +210,10 @@ class MixParams:
     def mask_pool(self, device) -> torch.Tensor | None:
         """All masks in one flat float32 tensor on ``device`` (the order ``records`` assumes)."""
         device_pool = None if self.device_masks is None else self.device_masks.reshape(-1)
+        if self.device_ready is not None and device_pool is not None and device_pool.is_cuda:
+            stream = torch.cuda.current_stream(device_pool.device)
+            stream.wait_event(self.device_ready)
+            device_pool.record_stream(stream)  # the planner's allocation stays valid until this stream is done
         device = torch.device(device)
         have = self.staged
         if have is not None and have.device == device and have.with_masks:
