@@ -224,6 +224,8 @@ def _lam_on(lam, device: torch.device) -> torch.Tensor:
     tensor is cast there, a float is a fill, host values travel through the staging ring."""
     if isinstance(lam, torch.Tensor) and lam.device.type != "cpu":
         return lam.to(device=device, dtype=torch.float64, non_blocking=True).reshape(-1)  # device to device
+    if isinstance(lam, torch.Tensor) and device.type == "cpu":
+        return lam.to(torch.float64).reshape(-1)
     values = np.asarray(lam, dtype=np.float64).reshape(-1)
     if values.size == 1:
         return torch.full((1,), float(values[0]), dtype=torch.float64, device=device)
@@ -235,4 +237,6 @@ def partner_on(partner, device: torch.device) -> torch.Tensor:
     (cast there), host indices travel through the staging ring (one asynchronous copy)."""
     if isinstance(partner, torch.Tensor) and partner.device.type != "cpu":
         return partner.to(device=device, dtype=torch.long, non_blocking=True)  # device to device
+    if isinstance(partner, torch.Tensor) and device.type == "cpu":
+        return partner.to(torch.long).reshape(-1)
     return to_device([np.asarray(partner, dtype=np.int64)], device)[0]  # a CPU tensor reads as an array

@@ -385,13 +385,12 @@ def _mask_device(device, mask_size, mask_scale):
 
 
 def _to_device(arr: np.ndarray, device):
-    """A small host array on ``device`` without a host synchronisation (pinned, non-blocking)."""
-    import torch
+    """A small host array on ``device`` without a host synchronisation: a fresh tensor, staged through
+    the device's pinned ring on CUDA (``dalimix.ops.staging``)."""
+    from ..ops.staging import to_device
 
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)  # host sync: none, a CPU device
+    arr = np.ascontiguousarray(arr)
+    return to_device([arr], device)[0].reshape(arr.shape)
 
 
 def _record_event(device):

@@ -46,6 +46,25 @@ def pair_indices(n: int, pairing: str, rng: np.random.Generator | None = None) -
     raise ValueError(f"pairing={pairing!r}: use one of {', '.join(PAIRINGS)}")
 
 
+def _contiguous_run(arrays: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(arrays)`` (float32, 1-D), without the copy when they lie back to back in one
+    buffer (the masks FMix plans for a batch: views of one array)."""
+    first = arrays[0]
+    base = first.base if first.base is not None else first
+    if isinstance(base, np.ndarray) and base.dtype == np.float32 and base.flags.c_contiguous:
+        start = first.__array_interface__["data"][0]
+        origin = base.__array_interface__["data"][0]
+        address = start
+        for a in arrays:
+            if a.__array_interface__["data"][0] != address or not a.flags.c_contiguous:
+                break
+            address += a.nbytes
+        else:
+            begin = (start - origin) // 4
+            return base.reshape(-1)[begin : begin + (address - start) // 4]
+    return np.concatenate(arrays)
+
+
 @dataclass
 class DeviceParams:
     """The per-sample arrays of one batch on its device, from one staged copy (``MixParams.stage``).
@@ -220,7 +239,12 @@ class MixParams:
             pool = have.host_masks
         else:
             masks = self._host_masks()
-            pool = to_device([masks], device)[0] if masks else None
+            if not masks:
+                pool = None
+            elif device.type == "cuda":
+                pool = to_device([masks], device)[0]
+            else:  # the kernel reads them at once: FMix's one buffer for the batch, not a copy
+                pool = torch.from_numpy(_contiguous_run(masks))
         if pool is None:
             return device_pool
         return pool if device_pool is None else torch.cat([device_pool, pool])
