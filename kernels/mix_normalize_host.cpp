@@ -1,7 +1,8 @@
 // Host (CPU) entry points of the fused kernel: the very group code the GPU runs (dm_dispatch in
 // mix_normalize.cu) called row by row, with straight vectorisable loops for the commonest cases. Compiled with the C++
 // compiler at run time by dalimix.ops.host (never by nvcc or NVRTC); each call handles samples
-// [s_begin, s_end), so callers spread a batch over threads.
+// [s_begin, s_end), so callers spread a batch over threads. Random erasing (erase table, last
+// argument) runs the kernel's own dm_erase_sample on each sample right after it is written.
 #include <math.h>
 #define __global__
 #define __device__
@@ -54,13 +55,12 @@ static inline void dm_host_span(const unsigned char* __restrict__ img, bool flip
   }
 }
 
+// Sample s of the batch, mixed and normalised into dst.
 template <class O, bool NHWC>
-static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
-                                  const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
-                                  float m0, float m1, float m2, float s0, float s1, float s2, int s_begin,
-                                  int s_end) {
-  const dm_i64 plane = (dm_i64)h * w;
-  for (int s = s_begin; s < s_end; ++s) {
+static void dm_host_sample(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
+                           const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
+                           dm_i64 plane, float m0, float m1, float m2, float s0, float s1, float s2, int s) {
+  {
     const DmRecord R = rec[s];
     if (R.method == DM_METHOD_NONE || R.method == DM_METHOD_BLEND) {
       // the common cases as straight loops the compiler vectorises: out = (b + lam * (a - b) - m) * s
@@ -87,7 +87,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
             dm_store<O, NHWC>(dst, s, row + x, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
           }
         }
-        continue;
+        return;
       }
       for (dm_i64 r = 0; r < plane; ++r) {
         float v0 = a[3 * r], v1 = a[3 * r + 1], v2 = a[3 * r + 2];
@@ -99,7 +99,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
         }
         dm_store<O, NHWC>(dst, s, r, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
       }
-      continue;
+      return;
     }
     if (R.method == DM_METHOD_BOX) {
       // CutMix: each row is at most three straight spans, own / partner / own
@@ -115,7 +115,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
           dm_host_span<O, NHWC>(a, fa, dst, s, y, R.x1, w, w, plane, m0, m1, m2, s0, s1, s2);
         }
       }
-      continue;
+      return;
     }
     if (R.method == DM_METHOD_MASK && !(R.flags & (DM_FLAG_BILINEAR | DM_FLAG_SIGMOID))) {
       // FMix and nearest hook masks: the mask row and column of every pixel looked up once per sample
@@ -139,7 +139,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
           dm_store<O, NHWC>(dst, s, r, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
         }
       }
-      continue;
+      return;
     }
     // everything else: the GPU kernel's own group code, one row at a time (memory order)
     const DmNorm N = {m0, m1, m2, s0, s1, s2, -m0 * s0, -m1 * s1, -m2 * s2};
@@ -152,13 +152,27 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
   }
 }
 
+template <class O, bool NHWC>
+static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
+                                  const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
+                                  float m0, float m1, float m2, float s0, float s1, float s2, int s_begin,
+                                  int s_end, const int* __restrict__ erase) {
+  const dm_i64 plane = (dm_i64)h * w;
+  for (int s = s_begin; s < s_end; ++s) {
+    dm_host_sample<O, NHWC>(src, rec, masks, dst, h, w, plane, m0, m1, m2, s0, s1, s2, s);
+    // random erasing: the kernel's own erase loop over the whole sample, right after it is written
+    if (erase && erase[(dm_i64)s * DM_ERASE_STRIDE] > 0)
+      dm_erase_sample<O, NHWC>(erase + (dm_i64)s * DM_ERASE_STRIDE, dst + (dm_i64)s * plane * 3, h, w, 0, 1, 0, 1);
+  }
+}
+
 #define DM_HOST_ENTRY(NAME, OUT, NHWC)                                                                  \
   extern "C" void NAME(const unsigned char* src, const DmRecord* rec, const float* masks, OUT::T* dst, \
                        int n, int h, int w, float m0, float m1, float m2, float s0, float s1, float s2,  \
-                       int s_begin, int s_end) {                                                        \
+                       int s_begin, int s_end, const int* erase) {                                      \
     (void)n;                                                                                            \
     dm_host_mix_normalize<OUT, NHWC>(src, rec, masks, dst, h, w, m0, m1, m2, s0, s1, s2, s_begin,      \
-                                     s_end);                                                            \
+                                     s_end, erase);                                                     \
   }
 
 DM_HOST_ENTRY(dalimix_host_mix_normalize_f32_nchw, DmOutF32, false)

@@ -4,7 +4,7 @@ Launches on the caller's current torch CUDA stream, so the output is stream-orde
 training step that consumes it. The per-batch path never waits on the GPU from the host and
 allocates nothing in the steady state:
 
-- records travel through a ring of pinned host slots, each with its own device buffer; a slot is
+- records (and the random-erasing table, in the same slot and copy) travel through a ring of pinned host slots, each with its own device buffer; a slot is
   reused only once the event recorded after its last kernel has completed (``Event.query``, never
   a wait: a busy ring grows by a slot instead), and its device buffer is rewritten only after that
   kernel on the GPU's side (``Stream.wait_event``) when the caller switched streams;
@@ -162,10 +162,19 @@ class PinnedRing:
 
     def upload(self, array: np.ndarray, stream: torch.cuda.Stream) -> torch.Tensor:
         """Copy ``array`` (C-contiguous) to the device on ``stream``; a uint8 device view of its bytes."""
-        raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
-        nbytes = raw.size
+        return self.upload_many([array], stream)[0]
+
+    def upload_many(self, arrays: list[np.ndarray], stream: torch.cuda.Stream) -> list[torch.Tensor]:
+        """Copy several arrays through one slot with one copy (each part 256-byte aligned); their device views."""
+        raws = [np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in arrays]
+        starts, nbytes = [], 0
+        for raw in raws:
+            starts.append(nbytes)
+            nbytes += -(-raw.size // 256) * 256
+        nbytes = starts[-1] + raws[-1].size
         slot = self._take(max(nbytes, 1), stream)
-        slot.host_np[:nbytes] = raw
+        for start, raw in zip(starts, raws):
+            slot.host_np[start : start + raw.size] = raw
         if slot.stream is not None and slot.stream != stream and slot.event is not None:
             stream.wait_event(slot.event)  # the device buffer was read on another stream: GPU-side order
         if stream != slot.alloc_stream:
@@ -175,7 +184,7 @@ class PinnedRing:
             dev.copy_(slot.host[:nbytes], non_blocking=True)
         self._current = slot
         slot.stream = stream
-        return dev
+        return [dev[start : start + raw.size] for start, raw in zip(starts, raws)]
 
     def release(self, stream: torch.cuda.Stream) -> None:
         """Mark the last upload's slot free once the work queued on ``stream`` so far has completed."""
@@ -215,6 +224,7 @@ def mix_normalize_cuda(
     mean255: tuple[float, float, float],
     inv_std255: tuple[float, float, float],
     out: torch.Tensor,
+    erase: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Launch entry ``entry`` once for the whole batch; see ``dalimix.ops.mix_normalize``."""
     require("cupy", "cuda", "the CUDA path (device='cuda')")
@@ -225,12 +235,16 @@ def mix_normalize_cuda(
     stream = torch.cuda.current_stream(device)
     ring = record_ring(device)
     with ring.lock:
-        return _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w)
+        return _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w, erase)
 
 
-def _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w):
+def _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w, erase=None):
     device = images.device
-    rec_dev = ring.upload(records, stream)
+    if erase is None:
+        rec_dev, erase_ptr = ring.upload(records, stream), np.uint64(0)
+    else:  # the erase table rides in the records' slot: one pinned copy, no allocation
+        rec_dev, erase_dev = ring.upload_many([records, np.ascontiguousarray(erase, dtype=np.int32)], stream)
+        erase_ptr = np.uint64(erase_dev.data_ptr())
     if masks is None or masks.numel() == 0:
         masks = _placeholder_pool(device)
     fn = _function(device, entry)
@@ -246,6 +260,7 @@ def _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, ou
         np.int32(w),
         *(np.float32(m) for m in mean255),
         *(np.float32(s) for s in inv_std255),
+        erase_ptr,
     )
     import cupy
 
