@@ -2,7 +2,9 @@
 // mix_normalize.cu) called row by row, with straight vectorisable loops for the commonest cases. Compiled with the C++
 // compiler at run time by dalimix.ops.host (never by nvcc or NVRTC); each call handles samples
 // [s_begin, s_end), so callers spread a batch over threads. Random erasing (erase table, last
-// argument) runs the kernel's own dm_erase_sample on each sample right after it is written.
+// argument) rewrites each sample's boxes right after the sample is written, box by box in drawing
+// order (a later box over an earlier one: what the kernel's "box on top" gives), with the
+// kernel's own fill and noise functions.
 #include <math.h>
 #define __global__
 #define __device__
@@ -152,6 +154,32 @@ static void dm_host_sample(const unsigned char* __restrict__ src, const DmRecord
   }
 }
 
+// Sample output `out` (3 x H x W, or H x W x 3) erased by table row t: straight spans per box row.
+template <class O, bool NHWC>
+static void dm_host_erase(const int* __restrict__ t, typename O::T* __restrict__ out, int h, int w) {
+  const dm_i64 plane = (dm_i64)h * w;
+  const int count = t[0], mode = t[1];
+  for (int b = 0; b < count; ++b) {
+    const int* q = t + DM_ERASE_BOXES + 4 * b;
+    const int y0 = q[0], x0 = q[1], y1 = q[2], x1 = q[3];
+    if (y0 >= y1 || x0 >= x1) continue;
+    const unsigned int bk = dm_erase_box_key((unsigned int)t[2], b);
+    typename O::T fill[3];
+    for (int c = 0; c < 3; ++c) fill[c] = O::cvt(dm_erase_fill(t, mode, bk, b, 0u, c));
+    for (int y = y0; y < y1; ++y) {
+      const dm_i64 row = (dm_i64)y * w;
+      for (int x = x0; x < x1; ++x) {
+        const unsigned int e = (unsigned int)(row + x) * 3u;
+        for (int c = 0; c < 3; ++c) {
+          const typename O::T v = mode == DM_ERASE_PIXEL ? O::cvt(dm_erase_normal(bk, e + (unsigned int)c)) : fill[c];
+          if (NHWC) out[(row + x) * 3 + c] = v;
+          else out[c * plane + row + x] = v;
+        }
+      }
+    }
+  }
+}
+
 template <class O, bool NHWC>
 static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
                                   const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
@@ -160,9 +188,8 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
   const dm_i64 plane = (dm_i64)h * w;
   for (int s = s_begin; s < s_end; ++s) {
     dm_host_sample<O, NHWC>(src, rec, masks, dst, h, w, plane, m0, m1, m2, s0, s1, s2, s);
-    // random erasing: the kernel's own erase loop over the whole sample, right after it is written
     if (erase && erase[(dm_i64)s * DM_ERASE_STRIDE] > 0)
-      dm_erase_sample<O, NHWC>(erase + (dm_i64)s * DM_ERASE_STRIDE, dst + (dm_i64)s * plane * 3, h, w, 0, 1, 0, 1);
+      dm_host_erase<O, NHWC>(erase + (dm_i64)s * DM_ERASE_STRIDE, dst + (dm_i64)s * plane * 3, h, w);
   }
 }
 
