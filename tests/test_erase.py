@@ -373,3 +373,35 @@ def test_loader_erases_in_the_kernel_reproducibly_after_mixing(small_dataset, mo
     assert names[-2:] == ["_kernel", "_targets"] and "_erase" not in names
     with pytest.raises(ValueError, match="train=True"):
         ImageLoader(root=small_dataset, batch_size=5, train=False, erasing=RandomErasing())
+
+
+# ------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_erasing_matches_the_host_build_without_host_sync_or_allocation(mode):
+    """The table rides in the records' pinned slot: back-to-back batches on a busy stream each get
+    their own boxes; the same values as the host build (noise to logf rounding); the allocator flat."""
+    rng = np.random.default_rng(30)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 40, 52, 3), dtype=np.uint8)).cuda()
+    records, pool = random_records(rng, 6, 6, 40, 52, methods=[0, 1, 2])
+    eraser = RandomErasing(probability=0.9, mode=mode, max_count=3)
+    tables = [eraser.table(eraser.plan(6, 3, 40, 52, rng)) for _ in range(8)]
+    out = torch.empty(6, 3, 40, 52, device="cuda", dtype=torch.float16)
+    mix_normalize(images, records, dtype=torch.float16, out=out, erase=tables[0])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    side = torch.cuda.Stream()
+    outs = []
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in tables:
+                outs.append(mix_normalize(images, records, dtype=torch.float16, erase=t))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before <= sum(o.numel() * 2 for o in outs) + 2**20
+    for t, o in zip(tables, outs):
+        want = mix_normalize(images.cpu(), records, dtype=torch.float16, erase=t)
+        torch.testing.assert_close(o.cpu(), want, rtol=0, atol=0 if mode != "pixel" else 4e-3)
