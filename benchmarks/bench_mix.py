@@ -29,6 +29,12 @@
 3. Loader: ``ImageLoader`` images/s with mixing off, MixUp/CutMix, and FMix in "elem" mode,
    epochs interleaved in one process, with the planner thread's time per batch and how long the
    main thread waited for a plan (0 = planning hidden behind the batch before it).
+4. Random erasing: MixUp + timm's random erasing fused into the kernel's pass (erase table built
+   per call) against MixUp with the separate batched torch pass the loader ran before erasing was
+   fused (kept here as the baseline only), and MixUp alone; wall and CPU time per batch
+   (``--erase-only`` runs just this table).
+The SASS table (``--sass-only``: no GPU needed) has a row for the erasing loop: static instructions
+per erased pixel (all three fill modes' code in it; a sample without boxes never enters it).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from dalimix.bench import handmix  # noqa: E402
 from dalimix.bench.driver import progress_bar  # noqa: E402
 from dalimix.bench.machine import describe, one_line, short_name  # noqa: E402
 from dalimix.bench.report import markdown_table  # noqa: E402
+from dalimix.erase import ErasePlan, RandomErasing  # noqa: E402
 from dalimix.mix import (  # noqa: E402
     AttentiveMix,
     CutMix,
@@ -100,7 +107,8 @@ def dalimix_methods() -> dict:
 
 
 # ------------------------------------------------------------------ SASS instructions per pixel
-# (label, loop variant of today's kernel (DMK_*), (method, flags) the old kernel is specialised to)
+# (label, loop variant of today's kernel (DMK_*), (method, flags) the old kernel is specialised to;
+# None: the old kernel has no such loop)
 SASS_VARIANTS = [
     ("none (normalise only)", "DMK_NONE", (0, 0)),
     ("blend (MixUp)", "DMK_BLEND", (1, 0)),
@@ -113,6 +121,7 @@ SASS_VARIANTS = [
     ("resize bilinear", "DMK_RESIZE_BILINEAR", (4, 1)),
     ("grid (GridMix)", "DMK_GRID", (5, 0)),
     ("smooth (SmoothMix)", "DMK_SMOOTH", (6, 0)),
+    ("erasing, per erased pixel (fused)", "DMK_NONE -DDM_SASS_ERASE=1", None),
 ]
 OLD_RECORD_LINE = "    const DmRecord R = rec[s];\n"
 
@@ -251,20 +260,20 @@ def sass_section(args) -> dict:
                 old_dir = old_kernel_sources(args.sass_baseline, work)
             except (RuntimeError, subprocess.CalledProcessError) as e:
                 print(f"baseline {args.sass_baseline}: {e}", file=sys.stderr)
-        for label, kind, (method, flags) in SASS_VARIANTS:
-            new = _compile_sass(
-                kernel_dir(), "mix_normalize.cu", {"DM_SASS_KIND": kind}, args.sass_arch, cuobjdump, work
-            )
+        for label, kind, old_kind in SASS_VARIANTS:
+            defines = {"DM_SASS_KIND": kind.split(" -D")[0]}
+            defines.update(d.split("=") for d in kind.split(" -D")[1:])  # type: ignore[arg-type]
+            new = _compile_sass(kernel_dir(), "mix_normalize.cu", defines, args.sass_arch, cuobjdump, work)
             old = (
                 _compile_sass(
                     old_dir,
                     "mix_normalize.cu",
-                    {"DM_SASS_METHOD": method, "DM_SASS_FLAGS": flags},
+                    {"DM_SASS_METHOD": old_kind[0], "DM_SASS_FLAGS": old_kind[1]},
                     args.sass_arch,
                     cuobjdump,
                     work,
                 )
-                if old_dir
+                if old_dir and old_kind is not None
                 else {}
             )
             for entry in ENTRIES:
@@ -361,6 +370,124 @@ def kernel_section(args, device, copy_bps: float) -> list[dict]:
                     }
                 )
     return rows
+
+
+# ------------------------------------------------------------------------- random erasing
+def separate_erase_pass(images: torch.Tensor, plan: ErasePlan, mode: str) -> torch.Tensor:
+    """The batched torch pass the loader ran after the kernel before erasing was fused (the
+    baseline of the erase table; not part of dalimix): N x K x H x W box masks, the box on top,
+    one ``torch.where`` over the whole batch; pixel noise from torch's generator."""
+    n, c, hgt, wid = images.shape
+    if n == 0 or not plan.boxes[..., 2:].any():
+        return images
+    dev = images.device
+    boxes = torch.from_numpy(plan.boxes).to(dev, non_blocking=True)
+    top, left, h, w = boxes.unbind(-1)
+    rows, cols = torch.arange(hgt, device=dev), torch.arange(wid, device=dev)
+    in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None])
+    in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])
+    cover = in_rows[..., :, None] & in_cols[..., None, :]
+    inside = cover.any(1)[:, None]
+    if mode == "const":
+        fill = torch.zeros((), dtype=images.dtype, device=dev)
+    elif mode == "rand":
+        k = cover.shape[1]
+        last = (cover * torch.arange(1, k + 1, device=dev)[None, :, None, None]).argmax(1)
+        colors = torch.from_numpy(plan.colors).to(dev, non_blocking=True)
+        fill = torch.gather(colors, 1, last.flatten(1)[..., None].expand(-1, -1, c))
+        fill = fill.transpose(1, 2).reshape(n, c, hgt, wid).to(images.dtype)
+    else:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(plan.seed)
+        fill = torch.randn((n, c, hgt, wid), generator=gen, device=dev, dtype=torch.float32).to(images.dtype)
+    images.copy_(torch.where(inside, fill, images))
+    return images
+
+
+def _erase_cases(b: Batch, norm: Normalization, rng) -> dict:
+    """The erase table's cases on batch ``b``: MixUp alone, + erasing fused, + the old separate pass."""
+    n, size = b.n, b.size
+    mixer = Mixer(methods=[MixUp(alpha=0.8)], num_classes=NUM_CLASSES)
+    records = mixer.plan(n, rng=rng, height=size, width=size).records()
+    out = allocate_output(n, size, size, dtype=torch.float32, channels_last=False, device=b.device)
+    cases = {"MixUp, no erasing": lambda: mix_normalize(b.next_u8(), records, None, norm=norm, out=out)}
+    for mode in ("const", "pixel"):
+        for p in (0.25, 1.0):
+            eraser = RandomErasing(probability=p, mode=mode, max_count=1)
+            plan = eraser.plan(n, 3, size, size, rng)
+
+            def fused(eraser=eraser, plan=plan):
+                mix_normalize(b.next_u8(), records, None, norm=norm, out=out, erase=eraser.table(plan))
+
+            def separate(plan=plan, mode=mode):
+                separate_erase_pass(mix_normalize(b.next_u8(), records, None, norm=norm, out=out), plan, mode)
+
+            cases[f"+ erasing {mode} p={p} fused"] = fused
+            cases[f"+ erasing {mode} p={p} separate pass (old)"] = separate
+    return cases
+
+
+def erase_section(args, device, progress_factory) -> list[dict]:
+    """MixUp + random erasing fused vs the old separate pass vs MixUp alone: wall and CPU seconds per batch."""
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    norm = Normalization(MEAN, STD)
+    size = args.size
+    for n in args.batch_sizes:
+        b = Batch(n, size, device, copies=2, seed=args.seed)
+        cases = _erase_cases(b, norm, rng)
+        bar = progress_factory(args.repeats * len(cases), f"erase b{n}")
+        wall = {k: [] for k in cases}
+        cpu = {k: [] for k in cases}
+        for fn in cases.values():
+            fn()
+        names = list(cases)
+        for r in range(args.repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                c0, t0 = time.process_time(), time.perf_counter()
+                for _ in range(args.inner):
+                    cases[name]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                wall[name].append((time.perf_counter() - t0) / args.inner)
+                cpu[name].append((time.process_time() - c0) / args.inner)
+                bar.update(1)
+        bar.close()
+        base_wall, base_cpu = statistics.median(wall[names[0]]), statistics.median(cpu[names[0]])
+        for name in names:
+            rows.append(
+                {
+                    "batch_size": n,
+                    "size": size,
+                    "case": name,
+                    "wall_ms": 1e3 * statistics.median(wall[name]),
+                    "wall_ms_min": 1e3 * min(wall[name]),
+                    "cpu_ms": 1e3 * statistics.median(cpu[name]),
+                    "wall_vs_mixup": statistics.median(wall[name]) / base_wall,
+                    "cpu_vs_mixup": statistics.median(cpu[name]) / base_cpu if base_cpu else None,
+                }
+            )
+    return rows
+
+
+def erase_markdown(rows: list[dict]) -> str:
+    body = [
+        [
+            str(r["batch_size"]),
+            r["case"],
+            _med_min(r, "wall_ms"),
+            _fmt(r["wall_vs_mixup"], "{:.2f}×"),
+            _fmt(r["cpu_ms"]),
+            _fmt(r["cpu_vs_mixup"], "{:.2f}×"),
+        ]
+        for r in rows
+    ]
+    return (
+        f"Random erasing (timm's rule, one box), {rows[0]['size']}² float32, per batch, interleaved repeats "
+        "(wall: median / min; CPU: process time, all threads):\n\n"
+        + markdown_table(["batch", "case", "wall ms", "× MixUp", "CPU ms", "CPU × MixUp"], body)
+        + "\n"
+    )
 
 
 # --------------------------------------------------------------------------------- timing
@@ -986,6 +1113,8 @@ def parse_args(argv=None):
         help="git revision whose FMix is timed in the same run (rows 'fmix @REV', 'fmix 1/4 res @REV')",
     )
     p.add_argument("--planning-repeats", type=int, default=None, help="timed plans per case (default max(20, repeats))")
+    p.add_argument("--no-erase", action="store_true", help="skip the random erasing table")
+    p.add_argument("--erase-only", action="store_true", help="only the random erasing table")
     p.add_argument("--sass-arch", default="sm_90", help="architecture of the SASS table (default sm_90)")
     p.add_argument(
         "--sass-baseline",
@@ -1023,6 +1152,8 @@ def parse_args(argv=None):
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.erase_only:
+        args.no_sass = True
     if args.planning_only or (args.quick and not args.sass_only):
         args.no_sass = True  # a smoke run: the SASS table takes ~22 nvcc builds
     args.dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
@@ -1061,11 +1192,21 @@ def main(argv=None) -> int:
             f"start, {machine['loadavg_end'][0]:.1f} at the end. Planning per batch, repeats interleaved:\n\n"
             + planning_markdown(planning)
         )
+    elif args.erase_only:
+        erase = erase_section(args, device, progress_factory)
+        machine["loadavg_end"] = list(os.getloadavg())
+        result = {"kind": "dalimix-bench-mix-erase", "machine": machine, "settings": settings, "erase": erase}
+        text = (
+            f"{machine['date'][:10]}, {one_line(machine)}, device {args.device}; load average "
+            f"{machine['loadavg_start'][0]:.1f} at the start, {machine['loadavg_end'][0]:.1f} at the end.\n\n"
+            + erase_markdown(erase)
+        )
     else:
         stage, copy = stage_section(args, device, progress_factory)
         kernels = kernel_section(args, device, copy["copy_GBps"] * 1e9) if device.type == "cuda" else None
         planning = planning_section(args, progress_factory)
         loader = None if args.no_loader else loader_section(args, device, progress_factory)
+        erase = None if args.no_erase else erase_section(args, device, progress_factory)
         machine["loadavg_end"] = list(os.getloadavg())
         result = {
             "kind": "dalimix-bench-mix",
@@ -1076,9 +1217,12 @@ def main(argv=None) -> int:
             "kernels": kernels,
             "planning": planning,
             "loader": loader,
+            "erase": erase,
             "sass": sass,
         }
         text = markdown(result)
+        if erase:
+            text += "\n" + erase_markdown(erase)
         if kernels:
             text += "\n" + kernels_markdown(kernels, copy["copy_GBps"])
         if sass is not None:
@@ -1086,7 +1230,15 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kind = "bench-mix-sass" if args.sass_only else "bench-mix-planning" if args.planning_only else "bench-mix"
+    kind = (
+        "bench-mix-sass"
+        if args.sass_only
+        else "bench-mix-planning"
+        if args.planning_only
+        else "bench-mix-erase"
+        if args.erase_only
+        else "bench-mix"
+    )
     stem = f"{kind}-{short_name(machine, args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(text)

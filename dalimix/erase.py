@@ -1,10 +1,16 @@
 """Random erasing (Zhong et al., "Random Erasing Data Augmentation", AAAI 2020) on a whole batch.
 
 timm's ``RandomErasing`` semantics (``re_prob``, ``re_mode``, ``re_count``, ``re_split``), applied as
-timm's prefetcher does: on the normalised (and, with a mixer, mixed) ``N x C x H x W`` output. The
-boxes are drawn on the host, vectorised over the batch, the boxes and timm's 10 attempts per box;
-the fill is one batched pass on the output's device (no per-sample launch, no host sync). A separate
-pass after the fused kernel: not fused into it yet.
+timm's prefetcher does: on the normalised (and, with a mixer, mixed) ``N x C x H x W`` output.
+Planning and applying are apart (kornia's style): ``plan`` draws the boxes on the host, vectorised
+over the batch, the boxes and timm's 10 attempts per box; ``table`` turns a plan (drawn or injected)
+into the fused kernel's per-sample erase table, and ``dalimix.ops.mix_normalize(..., erase=table)``
+erases in the kernel's own pass (the loader does this). Fills are normalised values: "const" 0,
+"rand" one normal colour per box and channel (drawn with the plan), "pixel" normal noise from a
+counter-based hash of (plan seed, sample, box, pixel, channel) computed in the kernel, so the same
+seed gives the same erasing on the GPU, the CPU build of the kernel and the torch twin.
+``apply`` erases a finished float tensor with the same table and the same noise (the standalone
+reference the tests hold the kernel to).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import numpy as np
 import torch
 
 from . import validate as v
+from .ops.cpu import erase_torch
+from .ops.record import ERASE_MAX_BOXES, erase_table
 
 MODES = ("const", "rand", "pixel")
 ATTEMPTS = 10  # timm's tries per box before giving the box up
@@ -24,8 +32,8 @@ ATTEMPTS = 10  # timm's tries per box before giving the box up
 @dataclass
 class ErasePlan:
     """Boxes of one batch: ``boxes`` N x K x 4 int64 (top, left, h, w; h = w = 0: no box) in drawing
-    order (a later box covers an earlier one); ``colors`` N x K x C float32 for mode "rand"; ``seed``
-    of the per-pixel noise (mode "pixel")."""
+    order (a later box covers an earlier one; ``K <= 8``); ``colors`` N x K x C float32 for mode
+    "rand"; ``seed`` of the per-pixel noise (mode "pixel", the kernel's hash RNG)."""
 
     boxes: np.ndarray
     colors: np.ndarray | None
@@ -40,7 +48,7 @@ class RandomErasing:
         mode: "const" (zeros, i.e. the mean colour after normalisation), "rand" (one normal colour
             per box and channel), "pixel" (normal noise per pixel) — timm's ``re_mode``.
         min_count, max_count: boxes per erased sample, uniform in ``[min_count, max_count]`` (timm's
-            ``re_count`` is ``max_count``); each box's area is divided by the count.
+            ``re_count`` is ``max_count``, at most 8); each box's area is divided by the count.
         min_area, max_area: box area as a fraction of the image (per box: divided by the count).
         min_aspect, max_aspect: aspect ratio range, log-uniform (``max_aspect=None``: ``1 / min_aspect``).
         num_splits: > 1 leaves the first ``N // num_splits`` samples of each batch untouched (timm's
@@ -68,7 +76,11 @@ class RandomErasing:
             self.min_count
             if max_count is None
             else v.integer(
-                "max_count", max_count, lo=self.min_count, hint=f" (>= min_count={self.min_count}; timm's re_count)"
+                "max_count",
+                max_count,
+                lo=self.min_count,
+                hi=ERASE_MAX_BOXES,
+                hint=f" (>= min_count={self.min_count}, at most {ERASE_MAX_BOXES} boxes; timm's re_count)",
             )
         )
         self.min_area = v.number("min_area", min_area, lo=0, hi=1, lo_open=True)
@@ -115,36 +127,20 @@ class RandomErasing:
         colors = rng.standard_normal((n, k_max, channels)).astype(np.float32) if self.mode == "rand" else None
         return ErasePlan(boxes=boxes.astype(np.int64), colors=colors, seed=int(rng.integers(0, 2**62)))
 
+    def table(self, plan: ErasePlan) -> np.ndarray:
+        """The fused kernel's erase table of ``plan`` (``N x 64`` int32, ``dalimix.ops.record.erase_table``)
+        for ``dalimix.ops.mix_normalize(..., erase=...)``."""
+        return erase_table(plan.boxes, mode=self.mode, seed=plan.seed, colors=plan.colors)
+
     # ---------------------------------------------------------------------------- applying
     def apply(self, images: torch.Tensor, plan: ErasePlan) -> torch.Tensor:
-        """Erase ``plan``'s boxes in ``images`` (``N x C x H x W``, any float dtype and memory format),
-        in place, in one batched pass; returns ``images``."""
-        n, c, hgt, wid = images.shape
-        if n == 0 or not plan.boxes[..., 2:].any():
-            return images
-        dev = images.device
-        boxes = torch.from_numpy(plan.boxes).to(dev, non_blocking=True)
-        top, left, h, w = boxes.unbind(-1)  # N x K
-        rows = torch.arange(hgt, device=dev)
-        cols = torch.arange(wid, device=dev)
-        in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None])  # N x K x H
-        in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])  # N x K x W
-        cover = in_rows[..., :, None] & in_cols[..., None, :]  # N x K x H x W
-        inside = cover.any(1)[:, None]  # N x 1 x H x W
-        if self.mode == "const":
-            fill = torch.zeros((), dtype=images.dtype, device=dev)
-        elif self.mode == "rand":
-            k = cover.shape[1]
-            last = (cover * torch.arange(1, k + 1, device=dev)[None, :, None, None]).argmax(1)  # the box on top
-            colors = torch.from_numpy(plan.colors).to(dev, non_blocking=True)  # N x K x C
-            fill = torch.gather(colors, 1, last.flatten(1)[..., None].expand(-1, -1, c))  # N x HW x C
-            fill = fill.transpose(1, 2).reshape(n, c, hgt, wid).to(images.dtype)
-        else:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(plan.seed)
-            fill = torch.randn((n, c, hgt, wid), generator=gen, device=dev, dtype=torch.float32).to(images.dtype)
-        images.copy_(torch.where(inside, fill, images))
-        return images
+        """Erase ``plan``'s boxes in ``images`` (``N x 3 x H x W``, any float dtype and memory format),
+        in place; returns ``images``. A standalone pass over a finished tensor, with the fills the fused
+        kernel writes (the same hash noise): the reference of ``mix_normalize(..., erase=table(plan))``,
+        which the loader uses instead (no pass of its own)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be N x 3 x H x W, got shape {tuple(images.shape)}")
+        return erase_torch(images, self.table(plan))
 
     def __call__(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Plan from ``rng`` and erase ``images`` (``N x C x H x W``) in place."""

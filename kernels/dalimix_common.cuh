@@ -42,6 +42,70 @@ struct DmRecord {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Per-sample erase table (random erasing, fused into the kernel's pass): one row of DM_ERASE_STRIDE
+// int32 per output sample, mirrored by dalimix.ops.record (ERASE_*). A null table, or count 0, means
+// no erasing. Fill values are in normalised space (the final output), written over the mixed pixel.
+//   [0] count: boxes 0..count-1 are read (a box with y0 == y1 or x0 == x1 covers nothing)
+//   [1] mode: DM_ERASE_CONST (0), DM_ERASE_RAND (one colour per box and channel), DM_ERASE_PIXEL
+//   [2] noise key of the sample (uint32 bits, from the plan's seed and the sample's index)
+//   [4 + 4b ...] box b: y0, x0, y1, x1 (rows [y0, y1), columns [x0, x1), output coordinates)
+//   [DM_ERASE_COLORS + 3b + c] box b's colour for channel c (float32 bits, mode RAND)
+// Later boxes cover earlier ones (timm's drawing order).
+// ---------------------------------------------------------------------------------------------
+#define DM_ERASE_MAX_BOXES 8
+#define DM_ERASE_STRIDE 64
+#define DM_ERASE_BOXES 4
+#define DM_ERASE_COLORS 36  // DM_ERASE_BOXES + 4 * DM_ERASE_MAX_BOXES
+#define DM_ERASE_CONST 0
+#define DM_ERASE_RAND 1
+#define DM_ERASE_PIXEL 2
+
+// A 32-bit integer hash (xor-shift / multiply rounds, full avalanche): the counter-based RNG of
+// the erase noise. Mirrored in numpy by dalimix.ops.record.hash32 and in torch by dalimix.ops.cpu.
+__device__ __host__ __forceinline__ unsigned int dm_hash32(unsigned int x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The key of box b of a sample (from the sample's noise key, table entry [2]).
+__device__ __host__ __forceinline__ unsigned int dm_erase_box_key(unsigned int sample_key, int b) {
+  return dm_hash32(sample_key ^ (unsigned int)b);
+}
+
+// cos(2 pi u) for u in [0, 1): exact reductions to [0, 1/4] (1 - u and 1/2 - u are exact there),
+// then the Taylor polynomial of cos to x^12 (error < 1e-8 on [0, pi/2]) with fmaf, so host and
+// device compute the same bits (cosf would bring a local-memory argument reduction into the kernel).
+__device__ __host__ __forceinline__ float dm_cos_2pi(float u) {
+  float t = u < 0.5f ? u : 1.f - u;
+  const float sign = t <= 0.25f ? 1.f : -1.f;
+  t = t <= 0.25f ? t : 0.5f - t;
+  const float x = 6.28318530717958647692f * t;
+  const float x2 = x * x;
+  float p = 2.08767570e-09f;      // 1/12!
+  p = fmaf(p, x2, -2.75573192e-07f);  // -1/10!
+  p = fmaf(p, x2, 2.48015873e-05f);   // 1/8!
+  p = fmaf(p, x2, -1.38888889e-03f);  // -1/6!
+  p = fmaf(p, x2, 4.16666667e-02f);   // 1/4!
+  p = fmaf(p, x2, -0.5f);
+  p = fmaf(p, x2, 1.f);
+  return sign * p;
+}
+
+// Normal(0, 1) noise of element e = (y * W + x) * 3 + c under a box key: two uniforms from the hash
+// (u1 in (0, 1], u2 in [0, 1), 24 bits each), Box-Muller's cosine branch, float32.
+__device__ __host__ __forceinline__ float dm_erase_normal(unsigned int box_key, unsigned int e) {
+  const unsigned int r1 = dm_hash32(dm_hash32(e) ^ box_key);
+  const unsigned int r2 = dm_hash32(r1 ^ 0x9e3779b9u);
+  const float u1 = (float)((r1 >> 8) + 1u) * 5.9604644775390625e-08f;  // 2^-24
+  const float u2 = (float)(r2 >> 8) * 5.9604644775390625e-08f;
+  return sqrtf(-2.f * logf(u1)) * dm_cos_2pi(u2);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bit casts and float -> half / bfloat16 conversion (round to nearest even), the same code on
 // host and device so the host shim checks exactly what the GPU runs.
 // ---------------------------------------------------------------------------------------------

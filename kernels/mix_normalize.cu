@@ -4,7 +4,9 @@
 // rec:   n DmRecord, one per output sample (see dalimix_common.cuh).
 // masks: float32 mask pool; sample s reads masks[rec[s].mask_offset ...] (mask_h x mask_w).
 // dst:   n x 3 x H x W in NCHW, or the same tensor in channels_last memory order (N x H x W x 3).
-// out = (mix(a, b) - mean255[c]) * inv_std255[c], computed in float32, then cast once.
+// erase: null, or n rows of DM_ERASE_STRIDE int32: random erasing boxes (dalimix_common.cuh).
+// out = (mix(a, b) - mean255[c]) * inv_std255[c], computed in float32, then cast once; inside an
+// erasing box the fill (0, the box's colour, or hash noise: normalised values) replaces it.
 //
 // Memory-bound by construction:
 // - the sample is on blockIdx.z (grid-stride), so its record is loaded once per block and no
@@ -20,6 +22,10 @@
 // - fp16/bf16 pairs are converted by one hardware cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32 on sm_80+;
 // - the method (and nearest/bilinear sampling) is dispatched once per sample into its own loop.
 // The partner is read only for groups where it shows (BOX, GRID, MASK weight 1 everywhere skip it).
+// Erasing: a sample's table row is read once per sample; count 0 (or no table) adds nothing to the
+// pass. Otherwise, after its mixing loop, the thread that wrote groups of the sample overwrites the
+// pixels of those groups that lie in a box (the rows and columns the boxes cover, nothing else):
+// the same launch, the same thread, lines just written; one loop per entry point, not per method.
 // No shared memory, no barriers: the same source runs on the CPU through the host shim.
 #include "dalimix_common.cuh"
 
@@ -468,6 +474,76 @@ __device__ __host__ __forceinline__ void dm_dispatch(int kind, const unsigned ch
 }
 #undef DM_VARIANT
 
+// Fill value of channel c of element e = (y * W + x) * 3 + c in box b of table row t.
+__device__ __host__ __forceinline__ float dm_erase_fill(const int* t, int mode, unsigned int box_key, int b,
+                                                        unsigned int e, int c) {
+  if (mode == DM_ERASE_PIXEL) return dm_erase_normal(box_key, e);
+  if (mode == DM_ERASE_RAND) return dm_bits_float((unsigned int)t[DM_ERASE_COLORS + 3 * b + c]);
+  return 0.f;
+}
+
+// The box of table row t (count boxes) on top at pixel (y, x): the last one covering it, or -1.
+__device__ __host__ __forceinline__ int dm_erase_top(const int* t, int count, int y, int x) {
+  DM_NO_UNROLL
+  for (int b = count - 1; b >= 0; --b) {
+    const int* q = t + DM_ERASE_BOXES + 4 * b;
+    if (y >= q[0] && y < q[2] && x >= q[1] && x < q[3]) return b;
+  }
+  return -1;
+}
+
+// Erase pixel (y, x) of sample output `out` (3 x H x W, or H x W x 3) with box b of table row t.
+template <class O, bool NHWC>
+__device__ __host__ __forceinline__ void dm_erase_pixel(const int* t, int b, typename O::T* out, int y, int x, int w,
+                                                        unsigned int plane) {
+  const unsigned int r = (unsigned int)y * (unsigned int)w + (unsigned int)x;
+  const int mode = t[1];
+  const unsigned int bk = mode == DM_ERASE_PIXEL ? dm_erase_box_key((unsigned int)t[2], b) : 0u;
+DM_UNROLL
+  for (int c = 0; c < 3; ++c) {
+    const typename O::T v = O::cvt(dm_erase_fill(t, mode, bk, b, r * 3u + (unsigned int)c, c));
+    if (NHWC) out[r * 3u + (unsigned int)c] = v;
+    else out[(unsigned int)c * plane + r] = v;
+  }
+}
+
+// The erasing of sample s by the thread that wrote groups g0, g0 + gstep, ... of rows y0, y0 +
+// ystep, ...: per row, the columns [lo, hi) its boxes cover; per group inside them, each pixel
+// gets the fill of the box on top there. Pixels outside every box are not touched.
+template <class O, bool NHWC>
+__device__ __host__ __forceinline__ void dm_erase_sample(const int* __restrict__ t, typename O::T* __restrict__ out,
+                                                         int h, int w, int g0, int gstep, int y0, int ystep) {
+  const int count = t[0];
+  const unsigned int plane = (unsigned int)h * (unsigned int)w;
+  DM_NO_UNROLL
+  for (int y = y0; y < h; y += ystep) {
+    int lo = w, hi = 0;
+    DM_NO_UNROLL
+    for (int b = 0; b < count; ++b) {
+      const int* q = t + DM_ERASE_BOXES + 4 * b;
+      if (y >= q[0] && y < q[2] && q[1] < q[3]) {
+        lo = q[1] < lo ? q[1] : lo;
+        hi = q[3] > hi ? q[3] : hi;
+      }
+    }
+    if (lo >= hi) continue;
+    // the thread's groups that meet [lo, hi): g * DM_PIX + DM_PIX > lo and g * DM_PIX < hi
+    int g = g0;
+    const int first = lo / DM_PIX;
+    if (g < first) g += (first - g + gstep - 1) / gstep * gstep;
+    DM_NO_UNROLL
+    for (; g * DM_PIX < hi; g += gstep) {
+      const int xa = g * DM_PIX > lo ? g * DM_PIX : lo;
+      const int xb = g * DM_PIX + DM_PIX < hi ? g * DM_PIX + DM_PIX : hi;
+      DM_NO_UNROLL
+      for (int x = xa; x < xb; ++x) {
+        const int b = dm_erase_top(t, count, y, x);
+        if (b >= 0) dm_erase_pixel<O, NHWC>(t, b, out, y, x, w, plane);
+      }
+    }
+  }
+}
+
 // The vector path needs whole groups (W % 4 == 0) and aligned buffers.
 __device__ __host__ __forceinline__ bool dm_vector_ok(const void* src, const void* dst, int w) {
   return (w % DM_PIX) == 0 && ((((unsigned long long)src) | ((unsigned long long)dst)) & 15u) == 0;
@@ -480,23 +556,37 @@ __device__ __forceinline__ void dm_mix_normalize(const unsigned char* __restrict
                                                  const float* __restrict__ masks,
                                                  typename O::T* __restrict__ dst, int n, int h,
                                                  int w, float m0, float m1, float m2, float s0,
-                                                 float s1, float s2) {
+                                                 float s1, float s2, const int* __restrict__ erase) {
   const DmNorm N = {m0, m1, m2, s0, s1, s2, -m0 * s0, -m1 * s1, -m2 * s2};
   const bool vec = dm_vector_ok(src, dst, w);
   const int g0 = (int)(blockIdx.x * blockDim.x + threadIdx.x), gstep = (int)(gridDim.x * blockDim.x);
   const int y0 = (int)(blockIdx.y * blockDim.y + threadIdx.y), ystep = (int)(gridDim.y * blockDim.y);
   for (int s = (int)blockIdx.z; s < n; s += (int)gridDim.z) {
     const int kind = dm_kind(rec[s]);
+#ifndef DM_SASS_ERASE  // benchmarks/bench_mix.py counts the erasing loop alone
     if (vec) dm_dispatch<O, NHWC, true>(kind, src, rec, masks, dst, s, h, w, N, g0, gstep, y0, ystep);
     else dm_dispatch<O, NHWC, false>(kind, src, rec, masks, dst, s, h, w, N, g0, gstep, y0, ystep);
+#else
+    (void)kind;
+    (void)vec;
+#endif
+  }
+  // erasing after the thread's mixing loop (nothing of it stays live there): once per sample, the
+  // table's count; nothing more when the sample has no boxes
+  if (erase) {
+    for (int s = (int)blockIdx.z; s < n; s += (int)gridDim.z) {
+      const int* t = erase + (unsigned int)s * DM_ERASE_STRIDE;
+      if (t[0] > 0) dm_erase_sample<O, NHWC>(t, dst + (dm_i64)s * ((dm_i64)h * w * 3), h, w, g0, gstep, y0, ystep);
+    }
   }
 }
 
 #define DM_MIX_NORMALIZE_ENTRY(NAME, OUT, NHWC)                                                   \
   extern "C" __global__ void DM_LAUNCH_BOUNDS NAME(const unsigned char* src, const DmRecord* rec,                  \
                                   const float* masks, OUT::T* dst, int n, int h, int w, float m0, \
-                                  float m1, float m2, float s0, float s1, float s2) {             \
-    dm_mix_normalize<OUT, NHWC>(src, rec, masks, dst, n, h, w, m0, m1, m2, s0, s1, s2);           \
+                                  float m1, float m2, float s0, float s1, float s2,               \
+                                  const int* erase) {                                             \
+    dm_mix_normalize<OUT, NHWC>(src, rec, masks, dst, n, h, w, m0, m1, m2, s0, s1, s2, erase);    \
   }
 
 // DM_ENTRY_MASK (bit i = the i-th entry below, the order of dalimix.ops.kernels.ENTRIES) compiles a

@@ -1,7 +1,10 @@
 // Host (CPU) entry points of the fused kernel: the very group code the GPU runs (dm_dispatch in
 // mix_normalize.cu) called row by row, with straight vectorisable loops for the commonest cases. Compiled with the C++
 // compiler at run time by dalimix.ops.host (never by nvcc or NVRTC); each call handles samples
-// [s_begin, s_end), so callers spread a batch over threads.
+// [s_begin, s_end), so callers spread a batch over threads. Random erasing (erase table, last
+// argument) rewrites each sample's boxes right after the sample is written, box by box in drawing
+// order (a later box over an earlier one: what the kernel's "box on top" gives), with the
+// kernel's own fill and noise functions.
 #include <math.h>
 #define __global__
 #define __device__
@@ -54,13 +57,12 @@ static inline void dm_host_span(const unsigned char* __restrict__ img, bool flip
   }
 }
 
+// Sample s of the batch, mixed and normalised into dst.
 template <class O, bool NHWC>
-static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
-                                  const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
-                                  float m0, float m1, float m2, float s0, float s1, float s2, int s_begin,
-                                  int s_end) {
-  const dm_i64 plane = (dm_i64)h * w;
-  for (int s = s_begin; s < s_end; ++s) {
+static void dm_host_sample(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
+                           const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
+                           dm_i64 plane, float m0, float m1, float m2, float s0, float s1, float s2, int s) {
+  {
     const DmRecord R = rec[s];
     if (R.method == DM_METHOD_NONE || R.method == DM_METHOD_BLEND) {
       // the common cases as straight loops the compiler vectorises: out = (b + lam * (a - b) - m) * s
@@ -87,7 +89,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
             dm_store<O, NHWC>(dst, s, row + x, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
           }
         }
-        continue;
+        return;
       }
       for (dm_i64 r = 0; r < plane; ++r) {
         float v0 = a[3 * r], v1 = a[3 * r + 1], v2 = a[3 * r + 2];
@@ -99,7 +101,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
         }
         dm_store<O, NHWC>(dst, s, r, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
       }
-      continue;
+      return;
     }
     if (R.method == DM_METHOD_BOX) {
       // CutMix: each row is at most three straight spans, own / partner / own
@@ -115,7 +117,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
           dm_host_span<O, NHWC>(a, fa, dst, s, y, R.x1, w, w, plane, m0, m1, m2, s0, s1, s2);
         }
       }
-      continue;
+      return;
     }
     if (R.method == DM_METHOD_MASK && !(R.flags & (DM_FLAG_BILINEAR | DM_FLAG_SIGMOID))) {
       // FMix and nearest hook masks: the mask row and column of every pixel looked up once per sample
@@ -139,7 +141,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
           dm_store<O, NHWC>(dst, s, r, plane, v0, v1, v2, m0, m1, m2, s0, s1, s2);
         }
       }
-      continue;
+      return;
     }
     // everything else: the GPU kernel's own group code, one row at a time (memory order)
     const DmNorm N = {m0, m1, m2, s0, s1, s2, -m0 * s0, -m1 * s1, -m2 * s2};
@@ -152,13 +154,52 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
   }
 }
 
+// Sample output `out` (3 x H x W, or H x W x 3) erased by table row t: straight spans per box row.
+template <class O, bool NHWC>
+static void dm_host_erase(const int* __restrict__ t, typename O::T* __restrict__ out, int h, int w) {
+  const dm_i64 plane = (dm_i64)h * w;
+  const int count = t[0], mode = t[1];
+  for (int b = 0; b < count; ++b) {
+    const int* q = t + DM_ERASE_BOXES + 4 * b;
+    const int y0 = q[0], x0 = q[1], y1 = q[2], x1 = q[3];
+    if (y0 >= y1 || x0 >= x1) continue;
+    const unsigned int bk = dm_erase_box_key((unsigned int)t[2], b);
+    typename O::T fill[3];
+    for (int c = 0; c < 3; ++c) fill[c] = O::cvt(dm_erase_fill(t, mode, bk, b, 0u, c));
+    for (int y = y0; y < y1; ++y) {
+      const dm_i64 row = (dm_i64)y * w;
+      for (int x = x0; x < x1; ++x) {
+        const unsigned int e = (unsigned int)(row + x) * 3u;
+        for (int c = 0; c < 3; ++c) {
+          const typename O::T v = mode == DM_ERASE_PIXEL ? O::cvt(dm_erase_normal(bk, e + (unsigned int)c)) : fill[c];
+          if (NHWC) out[(row + x) * 3 + c] = v;
+          else out[c * plane + row + x] = v;
+        }
+      }
+    }
+  }
+}
+
+template <class O, bool NHWC>
+static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
+                                  const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
+                                  float m0, float m1, float m2, float s0, float s1, float s2, int s_begin,
+                                  int s_end, const int* __restrict__ erase) {
+  const dm_i64 plane = (dm_i64)h * w;
+  for (int s = s_begin; s < s_end; ++s) {
+    dm_host_sample<O, NHWC>(src, rec, masks, dst, h, w, plane, m0, m1, m2, s0, s1, s2, s);
+    if (erase && erase[(dm_i64)s * DM_ERASE_STRIDE] > 0)
+      dm_host_erase<O, NHWC>(erase + (dm_i64)s * DM_ERASE_STRIDE, dst + (dm_i64)s * plane * 3, h, w);
+  }
+}
+
 #define DM_HOST_ENTRY(NAME, OUT, NHWC)                                                                  \
   extern "C" void NAME(const unsigned char* src, const DmRecord* rec, const float* masks, OUT::T* dst, \
                        int n, int h, int w, float m0, float m1, float m2, float s0, float s1, float s2,  \
-                       int s_begin, int s_end) {                                                        \
+                       int s_begin, int s_end, const int* erase) {                                      \
     (void)n;                                                                                            \
     dm_host_mix_normalize<OUT, NHWC>(src, rec, masks, dst, h, w, m0, m1, m2, s0, s1, s2, s_begin,      \
-                                     s_end);                                                            \
+                                     s_end, erase);                                                     \
   }
 
 DM_HOST_ENTRY(dalimix_host_mix_normalize_f32_nchw, DmOutF32, false)

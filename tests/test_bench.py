@@ -118,6 +118,13 @@ def test_bench_mix_quick(small_dataset, tmp_path):
     assert loader["off"]["vs_off"] == pytest.approx(1.0)
     assert loader["fmix elem"]["plan_ms_per_batch"] > 0 and loader["fmix elem"]["wait_ms_per_batch"] is not None
     assert "Mixing stage" in out.stdout and "Planning" in out.stdout
+    erase = {r["case"]: r for r in result["erase"]}
+    for mode in ("const", "pixel"):
+        for p in (0.25, 1.0):
+            for how in ("fused", "separate pass (old)"):
+                row = erase[f"+ erasing {mode} p={p} {how}"]
+                assert row["wall_ms"] > 0 and row["cpu_ms"] >= 0
+    assert erase["MixUp, no erasing"]["wall_vs_mixup"] == pytest.approx(1.0) and "Random erasing" in out.stdout
 
 
 def test_gpu_suite_dry_run_shows_three_stages_that_fit_one_call_each():

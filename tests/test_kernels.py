@@ -264,9 +264,12 @@ def stable_seed(*key) -> int:
     return zlib.crc32(repr(key).encode())
 
 
-def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=None, block=None, misalign=False):
+def run_shim(
+    shim, images, records, pool, norm, dtype, channels_last, grid=None, block=None, misalign=False, erase=None
+):
     """Run the kernel through the host shim; by default with the CUDA backend's launch configuration.
-    ``misalign``: the output starts 4 bytes past a 16-byte boundary (forces the scalar path)."""
+    ``misalign``: the output starts 4 bytes past a 16-byte boundary (forces the scalar path);
+    ``erase``: the erase table (None: a null pointer)."""
     n = len(records)
     _, h, w, _ = images.shape
     if grid is None:
@@ -293,6 +296,7 @@ def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=None,
         w,
         *norm.mean255,
         *norm.inv_std255,
+        erase,
     )
     if dtype == torch.float16:
         out = half_bits_to_float(out)

@@ -126,7 +126,7 @@ class ImageLoader:
         augment: train only: a ``dalimix.augment.Augment`` (timm's vflip, colour jitter, grayscale,
             blur, random interpolation), run by DALI after the crop.
         erasing: train only: a ``dalimix.erase.RandomErasing`` applied to the finished (normalised,
-            mixed) batch, as timm's prefetcher does.
+            mixed) batch, as timm's prefetcher does; the fused kernel erases in its own pass.
         strict: check every file once at construction as ``dalimix scan --strict`` does (DALI and
             PIL both decode it in full; verdicts cached by file size and mtime): bad files raise a
             ``DecodeError`` naming them, or are skipped under ``on_error="skip"``. See the docs'

@@ -5,6 +5,8 @@ reads and fills a ``Batch``; ``Finisher`` holds the list for the loader's curren
 stage that has nothing to do is not in it). The horizontal flip drawn with the crop is applied by
 the fused kernel (``dalimix.ops.record.set_flips``): the unmixed batch, the mask hook and the
 mixed batch all see the flipped images; a ``Policy`` runs on the uint8 images before the flip.
+Random erasing is planned on the host and done by the fused kernel in its pass (its erase table),
+on the mixed, normalised output as timm's prefetcher does; the unmixed batch is not erased.
 """
 
 from __future__ import annotations
@@ -116,14 +118,22 @@ def _mask_pool(f: Finishing, b: Batch) -> None:
 def _kernel(f: Finishing, b: Batch) -> None:
     records = identity_records(b.n) if b.records is None else b.records
     set_flips(records, b.flips)
+    table = None
+    if f.erasing is not None:  # timm's random erasing, fused: boxes drawn here, filled by the kernel
+        rng = rng_mod.generator(f.seed, rng_mod.ERASE, f.shard_id, b.ticket.epoch, b.ticket.step)
+        plan = f.erasing.plan(b.n, 3, f.height, f.width, rng)
+        b.extra["erase"] = plan
+        table = f.erasing.table(plan)
     b.images = mix_normalize(
-        b.images_u8, records, b.masks, norm=f.norm, dtype=f.dtype, channels_last=f.channels_last, out=_out(f, b.n)
+        b.images_u8,
+        records,
+        b.masks,
+        norm=f.norm,
+        dtype=f.dtype,
+        channels_last=f.channels_last,
+        out=_out(f, b.n),
+        erase=table,
     )
-
-
-def _erase(f: Finishing, b: Batch) -> None:
-    """timm's random erasing on the finished (normalised, mixed) batch, as timm's prefetcher does."""
-    f.erasing(b.images, rng_mod.generator(f.seed, rng_mod.ERASE, f.shard_id, b.ticket.epoch, b.ticket.step))
 
 
 def _targets(f: Finishing, b: Batch) -> None:
@@ -152,7 +162,7 @@ class Finisher:
             out.append(_unmixed)
         if f.mix is not None:
             out += [_mix_plan, _hook if f.hook is not None else _mask_pool]
-        return out + [_kernel] + ([_erase] if f.erasing is not None else []) + [_targets]
+        return out + [_kernel, _targets]
 
     def run(self, batch: Batch) -> Batch:
         try:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .kernels import OUTPUT_TYPES, mix_normalize_entry
-from .record import RECORD_DTYPE, identity_records, validate_records
+from .record import RECORD_DTYPE, identity_records, validate_erase, validate_records
 
 __all__ = ["Normalization", "mix_normalize", "allocate_output", "RECORD_DTYPE", "identity_records"]
 
@@ -64,8 +64,9 @@ def mix_normalize(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     out: torch.Tensor | None = None,
+    erase: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Mix, normalise, cast and lay out a uint8 batch in one pass.
+    """Mix, normalise, cast and lay out a uint8 batch in one pass (random erasing included).
 
     Args:
         images: ``N_src x H x W x 3`` uint8, contiguous, on CPU or CUDA (never written).
@@ -75,6 +76,9 @@ def mix_normalize(
         dtype: float32, float16 or bfloat16.
         channels_last: write channels_last memory order (the tensor is still ``n x 3 x H x W``).
         out: optional preallocated output (shape, dtype, layout and device must match).
+        erase: optional random erasing of the output in the same pass: ``n x ERASE_STRIDE`` int32 host
+            table (``dalimix.ops.record.erase_table``; ``dalimix.erase.RandomErasing.table`` makes it
+            from a plan); fills are normalised values (0, the box colour, or the kernel's hash noise).
 
     Returns:
         ``n x 3 x H x W`` tensor of ``dtype`` on ``images.device``.
@@ -109,6 +113,10 @@ def mix_normalize(
             f"masks must be a contiguous float32 tensor on {images.device}, got {masks.dtype} on {masks.device}"
         )
     n = len(records)
+    if erase is not None:
+        validate_erase(erase, n=n, height=h, width=w)
+        if not erase[:, 0].any():
+            erase = None  # no boxes in the batch: the kernel gets a null table
     if out is None:
         out = allocate_output(n, h, w, dtype=dtype, channels_last=channels_last, device=images.device)
     else:
@@ -136,6 +144,7 @@ def mix_normalize(
             mean255=norm.mean255,
             inv_std255=norm.inv_std255,
             out=out,
+            erase=erase,
         )
     from . import host
 
@@ -148,8 +157,9 @@ def mix_normalize(
             mean255=norm.mean255,
             inv_std255=norm.inv_std255,
             out=out,
+            erase=erase,
         )
     from .cpu import mix_normalize_cpu
 
     mean255, inv_std255 = norm._cpu
-    return mix_normalize_cpu(images, records, masks, mean255=mean255, inv_std255=inv_std255, out=out)
+    return mix_normalize_cpu(images, records, masks, mean255=mean255, inv_std255=inv_std255, out=out, erase=erase)

@@ -2,7 +2,9 @@
 
 Flip flags mirror the images before mixing (``FLAG_FLIP_SELF`` / ``FLAG_FLIP_PARTNER``). Computes
 in float32 exactly like the kernel: ``v = b + w * (a - b)`` (``w`` = weight of the
-sample's own image), ``out = (v - mean255) * inv_std255``, one cast into ``out``.
+sample's own image), ``out = (v - mean255) * inv_std255``, one cast into ``out``. Random erasing
+(``erase_torch``) then writes the erase table's fills, the kernel's hash noise included, computed in
+torch (the same values up to the rounding of ``log``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .record import (
+    ERASE_BOXES,
+    ERASE_COLORS,
+    ERASE_MODES,
     FLAG_BILINEAR,
     FLAG_FLIP_PARTNER,
     FLAG_FLIP_SELF,
@@ -41,8 +46,10 @@ def mix_normalize_cpu(
     mean255: torch.Tensor,
     inv_std255: torch.Tensor,
     out: torch.Tensor,
+    erase: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Mix, normalise, cast and lay out ``images`` (N_src x H x W x 3 uint8) into ``out`` (n x 3 x H x W)."""
+    """Mix, normalise, cast and lay out ``images`` (N_src x H x W x 3 uint8) into ``out`` (n x 3 x H x W);
+    then erase ``erase``'s boxes (``dalimix.ops.record.erase_table``)."""
     n = len(records)
     _, h, w, _ = images.shape
     v = images[:n].to(torch.float32)  # n x H x W x 3, a new tensor we may write into
@@ -106,4 +113,64 @@ def mix_normalize_cpu(
         v[sel] = b + wself * (v[sel] - b)
     v.sub_(mean255).mul_(inv_std255)
     out.copy_(v.permute(0, 3, 1, 2))
+    if erase is not None:
+        erase_torch(out, erase)
     return out
+
+
+_M32 = 0xFFFFFFFF
+
+
+def hash32_torch(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``dm_hash32`` on an int64 tensor of 32-bit values (the low 32 bits are kept)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def erase_normal_torch(box_key: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``dm_erase_normal``: normal(0, 1) float32 noise of ``element`` under ``box_key``."""
+    r1 = hash32_torch(hash32_torch(element) ^ box_key)
+    r2 = hash32_torch(r1 ^ 0x9E3779B9)
+    u1 = ((r1 >> 8) + 1).to(torch.float32) * 2.0**-24
+    u2 = ((r2 >> 8).to(torch.float32) * 2.0**-24).to(torch.float32)
+    t = torch.where(u2 < 0.5, u2, 1 - u2)
+    sign = torch.where(t <= 0.25, 1.0, -1.0)
+    t = torch.where(t <= 0.25, t, 0.5 - t)
+    x = torch.tensor(6.28318530717958647692, dtype=torch.float32) * t
+    x2 = x * x
+    p = torch.full_like(x2, 2.08767570e-09)
+    for c in (-2.75573192e-07, 2.48015873e-05, -1.38888889e-03, 4.16666667e-02, -0.5, 1.0):
+        p = p * x2 + c  # the kernel's fmaf(p, x2, c), within an ulp
+    return torch.sqrt(-2 * torch.log(u1)) * (sign * p)
+
+
+def erase_torch(images: torch.Tensor, table: np.ndarray) -> torch.Tensor:
+    """Erase ``images`` (``n x 3 x H x W``, any float dtype and memory format, any device) in place with
+    the kernel's erase table: per sample, per box in drawing order, the fill over the box (0, the box's
+    colour, or the kernel's hash noise), cast to ``images.dtype``. Returns ``images``."""
+    n, c, h, w = images.shape
+    dev = images.device
+    for i in np.flatnonzero(table[:, 0] > 0):
+        row = table[i]
+        mode, key = int(row[1]), int(row[2]) & _M32
+        for b in range(int(row[0])):
+            y0, x0, y1, x1 = (int(v) for v in row[ERASE_BOXES + 4 * b : ERASE_BOXES + 4 * b + 4])
+            if y0 >= y1 or x0 >= x1:
+                continue
+            region = images[i, :, y0:y1, x0:x1]
+            if mode == ERASE_MODES["const"]:
+                region.zero_()
+            elif mode == ERASE_MODES["rand"]:
+                rgb = row[ERASE_COLORS + 3 * b : ERASE_COLORS + 3 * b + 3].view(np.float32)
+                region.copy_(torch.from_numpy(rgb.copy()).to(dev).view(c, 1, 1).expand_as(region))
+            else:
+                box_key = hash32_torch(torch.tensor(key ^ b, dtype=torch.int64, device=dev))
+                ys = torch.arange(y0, y1, device=dev).view(1, -1, 1)
+                xs = torch.arange(x0, x1, device=dev).view(1, 1, -1)
+                cs = torch.arange(c, device=dev).view(-1, 1, 1)
+                element = (ys * w + xs) * 3 + cs  # C x bh x bw, the kernel's (y * W + x) * 3 + c
+                region.copy_(erase_normal_torch(box_key, element & _M32))
+    return images

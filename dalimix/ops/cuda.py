@@ -4,7 +4,8 @@ Launches on the caller's current torch CUDA stream, so the output is stream-orde
 training step that consumes it. The per-batch path never waits on the GPU from the host and
 allocates nothing in the steady state:
 
-- records travel through the device's staging ring (``dalimix.ops.staging``): one reused pinned
+- records (and the random-erasing table, in the same slot and copy) travel through the device's
+  staging ring (``dalimix.ops.staging``): one reused pinned
   slot with its own device buffer per launch, reused only once the event recorded after its kernel
   has completed (``Event.query``, never a wait: a busy ring grows by a slot instead), its device
   buffer rewritten only after that kernel on the GPU's side (``Stream.wait_event``) when the caller
@@ -125,6 +126,7 @@ def mix_normalize_cuda(
     mean255: tuple[float, float, float],
     inv_std255: tuple[float, float, float],
     out: torch.Tensor,
+    erase: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Launch entry ``entry`` once for the whole batch; see ``dalimix.ops.mix_normalize``."""
     require("cupy", "cuda", "the CUDA path (device='cuda')")
@@ -133,14 +135,16 @@ def mix_normalize_cuda(
     n = len(records)
     _, h, w, _ = images.shape
     stream = torch.cuda.current_stream(device)
-    staged = upload_records(records, device, stream)
+    groups = [records] if erase is None else [records, np.ascontiguousarray(erase, dtype=np.int32)]
+    staged = record_ring(device).stage(groups, stream, keep=False)  # the erase table rides in the records' slot
     try:
-        return _launch(staged.tensors[0], stream, images, masks, entry, mean255, inv_std255, out, n, h, w)
+        erase_ptr = np.uint64(staged.tensors[1].data_ptr()) if erase is not None else np.uint64(0)
+        return _launch(staged.tensors[0], erase_ptr, stream, images, masks, entry, mean255, inv_std255, out, n, h, w)
     finally:
         staged.release(stream)  # the slot returns to the ring once this kernel has run
 
 
-def _launch(rec_dev, stream, images, masks, entry, mean255, inv_std255, out, n, h, w):
+def _launch(rec_dev, erase_ptr, stream, images, masks, entry, mean255, inv_std255, out, n, h, w):
     device = images.device
     if masks is None or masks.numel() == 0:
         masks = _placeholder_pool(device)
@@ -157,6 +161,7 @@ def _launch(rec_dev, stream, images, masks, entry, mean255, inv_std255, out, n, 
         np.int32(w),
         *(np.float32(m) for m in mean255),
         *(np.float32(s) for s in inv_std255),
+        erase_ptr,
     )
     import cupy
 

@@ -76,7 +76,9 @@ def _compile() -> ctypes.CDLL:
     for entry in ENTRIES.values():
         fn = getattr(so, host_entry(entry.name))
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_float] * 6 + [ctypes.c_int] * 2
+        fn.argtypes = (
+            [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_float] * 6 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+        )
     return so
 
 
@@ -129,6 +131,7 @@ def mix_normalize_host(
     inv_std255,
     out: torch.Tensor,
     threads: int | None = None,
+    erase: np.ndarray | None = None,
 ) -> torch.Tensor:
     """The fused op on the CPU through the compiled kernel; same contract as ``dalimix.ops.mix_normalize``."""
     so = library()
@@ -138,6 +141,8 @@ def mix_normalize_host(
     _, h, w, _ = images.shape
     rec = np.ascontiguousarray(records)
     pool_t = masks if masks is not None and masks.numel() else torch.zeros(1)
+    table = None if erase is None else np.ascontiguousarray(erase, dtype=np.int32)
+    erase_ptr = ctypes.c_void_p(None if table is None else table.ctypes.data)
     fn = getattr(so, host_entry(entry))
     args = (
         ctypes.c_void_p(images.data_ptr()),
@@ -152,10 +157,12 @@ def mix_normalize_host(
     )
     threads = max(1, min(threads or torch.get_num_threads(), n))
     if threads == 1 or n * h * w < 65536:
-        fn(*args, 0, n)
+        fn(*args, 0, n, erase_ptr)
         return out
     bounds = np.linspace(0, n, threads + 1).astype(int)
-    jobs = [_pool(threads).submit(fn, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    jobs = [
+        _pool(threads).submit(fn, *args, int(a), int(b), erase_ptr) for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+    ]
     for job in jobs:
         job.result()
     return out

@@ -51,6 +51,7 @@ def _mix_normalize_entries() -> dict[str, Entry]:
                 ("s0", "float"),
                 ("s1", "float"),
                 ("s2", "float"),
+                ("erase", "const int*"),  # n x ERASE_STRIDE int32 erase table, or null (dalimix.ops.record)
             )
             entries[name] = Entry(name, "mix_normalize.cu", args)
     return entries

@@ -3,6 +3,7 @@
 One record per output sample, 16 four-byte fields (64 bytes). The mix planner fills an array of
 them on the host; the backends hand it to the kernel (CUDA) or read it (CPU). The layout must stay
 identical to ``struct DmRecord`` in ``kernels/dalimix_common.cuh``; a test compares the two.
+The record is full: random erasing travels in its own per-sample table (``erase_table``, below).
 """
 
 from __future__ import annotations
@@ -131,3 +132,100 @@ def validate_records(rec: np.ndarray, *, n_src: int, height: int, width: int, ma
                 f"record {i}: mask of {int(rec['mask_h'][i])}x{int(rec['mask_w'][i])} at offset "
                 f"{int(rec['mask_offset'][i])} does not fit a mask pool of {mask_pool_size} values"
             )
+
+
+# ------------------------------------------------------------------------------- erase table
+# Random erasing rides along with the records as one more kernel argument: per output sample one row
+# of ERASE_STRIDE int32 (mirror of DM_ERASE_* in kernels/dalimix_common.cuh; a test compares them).
+ERASE_MAX_BOXES = 8
+ERASE_STRIDE = 64
+ERASE_BOXES = 4  # first box column: y0, x0, y1, x1 per box
+ERASE_COLORS = ERASE_BOXES + 4 * ERASE_MAX_BOXES  # float32 bits of box b's colour, channel c: 3b + c
+ERASE_MODES = {"const": 0, "rand": 1, "pixel": 2}
+
+
+def hash32(x: np.ndarray) -> np.ndarray:
+    """The kernel's 32-bit integer hash (``dm_hash32``), elementwise on a uint32 array."""
+    x = np.asarray(x, dtype=np.uint32).copy()
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def erase_sample_keys(seed: int, n: int) -> np.ndarray:
+    """The noise key of samples ``0..n-1`` (table column 2): the hash of the seed's two 32-bit
+    halves and the sample's index, so every sample of every batch draws its own noise."""
+    seed = int(seed) & (2**64 - 1)
+    k = hash32(np.uint32(seed & 0xFFFFFFFF))
+    k = hash32(k ^ np.uint32(seed >> 32))
+    return hash32(k ^ np.arange(n, dtype=np.uint32))
+
+
+def erase_table(boxes: np.ndarray, *, mode: str, seed: int, colors: np.ndarray | None = None) -> np.ndarray:
+    """The kernel's erase table for one batch.
+
+    Args:
+        boxes: ``N x K`` x (top, left, height, width) integers, ``K <= ERASE_MAX_BOXES``, in drawing
+            order (a later box covers an earlier one); height or width 0: no box.
+        mode: "const", "rand" or "pixel".
+        seed: the noise seed of mode "pixel" (any integer; 64 bits are used).
+        colors: ``N x K x 3`` float32, the box colours of mode "rand".
+
+    Returns:
+        ``N x ERASE_STRIDE`` int32.
+    """
+    boxes = np.asarray(boxes)
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be N x K x 4 (top, left, height, width), got shape {boxes.shape}")
+    n, k, _ = boxes.shape
+    if k > ERASE_MAX_BOXES:
+        raise ValueError(f"at most {ERASE_MAX_BOXES} erasing boxes per sample, got {k} (lower max_count)")
+    if mode not in ERASE_MODES:
+        raise ValueError(f"mode must be one of {sorted(ERASE_MODES)}, got {mode!r}")
+    table = np.zeros((n, ERASE_STRIDE), dtype=np.int32)
+    if n == 0:
+        return table
+    top, left, h, w = (boxes[..., i].astype(np.int64) for i in range(4))
+    used = (h > 0) & (w > 0)
+    last = np.where(used.any(1), k - np.argmax(used[:, ::-1], axis=1), 0)  # boxes 0..last-1 are read
+    table[:, 0] = last
+    table[:, 1] = ERASE_MODES[mode]
+    table[:, 2] = erase_sample_keys(seed, n).view(np.int32)
+    cols = np.stack([top, left, top + h, left + w], axis=-1) * used[..., None]
+    table[:, ERASE_BOXES : ERASE_BOXES + 4 * k] = cols.reshape(n, 4 * k)
+    if mode == "rand":
+        if colors is None or np.shape(colors) != (n, k, 3):
+            raise ValueError(f"mode 'rand' needs colors of shape {(n, k, 3)}, got {np.shape(colors)}")
+        rgb = np.ascontiguousarray(colors, dtype=np.float32).view(np.int32)
+        table[:, ERASE_COLORS : ERASE_COLORS + 3 * k] = rgb.reshape(n, 3 * k)
+    return table
+
+
+def validate_erase(table: np.ndarray, *, n: int, height: int, width: int) -> None:
+    """Raise ``ValueError`` if an erase table does not fit ``n`` samples of ``height x width``."""
+    if not isinstance(table, np.ndarray) or table.dtype != np.int32 or table.shape != (n, ERASE_STRIDE):
+        got = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else type(table).__name__
+        raise ValueError(
+            f"erase must be an int32 array of shape ({n}, {ERASE_STRIDE}) (dalimix.ops.record.erase_table), got {got}"
+        )
+    count, mode = table[:, 0], table[:, 1]
+    if ((count < 0) | (count > ERASE_MAX_BOXES)).any():
+        i = int(np.flatnonzero((count < 0) | (count > ERASE_MAX_BOXES))[0])
+        raise ValueError(f"erase row {i}: box count {int(count[i])} is outside [0, {ERASE_MAX_BOXES}]")
+    if ((mode < 0) | (mode > 2)).any():
+        i = int(np.flatnonzero((mode < 0) | (mode > 2))[0])
+        raise ValueError(f"erase row {i}: unknown mode id {int(mode[i])} (0 const, 1 rand, 2 pixel)")
+    box = table[:, ERASE_BOXES : ERASE_BOXES + 4 * ERASE_MAX_BOXES].reshape(n, ERASE_MAX_BOXES, 4)
+    read = np.arange(ERASE_MAX_BOXES)[None, :] < count[:, None]
+    y0, x0, y1, x1 = (box[..., i] for i in range(4))
+    ok = (0 <= y0) & (y0 <= y1) & (y1 <= height) & (0 <= x0) & (x0 <= x1) & (x1 <= width)
+    bad = read & ~ok
+    if bad.any():
+        i, b = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(
+            f"erase row {i}: box {b} y[{y0[i, b]}, {y1[i, b]}) x[{x0[i, b]}, {x1[i, b]}) is not inside the "
+            f"{height}x{width} image"
+        )

@@ -116,7 +116,8 @@ class HostShim:
             self._fns[e.name] = fn
 
     def launch(self, name: str, grid, block, *args) -> None:
-        """Run entry ``name`` over ``grid`` x ``block`` (ints or 3-tuples); numpy arrays pass as pointers."""
+        """Run entry ``name`` over ``grid`` x ``block`` (ints or 3-tuples); numpy arrays pass as pointers,
+        None as a null pointer."""
         grid = (grid, 1, 1) if isinstance(grid, int) else tuple(grid) + (1,) * (3 - len(grid))
         block = (block, 1, 1) if isinstance(block, int) else tuple(block) + (1,) * (3 - len(block))
         entry = ENTRIES[name]
@@ -124,7 +125,9 @@ class HostShim:
             raise TypeError(f"{name} takes {len(entry.args)} arguments, got {len(args)}")
         conv = []
         for a, (arg, ctype) in zip(args, entry.args):
-            if ctype.endswith("*"):
+            if ctype.endswith("*") and a is None:
+                conv.append(None)
+            elif ctype.endswith("*"):
                 if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
                     raise TypeError(f"{name}: argument {arg} must be a C-contiguous numpy array")
                 conv.append(a.ctypes.data)
