@@ -218,10 +218,15 @@ class Mixer:
             raise ValueError(f"images must be uint8 N x H x W x 3, got {images.dtype} {tuple(images.shape)}")
         n, h, w, _ = images.shape
         c = self.num_classes
-        if c is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
-            raise ValueError(
-                f"labels must be in [0, {c}) for num_classes={c}; got [{int(labels.min())}, {int(labels.max())}]"
-            )
+        if c is not None and labels.numel():
+            if labels.is_cuda:  # checked on the device: reading the range back would stall the host every batch
+                torch._assert_async(
+                    ((labels >= 0) & (labels < c)).all(), f"labels must be in [0, {c}) for num_classes={c}"
+                )
+            elif int(labels.min()) < 0 or int(labels.max()) >= c:
+                raise ValueError(
+                    f"labels must be in [0, {c}) for num_classes={c}; got [{int(labels.min())}, {int(labels.max())}]"
+                )
         if params is None:
             rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             params = self.plan(n, rng=rng, height=h, width=w)
