@@ -357,3 +357,13 @@ def test_cuda_ring_slot_is_not_overwritten_while_a_kernel_may_read_it():
     torch.cuda.synchronize()
     for r, o in zip(recs, outs):
         torch.testing.assert_close(o.cpu(), mix_normalize(images.cpu(), r, norm=norm), rtol=0, atol=2e-5)
+
+
+def test_threads_argument_is_checked_and_gives_the_same_batch():
+    images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (7, 40, 50, 3), dtype=np.uint8))
+    rec = set_flips(identity_records(7), np.arange(7) % 2 == 0)
+    outs = [mix_normalize(images, rec.copy(), threads=t) for t in (1, 2, 3, 16)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            mix_normalize(images, rec.copy(), threads=bad)

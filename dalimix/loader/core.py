@@ -13,6 +13,7 @@ from .. import validate as v
 from .._keywords import suggest_keywords
 from ..errors import DatasetError
 from ..hook import make_stage
+from ..pipeline import default_num_threads
 from ..scan import check_loader_files
 from ..sources import Samples, resolve_source
 from .feed import PipelineFeed
@@ -273,6 +274,7 @@ class ImageLoader:
             policy_stage=self._get_policy_stage if self.policy is not None else None,
             keep_unmixed=self.keep_unmixed,
             erasing=self.erasing,
+            kernel_threads=_kernel_threads(self.num_threads),
         )
         self._finisher = Finisher(self._finishing)
         self._mask_hook = None
@@ -559,3 +561,10 @@ def _dali_draws(spec) -> bool:
     timm's colour jitter / grayscale / blur / random interpolation): its streams then run on across
     the loader's one pipeline, and a state carries DALI's checkpoint."""
     return spec.auto_augment is not None or spec.extra is not None
+
+
+def _kernel_threads(dali_threads: int) -> int:
+    """Threads of the CPU kernel: the loop's own thread plus the cores DALI's threads leave free. Where
+    DALI keeps every core busy more kernel threads would only take turns with it, paying thread
+    hand-offs and cache misses for nothing (one thread is the least CPU per batch)."""
+    return max(1, min(torch.get_num_threads(), default_num_threads() - dali_threads + 1))

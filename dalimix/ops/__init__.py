@@ -64,6 +64,7 @@ def mix_normalize(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     out: torch.Tensor | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Mix, normalise, cast and lay out a uint8 batch in one pass.
 
@@ -75,6 +76,8 @@ def mix_normalize(
         dtype: float32, float16 or bfloat16.
         channels_last: write channels_last memory order (the tensor is still ``n x 3 x H x W``).
         out: optional preallocated output (shape, dtype, layout and device must match).
+        threads: CPU only: threads the host kernel splits the batch over, the calling one included
+            (default ``torch.get_num_threads()``; the loader passes the cores DALI leaves free, plus one).
 
     Returns:
         ``n x 3 x H x W`` tensor of ``dtype`` on ``images.device``.
@@ -91,6 +94,8 @@ def mix_normalize(
         raise ValueError("images must be contiguous (N x H x W x 3 in memory)")
     if dtype not in OUTPUT_TYPES:
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int (or None for torch.get_num_threads()), got {threads!r}")
     norm = norm or Normalization()
     n_src, h, w, _ = images.shape
     if h * w * 3 >= 2**32:
@@ -148,6 +153,7 @@ def mix_normalize(
             mean255=norm.mean255,
             inv_std255=norm.inv_std255,
             out=out,
+            threads=threads,
         )
     from .cpu import mix_normalize_cpu
 
