@@ -53,7 +53,7 @@ class Samples:
             fd = os.open(path, os.O_RDONLY)
             try:
                 size = os.fstat(fd).st_size
-                data = buffer.read(fd, size + 1, 0)  # one byte more: a file grown since fstat is seen
+                data = buffer.read(fd, size + 1, 0, expect=size)  # one byte more: a file grown since fstat is seen
             finally:
                 os.close(fd)
             out.append(data if len(data) <= size else np.fromfile(path, dtype=np.uint8))
@@ -85,11 +85,13 @@ class ReadBuffer:
         self._used = start + nbytes
         return self._memory[start : start + nbytes]
 
-    def read(self, fd: int, nbytes: int, offset: int) -> np.ndarray:
-        """Up to ``nbytes`` of file ``fd`` from ``offset`` (fewer at its end), read into the buffer."""
+    def read(self, fd: int, nbytes: int, offset: int, *, expect: int | None = None) -> np.ndarray:
+        """Up to ``nbytes`` of file ``fd`` from ``offset`` (fewer at its end), read into the buffer;
+        once ``expect`` bytes (default ``nbytes``) have come, a short read is taken as the end."""
         view = self.take(nbytes)
+        expect = nbytes if expect is None else expect
         got = 0
-        while got < nbytes:
+        while got < expect:
             k = os.preadv(fd, [view[got:]], offset + got)
             if k <= 0:
                 break
