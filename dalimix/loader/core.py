@@ -24,6 +24,8 @@ from .plan import EpochPlan, LastBatchPolicy, Traversal, plan_epoch
 from .recovery import Recovery
 from .stages import Batch, Finisher, Finishing
 
+TRIM_EVERY = 8192  # images between two trims of the C heap (``release_free_heap``), at epoch ends
+
 
 @dataclass
 class BatchInfo:
@@ -287,6 +289,7 @@ class ImageLoader:
         self._resume: tuple[int, int] | None = None  # (epoch, step) set by seek()
         self._planner_pool = None
         self._policy_stage = None
+        self._since_trim = 0  # images handed out since the C heap was last trimmed
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -391,10 +394,18 @@ class ImageLoader:
             finish=self._finish,
             plan_ahead=self._plan_ahead,
             dead=self._why_dead,
-            ended=release_free_heap,
+            ended=self._epoch_ended,
         )
         self._active = EpochIterator(ctx, start_step=start)
         return self._active
+
+    def _epoch_ended(self) -> None:
+        """Hand the C heap's free pages back every ``TRIM_EVERY`` images or so (at an epoch's end):
+        a trim costs milliseconds, too much to pay after every epoch of a few hundred images."""
+        self._since_trim += self.plan(self._epoch).num_batches * self.batch_size
+        if self._since_trim >= TRIM_EVERY:
+            self._since_trim = 0
+            release_free_heap()
 
     def _retire(self, why: str) -> None:
         if self._active is not None:
