@@ -1,7 +1,7 @@
 """dalimix with MixUp/CutMix against DALI's own plain pipeline without mixing, in one process.
 
     python benchmarks/vs_plain_dali.py [--data DIR] [--images 384,3072] [--batch-sizes 64,256]
-        [--cells 384x64,3072x256] [--size 224] [--threads 2] [--rounds 5]
+        [--cells 384x64,3072x256] [--size 224] [--threads 2] [--rounds 5] [--min-window 1024]
 
 Plain DALI: ``readers.file -> decoders.image_random_crop -> resize -> crop_mirror_normalize``
 (float CHW, random mirror), run with ``pipe.run()`` and handed to torch with DLPack. dalimix:
@@ -9,8 +9,11 @@ Plain DALI: ``readers.file -> decoders.image_random_crop -> resize -> crop_mirro
 plus soft targets. Both read the same file list: the photos of ``--data`` (default: the demo data
 set, 384 real-looking JPEGs) repeated until an epoch has ``--images`` images, so short and long
 epochs are measured on the same photos. Each cell (images x batch size) builds one DALI pipeline
-and one loader, then runs one epoch of each per round, alternating which goes first (round 0 is a
-warm-up). Prints, per cell, the median images/s and CPU ms/image (this process: all its threads)
+and one loader, then runs one window of each per round, alternating which goes first (round 0 is a
+warm-up). A window is whole epochs of at least ``--min-window`` images, and ends once the process
+is idle again: each contender keeps one batch in flight when its loop stops, and that work is paid
+in its own window rather than in the next one's. Prints, per cell, the median images/s and CPU
+ms/image (this process: all its threads)
 of each, and dalimix / DALI as the ratio of the medians and the median of the per-round ratios.
 ``dalimix bench --libraries dalimix,dali`` measures the same in separate processes.
 """
@@ -30,6 +33,23 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def wait_idle(poll: float = 0.005) -> float:
+    """Wait until this process's threads stop working (two polls in a row with under 10% of a core
+    busy); returns the time the work was last seen. A window ends there, so the batch each
+    contender has in flight when its loop stops is paid in its own window, not in the other's."""
+    last_busy = time.perf_counter()
+    c, quiet = cpu_s(), 0
+    while quiet < 2:
+        time.sleep(poll)
+        now = cpu_s()
+        if now - c < 0.1 * poll:
+            quiet += 1
+        else:
+            quiet, last_busy = 0, time.perf_counter()
+        c = now
+    return last_busy
+
+
 def write_list(samples, images: int, folder: str) -> str:
     """A ``path label`` list of ``images`` entries: the samples in order, repeated as needed."""
     path = os.path.join(folder, f"list-{images}.txt")
@@ -40,7 +60,9 @@ def write_list(samples, images: int, folder: str) -> str:
     return path
 
 
-def run_cell(list_path: str, classes, *, images: int, batch: int, size: int, threads: int, rounds: int) -> dict:
+def run_cell(
+    list_path: str, classes, *, images: int, batch: int, size: int, threads: int, rounds: int, min_window: int
+) -> dict:
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
@@ -97,18 +119,21 @@ def run_cell(list_path: str, classes, *, images: int, batch: int, size: int, thr
             n += out.shape[0]
         return n
 
+    per_window = max(1, -(-min_window // (steps * batch)))  # whole epochs, at least min_window images
     res: dict = {"dalimix+mix": [], "dali plain": []}
+    wait_idle()
     for rnd in range(rounds + 1):
         order = [("dalimix+mix", dalimix_epoch), ("dali plain", dali_epoch)]
         for name, epoch in order if rnd % 2 else order[::-1]:
             c0, t0 = cpu_s(), time.perf_counter()
-            n = epoch()
-            wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+            n = sum(epoch() for _ in range(per_window))
+            end = wait_idle()
+            wall, cpu = end - t0, cpu_s() - c0
             if rnd:
                 res[name].append((n / wall, 1e3 * cpu / n))
     built = loader.pipelines_built
     loader.close()
-    return {"steps": steps, "results": res, "built": built}
+    return {"steps": steps, "results": res, "built": built, "per_window": per_window}
 
 
 def main(argv=None) -> int:
@@ -121,7 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", default=None, help="only these IMAGESxBATCH cells, e.g. 3072x64,384x256")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5, help="measured epochs of each per cell (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=5, help="measured windows of each per cell (after one warm-up)")
+    ap.add_argument("--min-window", type=int, default=1024, help="images per window at least (whole epochs)")
     args = ap.parse_args(argv)
     if args.data is None:
         from dalimix.demo_data import demo_dataset
@@ -150,6 +176,7 @@ def main(argv=None) -> int:
                 size=args.size,
                 threads=args.threads,
                 rounds=args.rounds,
+                min_window=args.min_window,
             )
             res = cell["results"]
             med = {k: (statistics.median(a for a, _ in v), statistics.median(c for _, c in v)) for k, v in res.items()}
@@ -157,7 +184,7 @@ def main(argv=None) -> int:
             paired_cpu = statistics.median(a / p for (_, a), (_, p) in zip(res["dalimix+mix"], res["dali plain"]))
             a, p = med["dalimix+mix"], med["dali plain"]
             print(
-                f"epoch {cell['steps'] * batch:5d} images, batch {batch:3d}: "
+                f"epoch {cell['steps'] * batch:5d} images x {cell['per_window']}, batch {batch:3d}: "
                 f"dalimix+mix {a[0]:7.1f} img/s {a[1]:5.2f} CPU ms/img | dali plain {p[0]:7.1f} img/s "
                 f"{p[1]:5.2f} CPU ms/img | ratio {a[0] / p[0]:.3f}x img/s, {a[1] / p[1]:.3f}x CPU ms/img "
                 f"(paired {paired_ips:.3f}x, {paired_cpu:.3f}x); dalimix pipelines built: {cell['built']}",
