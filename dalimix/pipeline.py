@@ -257,7 +257,10 @@ def build_pipeline(
 def feed(pipe, encoded: list, ids: np.ndarray, windows: np.ndarray | None) -> None:
     """Hand one batch to ``pipe`` (``schedule_run`` then runs it). ``encoded`` is used in place
     (``no_copy``): the caller keeps the arrays alive until the batch's outputs are taken."""
-    pipe.feed_input("encoded", encoded)
+    from nvidia.dali.tensors import TensorCPU
+
+    # DALI's own wrapping of each array (type checks by name, per sample) costs more than the feed
+    pipe.feed_input("encoded", [TensorCPU(e) for e in encoded])
     pipe.feed_input("ids", np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, 1))
     if windows is not None:
         pipe.feed_input("window", np.ascontiguousarray(windows, dtype=np.float32))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
-from .sources import IMAGE_EXTENSIONS, Samples, _fingerprint, scan_image_folder
+from .sources import IMAGE_EXTENSIONS, ReadBuffer, Samples, _fingerprint, scan_image_folder
 
 # every extension torchvision's ImageFolder (and dalimix's scan) accepts, and the class index
 DEFAULT_KEYS = (";".join(e.lstrip(".") for e in IMAGE_EXTENSIONS), "cls")
@@ -52,9 +52,9 @@ class TarSamples(Samples):
     def read_bytes(self, index: int) -> bytes:
         return self.read(index).tobytes()
 
-    def read_batch(self, ids) -> list[np.ndarray]:
+    def read_batch(self, ids, *, buffer: ReadBuffer | None = None) -> list[np.ndarray]:
         """The encoded bytes of samples ``ids``: one ``pread`` each, one open per tar (what the loader
-        feeds DALI, the same feed as for image files)."""
+        feeds DALI, the same feed as for image files); ``buffer`` as in ``Samples.read_batch``."""
         ids = np.asarray(ids, dtype=np.int64)
         images: list = [None] * len(ids)
         tar_of = self.tar_index[ids]
@@ -64,11 +64,16 @@ class TarSamples(Samples):
             try:
                 for k in np.flatnonzero(tar_of == t):
                     i = int(ids[k])
-                    buf = np.empty(int(self.sizes[i]), dtype=np.uint8)
-                    got = os.preadv(fd, [buf], int(self.offsets[i])) if buf.size else 0
-                    if got != buf.size:
+                    size = int(self.sizes[i])
+                    if buffer is None:
+                        buf = np.empty(size, dtype=np.uint8)
+                        got = os.preadv(fd, [buf], int(self.offsets[i])) if size else 0
+                    else:
+                        buf = buffer.read(fd, size, int(self.offsets[i]))
+                        got = len(buf)
+                    if got != size:
                         raise DatasetError(
-                            f"{self.paths[i]}: read {got} of {buf.size} bytes; the tar {path} is shorter "
+                            f"{self.paths[i]}: read {got} of {size} bytes; the tar {path} is shorter "
                             "than when it was indexed (truncated or rewritten); index it again"
                         )
                     images[k] = buf

@@ -564,3 +564,13 @@ def test_a_skipped_file_costs_one_rebuild_for_the_whole_run(tmp_path):
         for _ in range(3):
             assert sum(len(x) for x, _ in loader) == 9
     assert loader.pipelines_built == 2 and loader.skip_count == 3
+
+
+def test_cpu_kernel_threads_are_the_cores_dali_leaves_free(monkeypatch):
+    """The CPU kernel runs on the loop's thread plus the cores DALI's threads leave free, never more
+    than torch's thread count: with DALI on every core one thread (no hand-offs), else more."""
+    import dalimix.loader.core as core
+
+    monkeypatch.setattr(core, "default_num_threads", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert [core._kernel_threads(t) for t in (8, 16, 7, 4, 1)] == [1, 1, 2, 5, 6]

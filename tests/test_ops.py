@@ -17,6 +17,7 @@ from dalimix.ops.kernels import OUTPUT_TYPES
 from dalimix.ops.record import (
     FLAG_BILINEAR,
     FLAG_SIGMOID,
+    FLIP_FLAGS,
     METHOD_MASK,
     METHOD_RESIZE,
     RECORD_DTYPE,
@@ -238,6 +239,30 @@ def test_flipped_identity_equals_flipped_input(backend):
     got = mix_normalize(images, rec)
     want = mix_normalize(torch.where(torch.from_numpy(flip).view(-1, 1, 1, 1), images.flip(2), images).contiguous())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("w", [1, 2, 5, 6, 7, 10, 11, 12, 16, 31, 224])
+def test_host_flips_equal_flipped_inputs_at_every_width(w):
+    """The host kernel reads mirrored rows through a copy reversed five pixels at a time (SIMD) plus a
+    scalar tail: for every method, flip flags give exactly what the same records give on images
+    flipped beforehand, at widths around the group size."""
+    from dalimix.ops import host
+
+    assert host.available()
+    rng = np.random.default_rng(stable_seed("host-flip-width", w))
+    n, h = 6, 5
+    images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    flip = rng.random(n) < 0.5
+    flip[:2] = True, False
+    records, pool = random_records(rng, n, n, h, w)
+    records["flags"] &= ~np.int32(FLIP_FLAGS)
+    flipped = np.where(flip[:, None, None, None], images[:, :, ::-1], images).copy()
+    for dtype in (torch.float32, torch.bfloat16):
+        want = mix_normalize(torch.from_numpy(flipped), records.copy(), torch.from_numpy(pool), dtype=dtype)
+        got = mix_normalize(
+            torch.from_numpy(images), set_flips(records.copy(), flip), torch.from_numpy(pool), dtype=dtype
+        )
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 HOST_SYNC = re.compile(
@@ -620,3 +645,34 @@ def test_cuda_staging_keeps_values_under_a_busy_stream_and_pins_nothing_per_batc
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
     assert len(ring._slots) == slots and ring.waits == 0  # the slots were reused
+
+
+def test_threads_argument_is_checked_and_gives_the_same_batch():
+    images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (7, 40, 50, 3), dtype=np.uint8))
+    rec = set_flips(identity_records(7), np.arange(7) % 2 == 0)
+    outs = [mix_normalize(images, rec.copy(), threads=t) for t in (1, 2, 3, 16)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            mix_normalize(images, rec.copy(), threads=bad)
+
+
+def _host_kernel_in_child(images, rec):
+    return mix_normalize(torch.from_numpy(images), rec, threads=3).numpy()  # arrays: no torch fd sharing
+
+
+def test_host_kernel_runs_in_a_forked_child_after_the_parent_used_its_pool():
+    """A forked child (a DataLoader worker, a fork-started process) has none of the parent's host
+    kernel worker threads: it builds its own pool instead of waiting on the parent's forever."""
+    import multiprocessing as mp
+
+    from dalimix.ops import host
+
+    if not host.available():
+        pytest.skip("no C++ compiler: the host kernel is not built")
+    images = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (6, 128, 128, 3), dtype=np.uint8))
+    rec = identity_records(6)
+    want = mix_normalize(images, rec.copy(), threads=3)  # the parent's pool of 2 workers is up
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_host_kernel_in_child, (images.numpy(), rec.copy())).get(timeout=60)
+    assert torch.equal(torch.from_numpy(got), want)

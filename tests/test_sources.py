@@ -117,3 +117,32 @@ def test_file_list_fingerprint_survives_moving_the_data(tmp_path):
     before = read_file_list(tmp_path / "a" / "list.txt").fingerprint
     shutil.move(tmp_path / "a", tmp_path / "b")
     assert read_file_list(tmp_path / "b" / "list.txt").fingerprint == before
+
+
+def test_read_batch_into_a_reused_buffer(tmp_path):
+    """Bytes read into a ReadBuffer equal a plain read, survive the buffer growing, follow a file that
+    changed size since the last batch, and a missing file still raises OSError."""
+    from dalimix.sources import ReadBuffer
+
+    rng = np.random.default_rng(0)
+    for i, n in enumerate([0, 1, 5000, 3 << 20]):  # the last one outgrows the first allocation
+        (tmp_path / f"f{i}.bin").write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+    samples = read_file_list_of(tmp_path, 4)
+    buffer = ReadBuffer()
+    got = samples.read_batch([3, 2, 1, 0, 2], buffer=buffer)
+    want = samples.read_batch([3, 2, 1, 0, 2])
+    assert [len(g) for g in got] == [3 << 20, 5000, 1, 0, 5000]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    buffer.clear()
+    (tmp_path / "f1.bin").write_bytes(b"grown" * 1000)
+    again = samples.read_batch([1, 2], buffer=buffer)
+    assert again[0].tobytes() == b"grown" * 1000 and np.array_equal(again[1], want[1])
+    (tmp_path / "f0.bin").unlink()
+    with pytest.raises(OSError):
+        samples.read_batch([0], buffer=buffer)
+
+
+def read_file_list_of(folder, n):
+    lst = folder / "list.txt"
+    lst.write_text("".join(f"f{i}.bin 0\n" for i in range(n)))
+    return read_file_list(lst)

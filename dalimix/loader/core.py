@@ -13,6 +13,7 @@ from .. import validate as v
 from .._keywords import suggest_keywords
 from ..errors import DatasetError
 from ..hook import make_stage
+from ..pipeline import default_num_threads
 from ..scan import check_loader_files
 from ..sources import Samples, resolve_source
 from .feed import PipelineFeed
@@ -22,6 +23,8 @@ from .outputs import OutputRing, release_free_heap
 from .plan import EpochPlan, LastBatchPolicy, Traversal, plan_epoch
 from .recovery import Recovery
 from .stages import Batch, Finisher, Finishing
+
+TRIM_EVERY = 8192  # images between two trims of the C heap (``release_free_heap``), at epoch ends
 
 
 @dataclass
@@ -273,6 +276,7 @@ class ImageLoader:
             policy_stage=self._get_policy_stage if self.policy is not None else None,
             keep_unmixed=self.keep_unmixed,
             erasing=self.erasing,
+            kernel_threads=_kernel_threads(self.num_threads),
         )
         self._finisher = Finisher(self._finishing)
         self._mask_hook = None
@@ -285,6 +289,7 @@ class ImageLoader:
         self._resume: tuple[int, int] | None = None  # (epoch, step) set by seek()
         self._planner_pool = None
         self._policy_stage = None
+        self._since_trim = 0  # images handed out since the C heap was last trimmed
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -389,10 +394,18 @@ class ImageLoader:
             finish=self._finish,
             plan_ahead=self._plan_ahead,
             dead=self._why_dead,
-            ended=release_free_heap,
+            ended=self._epoch_ended,
         )
         self._active = EpochIterator(ctx, start_step=start)
         return self._active
+
+    def _epoch_ended(self) -> None:
+        """Hand the C heap's free pages back every ``TRIM_EVERY`` images or so (at an epoch's end):
+        a trim costs milliseconds, too much to pay after every epoch of a few hundred images."""
+        self._since_trim += self.plan(self._epoch).num_batches * self.batch_size
+        if self._since_trim >= TRIM_EVERY:
+            self._since_trim = 0
+            release_free_heap()
 
     def _retire(self, why: str) -> None:
         if self._active is not None:
@@ -559,3 +572,10 @@ def _dali_draws(spec) -> bool:
     timm's colour jitter / grayscale / blur / random interpolation): its streams then run on across
     the loader's one pipeline, and a state carries DALI's checkpoint."""
     return spec.auto_augment is not None or spec.extra is not None
+
+
+def _kernel_threads(dali_threads: int) -> int:
+    """Threads of the CPU kernel: the loop's own thread plus the cores DALI's threads leave free. Where
+    DALI keeps every core busy more kernel threads would only take turns with it, paying thread
+    hand-offs and cache misses for nothing (one thread is the least CPU per batch)."""
+    return max(1, min(torch.get_num_threads(), default_num_threads() - dali_threads + 1))

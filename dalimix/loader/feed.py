@@ -16,12 +16,14 @@ order, and the host never waits for the GPU in ``next()``.
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 
 import numpy as np
 import torch
 
 from ..pipeline import build_pipeline, encoded_size, feed
+from ..sources import ReadBuffer
 from .plan import Ticket, Traversal, draw_augment
 
 
@@ -58,9 +60,12 @@ class PipelineFeed:
         self.checkpointing = checkpointing
         self.builds = 0  # DALI pipelines built so far (1 for a loader's whole life unless a file failed)
         self._pipe = None
-        self._pending: deque = deque()  # (ticket, flips, encoded) fed and scheduled, outputs not yet taken
+        self._pending: deque = deque()  # (ticket, flips, encoded, buffer) fed and scheduled, outputs not yet taken
         self._next: tuple[int, int] | None = None  # (epoch, step) fed next
         self._held = None  # DALI outputs of the batch handed out last
+        self._held_buffer = None  # the ReadBuffer its encoded bytes were read into
+        self._buffers: list[ReadBuffer] = []  # free: DALI released the batches read into them
+        self._buffered = "buffer" in inspect.signature(samples.read_batch).parameters
         self._consumed = None  # CUDA: event after the last kernel that read DALI's outputs (waited on at close only)
         self._restore = None  # DALI checkpoint to build the next pipeline from
         self._last_checkpoint = None
@@ -79,16 +84,16 @@ class PipelineFeed:
             if not self._pending:
                 self._next = key
             self._fill()
-            ticket, flips, _ = self._pending[0]
+            ticket, flips, _, _ = self._pending[0]
             try:
                 outputs = self._share()
             except RuntimeError as e:
-                ids = list(dict.fromkeys(int(i) for t, _, _ in self._pending for i in t.ids))
+                ids = list(dict.fromkeys(int(i) for t, _, _, _ in self._pending for i in t.ids))
                 self._drop()  # DALI cannot go on after a failed batch: the next batch rebuilds it
                 self.recovery.handle(e, ids, ticket.epoch, ticket.step)  # raises, or marks files to replace
                 self.traversal.invalidate()
                 continue
-            self._pending.popleft()
+            self._held_buffer = self._pending.popleft()[3]
             self._held = outputs
             images_tl, ids_tl = outputs
             got = np.asarray(ids_tl.as_tensor()).reshape(-1)
@@ -114,6 +119,8 @@ class PipelineFeed:
             self._held = None
             if self._pipe is not None:
                 self._pipe.release_outputs()
+                self._recycle(self._held_buffer)
+            self._held_buffer = None
 
     def checkpoint(self):
         """DALI's state after the batch taken last (only with ``checkpointing``: preset random streams)."""
@@ -163,23 +170,32 @@ class PipelineFeed:
     def _feed_one(self) -> None:
         assert self._next is not None  # set by take() before anything is fed
         ticket = self.traversal.ticket(*self._next)
-        encoded = self._read(ticket)
+        buffer = self._buffers.pop() if self._buffers else ReadBuffer()
+        encoded = self._read(ticket, buffer)
         windows, flips = draw_augment(self.spec, self.seed, self.shard_id, ticket, self._sizes_of(ticket.ids, encoded))
         feed(self._pipe, encoded, ticket.ids, windows)
-        self._pending.append((ticket, flips, encoded))  # DALI reads `encoded` in place until the batch is out
+        # DALI reads `encoded` in place until the batch is out: `buffer` is reused only after its release
+        self._pending.append((ticket, flips, encoded, buffer))
         self._next = self.traversal.after(self._next)
 
-    def _read(self, ticket: Ticket) -> list:
+    def _read(self, ticket: Ticket, buffer: ReadBuffer) -> list:
+        kw = {"buffer": buffer} if self._buffered else {}
         try:
-            return self.samples.read_batch(ticket.ids)
+            return self.samples.read_batch(ticket.ids, **kw)
         except OSError:  # a file vanished or cannot be opened: DALI fails on it, recovery names it
+            buffer.clear()
             out = []
             for i in ticket.ids:
                 try:
-                    out += self.samples.read_batch([i])
+                    out += self.samples.read_batch([i], **kw)
                 except OSError:
                     out.append(np.zeros(0, dtype=np.uint8))
             return out
+
+    def _recycle(self, buffer: ReadBuffer | None) -> None:
+        if buffer is not None:
+            buffer.clear()
+            self._buffers.append(buffer)
 
     def _sizes_of(self, ids: np.ndarray, encoded: list) -> np.ndarray:
         """Decoded (height, width) of each sample, parsed from its header once and remembered."""
@@ -200,7 +216,7 @@ class PipelineFeed:
             except RuntimeError:
                 self._drop()
                 break
-            self._pending.popleft()  # only now: DALI read its bytes in place
+            self._recycle(self._pending.popleft()[3])  # only now: DALI read its bytes in place
         self._pending.clear()
 
     def _drop(self) -> None:
@@ -208,6 +224,7 @@ class PipelineFeed:
             self._consumed.synchronize()
             self._consumed = None
         self._held = None
+        self._held_buffer = None  # neither it nor the pending batches' buffers are reused
         pipe, self._pipe = self._pipe, None
         del pipe  # DALI's threads stop here, before the bytes they may still read are let go
         self._pending.clear()

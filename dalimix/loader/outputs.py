@@ -42,9 +42,10 @@ _LIBC = None
 def release_free_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
 
-    Called once per epoch: DALI's per-batch buffers, the encoded bytes fed to it and the mixer's
-    per-batch arrays come and go in varied sizes, and glibc keeps what they free in its heap, so
-    the resident size would otherwise wander upwards over a long run (a few ms per call)."""
+    Called at the end of an epoch once ``TRIM_EVERY`` images (``dalimix.loader.core``) have been
+    handed out since the last call: DALI's per-batch buffers and the mixer's per-batch arrays come
+    and go in varied sizes, and glibc keeps what they free in its heap, so the resident size would
+    otherwise wander upwards over a long run (a few ms per call)."""
     global _LIBC
     if _LIBC is None:
         import ctypes

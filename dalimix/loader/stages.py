@@ -71,6 +71,7 @@ class Finishing:
     hook: object = None  # MaskHookStage or None
     keep_unmixed: bool = False
     erasing: object = None  # dalimix.erase.RandomErasing or None
+    kernel_threads: int | None = None  # CPU: threads of the host kernel (the calling one included)
 
 
 def _labels(f: Finishing, b: Batch) -> None:
@@ -95,7 +96,14 @@ def _out(f: Finishing, n: int) -> torch.Tensor:
 def _unmixed(f: Finishing, b: Batch) -> None:
     records = set_flips(identity_records(b.n), b.flips)
     b.unmixed = mix_normalize(
-        b.images_u8, records, None, norm=f.norm, dtype=f.dtype, channels_last=f.channels_last, out=_out(f, b.n)
+        b.images_u8,
+        records,
+        None,
+        norm=f.norm,
+        dtype=f.dtype,
+        channels_last=f.channels_last,
+        out=_out(f, b.n),
+        threads=f.kernel_threads,
     )
 
 
@@ -133,6 +141,7 @@ def _kernel(f: Finishing, b: Batch) -> None:
         channels_last=f.channels_last,
         out=_out(f, b.n),
         erase=table,
+        threads=f.kernel_threads,
     )
 
 

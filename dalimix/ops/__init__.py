@@ -65,6 +65,7 @@ def mix_normalize(
     channels_last: bool = False,
     out: torch.Tensor | None = None,
     erase: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Mix, normalise, cast and lay out a uint8 batch in one pass (random erasing included).
 
@@ -79,6 +80,8 @@ def mix_normalize(
         erase: optional random erasing of the output in the same pass: ``n x ERASE_STRIDE`` int32 host
             table (``dalimix.ops.record.erase_table``; ``dalimix.erase.RandomErasing.table`` makes it
             from a plan); fills are normalised values (0, the box colour, or the kernel's hash noise).
+        threads: CPU only: threads the host kernel splits the batch over, the calling one included
+            (default ``torch.get_num_threads()``; the loader passes the cores DALI leaves free, plus one).
 
     Returns:
         ``n x 3 x H x W`` tensor of ``dtype`` on ``images.device``.
@@ -95,6 +98,8 @@ def mix_normalize(
         raise ValueError("images must be contiguous (N x H x W x 3 in memory)")
     if dtype not in OUTPUT_TYPES:
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int (or None for torch.get_num_threads()), got {threads!r}")
     norm = norm or Normalization()
     n_src, h, w, _ = images.shape
     if h * w * 3 >= 2**32:
@@ -158,6 +163,7 @@ def mix_normalize(
             inv_std255=norm.inv_std255,
             out=out,
             erase=erase,
+            threads=threads,
         )
     from .cpu import mix_normalize_cpu
 

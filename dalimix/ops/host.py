@@ -4,7 +4,7 @@
 over samples, rows and pixels in memory order (straight, vectorisable loops for the unmixed and
 MixUp cases). It is compiled once per machine with the C++ compiler (``$CXX``, else ``g++``/``c++``;
 ``-O3 -march=native``) into ``<cache>/host-kernels/`` and called through ctypes, which releases
-the GIL, so a batch is split over a few threads. Where no compiler works, ``available()`` is False
+the GIL, so a batch is split over a few threads (the calling thread and ``threads - 1`` pool threads). Where no compiler works, ``available()`` is False
 and ``dalimix.ops`` uses the vectorised torch twin (``dalimix.ops.cpu``) instead, with a warning.
 """
 
@@ -111,13 +111,15 @@ def available() -> bool:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers, kept for the process's life (one per size asked for; a forked
+    child makes its own: the parent's worker threads do not exist there)."""
     with _lock:
-        pool = _state.get("pool")
-        if pool is None or _state.get("threads") != threads:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dalimix-host")
-            _state["pool"], _state["threads"] = pool, threads
+        if _state.get("pools_pid") != os.getpid():
+            _state["pools"], _state["pools_pid"] = {}, os.getpid()
+        pools = _state["pools"]
+        pool = pools.get(threads)
+        if pool is None:
+            pool = pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dalimix-host")
         return pool
 
 
@@ -159,10 +161,12 @@ def mix_normalize_host(
     if threads == 1 or n * h * w < 65536:
         fn(*args, 0, n, erase_ptr)
         return out
-    bounds = np.linspace(0, n, threads + 1).astype(int)
-    jobs = [
-        _pool(threads).submit(fn, *args, int(a), int(b), erase_ptr) for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-    ]
-    for job in jobs:
-        job.result()
+    bounds = np.linspace(0, n, threads + 1).astype(int).tolist()
+    pool = _pool(threads - 1)  # the calling thread works on the last share itself
+    jobs = [pool.submit(fn, *args, a, b, erase_ptr) for a, b in zip(bounds[:-2], bounds[1:-1]) if b > a]
+    try:
+        fn(*args, bounds[-2], bounds[-1], erase_ptr)
+    finally:
+        for job in jobs:
+            job.result()
     return out
