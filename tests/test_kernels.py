@@ -264,7 +264,9 @@ def stable_seed(*key) -> int:
     return zlib.crc32(repr(key).encode())
 
 
-def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=None, block=None, misalign=False):
+def run_shim(
+    shim, images, records, pool, norm, dtype, channels_last, grid=None, block=None, misalign=False, gather=None
+):
     """Run the kernel through the host shim; by default with the CUDA backend's launch configuration.
     ``misalign``: the output starts 4 bytes past a 16-byte boundary (forces the scalar path)."""
     n = len(records)
@@ -287,6 +289,7 @@ def run_shim(shim, images, records, pool, norm, dtype, channels_last, grid=None,
         images,
         records,
         pool,
+        np.zeros(1, np.int32) if gather is None else np.ascontiguousarray(gather, np.int32),
         out,
         n,
         h,

@@ -99,7 +99,7 @@ def _mix_plan(f: Finishing, b: Batch) -> None:
 
 
 def _hook(f: Finishing, b: Batch) -> None:
-    b.records, b.masks = f.hook.prepare(b.unmixed, b.params, epoch=b.ticket.epoch, step=b.ticket.step)
+    b.records, b.masks = f.hook.prepare(b.unmixed, b.params, epoch=b.ticket.epoch, step=b.ticket.step, labels=b.labels)
 
 
 def _mask_pool(f: Finishing, b: Batch) -> None:
@@ -110,8 +110,16 @@ def _mask_pool(f: Finishing, b: Batch) -> None:
 def _kernel(f: Finishing, b: Batch) -> None:
     records = identity_records(b.n) if b.records is None else b.records
     set_flips(records, b.flips)
+    gather = getattr(b.params, "device_gather", None)  # block permutations of the partner (mask hook)
     b.images = mix_normalize(
-        b.images_u8, records, b.masks, norm=f.norm, dtype=f.dtype, channels_last=f.channels_last, out=_out(f, b.n)
+        b.images_u8,
+        records,
+        b.masks,
+        gather,
+        norm=f.norm,
+        dtype=f.dtype,
+        channels_last=f.channels_last,
+        out=_out(f, b.n),
     )
 
 

@@ -72,6 +72,7 @@ class MixParams:
     masks: list = field(default_factory=list)
     device_masks: torch.Tensor | None = None  # N x 1 x h x w masks already on the device (mask hook)
     device_target_lam: torch.Tensor | None = None  # N target lams on the device (mask hook); else target_lam
+    device_gather: torch.Tensor | None = None  # flat int32 block permutations (FLAG_GATHER; the mask hook)
 
     @classmethod
     def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> MixParams:

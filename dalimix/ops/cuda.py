@@ -210,6 +210,7 @@ def mix_normalize_cuda(
     images: torch.Tensor,
     records: np.ndarray,
     masks: torch.Tensor | None,
+    gather: torch.Tensor | None = None,
     *,
     entry: str,
     mean255: tuple[float, float, float],
@@ -225,14 +226,16 @@ def mix_normalize_cuda(
     stream = torch.cuda.current_stream(device)
     ring = record_ring(device)
     with ring.lock:
-        return _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w)
+        return _launch(ring, stream, images, records, masks, gather, entry, mean255, inv_std255, out, n, h, w)
 
 
-def _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, out, n, h, w):
+def _launch(ring, stream, images, records, masks, gather, entry, mean255, inv_std255, out, n, h, w):
     device = images.device
     rec_dev = ring.upload(records, stream)
     if masks is None or masks.numel() == 0:
         masks = _placeholder_pool(device)
+    if gather is None or gather.numel() == 0:
+        gather = _placeholder_pool(device)  # never read: validate_records refuses gather records without a table
     fn = _function(device, entry)
     grid, block = launch_config(n, h, w, sms=_multiprocessors(device))
     ptr = lambda t: np.uint64(t.data_ptr())  # noqa: E731
@@ -240,6 +243,7 @@ def _launch(ring, stream, images, records, masks, entry, mean255, inv_std255, ou
         ptr(images),
         ptr(rec_dev),
         ptr(masks),
+        ptr(gather),
         ptr(out),
         np.int32(n),
         np.int32(h),
