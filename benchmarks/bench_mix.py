@@ -72,6 +72,7 @@ from dalimix.mix import (  # noqa: E402
     Mixer,
     MixUp,
     Mixup,
+    PuzzleMix,
     ResizeMix,
     SaliencyMix,
     SamplePairing,
@@ -102,6 +103,8 @@ def dalimix_methods() -> dict:
         # AttentiveMix's features here are a 32x average pooling: the user's network is not dalimix's cost
         "saliencymix": one(SaliencyMix()),
         "attentivemix": one(AttentiveMix(features=lambda x: torch.nn.functional.avg_pool2d(x, 32, ceil_mode=True))),
+        # PuzzleMix: min-cut masks (4 x 4 blocks) and the partner's blocks permuted by the kernel (FLAG_GATHER)
+        "puzzlemix": one(PuzzleMix(block_num=4)),
         "mixup|cutmix elem": lambda: Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=NUM_CLASSES),
     }
 
@@ -121,6 +124,9 @@ SASS_VARIANTS = [
     ("resize bilinear", "DMK_RESIZE_BILINEAR", (4, 1)),
     ("grid (GridMix)", "DMK_GRID", (5, 0)),
     ("smooth (SmoothMix)", "DMK_SMOOTH", (6, 0)),
+    # the old kernel has no gather: its plain nearest / bilinear mask is the "before"
+    ("mask nearest + gather (PuzzleMix)", "DMK_MASK_NEAREST_GATHER", (3, 0)),
+    ("mask bilinear + gather", "DMK_MASK_BILINEAR_GATHER", (3, 1)),
     ("erasing, per erased pixel (fused)", "DMK_NONE -DDM_SASS_ERASE=1", None),
 ]
 OLD_RECORD_LINE = "    const DmRecord R = rec[s];\n"
@@ -343,15 +349,25 @@ def kernel_section(args, device, copy_bps: float) -> list[dict]:
         params = mixer.plan(n, rng=rng, height=size, width=size) if mixer else None
         records = params.records() if params is not None else identity_records(n)
         masks = params.mask_pool(device) if params is not None else None
+        gather = None
+        if mixer is not None and mixer.mask_policy is not None:  # the policy's masks (and gather) via the hook
+            records, masks, gather = _hooked(mixer, params, b.u8[0], b.labels, norm)
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             elt = torch.tensor([], dtype=dtype).element_size()
             for channels_last in (False, True):
                 out = allocate_output(n, size, size, dtype=dtype, channels_last=channels_last, device=device)
 
-                def run(records=records, masks=masks, out=out, dtype=dtype, channels_last=channels_last):
+                def run(records=records, masks=masks, gather=gather, out=out, dtype=dtype, channels_last=channels_last):
                     mix_normalize(
-                        b.next_u8(), records, masks, norm=norm, dtype=dtype, channels_last=channels_last, out=out
+                        b.next_u8(),
+                        records,
+                        masks,
+                        gather,
+                        norm=norm,
+                        dtype=dtype,
+                        channels_last=channels_last,
+                        out=out,
                     )
 
                 run()
@@ -608,6 +624,23 @@ def dalimix_cases(b: Batch, dtype: torch.dtype, rng) -> tuple[dict, dict, dict]:
     return stage, op, nbytes
 
 
+def _hooked(mixer, params, u8, labels, norm, dtype=torch.float32):
+    """One batch's records, mask pool and gather table from a mask policy through the hook stage (cloned)."""
+    import copy
+
+    from dalimix.hook import MaskHook, MaskHookStage
+
+    policy = mixer.mask_policy
+    policy._norm = norm
+    hook = MaskHookStage(MaskHook(fn=policy.mask_policy, **policy.hook_options), u8.device)
+    p = copy.copy(params)
+    p.flags, p.ints = params.flags.copy(), params.ints.copy()
+    unmixed = mix_normalize(u8, None, None, norm=norm, dtype=dtype)
+    records, pool = hook.prepare(unmixed, p, epoch=0, step=0, labels=labels)
+    gather = None if p.device_gather is None else p.device_gather.clone()
+    return records, pool.clone(), gather
+
+
 def _policy_cases(mixer, params, b: Batch, norm, dtype, out):
     """(stage, op) of a mask policy as the loader runs it: the unmixed pass, the policy's masks on the
     device, the hook stage's checks and copy, the mix, the targets; op = the mix alone."""
@@ -621,20 +654,17 @@ def _policy_cases(mixer, params, b: Batch, norm, dtype, out):
 
     def run_stage():
         u8, p = b.next_u8(), copy.copy(params)
-        p.flags = params.flags.copy()
+        p.flags, p.ints = params.flags.copy(), params.ints.copy()
         unmixed = mix_normalize(u8, None, None, norm=norm, dtype=dtype)
-        records, pool = hook.prepare(unmixed, p, epoch=0, step=0)
+        records, pool = hook.prepare(unmixed, p, epoch=0, step=0, labels=b.labels)
         dst = allocate_output(b.n, b.size, b.size, dtype=dtype, channels_last=False, device=b.device)
-        mix_normalize(u8, records, pool, norm=norm, dtype=dtype, out=dst)
+        mix_normalize(u8, records, pool, p.device_gather, norm=norm, dtype=dtype, out=dst)
         mixer.targets(b.labels, p, NUM_CLASSES)
 
-    first = copy.copy(params)
-    first.flags = params.flags.copy()
-    records, pool = hook.prepare(mix_normalize(b.u8[0], None, None, norm=norm, dtype=dtype), first, epoch=0, step=0)
-    pool = pool.clone()
+    records, pool, gather = _hooked(mixer, params, b.u8[0], b.labels, norm, dtype)
 
     def run_op():
-        mix_normalize(b.next_u8(), records, pool, norm=norm, dtype=dtype, out=out)
+        mix_normalize(b.next_u8(), records, pool, gather, norm=norm, dtype=dtype, out=out)
 
     return run_stage, run_op
 
@@ -843,6 +873,58 @@ def planning_section(args, progress_factory) -> list[dict]:
             )
     bar.close()
     return rows
+
+
+def puzzlemix_planning_section(args, device) -> list[dict]:
+    """PuzzleMix's mask planning per batch (saliency, pooling, one min-cut and one assignment per
+    sample on the host): CPU time of the calling thread (``time.process_time``) and wall time."""
+    rows = []
+    policy = PuzzleMix(block_num=4)
+    policy._norm = Normalization(MEAN, STD)
+    g = torch.Generator().manual_seed(args.seed)
+    for n in args.batch_sizes:
+        images = torch.randn(n, 3, args.size, args.size, generator=g).to(device)
+        lam = torch.rand(n, generator=g).to(device)
+        partner = torch.roll(torch.arange(n), 1).to(device)
+        for transport in (False, True):
+            policy.transport = transport
+            cpu_t, wall_t = [], []
+            for _ in range(max(3, args.repeats // 2) + 1):
+                c0, w0 = time.process_time(), time.perf_counter()
+                policy.plan(images, lam, partner)
+                cpu_t.append(time.process_time() - c0)
+                wall_t.append(time.perf_counter() - w0)
+            rows.append(
+                {
+                    "batch_size": n,
+                    "size": args.size,
+                    "grid": "4x4",
+                    "transport": transport,
+                    "cpu_ms": 1e3 * statistics.median(cpu_t[1:]),
+                    "wall_ms": 1e3 * statistics.median(wall_t[1:]),
+                    "cpu_ms_per_sample": 1e3 * statistics.median(cpu_t[1:]) / n,
+                }
+            )
+    return rows
+
+
+def puzzlemix_markdown(rows: list[dict]) -> str:
+    header = ["batch", "size", "grid", "transport", "CPU ms / batch", "wall ms / batch", "CPU ms / sample"]
+    body = [
+        [
+            str(r["batch_size"]),
+            str(r["size"]),
+            r["grid"],
+            "on" if r["transport"] else "off",
+            f"{r['cpu_ms']:.1f}",
+            f"{r['wall_ms']:.1f}",
+            f"{r['cpu_ms_per_sample']:.2f}",
+        ]
+        for r in rows
+    ]
+    return "PuzzleMix planning per batch (host: saliency, min-cut and assignment per sample)\n\n" + (
+        markdown_table(header, body) + "\n"
+    )
 
 
 # --------------------------------------------------------------------------------- loader
@@ -1205,6 +1287,7 @@ def main(argv=None) -> int:
         stage, copy = stage_section(args, device, progress_factory)
         kernels = kernel_section(args, device, copy["copy_GBps"] * 1e9) if device.type == "cuda" else None
         planning = planning_section(args, progress_factory)
+        puzzle = puzzlemix_planning_section(args, device)
         loader = None if args.no_loader else loader_section(args, device, progress_factory)
         erase = None if args.no_erase else erase_section(args, device, progress_factory)
         machine["loadavg_end"] = list(os.getloadavg())
@@ -1216,11 +1299,12 @@ def main(argv=None) -> int:
             "stage": stage,
             "kernels": kernels,
             "planning": planning,
+            "puzzlemix_planning": puzzle,
             "loader": loader,
             "erase": erase,
             "sass": sass,
         }
-        text = markdown(result)
+        text = markdown(result) + "\n" + puzzlemix_markdown(puzzle)
         if erase:
             text += "\n" + erase_markdown(erase)
         if kernels:

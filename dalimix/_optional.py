@@ -9,6 +9,7 @@ from types import ModuleType
 EXTRAS = {
     "cuda": "CuPy, which compiles and launches dalimix's CUDA kernel (device='cuda')",
     "bench": "matplotlib, torchvision and timm, for `dalimix bench` and benchmarks/",
+    "puzzlemix": "SciPy, for PuzzleMix's min-cut and transport",
 }
 
 

@@ -18,6 +18,7 @@ MIX_NAMES = (
     "fmix",
     "gridmix",
     "mixup",
+    "puzzlemix",
     "resizemix",
     "saliencymix",
     "samplepairing",

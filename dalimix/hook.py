@@ -14,6 +14,15 @@ A trainer registers ``fn(images, lam, partner) -> masks`` on a loader whose mixe
 5. sets the targets' lam of the hooked samples to the mask mean at full resolution (on the device,
    no host round trip), or keeps the planned lam (``target_lam="planned"``, AutoMix's rule).
 
+A hook registered with ``labels=True`` is called ``fn(images, lam, partner, labels)`` (the batch's
+int64 labels on the device: a saliency from the model's loss needs them). A hook may return
+``(masks, perm)`` instead of the masks: ``perm`` an int32/int64 tensor ``N x gh x gw`` (or
+``N x (h w)`` on the masks' own grid) holding, for every output block (row-major), the partner's
+source block — the partner is then read block-permuted by the kernel (``FLAG_GATHER``: PuzzleMix's
+transport, Kim et al., ICML 2020). Every hooked sample's row must be a permutation of
+``0 .. gh gw - 1``; it is checked like the masks (eagerly, or one batch later without a host sync)
+and clamped into range on the device, so a bad table never makes the kernel read outside the image.
+
 Nothing here runs when no hook is registered.
 """
 
@@ -31,13 +40,14 @@ from .errors import DalimixError
 from .mix.methods import MixMethod, _positive
 from .mix.params import MixParams
 from .mix.saliency import MaskPolicy
-from .ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
+from .ops.record import FLAG_BILINEAR, FLAG_GATHER, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
 from .ops.staging import to_device
 
 INTERPOLATIONS = ("nearest", "bilinear")
 TARGET_LAMS = ("mask", "planned")
 VALIDATIONS = ("auto", "eager", "deferred")
 MASK_DTYPES = (torch.float32, torch.float16)
+PERM_DTYPES = (torch.int32, torch.int64)
 
 
 class MaskHookError(DalimixError, ValueError):
@@ -185,8 +195,37 @@ def _value_stats(masks: torch.Tensor, logits: bool) -> torch.Tensor:
     return torch.cat([counts, torch.stack([lo, hi]).to(torch.float64)])
 
 
+def _perm_stats(perm: torch.Tensor | None, use: torch.Tensor, device) -> torch.Tensor:
+    """[indices out of range, hooked rows that are not a permutation, first such row] on the device
+    (zeros without ``perm``); ``use`` marks the hooked rows (N bool on the device)."""
+    if perm is None:
+        return torch.zeros(3, dtype=torch.float64, device=device)
+    n, k = perm.shape
+    if n == 0:
+        return torch.zeros(3, dtype=torch.float64, device=device)
+    outside = ((perm < 0) | (perm >= k)) & use.view(n, 1)
+    ids = torch.arange(k, device=perm.device, dtype=perm.dtype)
+    not_perm = (perm.sort(dim=1).values != ids).any(dim=1) & use
+    first = torch.argmax(not_perm.to(torch.int32)).to(torch.int64)
+    return torch.stack([outside.sum(), not_perm.sum(), first]).to(torch.float64)
+
+
+def _perm_problem(stats: np.ndarray) -> str | None:
+    outside, rows, first = stats[7:10]
+    if not rows:
+        return None
+    return (
+        f"perm holds {int(rows)} row(s) that are not a permutation of the block indices (first in sample "
+        f"{int(first)}; {int(outside)} index(es) out of range); each hooked sample's row must hold every "
+        "block 0 .. gh*gw-1 once (output block -> the partner's source block)"
+    )
+
+
 def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
+    perm = _perm_problem(stats) if len(stats) > 7 else None
     counts = stats[:4]
+    if not counts.any():
+        return perm
     if not counts.any():
         return None
     what = ", ".join(f"{int(c)} {name}" for c, name in zip(counts, _STAT_NAMES) if c)
@@ -194,7 +233,7 @@ def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
     return (
         f"masks hold {what} value(s) (first in sample {int(stats[4])}; finite range [{stats[5]:.4g}, {stats[6]:.4g}]); "
         f"the hook must return {allowed}"
-    )
+    ) + (f"; {perm}" if perm else "")
 
 
 @dataclass
@@ -206,10 +245,15 @@ class MaskHook:
     logits: bool = False
     target_lam: str = "mask"
     validate: str = "auto"
+    labels: bool = False  # call fn(images, lam, partner, labels)
 
     def __post_init__(self):
         if not callable(self.fn):
-            raise ValueError(f"the mask hook must be callable as fn(images, lam, partner) -> masks, got {self.fn!r}")
+            raise ValueError(
+                f"the mask hook must be callable as fn(images, lam, partner) -> masks (with labels=True: "
+                f"fn(images, lam, partner, labels)), got {self.fn!r}"
+            )
+        self.labels = v.flag("labels", self.labels)
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"interpolation={self.interpolation!r}: 'nearest' or 'bilinear' (F.interpolate, align_corners=False)"
@@ -249,15 +293,19 @@ class MaskHookStage:
         self.device = torch.device(device)
         self._buffer = torch.empty(0, dtype=torch.float32, device=self.device)
         self._buffer_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._gather = torch.empty(0, dtype=torch.int32, device=self.device)  # block permutations (int32, flat)
+        self._gather_stream = self._buffer_stream
         self._last_stream = None
         self._pending = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
         self._stat_buffers: list = []  # pinned stats buffers whose check was read, for reuse
 
     # ------------------------------------------------------------------------- per batch
-    def prepare(self, images: torch.Tensor, params: MixParams, *, epoch: int, step: int):
-        """Run the hook for this batch; returns ``(records, mask_pool)`` for the fused kernel.
+    def prepare(self, images: torch.Tensor, params: MixParams, *, epoch: int, step: int, labels=None):
+        """Run the hook for this batch; returns ``(records, mask_pool)`` for the fused kernel (a block
+        permutation the hook returned is in ``params.device_gather``, the kernel's ``gather``).
 
-        ``images``: the unmixed batch (n x 3 x H x W, the loader's dtype and layout). Raises
+        ``images``: the unmixed batch (n x 3 x H x W, the loader's dtype and layout); ``labels``: its
+        labels (N int64 on the device), needed by a hook registered with ``labels=True``. Raises
         ``MaskHookError`` if the hook raises or its masks are unusable (nothing of this batch is
         kept then), or if the previous batch's deferred check failed.
         """
@@ -269,15 +317,32 @@ class MaskHookStage:
         staged = params.device_params(self.device, hook=True)
         lam, partner, planned, use_t = staged.lam, staged.hook_partner, staged.target_lam, staged.use
         where = f"epoch {epoch}, step {step}"
+        args = (images, lam, partner)
+        if self.hook.labels:
+            if labels is None:
+                raise MaskHookError(
+                    f"the mask hook {self.hook.name} was registered with labels=True but this batch has no "
+                    "labels (the loader passes them; a direct MaskHookStage.prepare needs labels=)"
+                )
+            args = (*args, labels.to(self.device, torch.int64, non_blocking=True))  # device to device
         try:
-            masks = self.hook.fn(images, lam, partner)
+            result = self.hook.fn(*args)
         except Exception as exc:
             raise MaskHookError(
                 f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}"
             ) from exc
+        if isinstance(result, tuple) and len(result) != 2:
+            raise MaskHookError(
+                f"mask hook {self.hook.name} at {where} returned a tuple of {len(result)}; return masks "
+                "or (masks, perm)"
+            )
+        masks, perm = result if isinstance(result, tuple) else (result, None)
         self._check_form(masks, n, height, width, where)
         masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
-        stats = _value_stats(masks, self.hook.logits)
+        grid = None if perm is None else self._check_perm(perm, masks.shape, n, height, width, where)
+        if perm is not None:
+            perm = perm.detach().reshape(n, grid[0] * grid[1])
+        stats = torch.cat([_value_stats(masks, self.hook.logits), _perm_stats(perm, use_t, self.device)])
         if self.hook.validate == "eager" or not cuda:
             problem = _value_problem(stats.cpu().numpy(), self.hook.logits)  # host sync: validate='eager' / CPU
             if problem:
@@ -285,7 +350,7 @@ class MaskHookStage:
         else:
             self._defer(stats, epoch, step)
 
-        stored = self._store(masks)
+        stored, gather = self._store(masks, perm)
         flags, logits = self.hook.flags, self.hook.logits
         if logits and self.hook.interpolation == "nearest":
             # nearest upsampling commutes with the sigmoid: apply it to the h x w values, not the H x W pixels
@@ -293,6 +358,12 @@ class MaskHookStage:
             flags, logits = flags & ~FLAG_SIGMOID, False
         rows = hooked_rows(params)
         params.flags[rows] = flags
+        params.device_gather = gather
+        if grid is not None:  # the partner read block-permuted: p0 = this sample's table offset, p1 x p2 the grid
+            k = grid[0] * grid[1]
+            params.flags[rows] |= FLAG_GATHER
+            params.ints[rows, 0] = rows * k
+            params.ints[rows, 1], params.ints[rows, 2] = grid
         params.device_masks = stored
         if self.hook.target_lam == "mask" and len(rows):
             mean = full_resolution_mask_mean(
@@ -368,30 +439,77 @@ class MaskHookStage:
                 f"mask hook {name} at {where} returned {masks.dtype} masks; use torch.float32 or torch.float16"
             )
 
-    def _store(self, masks: torch.Tensor) -> torch.Tensor:
+    def _check_perm(self, perm, mask_shape, n: int, height: int, width: int, where: str) -> tuple[int, int]:
+        """The block permutation's form (no device values read); returns its grid (gh, gw)."""
+        name = self.hook.name
+        if not isinstance(perm, torch.Tensor):
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned (masks, {type(perm).__name__}); perm must be an int "
+                f"torch.Tensor of shape {n} x gh x gw (output block -> the partner's source block)"
+            )
+        shape = tuple(perm.shape)
+        if perm.dim() == 2 and shape[0] == n and shape[1] == mask_shape[2] * mask_shape[3]:
+            grid = (int(mask_shape[2]), int(mask_shape[3]))  # N x (h w): the masks' own grid
+        elif perm.dim() == 3 and shape[0] == n and 1 <= shape[1] <= height and 1 <= shape[2] <= width:
+            grid = (shape[1], shape[2])
+        else:
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned perm of shape {shape}; expected {n} x gh x gw with "
+                f"1 <= gh <= {height} and 1 <= gw <= {width}, or {n} x {mask_shape[2] * mask_shape[3]} "
+                "(the masks' own grid, row-major)"
+            )
+        if perm.dtype not in PERM_DTYPES:
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned {perm.dtype} perm; use torch.int32 or torch.int64"
+            )
+        if perm.device != self.device and not (
+            perm.device.type == self.device.type == "cuda" and (perm.device.index or 0) == (self.device.index or 0)
+        ):
+            raise MaskHookError(
+                f"mask hook {name} at {where} returned perm on {perm.device}; the loader mixes on {self.device}"
+            )
+        return grid
+
+    def _store(self, masks: torch.Tensor, perm: torch.Tensor | None = None):
+        """Copy the masks (and the permutations, clamped into range, as int32) into the shared buffers;
+        returns their views ``(N x 1 x h x w float32, flat int32 or None)``."""
         n, _, h, w = masks.shape
         need = n * h * w
+        k = 0 if perm is None else perm.shape[1]
         cuda = self.device.type == "cuda"
         current = torch.cuda.current_stream(self.device) if cuda else None
+        if cuda and self._last_stream is not None and self._last_stream != current:
+            current.wait_event(self._last_stream.record_event())  # the previous kernel read the buffers there
+        # an old buffer is freed on growth; record_stream (below, at each use) keeps the caching allocator
+        # from handing its memory out before the kernels queued on other streams have read it
         if self._buffer.numel() < need:
-            # the old buffer is freed here; record_stream (below, at each use) keeps the caching allocator
-            # from handing its memory out before the kernels queued on other streams have read it
             self._buffer = torch.empty(max(need, 2 * self._buffer.numel()), dtype=torch.float32, device=self.device)
             self._buffer_stream = current
-        elif cuda and self._last_stream is not None and self._last_stream != current:
-            current.wait_event(self._last_stream.record_event())  # the previous kernel read the buffer there
+        if self._gather.numel() < n * k:
+            self._gather = torch.empty(max(n * k, 2 * self._gather.numel()), dtype=torch.int32, device=self.device)
+            self._gather_stream = current
         if cuda:
             if current != self._buffer_stream:
                 self._buffer.record_stream(current)  # read on a stream other than its allocation stream
+            if perm is not None and current != self._gather_stream:
+                self._gather.record_stream(current)
             self._last_stream = current
         view = self._buffer[:need].view(n, 1, h, w)
         view.copy_(masks.detach())
-        return view
+        if perm is None:
+            return view, None
+        table = self._gather[: n * k]
+        table.view(n, k).copy_(perm.clamp(0, max(k - 1, 0)))  # in range whatever the (deferred) check finds
+        return view, table
 
 
-def make_stage(loader, fn, *, interpolation: str, logits: bool, target_lam: str, validate: str) -> MaskHookStage:
+def make_stage(
+    loader, fn, *, interpolation: str, logits: bool, target_lam: str, validate: str, labels: bool = False
+) -> MaskHookStage:
     """Check that ``loader`` can use a hook, and build its stage."""
-    hook = MaskHook(fn=fn, interpolation=interpolation, logits=logits, target_lam=target_lam, validate=validate)
+    hook = MaskHook(
+        fn=fn, interpolation=interpolation, logits=logits, target_lam=target_lam, validate=validate, labels=labels
+    )
     methods = getattr(loader.mix, "methods", None) or []
     if not any(isinstance(m, (LearnedMask, MaskPolicy)) for m in methods):
         raise ValueError(

@@ -24,6 +24,9 @@ typedef long long dm_i64;
 #define DM_FLAG_FLIP_SELF 4     // read the sample's own image a mirrored left-right (column w-1-x)
 #define DM_FLAG_FLIP_PARTNER 8  // read the partner image b mirrored left-right; boxes/masks stay in
                                 // output coordinates: the result is "flip each image, then mix"
+#define DM_FLAG_GATHER 16   // MASK: the partner is read block-permuted (PuzzleMix's transport): p0 = offset
+                            // of the sample's table in `gather`, p1 x p2 = block grid gh x gw; see
+                            // dm_gather_coord
 
 struct DmRecord {
   int partner;      // batch index of the partner image b
@@ -37,6 +40,7 @@ struct DmRecord {
   int mask_w;
   // GRID:   p0, p1 = patch width, height; p2, p3 = hole width, height (holes start at the box corner)
   // SMOOTH: p0, p1 = y, x offsets of the periodic grid (period 2H, 2W); f0 = 1 / (2 sigma^2)
+  // MASK + DM_FLAG_GATHER: p0 = offset of the block permutation in `gather`, p1, p2 = grid gh, gw
   int p0, p1, p2, p3;
   float f0;
 };
@@ -231,4 +235,26 @@ __device__ __host__ __forceinline__ void dm_linear_coord(int dst, int in_size, i
   *i0 = lo;
   *i1 = lo + (lo < in_size - 1 ? 1 : 0);
   *w1 = src - (float)lo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block grids (PuzzleMix's transport). g blocks over n pixels: block i is [start(i), start(i+1)),
+// start(i) = floor(i * n / g), so blocks differ by at most one pixel when g does not divide n.
+// All 32-bit (the records are checked: (n + 1) * g < 2^31).
+// ---------------------------------------------------------------------------------------------
+__device__ __host__ __forceinline__ int dm_block_start(int i, int n, int g) {
+  return (int)(((unsigned int)i * (unsigned int)n) / (unsigned int)g);
+}
+
+// The block of pixel p: the largest i with start(i) <= p, i.e. floor(((p + 1) g - 1) / n).
+__device__ __host__ __forceinline__ int dm_block_of(int p, int n, int g) {
+  return (int)(((unsigned int)(p + 1) * (unsigned int)g - 1u) / (unsigned int)n);
+}
+
+// Pixel p lies in block b at offset p - start(b); read from source block sb at the same offset,
+// clamped to the source block's last pixel where it is one shorter.
+__device__ __host__ __forceinline__ int dm_gather_coord(int p, int b, int sb, int n, int g) {
+  const int off = p - dm_block_start(b, n, g);
+  const int s0 = dm_block_start(sb, n, g), len = dm_block_start(sb + 1, n, g) - s0;
+  return s0 + (off < len ? off : len - 1);
 }

@@ -3,6 +3,8 @@
 // src:   uint8 images, N_src x H x W x 3 (HWC, as DALI hands them out), N_src >= n.
 // rec:   n DmRecord, one per output sample (see dalimix_common.cuh).
 // masks: float32 mask pool; sample s reads masks[rec[s].mask_offset ...] (mask_h x mask_w).
+// gather: int32 block permutations (MASK + DM_FLAG_GATHER): sample s reads gather[rec[s].p0 ...]
+//        (p1 x p2 values); output block j shows the partner's block gather[p0 + j] (row-major).
 // dst:   n x 3 x H x W in NCHW, or the same tensor in channels_last memory order (N x H x W x 3).
 // erase: null, or n rows of DM_ERASE_STRIDE int32: random erasing boxes (dalimix_common.cuh).
 // out = (mix(a, b) - mean255[c]) * inv_std255[c], computed in float32, then cast once; inside an
@@ -56,7 +58,9 @@ enum {
   DMK_RESIZE_NEAREST,
   DMK_RESIZE_BILINEAR,
   DMK_GRID,
-  DMK_SMOOTH
+  DMK_SMOOTH,
+  DMK_MASK_NEAREST_GATHER,   // the partner block-permuted (DM_FLAG_GATHER); sigmoid from the flags
+  DMK_MASK_BILINEAR_GATHER
 };
 
 struct DmNorm {
@@ -70,6 +74,7 @@ struct DmSample {
   const unsigned char* a;  // the sample's own image, H x W x 3
   const unsigned char* b;  // the partner image
   const float* mask;       // this sample's low-res mask (MASK)
+  const int* gather;       // this sample's block permutation (MASK + DM_FLAG_GATHER)
   typename O::T* out;      // this sample's output: 3 x H x W, or H x W x 3 (channels_last)
   int h, w;
   unsigned int plane;      // h * w
@@ -179,6 +184,16 @@ struct DmFromMix {  // b + w (a - b), w = weight of the own image per pixel
   __device__ __host__ __forceinline__ float operator()(int i) const {
     const float bb = dm_biased(b, i);
     return fmaf(wself[i / 3], dm_biased(a, i) - bb, bb - DM_BIAS);
+  }
+};
+struct DmFromGathered {  // b + w (a - b), b byte by byte from per-pixel offsets (DMK_MASK_*_GATHER)
+  const unsigned int* a;
+  const unsigned char* b;
+  const unsigned int* off;
+  const float* wself;
+  __device__ __host__ __forceinline__ float operator()(int i) const {
+    const float bb = (float)b[off[i / 3] + (unsigned int)(i % 3)];
+    return fmaf(wself[i / 3], dm_byte(a, i) - bb, bb);
   }
 };
 struct DmFromFloats {  // computed values
@@ -304,6 +319,49 @@ DM_UNROLL
     dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromFloats{v});
     return;
   }
+  if (K == DMK_MASK_NEAREST_GATHER || K == DMK_MASK_BILINEAR_GATHER) {
+    // the mask as DMK_MASK_* reads it (the sigmoid from the flags); the partner pixel of output block
+    // (by, bx) read from its source block gather[by * gw + bx] at the same in-block offset (dm_gather_coord),
+    // from the mirrored partner when flipped: 4 byte offsets, then the values byte by byte
+    float wself[DM_PIX];
+    unsigned int off[DM_PIX];
+    const int mh = R.mask_h, mw = R.mask_w, gh = R.p1, gw = R.p2;
+    const int by = dm_block_of(y, h, gh);
+    int my0, my1;
+    float wy = 0.f;
+    if (K == DMK_MASK_BILINEAR_GATHER) dm_linear_coord(y, mh, h, &my0, &my1, &wy);
+    else my0 = my1 = dm_nearest_index(y, mh, h);
+    const float* r0 = S.mask + (unsigned int)my0 * (unsigned int)mw;
+    const float* r1 = S.mask + (unsigned int)my1 * (unsigned int)mw;
+    bool need = false;
+    // not unrolled: wself / off then live in local memory (32 bytes a thread, L1), which keeps every
+    // variant of the kernel within its 64 registers without spills (unrolled, nvcc spills here)
+DM_NO_UNROLL
+    for (int k = 0; k < DM_PIX; ++k) {
+      const int x = x0 + k < w ? x0 + k : w - 1;
+      float m;
+      if (K == DMK_MASK_BILINEAR_GATHER) {
+        int mx0, mx1;
+        float wx;
+        dm_linear_coord(x, mw, w, &mx0, &mx1, &wx);
+        m = (1.f - wy) * ((1.f - wx) * r0[mx0] + wx * r0[mx1]) + wy * ((1.f - wx) * r1[mx0] + wx * r1[mx1]);
+      } else {
+        m = r0[dm_nearest_index(x, mw, w)];
+      }
+      if (R.flags & DM_FLAG_SIGMOID) m = 1.f / (1.f + expf(-m));
+      wself[k] = m;
+      need |= m != 1.f;
+      const int bx = dm_block_of(x, w, gw);
+      const unsigned int src = (unsigned int)S.gather[by * gw + bx];
+      const unsigned int sy = src / (unsigned int)gw;
+      const int ry = dm_gather_coord(y, by, (int)sy, h, gh);
+      const int rx = dm_gather_coord(x, bx, (int)(src - sy * (unsigned int)gw), w, gw);
+      off[k] = ((unsigned int)ry * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rx : rx)) * 3u;
+    }
+    if (need) dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromGathered{qa, S.b, off, wself});
+    else dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromA{qa});
+    return;
+  }
   if (K != DMK_NONE) {
     float wself[DM_PIX];  // weight of the sample's own image per pixel
     bool need = K == DMK_BLEND;
@@ -406,6 +464,7 @@ __device__ __host__ __forceinline__ int dm_kind(const DmRecord& R) {
     case DM_METHOD_BLEND: return R.lam == 1.f ? DMK_NONE : DMK_BLEND;
     case DM_METHOD_BOX: return DMK_BOX;
     case DM_METHOD_MASK:
+      if (R.flags & DM_FLAG_GATHER) return bilinear ? DMK_MASK_BILINEAR_GATHER : DMK_MASK_NEAREST_GATHER;
       if (R.flags & DM_FLAG_SIGMOID) return bilinear ? DMK_MASK_BILINEAR_SIGMOID : DMK_MASK_NEAREST_SIGMOID;
       return bilinear ? DMK_MASK_BILINEAR : DMK_MASK_NEAREST;
     case DM_METHOD_RESIZE: return bilinear ? DMK_RESIZE_BILINEAR : DMK_RESIZE_NEAREST;
@@ -418,8 +477,8 @@ __device__ __host__ __forceinline__ int dm_kind(const DmRecord& R) {
 // Sample s's buffers (the only 64-bit offsets).
 template <class O>
 __device__ __host__ __forceinline__ DmSample<O> dm_sample(const unsigned char* src, const DmRecord& R,
-                                                          const float* masks, typename O::T* dst, int s, int h,
-                                                          int w) {
+                                                          const float* masks, const int* gather,
+                                                          typename O::T* dst, int s, int h, int w) {
   DmSample<O> S;
   S.h = h;
   S.w = w;
@@ -428,6 +487,7 @@ __device__ __host__ __forceinline__ DmSample<O> dm_sample(const unsigned char* s
   S.a = src + (dm_i64)s * pixels;
   S.b = src + (dm_i64)R.partner * pixels;
   S.mask = masks + R.mask_offset;
+  S.gather = gather + ((R.flags & DM_FLAG_GATHER) ? R.p0 : 0);
   S.out = dst + (dm_i64)s * pixels;
   return S;
 }
@@ -436,22 +496,23 @@ __device__ __host__ __forceinline__ DmSample<O> dm_sample(const unsigned char* s
 template <class O, bool NHWC, int K, bool VEC>
 __device__ __host__ __forceinline__ void dm_sample_loop(const unsigned char* __restrict__ src,
                                                     const DmRecord* __restrict__ rec, const float* __restrict__ masks,
-                                                    typename O::T* __restrict__ dst, int s, int h, int w, DmNorm N,
+                                                    const int* __restrict__ gather, typename O::T* __restrict__ dst, int s, int h, int w, DmNorm N,
                                                     int g0, int gstep, int y0, int ystep) {
   DmRecord R = rec[s];
 #ifdef DM_SASS_FLAGS
   R.flags = DM_SASS_FLAGS;
 #endif
-  const DmSample<O> S = dm_sample<O>(src, R, masks, dst, s, h, w);
+  const DmSample<O> S = dm_sample<O>(src, R, masks, gather, dst, s, h, w);
   dm_columns<O, NHWC, K, VEC>(R, S, N, g0, gstep, y0, ystep);
 }
 
-#define DM_VARIANT(K) dm_sample_loop<O, NHWC, K, VEC>(src, rec, masks, dst, s, h, w, N, g0, gstep, y0, ystep)
+#define DM_VARIANT(K) dm_sample_loop<O, NHWC, K, VEC>(src, rec, masks, gather, dst, s, h, w, N, g0, gstep, y0, ystep)
 
 template <class O, bool NHWC, bool VEC>
 __device__ __host__ __forceinline__ void dm_dispatch(int kind, const unsigned char* __restrict__ src,
                                                      const DmRecord* __restrict__ rec, const float* __restrict__ masks,
-                                                     typename O::T* __restrict__ dst, int s, int h, int w,
+                                                     const int* __restrict__ gather, typename O::T* __restrict__ dst,
+                                                     int s, int h, int w,
                                                      const DmNorm& N, int g0, int gstep, int y0, int ystep) {
 #ifdef DM_SASS_KIND  // benchmarks/bench_mix.py: one loop variant per build, to count its instructions
   (void)kind;
@@ -468,6 +529,8 @@ __device__ __host__ __forceinline__ void dm_dispatch(int kind, const unsigned ch
     case DMK_RESIZE_BILINEAR: DM_VARIANT(DMK_RESIZE_BILINEAR); break;
     case DMK_GRID: DM_VARIANT(DMK_GRID); break;
     case DMK_SMOOTH: DM_VARIANT(DMK_SMOOTH); break;
+    case DMK_MASK_NEAREST_GATHER: DM_VARIANT(DMK_MASK_NEAREST_GATHER); break;
+    case DMK_MASK_BILINEAR_GATHER: DM_VARIANT(DMK_MASK_BILINEAR_GATHER); break;
     default: DM_VARIANT(DMK_NONE); break;
   }
 #endif
@@ -554,6 +617,7 @@ template <class O, bool NHWC>
 __device__ __forceinline__ void dm_mix_normalize(const unsigned char* __restrict__ src,
                                                  const DmRecord* __restrict__ rec,
                                                  const float* __restrict__ masks,
+                                                 const int* __restrict__ gather,
                                                  typename O::T* __restrict__ dst, int n, int h,
                                                  int w, float m0, float m1, float m2, float s0,
                                                  float s1, float s2, const int* __restrict__ erase) {
@@ -564,8 +628,8 @@ __device__ __forceinline__ void dm_mix_normalize(const unsigned char* __restrict
   for (int s = (int)blockIdx.z; s < n; s += (int)gridDim.z) {
     const int kind = dm_kind(rec[s]);
 #ifndef DM_SASS_ERASE  // benchmarks/bench_mix.py counts the erasing loop alone
-    if (vec) dm_dispatch<O, NHWC, true>(kind, src, rec, masks, dst, s, h, w, N, g0, gstep, y0, ystep);
-    else dm_dispatch<O, NHWC, false>(kind, src, rec, masks, dst, s, h, w, N, g0, gstep, y0, ystep);
+    if (vec) dm_dispatch<O, NHWC, true>(kind, src, rec, masks, gather, dst, s, h, w, N, g0, gstep, y0, ystep);
+    else dm_dispatch<O, NHWC, false>(kind, src, rec, masks, gather, dst, s, h, w, N, g0, gstep, y0, ystep);
 #else
     (void)kind;
     (void)vec;
@@ -583,10 +647,10 @@ __device__ __forceinline__ void dm_mix_normalize(const unsigned char* __restrict
 
 #define DM_MIX_NORMALIZE_ENTRY(NAME, OUT, NHWC)                                                   \
   extern "C" __global__ void DM_LAUNCH_BOUNDS NAME(const unsigned char* src, const DmRecord* rec,                  \
-                                  const float* masks, OUT::T* dst, int n, int h, int w, float m0, \
-                                  float m1, float m2, float s0, float s1, float s2,               \
+                                  const float* masks, const int* gather, OUT::T* dst, int n, int h, \
+                                  int w, float m0, float m1, float m2, float s0, float s1, float s2, \
                                   const int* erase) {                                             \
-    dm_mix_normalize<OUT, NHWC>(src, rec, masks, dst, n, h, w, m0, m1, m2, s0, s1, s2, erase);    \
+    dm_mix_normalize<OUT, NHWC>(src, rec, masks, gather, dst, n, h, w, m0, m1, m2, s0, s1, s2, erase); \
   }
 
 // DM_ENTRY_MASK (bit i = the i-th entry below, the order of dalimix.ops.kernels.ENTRIES) compiles a

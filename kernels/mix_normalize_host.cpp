@@ -129,7 +129,8 @@ static inline void dm_host_erase_sample(const int* __restrict__ erase, typename 
 
 template <class O, bool NHWC>
 static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const DmRecord* __restrict__ rec,
-                                  const float* __restrict__ masks, typename O::T* __restrict__ dst, int h, int w,
+                                  const float* __restrict__ masks, const int* __restrict__ gather,
+                                  typename O::T* __restrict__ dst, int h, int w,
                                   float m0, float m1, float m2, float s0, float s1, float s2, int s_begin,
                                   int s_end, const int* __restrict__ erase) {
   const dm_i64 plane = (dm_i64)h * w;
@@ -205,7 +206,7 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
       }
       continue;
     }
-    if (R.method == DM_METHOD_MASK && !(R.flags & (DM_FLAG_BILINEAR | DM_FLAG_SIGMOID))) {
+    if (R.method == DM_METHOD_MASK && !(R.flags & (DM_FLAG_BILINEAR | DM_FLAG_SIGMOID | DM_FLAG_GATHER))) {
       // FMix and nearest hook masks: the mask row and column of every pixel looked up once per sample
       const unsigned char* a = src + (dm_i64)s * plane * 3;
       const unsigned char* b = src + (dm_i64)R.partner * plane * 3;
@@ -244,19 +245,20 @@ static void dm_host_mix_normalize(const unsigned char* __restrict__ src, const D
     const bool vec = dm_vector_ok(src, dst, w);
     const int kind = dm_kind(R);
     for (int y = 0; y < h; ++y) {
-      if (vec) dm_dispatch<O, NHWC, true>(kind, src, rec, masks, dst, s, h, w, N, 0, 1, y, h);
-      else dm_dispatch<O, NHWC, false>(kind, src, rec, masks, dst, s, h, w, N, 0, 1, y, h);
+      if (vec) dm_dispatch<O, NHWC, true>(kind, src, rec, masks, gather, dst, s, h, w, N, 0, 1, y, h);
+      else dm_dispatch<O, NHWC, false>(kind, src, rec, masks, gather, dst, s, h, w, N, 0, 1, y, h);
     }
   }
 }
 
 #define DM_HOST_ENTRY(NAME, OUT, NHWC)                                                                  \
-  extern "C" void NAME(const unsigned char* src, const DmRecord* rec, const float* masks, OUT::T* dst, \
-                       int n, int h, int w, float m0, float m1, float m2, float s0, float s1, float s2,  \
-                       int s_begin, int s_end, const int* erase) {                                      \
+  extern "C" void NAME(const unsigned char* src, const DmRecord* rec, const float* masks,               \
+                       const int* gather, OUT::T* dst, int n, int h, int w, float m0, float m1,         \
+                       float m2, float s0, float s1, float s2, int s_begin, int s_end,                  \
+                       const int* erase) {                                                              \
     (void)n;                                                                                            \
-    dm_host_mix_normalize<OUT, NHWC>(src, rec, masks, dst, h, w, m0, m1, m2, s0, s1, s2, s_begin,      \
-                                     s_end, erase);                                                     \
+    dm_host_mix_normalize<OUT, NHWC>(src, rec, masks, gather, dst, h, w, m0, m1, m2, s0, s1, s2,       \
+                                     s_begin, s_end, erase);                                            \
   }
 
 DM_HOST_ENTRY(dalimix_host_mix_normalize_f32_nchw, DmOutF32, false)

@@ -13,6 +13,7 @@ from dalimix.ops.record import (
     FLAG_BILINEAR,
     FLAG_FLIP_PARTNER,
     FLAG_FLIP_SELF,
+    FLAG_GATHER,
     FLAG_SIGMOID,
     METHOD_BLEND,
     METHOD_BOX,
@@ -54,7 +55,25 @@ def resample(img: np.ndarray, out_h: int, out_w: int, bilinear: bool) -> np.ndar
     return top * (1 - wy) + bot * wy
 
 
-def reference_mix_normalize(images, records, masks, mean, std) -> np.ndarray:
+def reference_gather(b: np.ndarray, perm, gh: int, gw: int) -> np.ndarray:
+    """FLAG_GATHER from its definition, block by block: output block j (row-major on a gh x gw grid,
+    blocks from the integer boundaries floor(i H / gh)) shows source block perm[j] at the same
+    in-block offset, the source block's last row / column repeated where it is shorter."""
+    h, w = b.shape[:2]
+    ys = [i * h // gh for i in range(gh + 1)]
+    xs = [i * w // gw for i in range(gw + 1)]
+    out = np.empty_like(b)
+    for j in range(gh * gw):
+        by, bx = divmod(j, gw)
+        sy, sx = divmod(int(perm[j]), gw)
+        for y in range(ys[by], ys[by + 1]):
+            ry = ys[sy] + min(y - ys[by], ys[sy + 1] - ys[sy] - 1)
+            for x in range(xs[bx], xs[bx + 1]):
+                out[y, x] = b[ry, xs[sx] + min(x - xs[bx], xs[sx + 1] - xs[sx] - 1)]
+    return out
+
+
+def reference_mix_normalize(images, records, masks, mean, std, gather=None) -> np.ndarray:
     """images: N_src x H x W x 3 uint8; returns n x 3 x H x W float64."""
     n = len(records)
     _, h, w, _ = images.shape
@@ -100,6 +119,9 @@ def reference_mix_normalize(images, records, masks, mean, std) -> np.ndarray:
             full = resample(low, h, w, bool(r["flags"] & FLAG_BILINEAR))
             if r["flags"] & FLAG_SIGMOID:
                 full = 1 / (1 + np.exp(-full))
+            if r["flags"] & FLAG_GATHER:
+                gh, gw = int(r["p1"]), int(r["p2"])
+                b = reference_gather(b, gather[int(r["p0"]) : int(r["p0"]) + gh * gw], gh, gw)
             v = full * a + (1 - full) * b
         else:
             raise ValueError(m)

@@ -78,7 +78,7 @@ shim = HostShim()
 img = np.full((1, 2, 2, 3), 255, np.uint8)
 out = np.zeros((1, 3, 2, 2), np.float32)
 n = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
-shim.launch("dalimix_mix_normalize_f32_nchw", 1, 32, img, identity_records(1), np.zeros(1, np.float32), out, 1, 2, 2, *n.mean255, *n.inv_std255, None)
+shim.launch("dalimix_mix_normalize_f32_nchw", 1, 32, img, identity_records(1), np.zeros(1, np.float32), np.zeros(1, np.int32), out, 1, 2, 2, *n.mean255, *n.inv_std255, None)
 print(out.min(), out.max())
 from dalimix.ops import host, mix_normalize
 import torch

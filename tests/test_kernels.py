@@ -265,7 +265,18 @@ def stable_seed(*key) -> int:
 
 
 def run_shim(
-    shim, images, records, pool, norm, dtype, channels_last, grid=None, block=None, misalign=False, erase=None
+    shim,
+    images,
+    records,
+    pool,
+    norm,
+    dtype,
+    channels_last,
+    grid=None,
+    block=None,
+    misalign=False,
+    gather=None,
+    erase=None,
 ):
     """Run the kernel through the host shim; by default with the CUDA backend's launch configuration.
     ``misalign``: the output starts 4 bytes past a 16-byte boundary (forces the scalar path);
@@ -290,6 +301,7 @@ def run_shim(
         images,
         records,
         pool,
+        np.zeros(1, np.int32) if gather is None else np.ascontiguousarray(gather, np.int32),
         out,
         n,
         h,

@@ -551,11 +551,20 @@ class ImageLoader:
         logits: bool = False,
         target_lam: str = "mask",
         validate: str = "auto",
+        labels: bool = False,
     ) -> None:
         """Let ``fn(images, lam, partner) -> masks`` supply the masks of ``LearnedMask`` samples, for
-        the very batch being mixed (see ``dalimix.hook`` and the README's mask hook section)."""
+        the very batch being mixed (see ``dalimix.hook`` and docs/learned-masks.md). ``labels=True``:
+        called ``fn(images, lam, partner, labels)``. The hook may return ``(masks, perm)``: a block
+        permutation of the partner per sample (PuzzleMix's transport)."""
         self._mask_hook = make_stage(
-            self, fn, interpolation=interpolation, logits=logits, target_lam=target_lam, validate=validate
+            self,
+            fn,
+            interpolation=interpolation,
+            logits=logits,
+            target_lam=target_lam,
+            validate=validate,
+            labels=labels,
         )
         self._finishing.hook = self._mask_hook
 

@@ -115,7 +115,7 @@ def _mix_plan(f: Finishing, b: Batch) -> None:
 
 
 def _hook(f: Finishing, b: Batch) -> None:
-    b.records, b.masks = f.hook.prepare(b.unmixed, b.params, epoch=b.ticket.epoch, step=b.ticket.step)
+    b.records, b.masks = f.hook.prepare(b.unmixed, b.params, epoch=b.ticket.epoch, step=b.ticket.step, labels=b.labels)
 
 
 def _mask_pool(f: Finishing, b: Batch) -> None:
@@ -132,10 +132,12 @@ def _kernel(f: Finishing, b: Batch) -> None:
         plan = f.erasing.plan(b.n, 3, f.height, f.width, rng)
         b.extra["erase"] = plan
         table = f.erasing.table(plan)
+    gather = getattr(b.params, "device_gather", None)  # block permutations of the partner (mask hook)
     b.images = mix_normalize(
         b.images_u8,
         records,
         b.masks,
+        gather,
         norm=f.norm,
         dtype=f.dtype,
         channels_last=f.channels_last,

@@ -3,13 +3,14 @@
 from .methods import CutMix, FMix, GridMix, MixMethod, MixUp, ResizeMix, SamplePairing, SmoothMix
 from .mixer import MODES, Mixer, Mixup
 from .params import PAIRINGS, MixParams, pair_indices
+from .puzzlemix import GradientSaliency, PuzzleMix
 from .saliency import AttentiveMix, MaskPolicy, SaliencyMix, spectral_residual
 from .targets import CompactTargets, one_hot_smoothed, soft_targets
 
 # every method by name (``dalimix preview --mix NAME``)
 METHODS = {
     cls.name: cls
-    for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix, SaliencyMix, AttentiveMix)
+    for cls in (MixUp, CutMix, SamplePairing, FMix, ResizeMix, GridMix, SmoothMix, SaliencyMix, AttentiveMix, PuzzleMix)
 }
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "CompactTargets",
     "CutMix",
     "FMix",
+    "GradientSaliency",
     "GridMix",
     "MaskPolicy",
     "MixMethod",
@@ -27,6 +29,7 @@ __all__ = [
     "MixUp",
     "Mixer",
     "Mixup",
+    "PuzzleMix",
     "ResizeMix",
     "SaliencyMix",
     "SamplePairing",

@@ -253,10 +253,12 @@ class Mixer:
             if policy._norm is None:
                 policy._norm = norm or Normalization()
             stage = MaskHookStage(MaskHook(fn=policy.mask_policy, **policy.hook_options), images.device)
-            records, pool = stage.prepare(unmixed, params, epoch=0, step=0)
+            records, pool = stage.prepare(unmixed, params, epoch=0, step=0, labels=labels)
         else:
             pool = params.mask_pool(images.device)
-        mixed = mix_normalize(images, records, pool, norm=norm, dtype=dtype, channels_last=channels_last, out=out)
+        mixed = mix_normalize(
+            images, records, pool, params.device_gather, norm=norm, dtype=dtype, channels_last=channels_last, out=out
+        )
         return mixed, self.targets(labels, params, self.num_classes)
 
 

@@ -117,6 +117,7 @@ class MixParams:
     device_ready: torch.cuda.Event | None = None
     # samples whose mask a method planned on the device (FMix(device=...)), not the mask hook
     device_planned: np.ndarray | None = None
+    device_gather: torch.Tensor | None = None  # flat int32 block permutations (FLAG_GATHER; the mask hook)
 
     @classmethod
     def unmixed(cls, n: int, names: tuple[str, ...] = ()) -> MixParams:

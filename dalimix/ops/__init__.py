@@ -59,6 +59,7 @@ def mix_normalize(
     images: torch.Tensor,
     records: np.ndarray | None = None,
     masks: torch.Tensor | None = None,
+    gather: torch.Tensor | None = None,
     *,
     norm: Normalization | None = None,
     dtype: torch.dtype = torch.float32,
@@ -73,6 +74,9 @@ def mix_normalize(
         images: ``N_src x H x W x 3`` uint8, contiguous, on CPU or CUDA (never written).
         records: ``n <= N_src`` records of ``RECORD_DTYPE`` (host numpy); None = no mixing.
         masks: flat float32 mask pool on ``images.device`` for records with method MASK.
+        gather: flat int32 table of block permutations on ``images.device`` for MASK records with
+            ``FLAG_GATHER`` (``dalimix.ops.record``); on the CPU its values are checked here, on
+            CUDA they are trusted (the mask hook stage checks and clamps them on the device).
         norm: mean/std; ImageNet's by default.
         dtype: float32, float16 or bfloat16.
         channels_last: write channels_last memory order (the tensor is still ``n x 3 x H x W``).
@@ -110,7 +114,10 @@ def mix_normalize(
     if records is None:
         records = identity_records(n_src)
     pool = 0 if masks is None else masks.numel()
-    validate_records(records, n_src=n_src, height=h, width=w, mask_pool_size=pool)
+    table = 0 if gather is None else gather.numel()
+    validate_records(records, n_src=n_src, height=h, width=w, mask_pool_size=pool, gather_size=table)
+    if gather is not None:
+        _check_gather(gather, records, images.device)
     if masks is not None and (
         masks.dtype != torch.float32 or masks.device != images.device or not masks.is_contiguous()
     ):
@@ -145,6 +152,7 @@ def mix_normalize(
             images,
             records,
             masks,
+            gather,
             entry=mix_normalize_entry(dtype, channels_last),
             mean255=norm.mean255,
             inv_std255=norm.inv_std255,
@@ -158,6 +166,7 @@ def mix_normalize(
             images,
             records,
             masks,
+            gather,
             entry=mix_normalize_entry(dtype, channels_last),
             mean255=norm.mean255,
             inv_std255=norm.inv_std255,
@@ -168,4 +177,29 @@ def mix_normalize(
     from .cpu import mix_normalize_cpu
 
     mean255, inv_std255 = norm._cpu
-    return mix_normalize_cpu(images, records, masks, mean255=mean255, inv_std255=inv_std255, out=out, erase=erase)
+    return mix_normalize_cpu(
+        images, records, masks, gather, mean255=mean255, inv_std255=inv_std255, out=out, erase=erase
+    )
+
+
+def _check_gather(gather: torch.Tensor, records: np.ndarray, device: torch.device) -> None:
+    """The gather table's form; on the CPU also every gathered sample's values (within its grid)."""
+    if gather.dtype != torch.int32 or gather.device != device or not gather.is_contiguous() or gather.dim() != 1:
+        raise ValueError(
+            f"gather must be a flat contiguous int32 tensor on {device}, got {gather.dtype} "
+            f"{tuple(gather.shape)} on {gather.device}"
+        )
+    if device.type == "cuda":
+        return  # no host sync: the producer (dalimix.hook.MaskHookStage) keeps the values in range
+    from .record import FLAG_GATHER, METHOD_MASK
+
+    rows = np.flatnonzero((records["method"] == METHOD_MASK) & ((records["flags"] & FLAG_GATHER) != 0))
+    table = gather.numpy()  # host sync: none, a CPU tensor (CUDA returned above)
+    for i in rows:
+        off, k = int(records["p0"][i]), int(records["p1"][i]) * int(records["p2"][i])
+        vals = table[off : off + k]
+        if len(vals) and (int(vals.min()) < 0 or int(vals.max()) >= k):
+            raise ValueError(
+                f"record {int(i)}: gather[{off}:{off + k}] holds block indices outside [0, {k}) "
+                f"(the {int(records['p1'][i])}x{int(records['p2'][i])} grid)"
+            )

@@ -20,6 +20,7 @@ from .record import (
     FLAG_BILINEAR,
     FLAG_FLIP_PARTNER,
     FLAG_FLIP_SELF,
+    FLAG_GATHER,
     FLAG_SIGMOID,
     METHOD_BLEND,
     METHOD_BOX,
@@ -38,10 +39,31 @@ def _upsample(t: torch.Tensor, size: tuple[int, int], bilinear: bool) -> torch.T
     return F.interpolate(t, size=size, mode="nearest")
 
 
+def block_sources(pix: np.ndarray, n: int, g: int, block: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Source coordinate of pixels ``pix`` (of ``n``) lying in blocks ``block`` when read from blocks
+    ``source`` of a grid of ``g`` blocks (``FLAG_GATHER``'s rule: blocks start at floor(i n / g), the
+    same in-block offset, clamped to the source block's last pixel)."""
+    start = (np.arange(g + 1, dtype=np.int64) * n) // g
+    off = pix - start[block]
+    return start[source] + np.minimum(off, start[source + 1] - start[source] - 1)
+
+
+def gather_partner(b: torch.Tensor, perm: np.ndarray, gh: int, gw: int) -> torch.Tensor:
+    """``b`` (H x W x C) with output block j (row-major on a gh x gw grid) read from block ``perm[j]``."""
+    h, w = b.shape[:2]
+    by = ((np.arange(h, dtype=np.int64) + 1) * gh - 1) // h  # block of every row / column
+    bx = ((np.arange(w, dtype=np.int64) + 1) * gw - 1) // w
+    src = perm.astype(np.int64).reshape(gh, gw)[by[:, None], bx[None, :]]  # H x W source blocks
+    ys = block_sources(np.arange(h)[:, None], h, gh, by[:, None], src // gw)
+    xs = block_sources(np.arange(w)[None, :], w, gw, bx[None, :], src % gw)
+    return b[torch.from_numpy(ys), torch.from_numpy(xs)]
+
+
 def mix_normalize_cpu(
     images: torch.Tensor,
     records: np.ndarray,
     masks: torch.Tensor | None,
+    gather: torch.Tensor | None = None,
     *,
     mean255: torch.Tensor,
     inv_std255: torch.Tensor,
@@ -65,6 +87,10 @@ def mix_normalize_cpu(
         flip_b = torch.from_numpy(np.flatnonzero(rec["flags"] & FLAG_FLIP_PARTNER))
         if len(flip_b):
             b[flip_b] = b[flip_b].flip(2)
+        for i in np.flatnonzero((rec["method"] == METHOD_MASK) & ((rec["flags"] & FLAG_GATHER) != 0)):
+            r = rec[i]
+            off, gh, gw = int(r["p0"]), int(r["p1"]), int(r["p2"])
+            b[i] = gather_partner(b[i], gather[off : off + gh * gw].numpy(), gh, gw)  # the flipped partner, permuted
         wself = torch.ones(len(mixed), h, w, 1)
         m = rec["method"]
         blend = np.flatnonzero(m == METHOD_BLEND)

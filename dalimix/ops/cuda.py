@@ -121,6 +121,7 @@ def mix_normalize_cuda(
     images: torch.Tensor,
     records: np.ndarray,
     masks: torch.Tensor | None,
+    gather: torch.Tensor | None = None,
     *,
     entry: str,
     mean255: tuple[float, float, float],
@@ -139,15 +140,19 @@ def mix_normalize_cuda(
     staged = record_ring(device).stage(groups, stream, keep=False)  # the erase table rides in the records' slot
     try:
         erase_ptr = np.uint64(staged.tensors[1].data_ptr()) if erase is not None else np.uint64(0)
-        return _launch(staged.tensors[0], erase_ptr, stream, images, masks, entry, mean255, inv_std255, out, n, h, w)
+        return _launch(
+            staged.tensors[0], erase_ptr, stream, images, masks, gather, entry, mean255, inv_std255, out, n, h, w
+        )
     finally:
         staged.release(stream)  # the slot returns to the ring once this kernel has run
 
 
-def _launch(rec_dev, erase_ptr, stream, images, masks, entry, mean255, inv_std255, out, n, h, w):
+def _launch(rec_dev, erase_ptr, stream, images, masks, gather, entry, mean255, inv_std255, out, n, h, w):
     device = images.device
     if masks is None or masks.numel() == 0:
         masks = _placeholder_pool(device)
+    if gather is None or gather.numel() == 0:
+        gather = _placeholder_pool(device)  # never read: validate_records refuses gather records without a table
     fn = _function(device, entry)
     grid, block = launch_config(n, h, w, sms=_multiprocessors(device))
     ptr = lambda t: np.uint64(t.data_ptr())  # noqa: E731
@@ -155,6 +160,7 @@ def _launch(rec_dev, erase_ptr, stream, images, masks, entry, mean255, inv_std25
         ptr(images),
         ptr(rec_dev),
         ptr(masks),
+        ptr(gather),
         ptr(out),
         np.int32(n),
         np.int32(h),

@@ -77,7 +77,7 @@ def _compile() -> ctypes.CDLL:
         fn = getattr(so, host_entry(entry.name))
         fn.restype = None
         fn.argtypes = (
-            [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_float] * 6 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+            [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_float] * 6 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
         )
     return so
 
@@ -127,6 +127,7 @@ def mix_normalize_host(
     images: torch.Tensor,
     records: np.ndarray,
     masks: torch.Tensor | None,
+    gather: torch.Tensor | None = None,
     *,
     entry: str,
     mean255,
@@ -145,11 +146,13 @@ def mix_normalize_host(
     pool_t = masks if masks is not None and masks.numel() else torch.zeros(1)
     table = None if erase is None else np.ascontiguousarray(erase, dtype=np.int32)
     erase_ptr = ctypes.c_void_p(None if table is None else table.ctypes.data)
+    gather_t = gather if gather is not None and gather.numel() else torch.zeros(1, dtype=torch.int32)
     fn = getattr(so, host_entry(entry))
     args = (
         ctypes.c_void_p(images.data_ptr()),
         ctypes.c_void_p(rec.ctypes.data),
         ctypes.c_void_p(pool_t.data_ptr()),
+        ctypes.c_void_p(gather_t.data_ptr()),
         ctypes.c_void_p(out.data_ptr()),
         n,
         h,

@@ -41,6 +41,7 @@ def _mix_normalize_entries() -> dict[str, Entry]:
                 ("src", "const unsigned char*"),
                 ("rec", "const DmRecord*"),
                 ("masks", "const float*"),
+                ("gather", "const int*"),
                 ("dst", f"{ctype}*"),
                 ("n", "int"),
                 ("h", "int"),

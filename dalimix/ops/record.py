@@ -24,6 +24,12 @@ FLAG_SIGMOID = 2
 FLAG_FLIP_SELF = 4  # read the sample's own image mirrored left-right (before mixing)
 FLAG_FLIP_PARTNER = 8  # read the partner image mirrored left-right (before mixing)
 FLIP_FLAGS = FLAG_FLIP_SELF | FLAG_FLIP_PARTNER
+# MASK only: the partner is read block-permuted (PuzzleMix's transport). p0 = offset of the sample's
+# permutation in the kernel's ``gather`` table (int32), p1 x p2 = its block grid gh x gw; output block j
+# (row-major) shows the partner's block ``gather[p0 + j]`` at the same in-block offset. Blocks of a grid
+# of g over n pixels are [floor(i n / g), floor((i + 1) n / g)); where the source block is one pixel
+# shorter than the output block its last row / column repeats. The flips apply first ("flip, then mix").
+FLAG_GATHER = 16
 
 RECORD_DTYPE = np.dtype(
     [
@@ -87,8 +93,11 @@ def set_flips(records: np.ndarray, flip) -> np.ndarray:
     return records
 
 
-def validate_records(rec: np.ndarray, *, n_src: int, height: int, width: int, mask_pool_size: int) -> None:
-    """Raise ``ValueError`` if any record would read outside the images or the mask pool.
+def validate_records(
+    rec: np.ndarray, *, n_src: int, height: int, width: int, mask_pool_size: int, gather_size: int = 0
+) -> None:
+    """Raise ``ValueError`` if any record would read outside the images, the mask pool or the gather
+    table (``gather_size`` int32 values; the table's values themselves are checked by its producer).
 
     The kernels trust the records; this check runs on the host before every launch (it is a few
     vectorised comparisons over ``n`` records).
@@ -132,6 +141,18 @@ def validate_records(rec: np.ndarray, *, n_src: int, height: int, width: int, ma
                 f"record {i}: mask of {int(rec['mask_h'][i])}x{int(rec['mask_w'][i])} at offset "
                 f"{int(rec['mask_offset'][i])} does not fit a mask pool of {mask_pool_size} values"
             )
+        gathered = np.flatnonzero(masked & ((rec["flags"] & FLAG_GATHER) != 0))
+        if len(gathered):
+            off, gh, gw = (rec[k][gathered].astype(np.int64) for k in ("p0", "p1", "p2"))
+            ok = (off >= 0) & (gh >= 1) & (gw >= 1) & (gh <= height) & (gw <= width) & (off + gh * gw <= gather_size)
+            ok &= ((height + 1) * gh < 2**31) & ((width + 1) * gw < 2**31)  # the kernel's 32-bit block math
+            if not ok.all():
+                i = int(gathered[np.flatnonzero(~ok)[0]])
+                raise ValueError(
+                    f"record {i}: block permutation of a {int(rec['p1'][i])}x{int(rec['p2'][i])} grid at offset "
+                    f"{int(rec['p0'][i])} does not fit a gather table of {gather_size} values or the "
+                    f"{height}x{width} image (1 <= grid <= image size)"
+                )
 
 
 # ------------------------------------------------------------------------------- erase table

@@ -1,0 +1,284 @@
+"""PuzzleMix: the objective's minimiser and the transport against brute force (float64), the hook
+contract's labels and block permutations, the loader end to end (CPU) against a float64 reference
+of the kernel's gather, targets lam = the mask mean, and the preview."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from reference import reference_gather
+
+from dalimix import ImageLoader
+from dalimix.cli import main
+from dalimix.hook import LearnedMask, MaskHook, MaskHookError, MaskHookStage
+from dalimix.mix import GradientSaliency, Mixer, MixUp, PuzzleMix
+from dalimix.mix.params import MixParams
+from dalimix.mix.puzzlemix import (
+    block_means,
+    boundary_differences,
+    minimise_energy,
+    nearest_is_blocks,
+    pairwise_tables,
+    puzzle_energy,
+    transport_cost,
+    transport_plan,
+    unary_costs,
+)
+from dalimix.ops.record import FLAG_GATHER, METHOD_MASK
+
+PERMS_2X2 = [np.array(p) for p in itertools.permutations(range(4))]
+
+
+def all_masks(gh, gw):
+    for bits in range(2 ** (gh * gw)):
+        yield np.array([(bits >> i) & 1 for i in range(gh * gw)], dtype=np.float64).reshape(gh, gw)
+
+
+def random_problem(rng, gh, gw, *, beta=0.1, gamma=0.5, lam=None):
+    s_own = rng.random((gh, gw))
+    s_partner = rng.random((gh, gw))
+    s_own, s_partner = s_own / s_own.sum(), s_partner / s_partner.sum()
+    u0, u1 = unary_costs(s_own, s_partner, rng.uniform(0.05, 0.95) if lam is None else lam, 0.2)
+    dv = rng.random((2, 2, gh - 1, gw))
+    dh = rng.random((2, 2, gh, gw - 1))
+    pv, ph = pairwise_tables(dv, dh, beta, gamma)
+    return u0, u1, pv, ph
+
+
+@pytest.mark.parametrize("grid", [(3, 3), (2, 4), (1, 5), (3, 2)])
+def test_minimiser_matches_brute_force(grid):
+    """Every mask of a tiny grid (2^9 for 3 x 3): the min-cut's energy is the least one."""
+    rng = np.random.default_rng(grid[0] * 10 + grid[1])
+    for trial in range(25):
+        beta = [0.0, 0.02, 0.1, 0.5][trial % 4]
+        u0, u1, pv, ph = random_problem(rng, *grid, beta=beta, gamma=[0.0, 0.5, 1.0][trial % 3])
+        got = minimise_energy(u0, u1, pv, ph)
+        assert set(np.unique(got)) <= {0.0, 1.0} and got.shape == grid
+        energies = [puzzle_energy(m, u0, u1, pv, ph) for m in all_masks(*grid)]
+        best = min(energies)
+        scale = sum(abs(e) for e in (u0.sum(), u1.sum(), pv.sum(), ph.sum()))
+        assert puzzle_energy(got, u0, u1, pv, ph) <= best + 1e-6 * scale, trial
+
+
+def test_minimiser_follows_the_prior_and_the_saliency():
+    """No smoothness: each block goes where its saliency is kept; lam near 1 keeps the own image."""
+    own = np.array([[0.5, 0.0], [0.0, 0.0]])
+    partner = np.array([[0.0, 0.0], [0.0, 0.5]]) + 0.125
+    zeros = np.zeros((2, 2, 1, 2)), np.zeros((2, 2, 2, 1))
+    u0, u1 = unary_costs(own, partner, 0.5, 0.0)
+    mask = minimise_energy(u0, u1, *zeros)
+    assert mask[0, 0] == 1 and mask[1, 1] == 0
+    u0, u1 = unary_costs(own, partner, 1 - 1e-6, 5.0)
+    assert minimise_energy(u0, u1, *zeros).all()
+
+
+def test_pairwise_is_submodular_for_gamma_up_to_one():
+    """D is a mean absolute difference of 0..1 pixels (in [0, 1]): the Potts weight stays >= beta (1 - gamma)."""
+    rng = np.random.default_rng(0)
+    x = torch.rand(4, 3, 13, 11, dtype=torch.float64)
+    dv, dh = boundary_differences(x, x.flip(0), 3, 4, 2)
+    assert dv.shape == (2, 2, 4, 2, 4) and dh.shape == (2, 2, 4, 3, 3)
+    for d in (dv.numpy(), dh.numpy()):
+        assert (d >= 0).all() and (d <= 1).all()
+        pv, _ = pairwise_tables(d, d, 0.1, 1.0)
+        assert ((pv[0, 1] + pv[1, 0] - pv[0, 0] - pv[1, 1]) / 2 >= -1e-12).all()
+    del rng
+
+
+def test_boundary_differences_against_a_loop():
+    x = torch.rand(2, 3, 9, 7, dtype=torch.float64)
+    y = torch.rand(2, 3, 9, 7, dtype=torch.float64)
+    gh, gw, depth = 3, 2, 2
+    dv, dh = boundary_differences(x, y, gh, gw, depth)
+    imgs = (y, x)  # label 0 = partner, 1 = own
+    ys, xs = [i * 9 // gh for i in range(gh + 1)], [i * 7 // gw for i in range(gw + 1)]
+    for la, lb, s, i, j in itertools.product(range(2), range(2), range(2), range(gh - 1), range(gw)):
+        b = ys[i + 1]
+        above = imgs[la][s, :, max(ys[i], b - depth) : b, xs[j] : xs[j + 1]].mean(1)
+        below = imgs[lb][s, :, b : min(ys[i + 2], b + depth), xs[j] : xs[j + 1]].mean(1)
+        assert float(dv[la, lb, s, i, j]) == pytest.approx(float((above - below).abs().mean()))
+    for la, lb, s, i, j in itertools.product(range(2), range(2), range(2), range(gh), range(gw - 1)):
+        b = xs[j + 1]
+        left = imgs[la][s, :, ys[i] : ys[i + 1], max(xs[j], b - depth) : b].mean(2)
+        right = imgs[lb][s, :, ys[i] : ys[i + 1], b : min(xs[j + 2], b + depth)].mean(2)
+        assert float(dh[la, lb, s, i, j]) == pytest.approx(float((left - right).abs().mean()))
+
+
+def test_transport_matches_brute_force_over_all_24_permutations():
+    rng = np.random.default_rng(1)
+    cost = transport_cost(2, 2)
+    assert cost[0, 3] == 2 and cost[0, 1] == 1 and cost[1, 2] == 2
+    for trial in range(40):
+        sal = rng.random((2, 2))
+        shows = rng.integers(0, 2, (2, 2)).astype(np.float64)
+        t_eps = [0.0, 0.1, 0.8, 3.0][trial % 4]
+
+        def value(perm, sal=sal, shows=shows, t_eps=t_eps):
+            return sum(sal.reshape(-1)[perm[j]] * shows.reshape(-1)[j] - t_eps * cost[perm[j], j] for j in range(4))
+
+        got = transport_plan(sal, shows, t_eps)
+        assert sorted(got.tolist()) == [0, 1, 2, 3]
+        assert value(got) >= max(value(p) for p in PERMS_2X2) - 1e-12, trial
+    # a large transport cost keeps every block in place
+    assert transport_plan(rng.random((2, 2)), np.ones((2, 2)), 100.0).tolist() == [0, 1, 2, 3]
+
+
+def test_block_means_and_the_nearest_check():
+    x = torch.rand(2, 13, 7, dtype=torch.float64)
+    got = block_means(x, 3, 2)
+    for i, j in itertools.product(range(3), range(2)):
+        ref = x[:, i * 13 // 3 : (i + 1) * 13 // 3, j * 7 // 2 : (j + 1) * 7 // 2].mean(dim=(1, 2))
+        torch.testing.assert_close(got[:, i, j], ref)
+    assert nearest_is_blocks(224, 4) and nearest_is_blocks(32, 8)
+    assert not nearest_is_blocks(5, 2)  # nearest: [0, 3) [3, 5); blocks: [0, 2) [2, 5)
+
+
+# ------------------------------------------------------------------------------ the hook contract
+def test_hook_gets_labels_and_may_return_a_block_permutation(small_dataset):
+    seen = {}
+
+    def hook(images, lam, partner, labels):
+        n = images.shape[0]
+        seen["labels"] = labels.clone()
+        perm = torch.stack([torch.randperm(4) for _ in range(n)]).view(n, 2, 2)
+        seen["perm"] = perm
+        return torch.zeros(n, 1, 2, 2), perm
+
+    loader = ImageLoader(
+        root=small_dataset, batch_size=4, size=32, device="cpu", seed=1, mix=Mixer(methods=[LearnedMask()])
+    )
+    loader.set_mask_hook(hook, labels=True)
+    x, _ = next(iter(loader))
+    info = loader.last_batch
+    torch.testing.assert_close(seen["labels"], info.labels.to(torch.int64))
+    p = info.params
+    assert (p.flags & FLAG_GATHER).all() and p.device_gather.dtype == torch.int32
+    clean = info.unmixed
+    for i in range(4):  # mask 0 everywhere: the output is the partner, block-permuted
+        want = reference_gather(clean[p.partner[i]].permute(1, 2, 0).double().numpy(), seen["perm"][i].view(-1), 2, 2)
+        np.testing.assert_allclose(x[i].permute(1, 2, 0).double().numpy(), want, atol=2e-5)
+    loader.close()
+
+
+def _stage(fn, labels=False, n=3):
+    stage = MaskHookStage(MaskHook(fn=fn, labels=labels), torch.device("cpu"))
+    p = MixParams.unmixed(n)
+    p.method[:] = METHOD_MASK
+    p.partner[:] = (np.arange(n) + 1) % n
+    p.lam[:] = 0.5
+    return stage, p
+
+
+BAD_PERMS = [
+    (lambda n: (torch.zeros(n, 1, 2, 2), torch.zeros(n, 5, dtype=torch.int64)), "perm of shape"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), torch.zeros(n, 2, 2)), "torch.float32 perm; use torch.int32"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), np.zeros((n, 4))), r"\(masks, ndarray\)"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), torch.zeros(n, 4, dtype=torch.int64)), "not a permutation"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), torch.full((n, 4), 9)), r"index\(es\) out of range"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), torch.arange(4).repeat(n, 1), 1), "a tuple of 3"),
+]
+
+
+@pytest.mark.parametrize("fn, message", BAD_PERMS, ids=["shape", "dtype", "numpy", "repeat", "range", "tuple3"])
+def test_bad_block_permutations_are_refused_naming_the_hook(fn, message):
+    def my_hook(images, lam, partner):
+        return fn(images.shape[0])
+
+    stage, p = _stage(my_hook)
+    with pytest.raises(MaskHookError, match=message) as err:
+        stage.prepare(torch.zeros(3, 3, 8, 8), p, epoch=0, step=2)
+    assert "my_hook" in str(err.value) and "step 2" in str(err.value)
+
+
+def test_good_permutation_on_the_masks_grid_and_labels_required():
+    stage, p = _stage(lambda im, lam, part: (torch.ones(3, 1, 2, 2), torch.arange(4).flip(0).repeat(3, 1)))
+    stage.prepare(torch.zeros(3, 3, 8, 8), p, epoch=0, step=0)
+    assert p.device_gather.tolist() == [3, 2, 1, 0] * 3 and (p.ints[:, 1:3] == 2).all()
+    assert p.ints[:, 0].tolist() == [0, 4, 8]
+    stage, p = _stage(lambda im, lam, part, labels: torch.ones(3, 1, 2, 2), labels=True)
+    with pytest.raises(MaskHookError, match="labels=True but this batch has no labels"):
+        stage.prepare(torch.zeros(3, 3, 8, 8), p, epoch=0, step=0)
+    stage.prepare(torch.zeros(3, 3, 8, 8), p, epoch=0, step=0, labels=torch.arange(3))
+    assert p.device_gather is None and not (p.flags & FLAG_GATHER).any()
+
+
+# ------------------------------------------------------------------------------ the policy
+def test_puzzlemix_validates_its_arguments():
+    with pytest.raises(ValueError, match="n_labels=3"):
+        PuzzleMix(n_labels=3)
+    with pytest.raises(ValueError, match="block_num"):
+        PuzzleMix(block_num=0)
+    with pytest.raises(ValueError, match="saliency="):
+        PuzzleMix(saliency=3)
+    with pytest.raises(ValueError, match="t_eps"):
+        PuzzleMix(t_eps=-1)
+    bad = Mixer(methods=[PuzzleMix(saliency=lambda x, y: x[:, 0, :2])], num_classes=4)
+    with pytest.raises(MaskHookError, match="N x H x W"):
+        bad(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.arange(2), rng=0)
+
+
+@pytest.mark.parametrize("size, grid, t_size", [(48, 4, None), (50, 3, None), (48, 4, 6), (48, (2, 3), None)])
+def test_puzzlemix_on_the_loader_end_to_end(small_dataset, size, grid, t_size):
+    """Masks are 0/1 min-cut masks, the partner is read block-permuted exactly as the float64
+    reference of the gather says, and lam of the targets = the mask mean."""
+    mix = Mixer(methods=[MixUp(), PuzzleMix(block_num=grid, t_size=t_size)], mode="elem", label_smoothing=0.0)
+    loader = ImageLoader(root=small_dataset, batch_size=6, size=size, device="cpu", seed=3, mix=mix)
+    checked = 0
+    for _, (x, t) in zip(range(3), loader):
+        info = loader.last_batch
+        p = info.params
+        rows = np.flatnonzero(p.kind == 1)
+        torch.testing.assert_close(t.sum(1), torch.ones(len(t)))
+        for i in rows:
+            m = p.device_masks[i, 0]
+            assert set(m.unique().tolist()) <= {0.0, 1.0}
+            gh, gw = int(p.ints[i, 1]), int(p.ints[i, 2])
+            perm = p.device_gather[int(p.ints[i, 0]) : int(p.ints[i, 0]) + gh * gw]
+            assert sorted(perm.tolist()) == list(range(gh * gw))
+            clean = info.unmixed.double()
+            own = clean[i].permute(1, 2, 0).numpy()
+            b = reference_gather(clean[p.partner[i]].permute(1, 2, 0).numpy(), perm.numpy(), gh, gw)
+            up = torch.nn.functional.interpolate(p.device_masks[i : i + 1].double(), size=(size, size))[0, 0]
+            want = up.numpy()[..., None] * own + (1 - up.numpy()[..., None]) * b
+            np.testing.assert_allclose(x[i].permute(1, 2, 0).double().numpy(), want, atol=3e-5)
+            lam = float(p.device_target_lam[i])
+            assert lam == pytest.approx(float(up.mean()), abs=1e-6)
+            labels = info.labels
+            if labels[i] != labels[p.partner[i]]:
+                assert float(t[i, labels[i]]) == pytest.approx(lam, abs=1e-6)
+            checked += 1
+    loader.close()
+    assert checked > 0
+
+
+def test_gradient_saliency_is_the_input_gradient():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    x = torch.randn(2, 3, 4, 4)
+    y = torch.tensor([1, 3])
+    got = GradientSaliency(net)(x, y)
+    xr = x.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(net(xr), y).backward()
+    torch.testing.assert_close(got, xr.grad.pow(2).mean(1).sqrt())
+    net.zero_grad(set_to_none=True)
+    GradientSaliency(net)(x, y)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_puzzlemix_with_a_model_saliency_on_a_tensor_batch():
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    mix = Mixer(methods=[PuzzleMix(saliency=GradientSaliency(net), block_num=2)], num_classes=4, label_smoothing=0)
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+    x, t = mix(u8, torch.arange(4), rng=0)
+    assert x.shape == (4, 3, 16, 16) and torch.isfinite(x).all()
+    torch.testing.assert_close(t.sum(1), torch.ones(4))
+
+
+def test_preview(small_dataset, tmp_path, capsys):
+    out = tmp_path / "puzzlemix.png"
+    args = ["preview", "--mix", "puzzlemix", "--data", str(small_dataset), "--size", "64", "--batch-size", "4"]
+    assert main([*args, "--device", "cpu", "--out", str(out)]) == 0
+    assert out.exists() and "puzzlemix: 4 samples" in capsys.readouterr().out
