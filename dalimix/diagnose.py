@@ -20,6 +20,10 @@ import io
 import os
 import stat
 import threading
+from typing import TYPE_CHECKING, TypeGuard
+
+if TYPE_CHECKING:
+    from .webdataset import TarSamples
 
 REGULAR = None  # file_kind's answer for a usable file
 
@@ -202,7 +206,7 @@ def bytes_verdict(data: bytes, *, strict: bool = False) -> str | None:
     return reason
 
 
-def in_tar_shards(samples) -> bool:
+def in_tar_shards(samples) -> TypeGuard[TarSamples]:
     """Whether ``samples`` live in tar shards (read by offset) rather than as files (read by path)."""
     from .webdataset import TarSamples
 

@@ -20,7 +20,9 @@ Nothing here runs when no hook is registered.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +34,9 @@ from .mix.methods import MixMethod, _positive
 from .mix.params import MixParams
 from .mix.saliency import MaskPolicy
 from .ops.record import FLAG_BILINEAR, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
+
+if TYPE_CHECKING:
+    from .ops.cuda import PinnedRing
 
 INTERPOLATIONS = ("nearest", "bilinear")
 TARGET_LAMS = ("mask", "planned")
@@ -198,7 +203,7 @@ def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
 class MaskHook:
     """A registered hook and how its masks are read (see ``ImageLoader.set_mask_hook``)."""
 
-    fn: object
+    fn: Callable[..., torch.Tensor]
     interpolation: str = "nearest"
     logits: bool = False
     target_lam: str = "mask"
@@ -249,7 +254,7 @@ class MaskHookStage:
         self._last_stream = None
         self._pending = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
         self._stat_buffers: list = []  # pinned stats buffers whose check was read, for reuse
-        self._ring = None  # pinned staging of lam / partner / target lam (CUDA)
+        self._ring: PinnedRing | None = None  # pinned staging of lam / partner / target lam (CUDA)
         self._ring_stream = None
 
     # ------------------------------------------------------------------------- per batch

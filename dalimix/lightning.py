@@ -59,6 +59,8 @@ class DALIMixDataModule(pl.LightningDataModule):
             self.val_loader = self._make(self.val_kwargs)
 
     def train_dataloader(self) -> ImageLoader:
+        if self.train_loader is None:
+            self.train_loader = self._make(self.train_kwargs)
         return self.train_loader
 
     def val_dataloader(self):

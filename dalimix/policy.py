@@ -454,7 +454,7 @@ class PolicyStage:
             self._pipe = stage()
         self._pipe.build()
         self._holding = False
-        self._last = None  # (DALI output, the stream it is bound to) of the previous batch, CUDA
+        self._last: tuple | None = None  # (DALI output, the stream it is bound to) of the previous batch, CUDA
         self._held: list = []  # [(DALI output, event)] released once the event has completed
 
     def apply(self, images_u8: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, PolicyBatch]:

@@ -65,7 +65,7 @@ class TarSamples(Samples):
                 for k in np.flatnonzero(tar_of == t):
                     i = int(ids[k])
                     buf = np.empty(int(self.sizes[i]), dtype=np.uint8)
-                    got = os.preadv(fd, [buf], int(self.offsets[i])) if buf.size else 0
+                    got = os.preadv(fd, [memoryview(buf)], int(self.offsets[i])) if buf.size else 0
                     if got != buf.size:
                         raise DatasetError(
                             f"{self.paths[i]}: read {got} of {buf.size} bytes; the tar {path} is shorter "
@@ -170,8 +170,8 @@ def _members_from_index(path: str, index: Path) -> list | None:
             if len(parts) % 4:
                 return None
             for j in range(0, len(parts), 4):
-                _, off, n, name = parts[j : j + 4]
-                off, n = int(off), int(n)
+                _, off_text, n_text, name = parts[j : j + 4]
+                off, n = int(off_text), int(n_text)
                 if off < 0 or n < 0 or off + n > size:
                     raise DatasetError(
                         f"index {index} names bytes past the end of {path}; the tar changed since "

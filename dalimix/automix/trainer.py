@@ -131,7 +131,9 @@ class AutoMix(nn.Module):
         self.mix_block.to(self._device())
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
         self._criterion = MixCrossEntropy()
-        self._cache = None  # (clean images, EMA features) of the batch the hook saw last
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = (
+            None  # (clean images, EMA features) of the batch the hook saw last
+        )
         self.last_hook_logits = None
 
     def _device(self) -> torch.device:

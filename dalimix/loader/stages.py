@@ -9,7 +9,10 @@ mixed batch all see the flipped images; a ``Policy`` runs on the uint8 images be
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,11 +65,11 @@ class Finishing:
     mix: object
     num_classes: int
     ring: object  # OutputRing
-    planner: object  # () -> executor for mix planning ahead
-    policy_stage: object = None  # () -> PolicyStage, or None
+    planner: Callable[[], Executor]  # the executor for mix planning ahead
+    policy_stage: Any = None  # () -> PolicyStage, or None
     hook: object = None  # MaskHookStage or None
     keep_unmixed: bool = False
-    erasing: object = None  # dalimix.erase.RandomErasing or None
+    erasing: Any = None  # dalimix.erase.RandomErasing or None
 
 
 def _labels(f: Finishing, b: Batch) -> None:
@@ -135,7 +138,7 @@ class Finisher:
     def __init__(self, finishing: Finishing):
         self.f = finishing
         finishing.planned = lambda b: self._take_plan(b)  # looked up per call (benchmarks time it)
-        self._planned = None  # ((epoch, step, n), future)
+        self._planned: tuple[tuple[int, int, int], Any] | None = None  # ((epoch, step, n), future)
 
     def stages(self) -> list:
         f = self.f

@@ -94,15 +94,18 @@ def mix_normalize_cpu(
             d2 = dy.view(h, 1) * dy.view(h, 1) + dx.view(1, w) * dx.view(1, w)
             wself[i, :, :, 0] = 1.0 - torch.exp(-d2 * torch.tensor(float(r["f0"]), dtype=torch.float32))
         masked = np.flatnonzero(m == METHOD_MASK)
-        shapes = rec[masked][["mask_h", "mask_w", "flags"]]
-        for mh, mw, flags in np.unique(shapes):  # one upsampling per mask shape and mode, not per sample
-            rows = masked[shapes == np.array((mh, mw, flags), dtype=shapes.dtype)]
-            taps = rec["mask_offset"][rows].astype(np.int64)[:, None] + np.arange(int(mh) * int(mw))
-            low = masks[torch.from_numpy(taps)].view(len(rows), 1, int(mh), int(mw)).to(torch.float32)
-            full = _upsample(low, (h, w), bool(flags & FLAG_BILINEAR))[:, 0]
-            if flags & FLAG_SIGMOID:
-                full = torch.sigmoid(full)
-            wself[torch.from_numpy(rows), :, :, 0] = full
+        if len(masked):
+            if masks is None:
+                raise ValueError("records of mask methods need the mask pool (masks=None was given)")
+            shapes = rec[masked][["mask_h", "mask_w", "flags"]]
+            for mh, mw, flags in np.unique(shapes):  # one upsampling per mask shape and mode, not per sample
+                rows = masked[shapes == np.array((mh, mw, flags), dtype=shapes.dtype)]
+                taps = rec["mask_offset"][rows].astype(np.int64)[:, None] + np.arange(int(mh) * int(mw))
+                low = masks[torch.from_numpy(taps)].view(len(rows), 1, int(mh), int(mw)).to(torch.float32)
+                full = _upsample(low, (h, w), bool(flags & FLAG_BILINEAR))[:, 0]
+                if flags & FLAG_SIGMOID:
+                    full = torch.sigmoid(full)
+                wself[torch.from_numpy(rows), :, :, 0] = full
         v[sel] = b + wself * (v[sel] - b)
     v.sub_(mean255).mul_(inv_std255)
     out.copy_(v.permute(0, 3, 1, 2))

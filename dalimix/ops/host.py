@@ -155,7 +155,11 @@ def mix_normalize_host(
         fn(*args, 0, n)
         return out
     bounds = np.linspace(0, n, threads + 1).astype(int)
-    jobs = [_pool(threads).submit(fn, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def rows(a: int, b: int) -> None:
+        fn(*args, a, b)
+
+    jobs = [_pool(threads).submit(rows, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     for job in jobs:
         job.result()
     return out
