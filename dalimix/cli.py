@@ -249,9 +249,9 @@ def cmd_preview(args) -> int:
         )
     finally:
         loader.close()
-    print(
-        f"{args.mix}: {images.shape[0]} samples ({args.mode} mode), lam {info.params.lam.min():.2f}..{info.params.lam.max():.2f}"
-    )
+    assert info is not None and info.params is not None  # the batch just taken was mixed
+    lam = info.params.lam
+    print(f"{args.mix}: {images.shape[0]} samples ({args.mode} mode), lam {lam.min():.2f}..{lam.max():.2f}")
     print(f"preview grid: {path.resolve()}")
     return 0
 

@@ -111,7 +111,7 @@ def upsampling_weights(in_size: int, out_size: int, bilinear: bool) -> np.ndarra
     rows, with the kernel's (F.interpolate's) float32 index rules. Nearest and bilinear upsampling
     are linear, so ``mean(up(M)) = w_y^T M w_x / (H W)`` exactly."""
     scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
+    dst: np.ndarray = np.arange(out_size, dtype=np.float32)
     if not bilinear:
         idx = np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
         return np.bincount(idx, minlength=in_size).astype(np.float64)
@@ -252,7 +252,7 @@ class MaskHookStage:
         self._buffer = torch.empty(0, dtype=torch.float32, device=self.device)
         self._buffer_stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._last_stream = None
-        self._pending = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
+        self._pending: deque = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
         self._stat_buffers: list = []  # pinned stats buffers whose check was read, for reuse
         self._ring: PinnedRing | None = None  # pinned staging of lam / partner / target lam (CUDA)
         self._ring_stream = None
@@ -360,7 +360,7 @@ class MaskHookStage:
         for a in arrays:
             offsets.append(total)
             total += -(-a.nbytes // 8) * 8  # 8-byte aligned segments
-        packed = np.zeros(max(total, 8), np.uint8)
+        packed: np.ndarray = np.zeros(max(total, 8), np.uint8)
         for a, off in zip(arrays, offsets):
             packed[off : off + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
         stream = torch.cuda.current_stream(self.device)

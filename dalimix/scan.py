@@ -168,14 +168,14 @@ def stat_samples(samples: Samples) -> FileFacts:
         return FileFacts(sizes=sizes, mtimes=mtimes)
     sizes = np.full(n, -1, dtype=np.int64)
     mtimes = np.full(n, -1, dtype=np.int64)
-    odd = []
+    odd: list[tuple[int, str]] = []
     import stat as stat_mod
 
     for i, p in enumerate(samples.paths):
         try:
             st = os.stat(p)
         except OSError:
-            odd.append((i, file_kind(p)))
+            odd.append((i, file_kind(p) or "cannot be read"))
             continue
         if not stat_mod.S_ISREG(st.st_mode):
             odd.append((i, file_kind(p) or "is not a regular file"))

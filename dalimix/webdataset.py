@@ -41,9 +41,9 @@ class TarSamples(Samples):
     ``offsets[i]`` of ``tars[tar_index[i]]``; ``paths[i]`` is ``"<tar>::<member>"`` for messages."""
 
     tars: tuple = ()
-    tar_index: np.ndarray = field(default=None, compare=False)
-    offsets: np.ndarray = field(default=None, compare=False)
-    sizes: np.ndarray = field(default=None, compare=False)
+    tar_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
 
     def read(self, index: int) -> np.ndarray:
         """The encoded bytes of sample ``index`` (uint8, 1-D)."""
@@ -64,8 +64,8 @@ class TarSamples(Samples):
             try:
                 for k in np.flatnonzero(tar_of == t):
                     i = int(ids[k])
-                    buf = np.empty(int(self.sizes[i]), dtype=np.uint8)
-                    got = os.preadv(fd, [memoryview(buf)], int(self.offsets[i])) if buf.size else 0
+                    buf: np.ndarray = np.empty(int(self.sizes[i]), dtype=np.uint8)
+                    got = os.preadv(fd, [buf.data], int(self.offsets[i])) if buf.size else 0
                     if got != buf.size:
                         raise DatasetError(
                             f"{self.paths[i]}: read {got} of {buf.size} bytes; the tar {path} is shorter "

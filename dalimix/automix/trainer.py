@@ -21,6 +21,7 @@ Per step, with ``images, targets`` from a loader the ``AutoMix`` is attached to:
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,7 +160,7 @@ class AutoMix(nn.Module):
     def mixer(self, **kw) -> Mixer:
         """The loader's mixer for AutoMix: ``LearnedMask`` in batch mode (one lam per batch, as in
         the paper) with random partners; keyword arguments override ``Mixer``'s."""
-        args = dict(
+        args: dict[str, Any] = dict(
             methods=[self.mixer_method], mode="batch", pairing="derangement", label_smoothing=self.label_smoothing
         )
         args.update(kw)

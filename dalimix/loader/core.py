@@ -13,6 +13,7 @@ from .. import validate as v
 from .._keywords import suggest_keywords
 from ..errors import DatasetError
 from ..hook import MaskHookStage, make_stage
+from ..mix.params import MixParams
 from ..scan import check_loader_files
 from ..sources import Samples, resolve_source
 from .feed import PipelineFeed
@@ -39,7 +40,7 @@ class BatchInfo:
     epoch: int
     step: int
     sample_ids: np.ndarray
-    params: object = None
+    params: MixParams | None = None
     extra: dict = field(default_factory=dict)
     labels: torch.Tensor | None = None
     unmixed: torch.Tensor | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,14 @@ from ..ops import identity_records, mix_normalize
 from ..ops.record import set_flips
 from .plan import Ticket, plan_batch
 
+if TYPE_CHECKING:
+    from ..hook import MaskHookStage
+    from ..mix import Mixer
+    from ..mix.params import MixParams
+    from ..ops import Normalization
+    from ..sources import Samples
+    from .outputs import OutputRing
+
 
 @dataclass
 class Batch:
@@ -32,7 +40,7 @@ class Batch:
     images_u8: torch.Tensor  # N_src x H x W x 3 uint8
     flips: np.ndarray  # N_src bools
     labels: torch.Tensor | None = None
-    params: object = None
+    params: MixParams | None = None
     records: np.ndarray | None = None
     masks: torch.Tensor | None = None
     unmixed: torch.Tensor | None = None
@@ -53,23 +61,25 @@ class Batch:
 class Finishing:
     """What the stages need from the loader (no loader reference: the stages see only this)."""
 
-    samples: object
+    samples: Samples
     device: torch.device
-    norm: object
+    norm: Normalization
     dtype: torch.dtype
     channels_last: bool
     height: int
     width: int
     seed: int
     shard_id: int
-    mix: object
+    mix: Mixer | None
     num_classes: int
-    ring: object  # OutputRing
+    ring: OutputRing
     planner: Callable[[], Executor]  # the executor for mix planning ahead
     policy_stage: Any = None  # () -> PolicyStage, or None
-    hook: object = None  # MaskHookStage or None
+    hook: MaskHookStage | None = None
     keep_unmixed: bool = False
     erasing: Any = None  # dalimix.erase.RandomErasing or None
+    # the Finisher's plan lookup: batch -> (params, records)
+    planned: Callable[[Batch], tuple[Any, Any]] | None = None
 
 
 def _labels(f: Finishing, b: Batch) -> None:
@@ -97,15 +107,20 @@ def _unmixed(f: Finishing, b: Batch) -> None:
     )
 
 
+# Finisher.stages() lists these three only with a mixer (and _hook only with a hook): the asserts
+# state that for the type checker
 def _mix_plan(f: Finishing, b: Batch) -> None:
+    assert f.planned is not None
     b.params, b.records = f.planned(b)
 
 
 def _hook(f: Finishing, b: Batch) -> None:
+    assert f.hook is not None and b.params is not None
     b.records, b.masks = f.hook.prepare(b.unmixed, b.params, epoch=b.ticket.epoch, step=b.ticket.step)
 
 
 def _mask_pool(f: Finishing, b: Batch) -> None:
+    assert b.params is not None
     require_hook(b.params)
     b.masks = b.params.mask_pool(f.device)
 
@@ -127,6 +142,7 @@ def _targets(f: Finishing, b: Batch) -> None:
     if f.mix is None:
         b.result = (b.images, b.labels)
     else:
+        assert b.params is not None  # _mix_plan ran
         # a mixer's own num_classes wins (its bind() checked that it covers the data set's classes)
         num_classes = getattr(f.mix, "num_classes", None) or f.num_classes
         b.result = (b.images, f.mix.targets(b.labels, b.params, num_classes=num_classes))

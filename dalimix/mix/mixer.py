@@ -25,7 +25,7 @@ import torch
 from .. import validate as v
 from ..ops import Normalization, allocate_output, mix_normalize
 from ..ops.record import METHOD_MASK
-from .methods import CutMix, MixUp
+from .methods import CutMix, MixMethod, MixUp
 from .params import PAIRINGS, MixParams, pair_indices
 from .saliency import MaskPolicy
 from .targets import CompactTargets, soft_targets
@@ -267,7 +267,8 @@ class Mixup(Mixer):
         pairing: str = "flip",
         targets: str = "soft",
     ):
-        methods, probs = [], []
+        methods: list[MixMethod] = []
+        probs: list[float] = []
         switch_prob = v.number("switch_prob", switch_prob, lo=0, hi=1)
         mixup_alpha = v.number("mixup_alpha", mixup_alpha, lo=0, hint=" (0 = MixUp off)")
         cutmix_alpha = v.number("cutmix_alpha", cutmix_alpha, lo=0, hint=" (0 = CutMix off)")

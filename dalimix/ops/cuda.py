@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from .._optional import require
 from .kernels import ENTRIES, kernel_dir, kernel_source, launch_config
 
 _lock = threading.Lock()
-_modules: dict[tuple[int, str, str], object] = {}
+_modules: dict[tuple[int, str, str], Any] = {}  # cupy.RawModule (CuPy is not type-analysed)
 _sms: dict[int, int] = {}
 _placeholders: dict[int, torch.Tensor] = {}
 _streams: OrderedDict = OrderedDict()
@@ -107,7 +108,7 @@ class _Slot:
         self.host_np = self.host.numpy()
         with torch.cuda.stream(stream):
             self.device = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.event = None  # recorded after the last work that read this slot
+        self.event: Any = None  # a torch.cuda.Event recorded after the last work that read this slot
         self.stream = None  # the stream of that work
         self.alloc_stream = stream
 

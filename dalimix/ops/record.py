@@ -49,7 +49,7 @@ assert RECORD_DTYPE.itemsize == 64
 
 def identity_records(n: int) -> np.ndarray:
     """Records that leave every sample unmixed: ``n`` records, method NONE, partner = self."""
-    rec = np.zeros(n, dtype=RECORD_DTYPE)
+    rec: np.ndarray = np.zeros(n, dtype=RECORD_DTYPE)
     rec["partner"] = np.arange(n, dtype=np.int32)
     rec["lam"] = 1.0
     return rec
