@@ -392,3 +392,26 @@ def test_docs_links_resolve():
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.name}: link to {target} which does not exist"
+
+
+def test_make_demo_takes_torchs_cpu_build_and_make_test_never_does():
+    """A CPU `make demo` installs torch 2.13.0's CPU build; `make test` (torchvision 0.29.1 needs
+    torch 2.14.1) and a GPU machine's `make demo` install 2.14.1 from the start."""
+
+    def installs(*args):
+        plan = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+        return [line for line in plan.stdout.splitlines() if "pip install" in line and " -r " in line]
+
+    demo = installs("demo", "CUDA=0")
+    assert any("requirements/torch-cpu.txt" in line for line in demo), demo
+    for goal in ("test", "lint", "bench"):
+        assert not any("torch-cpu.txt" in line for line in installs(goal, "CUDA=0")), goal
+    assert any("requirements/torch.txt" in line for line in installs("test", "CUDA=0"))
+    gpu = installs("demo", "CUDA=1")
+    assert any("requirements/torch.txt" in line and "requirements/cuda.txt" in line for line in gpu), gpu
+    pins = {
+        name: re.search(r"^torch==(\S+)$", (REPO / "requirements" / name).read_text(), re.M).group(1)
+        for name in ("torch.txt", "torch-cpu.txt")
+    }
+    assert pins == {"torch.txt": "2.14.1", "torch-cpu.txt": "2.13.0"}
+    assert "torch" not in re.findall(r"^([A-Za-z0-9_.-]+)==", (REPO / "requirements" / "base.txt").read_text(), re.M)
