@@ -239,7 +239,7 @@ def check_pip_install(argv, comment, tmp_path):
     assert m, f"pip install {spec}: only this checkout ('.' or '.[extra]') is documented"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["name"] == "dalimix" and project["dependencies"]
-    for extra in (m.group(1) or "").split(",") if m.group(1) else []:
+    for extra in m.group(1).split(",") if m.group(1) else []:
         assert extra in project["optional-dependencies"], f"pip install {spec}: no extra {extra!r} in pyproject.toml"
         for req in project["optional-dependencies"][extra]:
             name = re.match(r"[A-Za-z0-9_.]+", req).group(0).lower().split("-")[0]
