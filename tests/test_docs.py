@@ -399,7 +399,10 @@ def test_make_demo_takes_torchs_cpu_build_and_make_test_never_does():
     torch 2.14.1) and a GPU machine's `make demo` install 2.14.1 from the start."""
 
     def installs(*args):
-        plan = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+        # -B: the recipes as on a fresh clone, also where .venv is set up already (as under make test)
+        plan = subprocess.run(
+            ["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+        )
         return [line for line in plan.stdout.splitlines() if "pip install" in line and " -r " in line]
 
     demo = installs("demo", "CUDA=0")
