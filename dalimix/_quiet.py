@@ -7,9 +7,10 @@
   a pipeline is defined; every other warning passes.
 - nvImageCodec prints ``[ERROR] [libjpeg_turbo_decoder] ...`` to file descriptor 2 from C++ for each
   file it cannot decode, although dalimix reports those files itself (``DecodeError``, or the
-  ``on_error="skip"`` warning). ``DecoderLogFilter`` (used by the ``dalimix`` command) drops those
-  lines from fd 2 and counts them; ``DALI_NVIMGCODEC_LOG_LEVEL`` cannot, as its lowest level still
-  prints errors.
+  ``on_error="skip"`` warning); its format parsers print ``[ERROR] [jpeg_parser] ...`` lines the
+  same way. ``DecoderLogFilter`` (used by the ``dalimix`` command) drops those lines from fd 2 and
+  counts them. No setting does it: DALI clamps ``DALI_NVIMGCODEC_LOG_LEVEL`` to 1..5 and level 1 is
+  "fatal and error", and nvImageCodec itself reads no log-level variable.
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ def dali_alias_warnings_silenced() -> Iterator[None]:
             warnings.showwarning = shown
 
 
-# nvImageCodec's own log line: "\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode ...\n"
+# nvImageCodec's own log lines about one file: its decoders' ("\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder]
+# Could not decode ...\n") and its format parsers' ("[ERROR] [jpeg_parser] Invalid marker", three per
+# damaged JPEG), which read a file's header before any decoder sees it
 _MARKERS = (b"\x1b[0;31m[ERROR] ", b"[ERROR] ")
-_DECODER_LINE = re.compile(rb"^(?:\x1b\[[0-9;]*m)?\[ERROR\] (?:\x1b\[[0-9;]*m)?\[[A-Za-z0-9_]*decoder[A-Za-z0-9_]*\]")
+_DECODER_LINE = re.compile(
+    rb"^(?:\x1b\[[0-9;]*m)?\[ERROR\] (?:\x1b\[[0-9;]*m)?\[[A-Za-z0-9_]*(?:decoder|_parser)[A-Za-z0-9_]*\]"
+)
 
 
 def split_decoder_lines(buf: bytes) -> tuple[bytes, bytes, int]:

@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 
 # dalimix.mix.METHODS' names, listed here so that `dalimix --help` does not import torch
 MIX_NAMES = (
@@ -174,10 +175,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _save_showcase(loader, args):
+def _save_showcase(loader, args) -> Path:
     """Two images of different classes mixed by every method at four lam, as one captioned PNG."""
-    from pathlib import Path
-
     import numpy as np
 
     from . import mix as m
@@ -204,7 +203,7 @@ def _save_showcase(loader, args):
         names = (f"{names[0]} #1", f"{names[1]} #2")
     options = {"GridMix": {"n_holes": max(1, min(20, size // 2))}}  # holes at least 2 px apart
     methods = [getattr(m, name)(**options.get(name, {})) for name in SHOWCASE]
-    picture = method_table(*tiles, methods, names=names, seed=args.seed)
+    picture = method_table(tiles[0], tiles[1], methods, names=names, seed=args.seed)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
@@ -214,7 +213,8 @@ def _save_showcase(loader, args):
 def cmd_preview(args) -> int:
     """A PNG grid of one batch mixed by one method, each tile captioned with its lam."""
     from .loader import ImageLoader
-    from .mix import METHODS, Mixer
+    from .mix import METHODS, AttentiveMix, Mixer
+    from .mix.methods import MixMethod
     from .viz import denormalize, save_grid
 
     if args.mix == "attentivemix":  # needs a feature extractor: an untrained ResNet-18's last stage shows the mechanics
@@ -224,7 +224,7 @@ def cmd_preview(args) -> int:
 
         net = torchvision.models.resnet18().eval()
         tap = FeatureTap(net, "layer4")
-        method = METHODS[args.mix](features=lambda x: tap(x) if net.to(x.device) is not None else None)
+        method: MixMethod = AttentiveMix(features=lambda x: tap(x) if net.to(x.device) is not None else None)
     else:
         method = METHODS[args.mix]()
     mixer = Mixer(methods=[method], mode=args.mode, prob=1.0)
@@ -250,9 +250,9 @@ def cmd_preview(args) -> int:
         )
     finally:
         loader.close()
-    print(
-        f"{args.mix}: {images.shape[0]} samples ({args.mode} mode), lam {info.params.lam.min():.2f}..{info.params.lam.max():.2f}"
-    )
+    assert info is not None and info.params is not None  # the batch just taken was mixed
+    lam = info.params.lam
+    print(f"{args.mix}: {images.shape[0]} samples ({args.mode} mode), lam {lam.min():.2f}..{lam.max():.2f}")
     print(f"preview grid: {path.resolve()}")
     return 0
 

@@ -20,6 +20,10 @@ import io
 import os
 import stat
 import threading
+from typing import TYPE_CHECKING, TypeGuard
+
+if TYPE_CHECKING:
+    from .webdataset import TarSamples
 
 REGULAR = None  # file_kind's answer for a usable file
 
@@ -138,10 +142,10 @@ class DecodeCheck:
         if len(data) == 0:
             return "is empty (0 bytes)"
         try:
-            if self._pipe is None:
-                self._pipe = self._build()
-            self._pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
-            self._pipe.run()
+            pipe = self._pipe if self._pipe is not None else self._build()
+            self._pipe = pipe
+            pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+            pipe.run()
         except Exception as e:  # DALI reports decoder failures as RuntimeError with a long trace
             self._pipe = None  # start clean for the next file
             return self._reason(data, e)
@@ -202,7 +206,7 @@ def bytes_verdict(data: bytes, *, strict: bool = False) -> str | None:
     return reason
 
 
-def in_tar_shards(samples) -> bool:
+def in_tar_shards(samples) -> TypeGuard[TarSamples]:
     """Whether ``samples`` live in tar shards (read by offset) rather than as files (read by path)."""
     from .webdataset import TarSamples
 

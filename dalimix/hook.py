@@ -29,7 +29,9 @@ Nothing here runs when no hook is registered.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +44,9 @@ from .mix.params import MixParams
 from .mix.saliency import MaskPolicy
 from .ops.record import FLAG_BILINEAR, FLAG_GATHER, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
 from .ops.staging import to_device
+
+if TYPE_CHECKING:
+    pass
 
 INTERPOLATIONS = ("nearest", "bilinear")
 TARGET_LAMS = ("mask", "planned")
@@ -121,7 +126,7 @@ def upsampling_weights(in_size: int, out_size: int, bilinear: bool) -> np.ndarra
     rows, with the kernel's (F.interpolate's) float32 index rules. Nearest and bilinear upsampling
     are linear, so ``mean(up(M)) = w_y^T M w_x / (H W)`` exactly."""
     scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
+    dst: np.ndarray = np.arange(out_size, dtype=np.float32)
     if not bilinear:
         idx = np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
         return np.bincount(idx, minlength=in_size).astype(np.float64)
@@ -240,7 +245,7 @@ def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
 class MaskHook:
     """A registered hook and how its masks are read (see ``ImageLoader.set_mask_hook``)."""
 
-    fn: object
+    fn: Callable[..., torch.Tensor]
     interpolation: str = "nearest"
     logits: bool = False
     target_lam: str = "mask"
@@ -296,7 +301,7 @@ class MaskHookStage:
         self._gather = torch.empty(0, dtype=torch.int32, device=self.device)  # block permutations (int32, flat)
         self._gather_stream = self._buffer_stream
         self._last_stream = None
-        self._pending = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
+        self._pending: deque = deque()  # deferred checks in flight: (pinned host stats, event, epoch, step)
         self._stat_buffers: list = []  # pinned stats buffers whose check was read, for reuse
 
     # ------------------------------------------------------------------------- per batch
@@ -317,7 +322,7 @@ class MaskHookStage:
         staged = params.device_params(self.device, hook=True)
         lam, partner, planned, use_t = staged.lam, staged.hook_partner, staged.target_lam, staged.use
         where = f"epoch {epoch}, step {step}"
-        args = (images, lam, partner)
+        args: tuple = (images, lam, partner)
         if self.hook.labels:
             if labels is None:
                 raise MaskHookError(
@@ -340,7 +345,7 @@ class MaskHookStage:
         self._check_form(masks, n, height, width, where)
         masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
         grid = None if perm is None else self._check_perm(perm, masks.shape, n, height, width, where)
-        if perm is not None:
+        if perm is not None and grid is not None:
             perm = perm.detach().reshape(n, grid[0] * grid[1])
         stats = torch.cat([_value_stats(masks, self.hook.logits), _perm_stats(perm, use_t, self.device)])
         if self.hook.validate == "eager" or not cuda:

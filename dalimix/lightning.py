@@ -11,6 +11,8 @@ Needs ``lightning`` (``pip install lightning``; tested with 2.6).
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 
 from .loader import ImageLoader
@@ -45,7 +47,7 @@ class DALIMixDataModule(pl.LightningDataModule):
 
     def _make(self, kwargs: dict) -> ImageLoader:
         trainer = self.trainer
-        extra = {}
+        extra: dict[str, Any] = {}
         if trainer is not None:
             extra = {"shard_id": int(trainer.global_rank), "num_shards": int(trainer.world_size)}
             if "device" not in kwargs:
@@ -59,6 +61,8 @@ class DALIMixDataModule(pl.LightningDataModule):
             self.val_loader = self._make(self.val_kwargs)
 
     def train_dataloader(self) -> ImageLoader:
+        if self.train_loader is None:
+            self.train_loader = self._make(self.train_kwargs)
         return self.train_loader
 
     def val_dataloader(self):

@@ -126,8 +126,8 @@ def plan_crops(sizes: np.ndarray, rng: np.random.Generator, *, scale, ratio) -> 
         else the centre crop with the aspect clamped to ``ratio``. Unknown sizes get the whole image.
     """
     n = len(sizes)
-    h_img = sizes[:, 0].astype(np.float64)[:, None]
-    w_img = sizes[:, 1].astype(np.float64)[:, None]
+    h_img: np.ndarray = sizes[:, 0].astype(np.float64)[:, None]
+    w_img: np.ndarray = sizes[:, 1].astype(np.float64)[:, None]
     draws = rng.random((n, 10, 2))
     place = rng.random((n, 2))
     area = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
@@ -160,7 +160,7 @@ def encoded_size(data: np.ndarray) -> tuple[int, int]:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(memoryview(data))) as im:
+        with Image.open(io.BytesIO(data.data)) as im:
             w, h = im.size
             if im.format == "JPEG" or im.format == "TIFF" or im.format == "WEBP":
                 if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees

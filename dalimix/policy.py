@@ -269,10 +269,10 @@ class Policy:
         k = len(self.sub_policies)
         length = max(len(s) for s in self.sub_policies)
         self._stage_keys: list[list] = []
-        self._op_index = np.zeros((k, length), dtype=np.int32)
-        self._step_prob = np.zeros((k, length), dtype=np.float64)
-        self._magnitude = np.zeros((k, length), dtype=np.int32)
-        self._identity = np.zeros(length, dtype=np.int32)
+        self._op_index: np.ndarray = np.zeros((k, length), dtype=np.int32)
+        self._step_prob: np.ndarray = np.zeros((k, length), dtype=np.float64)
+        self._magnitude: np.ndarray = np.zeros((k, length), dtype=np.int32)
+        self._identity: np.ndarray = np.zeros(length, dtype=np.int32)
         for s in range(length):
             keys: list = []
             for sub in self.sub_policies:
@@ -454,7 +454,7 @@ class PolicyStage:
             self._pipe = stage()
         self._pipe.build()
         self._holding = False
-        self._last = None  # (DALI output, the stream it is bound to) of the previous batch, CUDA
+        self._last: tuple | None = None  # (DALI output, the stream it is bound to) of the previous batch, CUDA
         self._held: list = []  # [(DALI output, event)] released once the event has completed
 
     def apply(self, images_u8: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, PolicyBatch]:

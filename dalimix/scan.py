@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +98,7 @@ def verdicts(
         if processes:
             import multiprocessing as mp
 
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
+            pool: Executor = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
         else:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -155,6 +155,7 @@ class FileFacts:
     sizes: np.ndarray
     mtimes: np.ndarray
     not_regular: list[tuple[int, str]] = field(default_factory=list)
+    digest: dict | None = None  # content_digest of these sizes, once computed
 
 
 def stat_samples(samples: Samples) -> FileFacts:
@@ -167,14 +168,14 @@ def stat_samples(samples: Samples) -> FileFacts:
         return FileFacts(sizes=sizes, mtimes=mtimes)
     sizes = np.full(n, -1, dtype=np.int64)
     mtimes = np.full(n, -1, dtype=np.int64)
-    odd = []
+    odd: list[tuple[int, str]] = []
     import stat as stat_mod
 
     for i, p in enumerate(samples.paths):
         try:
             st = os.stat(p)
         except OSError:
-            odd.append((i, file_kind(p)))
+            odd.append((i, file_kind(p) or "cannot be read"))
             continue
         if not stat_mod.S_ISREG(st.st_mode):
             odd.append((i, file_kind(p) or "is not a regular file"))
@@ -193,10 +194,10 @@ def content_digest(samples: Samples, sizes: np.ndarray) -> dict:
     of the data (new mtimes) still resumes; files swapped or re-encoded under the same names do not."""
     sizes = np.asarray(sizes, dtype="<i8")
     labels = np.asarray(samples.labels, dtype=np.int64)
-    out = {"sizes": hashlib.sha256(sizes.tobytes()).hexdigest()[:16]}
+    out: dict[str, object] = {"sizes": hashlib.sha256(sizes.tobytes()).hexdigest()[:16]}
     if len(samples.classes) <= MAX_CLASS_DIGESTS:
         order = np.argsort(labels, kind="stable")  # each class's files, in sample order
-        bounds = np.searchsorted(labels[order], np.arange(len(samples.classes) + 1))
+        bounds = np.asarray(np.searchsorted(labels[order], np.arange(len(samples.classes) + 1)))
         per = {}
         for c, name in enumerate(samples.classes):
             if bounds[c + 1] > bounds[c]:

@@ -70,7 +70,7 @@ class ReadBuffer:
     """
 
     def __init__(self) -> None:
-        self._memory = np.empty(0, dtype=np.uint8)
+        self._memory: np.ndarray = np.empty(0, dtype=np.uint8)
         self._used = 0
 
     def clear(self) -> None:
@@ -92,7 +92,7 @@ class ReadBuffer:
         expect = nbytes if expect is None else expect
         got = 0
         while got < expect:
-            k = os.preadv(fd, [view[got:]], offset + got)
+            k = os.preadv(fd, [view[got:].data], offset + got)
             if k <= 0:
                 break
             got += k

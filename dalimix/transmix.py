@@ -20,6 +20,8 @@ In dalimix's convention ``lam`` is the OWN image's weight, so the returned lam i
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,8 @@ def token_box_mask(params: MixParams, grid, *, height: int, width: int, device=N
     gh, gw = (int(g) for g in grid)
     ys = _nearest_sources(height, gh)[None, :, None]
     xs = _nearest_sources(width, gw)[None, None, :]
-    y0, x0, y1, x1 = (params.box[:, k].astype(np.int64)[:, None, None] for k in range(4))
+    box: np.ndarray = params.box.astype(np.int64)[:, :, None, None]
+    y0, x0, y1, x1 = box[:, 0], box[:, 1], box[:, 2], box[:, 3]
     inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
     inside &= (params.method == METHOD_BOX)[:, None, None]
     return to_device([inside.astype(np.float32)], device if device is not None else "cpu")[0].view(inside.shape)
@@ -294,7 +297,7 @@ class ClsAttention:
         patch = getattr(model, "patch_embed", None)
         self.grid = tuple(patch.grid_size) if patch is not None and getattr(patch, "grid_size", None) else None
         self.attention: torch.Tensor | None = None
-        self._handle = None
+        self._handle: Any = None  # torch's RemovableHandle while inside the block
         self._fused = None
 
     def _keep(self, module, inputs, output):
@@ -310,7 +313,9 @@ class ClsAttention:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         if self._fused is not None:
             self.module.fused_attn = self._fused
         if exc[0] is None and self.attention is None:

@@ -61,14 +61,14 @@ def pair(
 
 def size(name: str, value, *, lo: int = 1, hint: str = "") -> tuple[int, int]:
     """An int ``s`` (-> ``(s, s)``) or a ``(height, width)`` pair of ints, each >= ``lo``."""
+    pair: tuple | list = ()
     if isinstance(value, (tuple, list)) and len(value) == 2:
         pair = value
     elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         pair = (value, value)
-    else:
-        pair = None
     try:
-        return tuple(integer(name, s, lo=lo) for s in pair)
+        h, w = (integer(name, s, lo=lo) for s in pair)
+        return h, w
     except (TypeError, ValueError):
         raise ValueError(f"{name}={value!r}: an int or (height, width) of ints >= {lo}{hint}") from None
 

@@ -41,9 +41,9 @@ class TarSamples(Samples):
     ``offsets[i]`` of ``tars[tar_index[i]]``; ``paths[i]`` is ``"<tar>::<member>"`` for messages."""
 
     tars: tuple = ()
-    tar_index: np.ndarray = field(default=None, compare=False)
-    offsets: np.ndarray = field(default=None, compare=False)
-    sizes: np.ndarray = field(default=None, compare=False)
+    tar_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
 
     def read(self, index: int) -> np.ndarray:
         """The encoded bytes of sample ``index`` (uint8, 1-D)."""
@@ -66,8 +66,8 @@ class TarSamples(Samples):
                     i = int(ids[k])
                     size = int(self.sizes[i])
                     if buffer is None:
-                        buf = np.empty(size, dtype=np.uint8)
-                        got = os.preadv(fd, [buf], int(self.offsets[i])) if size else 0
+                        buf: np.ndarray = np.empty(size, dtype=np.uint8)
+                        got = os.preadv(fd, [buf.data], int(self.offsets[i])) if size else 0
                     else:
                         buf = buffer.read(fd, size, int(self.offsets[i]))
                         got = len(buf)
@@ -175,8 +175,8 @@ def _members_from_index(path: str, index: Path) -> list | None:
             if len(parts) % 4:
                 return None
             for j in range(0, len(parts), 4):
-                _, off, n, name = parts[j : j + 4]
-                off, n = int(off), int(n)
+                _, off_text, n_text, name = parts[j : j + 4]
+                off, n = int(off_text), int(n_text)
                 if off < 0 or n < 0 or off + n > size:
                     raise DatasetError(
                         f"index {index} names bytes past the end of {path}; the tar changed since "

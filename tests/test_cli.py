@@ -318,6 +318,41 @@ def test_decoder_log_filter_keeps_everything_else(capfd):
     assert err == "epoch 0:  8%|# | 1/12\r[ERROR] [nvimgcodec] Could not create decoder\nlast line\n"
 
 
+def test_decoder_log_filter_drops_the_format_parsers_lines_too():
+    """nvImageCodec's jpeg_parser reports a damaged JPEG (zeroed Huffman tables) with its own
+    [ERROR] lines before any decoder runs; they are the same noise as the decoders' lines."""
+    from dalimix._quiet import split_decoder_lines
+
+    line = b"\x1b[0;31m[ERROR] \x1b[0m[jpeg_parser] Invalid marker\n"
+    assert split_decoder_lines(b"a\n" + line * 3 + b"b\n") == (b"a\nb\n", b"", 3)
+    assert split_decoder_lines(b"[ERROR] [png_parser] x\n") == (b"", b"", 1)
+    kept = b"[ERROR] [nvimgcodec] Could not create parser\n"
+    assert split_decoder_lines(kept) == (kept, b"", 0)
+
+
+def test_skipped_damaged_jpeg_leaves_no_codec_line_and_is_named(tmp_path, capfd):
+    """`dalimix demo --on-error skip` over a JPEG whose Huffman tables are zeroed (PIL reads it,
+    DALI's parser refuses it): stderr holds dalimix's warning naming the file, and no [ERROR] line."""
+    import badfiles
+    from PIL import Image
+
+    from dalimix import DalimixWarning
+
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(badfiles.photo(seed=i)).save(tmp_path / "data" / c / f"{c}{i}.jpg")
+    bad = tmp_path / "data" / "a" / "zeroed_dht.jpg"
+    bad.write_bytes(badfiles.zeroed_dht(badfiles.jpeg_bytes(badfiles.photo())))
+    argv = ["demo", "--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--size", "16"]
+    argv += ["--device", "cpu", "--on-error", "skip", "--no-mix", "--out", str(tmp_path / "g.png")]
+    with pytest.warns(DalimixWarning, match="zeroed_dht.jpg"):
+        assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "[ERROR]" not in err, err
+    assert "nvImageCodec's decoder log hidden" in err
+
+
 def test_split_decoder_lines_holds_a_partial_marker():
     from dalimix._quiet import split_decoder_lines
 

@@ -7,6 +7,7 @@ AutoMix and SAMix config).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ class MixBlock(nn.Module):
         """SAMix's Mix Block as its released configs build it: no lam channel, lam multiplied
         (residual), query and key from ``[x_i, x_j]``, a non-linear value neck of ``C / 2`` hidden
         channels with dropout 0.1."""
-        args = dict(
+        args: dict[str, Any] = dict(
             lam_concat=False,
             lam_mul=True,
             qk_concat=True,

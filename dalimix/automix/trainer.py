@@ -22,6 +22,7 @@ Per step, with ``images, targets`` from a loader the ``AutoMix`` is attached to:
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +146,9 @@ class AutoMix(nn.Module):
         self.mix_block.to(self._device())  # once: at construction, not per batch
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x417])))
         self._criterion = MixCrossEntropy()
-        self._cache = None  # (clean images, EMA features) of the batch the hook saw last
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = (
+            None  # (clean images, EMA features) of the batch the hook saw last
+        )
         self.last_hook_logits = None
 
     def _device(self) -> torch.device:
@@ -171,7 +174,7 @@ class AutoMix(nn.Module):
     def mixer(self, **kw) -> Mixer:
         """The loader's mixer for AutoMix: ``LearnedMask`` in batch mode (one lam per batch, as in
         the paper) with random partners; keyword arguments override ``Mixer``'s."""
-        args = dict(
+        args: dict[str, Any] = dict(
             methods=[self.mixer_method], mode="batch", pairing="derangement", label_smoothing=self.label_smoothing
         )
         args.update(kw)

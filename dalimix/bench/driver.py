@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from . import LIBRARIES
 from .contenders import Config
@@ -51,7 +52,7 @@ class Settings:
     @classmethod
     def quick(cls, **overrides) -> Settings:
         """Tiny sizes for a smoke run: one small batch size, 64 px, short epochs."""
-        base = dict(batch_sizes=(8,), size=64, epochs=2, warmup=1, min_batches=2, max_images=32)
+        base: dict[str, Any] = dict(batch_sizes=(8,), size=64, epochs=2, warmup=1, min_batches=2, max_images=32)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -104,7 +105,7 @@ def make_view(root: str | os.PathLike, dest: str | os.PathLike, *, images: int, 
     total = sum(len(v) for v in files.values())
     if max_images is not None and total > max_images:
         # the first files of every class, round robin, so the subset keeps all classes
-        keep = {c: [] for c in files}
+        keep: dict[str, list[Path]] = {c: [] for c in files}
         order = [(i, c) for c, v in files.items() for i in range(len(v))]
         order.sort(key=lambda t: t[0])
         for i, c in order[:max_images]:
@@ -151,11 +152,13 @@ class Runner:
             text=True,
             env=env,
         )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self._to_runner, self._from_runner = self.proc.stdin, self.proc.stdout
         self.error: str | None = None
         self.setup_s: float | None = None
 
     def _read(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self._from_runner.readline()
         if not line:
             self.proc.wait(timeout=30)
             return {"error": f"the process ended (exit code {self.proc.returncode}); last output: {self.log_tail()}"}
@@ -170,8 +173,8 @@ class Runner:
         return True
 
     def epoch(self) -> dict:
-        self.proc.stdin.write("epoch\n")
-        self.proc.stdin.flush()
+        self._to_runner.write("epoch\n")
+        self._to_runner.flush()
         reply = self._read()
         if "error" in reply:
             self.error = reply["error"]
@@ -188,8 +191,8 @@ class Runner:
     def ask_to_stop(self) -> None:
         try:
             if self.proc.poll() is None:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
+                self._to_runner.write("quit\n")
+                self._to_runner.flush()
         except (OSError, ValueError):
             pass
 
@@ -222,7 +225,7 @@ def run(settings: Settings, *, progress: bool = True, log_dir: str | os.PathLike
     epoch_images = settings.min_batches * max(settings.batch_sizes)
     view_dir = Path(tempfile.mkdtemp(prefix="dalimix-bench-view-"))
     own_logs = log_dir is None
-    logs = Path(tempfile.mkdtemp(prefix="dalimix-bench-logs-")) if own_logs else Path(log_dir)
+    logs = Path(tempfile.mkdtemp(prefix="dalimix-bench-logs-")) if log_dir is None else Path(log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     errors: list[dict] = []

@@ -12,7 +12,8 @@ from .. import rng as rng_mod
 from .. import validate as v
 from .._keywords import suggest_keywords
 from ..errors import DatasetError
-from ..hook import make_stage
+from ..hook import MaskHookStage, make_stage
+from ..mix.params import MixParams
 from ..pipeline import default_num_threads
 from ..scan import check_loader_files
 from ..sources import Samples, resolve_source
@@ -42,7 +43,7 @@ class BatchInfo:
     epoch: int
     step: int
     sample_ids: np.ndarray
-    params: object = None
+    params: MixParams | None = None
     extra: dict = field(default_factory=dict)
     labels: torch.Tensor | None = None
     unmixed: torch.Tensor | None = None
@@ -56,11 +57,17 @@ class _EpochSampler:
         # weak: a loader dropped by its owner is freed (and its DALI threads stopped) at once
         self._loader = weakref.ref(loader)
 
+    def _get(self) -> ImageLoader:
+        loader = self._loader()
+        if loader is None:
+            raise RuntimeError("loader.sampler: its ImageLoader was garbage-collected")
+        return loader
+
     def set_epoch(self, epoch: int) -> None:
-        self._loader().set_epoch(epoch)
+        self._get().set_epoch(epoch)
 
     def __len__(self) -> int:
-        loader = self._loader()
+        loader = self._get()
         return len(loader) * loader.batch_size
 
 
@@ -279,7 +286,7 @@ class ImageLoader:
             kernel_threads=_kernel_threads(self.num_threads),
         )
         self._finisher = Finisher(self._finishing)
-        self._mask_hook = None
+        self._mask_hook: MaskHookStage | None = None
         if mix is not None and hasattr(mix, "bind"):
             mix.bind(self)  # after the finishing stages: a mixer with a mask policy registers its hook here
         self._epoch = 0
@@ -493,6 +500,7 @@ class ImageLoader:
             extra=batch.extra,
             flips=batch.flips[: ticket.valid],
         )
+        assert batch.result is not None, "the finishing stages set every batch's result"
         return batch.result
 
     def _plan_ahead(self, epoch: int, step: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,19 +60,21 @@ class PipelineFeed:
         self.recovery = recovery
         self.checkpointing = checkpointing
         self.builds = 0  # DALI pipelines built so far (1 for a loader's whole life unless a file failed)
-        self._pipe = None
+        self._pipe: Any = None  # the DALI pipeline (DALI is not type-analysed), built on first use
         self._pending: deque = deque()  # (ticket, flips, encoded, buffer) fed and scheduled, outputs not yet taken
         self._next: tuple[int, int] | None = None  # (epoch, step) fed next
         self._held = None  # DALI outputs of the batch handed out last
         self._held_buffer = None  # the ReadBuffer its encoded bytes were read into
         self._buffers: list[ReadBuffer] = []  # free: DALI released the batches read into them
         self._buffered = "buffer" in inspect.signature(samples.read_batch).parameters
-        self._consumed = None  # CUDA: event after the last kernel that read DALI's outputs (waited on at close only)
+        self._consumed: Any = (
+            None  # CUDA: event after the last kernel that read DALI's outputs (waited on at close only)
+        )
         self._restore = None  # DALI checkpoint to build the next pipeline from
         self._last_checkpoint = None
         n = len(samples)
-        self._sizes = np.zeros((n, 2), dtype=np.int32)
-        self._known = np.zeros(n, dtype=bool)
+        self._sizes: np.ndarray = np.zeros((n, 2), dtype=np.int32)
+        self._known: np.ndarray = np.zeros(n, dtype=bool)
 
     # ------------------------------------------------------------------ one batch
     def take(self, epoch: int, step: int):
@@ -141,8 +144,8 @@ class PipelineFeed:
             return self._pipe.share_outputs(cuda_stream=torch.cuda.current_stream(self.device))
         return self._pipe.share_outputs()
 
-    def _build(self) -> None:
-        self._pipe = build_pipeline(
+    def _build(self) -> Any:
+        self._pipe = pipe = build_pipeline(
             spec=self.spec,
             device=self.device,
             batch_size=self.batch_size,
@@ -154,14 +157,15 @@ class PipelineFeed:
         )
         self._restore = None
         self.builds += 1
+        return pipe
 
     def _fill(self) -> None:
         if self._pipe is None:
             # a fresh pipeline's first schedule_run runs `prefetch` iterations: feed them all first
-            self._build()
+            pipe = self._build()
             for _ in range(self.prefetch - len(self._pending)):
                 self._feed_one()
-            self._pipe.schedule_run()
+            pipe.schedule_run()
             return
         while len(self._pending) < self.prefetch:
             self._feed_one()

@@ -12,6 +12,7 @@ caching allocator already recycles memory in stream order, so each batch gets a 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ def _ring_refs() -> int:
 _RING_REFS = _ring_refs()
 
 
-_LIBC = None
+_LIBC: Any = None  # glibc (ctypes.CDLL) once looked up, False where it has no malloc_trim
 
 
 def release_free_heap() -> None:

@@ -24,7 +24,7 @@ class Recovery:
         self.skipped: dict[str, str] = {}  # path -> reason
         self.skip_count = 0  # replaced samples handed out so far
         self._bad: set[int] = set()
-        self._bad_arr = np.zeros(0, dtype=np.int64)
+        self._bad_arr: np.ndarray = np.zeros(0, dtype=np.int64)
 
     def substitute(self, order: np.ndarray) -> np.ndarray:
         """``order`` with every known-unreadable sample replaced by the next readable one after it

@@ -11,7 +11,10 @@ on the mixed, normalised output as timm's prefetcher does; the unmixed batch is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +26,14 @@ from ..ops.record import set_flips
 from ..ops.staging import to_device
 from .plan import Ticket, plan_batch
 
+if TYPE_CHECKING:
+    from ..hook import MaskHookStage
+    from ..mix import Mixer
+    from ..mix.params import MixParams
+    from ..ops import Normalization
+    from ..sources import Samples
+    from .outputs import OutputRing
+
 
 @dataclass
 class Batch:
@@ -33,7 +44,7 @@ class Batch:
     flips: np.ndarray  # N_src bools
     labels: torch.Tensor | None = None
     labels_host: np.ndarray | None = None
-    params: object = None
+    params: MixParams | None = None
     records: np.ndarray | None = None
     masks: torch.Tensor | None = None
     unmixed: torch.Tensor | None = None
@@ -54,24 +65,26 @@ class Batch:
 class Finishing:
     """What the stages need from the loader (no loader reference: the stages see only this)."""
 
-    samples: object
+    samples: Samples
     device: torch.device
-    norm: object
+    norm: Normalization
     dtype: torch.dtype
     channels_last: bool
     height: int
     width: int
     seed: int
     shard_id: int
-    mix: object
+    mix: Mixer | None
     num_classes: int
-    ring: object  # OutputRing
-    planner: object  # () -> executor for mix planning ahead
-    policy_stage: object = None  # () -> PolicyStage, or None
-    hook: object = None  # MaskHookStage or None
+    ring: OutputRing
+    planner: Callable[[], Executor]  # the executor for mix planning ahead
+    policy_stage: Any = None  # () -> PolicyStage, or None
+    hook: MaskHookStage | None = None
     keep_unmixed: bool = False
-    erasing: object = None  # dalimix.erase.RandomErasing or None
+    erasing: Any = None  # dalimix.erase.RandomErasing or None
     kernel_threads: int | None = None  # CPU: threads of the host kernel (the calling one included)
+    # the Finisher's plan lookup: batch -> (params, records)
+    planned: Callable[[Batch], tuple[Any, Any]] | None = None
 
 
 def _labels(f: Finishing, b: Batch) -> None:
@@ -107,18 +120,23 @@ def _unmixed(f: Finishing, b: Batch) -> None:
     )
 
 
+# Finisher.stages() lists these three only with a mixer (and _hook only with a hook): the asserts
+# state that for the type checker
 def _mix_plan(f: Finishing, b: Batch) -> None:
     """The plan, then the batch's one staged copy: labels, partner, target lam, host masks and the
     mask hook's inputs (fresh device tensors the targets and the hook may keep; no host wait)."""
+    assert f.planned is not None
     b.params, b.records = f.planned(b)
     b.labels = b.params.stage(f.device, labels=b.labels_host, hook=f.hook is not None).labels
 
 
 def _hook(f: Finishing, b: Batch) -> None:
+    assert f.hook is not None and b.params is not None
     b.records, b.masks = f.hook.prepare(b.unmixed, b.params, epoch=b.ticket.epoch, step=b.ticket.step, labels=b.labels)
 
 
 def _mask_pool(f: Finishing, b: Batch) -> None:
+    assert b.params is not None
     require_hook(b.params)
     b.masks = b.params.mask_pool(f.device)
 
@@ -151,6 +169,7 @@ def _targets(f: Finishing, b: Batch) -> None:
     if f.mix is None:
         b.result = (b.images, b.labels)
     else:
+        assert b.params is not None  # _mix_plan ran
         # a mixer's own num_classes wins (its bind() checked that it covers the data set's classes)
         num_classes = getattr(f.mix, "num_classes", None) or f.num_classes
         b.result = (b.images, f.mix.targets(b.labels, b.params, num_classes=num_classes))
@@ -162,7 +181,7 @@ class Finisher:
     def __init__(self, finishing: Finishing):
         self.f = finishing
         finishing.planned = lambda b: self._take_plan(b)  # looked up per call (benchmarks time it)
-        self._planned = None  # ((epoch, step, n), future)
+        self._planned: tuple[tuple[int, int, int], Any] | None = None  # ((epoch, step, n), future)
 
     def stages(self) -> list:
         f = self.f

@@ -290,8 +290,8 @@ class ResizeMix(MixMethod):
 
     def boxes(self, rng, tau: np.ndarray, height: int, width: int) -> np.ndarray:
         tau = np.clip(np.asarray(tau, dtype=np.float64), self.scope[0], self.scope[1])
-        cut_h = (height * tau).astype(np.int64)
-        cut_w = (width * tau).astype(np.int64)
+        cut_h: np.ndarray = (height * tau).astype(np.int64)
+        cut_w: np.ndarray = (width * tau).astype(np.int64)
         cy = rng.integers(0, height, size=len(tau))
         cx = rng.integers(0, width, size=len(tau))
         y0, y1 = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height)
@@ -325,8 +325,8 @@ def nearest_counts(in_size: int, out_size: int) -> np.ndarray:
 
 def full_resolution_mean(mask: np.ndarray, height: int, width: int) -> float:
     """Mean of ``mask`` (h x w) after nearest upsampling to ``height x width``, exactly."""
-    cy = nearest_counts(mask.shape[0], height).astype(np.float64)
-    cx = nearest_counts(mask.shape[1], width).astype(np.float64)
+    cy: np.ndarray = nearest_counts(mask.shape[0], height).astype(np.float64)
+    cx: np.ndarray = nearest_counts(mask.shape[1], width).astype(np.float64)
     return float(cy @ mask.astype(np.float64) @ cx) / (height * width)
 
 
@@ -336,8 +336,8 @@ def full_resolution_means(masks, height: int, width: int) -> np.ndarray:
     if len(shapes) != 1:
         return np.array([full_resolution_mean(m, height, width) for m in masks])
     h, w = shapes.pop()
-    cy = nearest_counts(h, height).astype(np.float64)
-    cx = nearest_counts(w, width).astype(np.float64)
+    cy: np.ndarray = nearest_counts(h, height).astype(np.float64)
+    cx: np.ndarray = nearest_counts(w, width).astype(np.float64)
     stack = np.stack(masks).astype(np.float64)
     return np.einsum("y,nyx,x->n", cy, stack, cx) / (height * width)
 
@@ -565,8 +565,8 @@ class FMix(MixMethod):
         lam = np.asarray(lam, dtype=np.float64)
         count = len(lam)
         noise = self._noise(rng, count, h, w)
-        out = np.empty((count, h, w), dtype=np.float32)
-        means = np.empty(count, dtype=np.float64)
+        out: np.ndarray = np.empty((count, h, w), dtype=np.float32)
+        means: np.ndarray = np.empty(count, dtype=np.float64)
         chunk = max(1, min(count, _FMIX_CHUNK_PIXELS // (h * w)))
 
         def work(start: int) -> None:
@@ -587,7 +587,7 @@ class FMix(MixMethod):
         ``max_soft``, the release's linear ramp from 1 to 0 over the ``2 * s`` pixels ranked
         ``[keep - s, keep + s)``."""
         count, h, w = images.shape
-        flat = images.reshape(count, -1).astype(np.float32, copy=False)
+        flat: np.ndarray = images.reshape(count, -1).astype(np.float32, copy=False)
         size = flat.shape[1]
         lam = np.asarray(lam, dtype=np.float64)
         keep = np.rint(lam * size).astype(np.int64)
@@ -640,7 +640,7 @@ class FMix(MixMethod):
         lam = np.asarray(lam, dtype=np.float64)
         count, size = len(lam), h * w
         keep = np.rint(lam * size).astype(np.int64)
-        soft = np.zeros(count, dtype=np.int64)
+        soft: np.ndarray = np.zeros(count, dtype=np.int64)
         if self.max_soft > 0:
             soft = (size * np.minimum(self.max_soft, np.minimum(lam, 1.0 - lam))).astype(np.int64)
         low, high = keep - soft, keep + soft

@@ -25,7 +25,7 @@ import torch
 from .. import validate as v
 from ..ops import Normalization, allocate_output, mix_normalize
 from ..ops.record import METHOD_MASK
-from .methods import CutMix, MixUp
+from .methods import CutMix, MixMethod, MixUp
 from .params import PAIRINGS, MixParams, pair_indices
 from .saliency import MaskPolicy
 from .targets import CompactTargets, soft_targets
@@ -271,6 +271,7 @@ def _copy_rows(p: MixParams, src: np.ndarray, dst: np.ndarray) -> None:
     if p.device_planned is not None and len(src):  # masks planned on the device (FMix(device=...))
         from .methods import _to_device
 
+        assert p.device_masks is not None  # device-planned rows always come with device masks
         p.device_planned[dst] = p.device_planned[src]
         index = _to_device(np.stack([src, dst]).astype(np.int64), p.device_masks.device)
         p.device_masks[index[1]] = p.device_masks[index[0]]
@@ -302,7 +303,8 @@ class Mixup(Mixer):
         pairing: str = "flip",
         targets: str = "soft",
     ):
-        methods, probs = [], []
+        methods: list[MixMethod] = []
+        probs: list[float] = []
         switch_prob = v.number("switch_prob", switch_prob, lo=0, hi=1)
         mixup_alpha = v.number("mixup_alpha", mixup_alpha, lo=0, hint=" (0 = MixUp off)")
         cutmix_alpha = v.number("cutmix_alpha", cutmix_alpha, lo=0, hint=" (0 = CutMix off)")

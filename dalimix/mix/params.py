@@ -40,7 +40,7 @@ def pair_indices(n: int, pairing: str, rng: np.random.Generator | None = None) -
             shift = 1 + int(rng.integers(0, n - 1 - even))  # uniform over {1..n-1} without n / 2
             if even and 2 * shift >= n:
                 shift += 1
-        partner = np.empty(n, dtype=np.int64)
+        partner: np.ndarray = np.empty(n, dtype=np.int64)
         partner[perm] = perm[(np.arange(n) + shift) % n]
         return partner
     raise ValueError(f"pairing={pairing!r}: use one of {', '.join(PAIRINGS)}")
@@ -144,7 +144,7 @@ class MixParams:
 
     def records(self) -> np.ndarray:
         """The kernel's per-sample records (``RECORD_DTYPE``), mask offsets into ``mask_pool``."""
-        rec = np.zeros(self.n, dtype=RECORD_DTYPE)
+        rec: np.ndarray = np.zeros(self.n, dtype=RECORD_DTYPE)
         rec["partner"] = self.partner
         rec["method"] = self.method
         rec["lam"] = self.blend

@@ -136,7 +136,7 @@ def unary_costs(s_own: np.ndarray, s_partner: np.ndarray, lam: float, eta: float
 def puzzle_energy(mask: np.ndarray, u0, u1, pv: np.ndarray, ph: np.ndarray) -> float:
     """The energy of a 0/1 ``mask`` (gh x gw, 1 = own): unary ``u0`` / ``u1`` plus the pairwise
     tables ``pv[la, lb]`` ((gh-1) x gw) and ``ph[la, lb]`` (gh x (gw-1))."""
-    m = mask.astype(np.int64)
+    m: np.ndarray = mask.astype(np.int64)
     e = float(np.where(m == 1, u1, u0).sum())
     if m.shape[0] > 1:
         e += float(pv[m[:-1], m[1:], np.arange(m.shape[0] - 1)[:, None], np.arange(m.shape[1])[None, :]].sum())

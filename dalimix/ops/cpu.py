@@ -43,7 +43,7 @@ def block_sources(pix: np.ndarray, n: int, g: int, block: np.ndarray, source: np
     """Source coordinate of pixels ``pix`` (of ``n``) lying in blocks ``block`` when read from blocks
     ``source`` of a grid of ``g`` blocks (``FLAG_GATHER``'s rule: blocks start at floor(i n / g), the
     same in-block offset, clamped to the source block's last pixel)."""
-    start = (np.arange(g + 1, dtype=np.int64) * n) // g
+    start: np.ndarray = (np.arange(g + 1, dtype=np.int64) * n) // g
     off = pix - start[block]
     return start[source] + np.minimum(off, start[source + 1] - start[source] - 1)
 
@@ -88,6 +88,7 @@ def mix_normalize_cpu(
         if len(flip_b):
             b[flip_b] = b[flip_b].flip(2)
         for i in np.flatnonzero((rec["method"] == METHOD_MASK) & ((rec["flags"] & FLAG_GATHER) != 0)):
+            assert gather is not None  # validate_records refuses gather records without a table
             r = rec[i]
             off, gh, gw = int(r["p0"]), int(r["p1"]), int(r["p2"])
             b[i] = gather_partner(b[i], gather[off : off + gh * gw].numpy(), gh, gw)  # the flipped partner, permuted
@@ -127,15 +128,18 @@ def mix_normalize_cpu(
             d2 = dy.view(h, 1) * dy.view(h, 1) + dx.view(1, w) * dx.view(1, w)
             wself[i, :, :, 0] = 1.0 - torch.exp(-d2 * torch.tensor(float(r["f0"]), dtype=torch.float32))
         masked = np.flatnonzero(m == METHOD_MASK)
-        shapes = rec[masked][["mask_h", "mask_w", "flags"]]
-        for mh, mw, flags in np.unique(shapes):  # one upsampling per mask shape and mode, not per sample
-            rows = masked[shapes == np.array((mh, mw, flags), dtype=shapes.dtype)]
-            taps = rec["mask_offset"][rows].astype(np.int64)[:, None] + np.arange(int(mh) * int(mw))
-            low = masks[torch.from_numpy(taps)].view(len(rows), 1, int(mh), int(mw)).to(torch.float32)
-            full = _upsample(low, (h, w), bool(flags & FLAG_BILINEAR))[:, 0]
-            if flags & FLAG_SIGMOID:
-                full = torch.sigmoid(full)
-            wself[torch.from_numpy(rows), :, :, 0] = full
+        if len(masked):
+            if masks is None:
+                raise ValueError("records of mask methods need the mask pool (masks=None was given)")
+            shapes = rec[masked][["mask_h", "mask_w", "flags"]]
+            for mh, mw, flags in np.unique(shapes):  # one upsampling per mask shape and mode, not per sample
+                rows = masked[shapes == np.array((mh, mw, flags), dtype=shapes.dtype)]
+                taps = rec["mask_offset"][rows].astype(np.int64)[:, None] + np.arange(int(mh) * int(mw))
+                low = masks[torch.from_numpy(taps)].view(len(rows), 1, int(mh), int(mw)).to(torch.float32)
+                full = _upsample(low, (h, w), bool(flags & FLAG_BILINEAR))[:, 0]
+                if flags & FLAG_SIGMOID:
+                    full = torch.sigmoid(full)
+                wself[torch.from_numpy(rows), :, :, 0] = full
         v[sel] = b + wself * (v[sel] - b)
     v.sub_(mean255).mul_(inv_std255)
     out.copy_(v.permute(0, 3, 1, 2))

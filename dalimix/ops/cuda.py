@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from .staging import PinnedRing, Staged
 from .staging import ring as staging_ring
 
 _lock = threading.Lock()
-_modules: dict[tuple[int, str, str], object] = {}
+_modules: dict[tuple[int, str, str], Any] = {}  # cupy.RawModule (CuPy is not type-analysed)
 _sms: dict[int, int] = {}
 _placeholders: dict[int, torch.Tensor] = {}
 _streams: OrderedDict = OrderedDict()

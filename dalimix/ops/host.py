@@ -166,9 +166,13 @@ def mix_normalize_host(
         return out
     bounds = np.linspace(0, n, threads + 1).astype(int).tolist()
     pool = _pool(threads - 1)  # the calling thread works on the last share itself
-    jobs = [pool.submit(fn, *args, a, b, erase_ptr) for a, b in zip(bounds[:-2], bounds[1:-1]) if b > a]
+
+    def share(a: int, b: int) -> None:
+        fn(*args, a, b, erase_ptr)
+
+    jobs = [pool.submit(share, a, b) for a, b in zip(bounds[:-2], bounds[1:-1]) if b > a]
     try:
-        fn(*args, bounds[-2], bounds[-1], erase_ptr)
+        share(bounds[-2], bounds[-1])
     finally:
         for job in jobs:
             job.result()

@@ -56,7 +56,7 @@ assert RECORD_DTYPE.itemsize == 64
 
 def identity_records(n: int) -> np.ndarray:
     """Records that leave every sample unmixed: ``n`` records, method NONE, partner = self."""
-    rec = np.zeros(n, dtype=RECORD_DTYPE)
+    rec: np.ndarray = np.zeros(n, dtype=RECORD_DTYPE)
     rec["partner"] = np.arange(n, dtype=np.int32)
     rec["lam"] = 1.0
     return rec
@@ -180,7 +180,7 @@ def erase_sample_keys(seed: int, n: int) -> np.ndarray:
     """The noise key of samples ``0..n-1`` (table column 2): the hash of the seed's two 32-bit
     halves and the sample's index, so every sample of every batch draws its own noise."""
     seed = int(seed) & (2**64 - 1)
-    k = hash32(np.uint32(seed & 0xFFFFFFFF))
+    k = hash32(np.asarray(seed & 0xFFFFFFFF, dtype=np.uint32))
     k = hash32(k ^ np.uint32(seed >> 32))
     return hash32(k ^ np.arange(n, dtype=np.uint32))
 
@@ -209,7 +209,8 @@ def erase_table(boxes: np.ndarray, *, mode: str, seed: int, colors: np.ndarray |
     table = np.zeros((n, ERASE_STRIDE), dtype=np.int32)
     if n == 0:
         return table
-    top, left, h, w = (boxes[..., i].astype(np.int64) for i in range(4))
+    corners: list[np.ndarray] = [boxes[..., i].astype(np.int64) for i in range(4)]
+    top, left, h, w = corners
     used = (h > 0) & (w > 0)
     last = np.where(used.any(1), k - np.argmax(used[:, ::-1], axis=1), 0)  # boxes 0..last-1 are read
     table[:, 0] = last

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,8 +116,8 @@ class _Slot:
         self.host = memory.pinned(nbytes)
         self.host_np = self.host.numpy()  # a view of the pinned buffer (no copy, no sync)
         self.device = None  # the slot's device buffer, made on the first keep=False use
-        self.event = None  # recorded after the last work that read the host buffer (copy or kernel)
-        self.device_event = None  # recorded after the last work that read the device buffer
+        self.event: Any = None  # recorded after the last work that read the host buffer (copy or kernel)
+        self.device_event: Any = None  # recorded after the last work that read the device buffer
         self.device_stream = None  # the stream of that work
         self.alloc_stream = None  # the stream the device buffer was allocated on
         self.leased = False  # filled and handed out, not yet released
