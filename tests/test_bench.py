@@ -112,7 +112,12 @@ def test_bench_mix_quick(small_dataset, tmp_path):
             assert row["stage_ms"] > 0 and row["mix_only_ms"] > 0 and row["stage_vs_dalimix"] > 0
     assert cases["dalimix mixup"]["op_vs_dalimix_mixup"] == pytest.approx(1.0)
     plans = {(r["method"], r["mode"]) for r in result["planning"]}
-    assert ("fmix", "elem") in plans and ("mixup|cutmix", "batch") in plans and len(plans) == 22
+    assert (
+        ("fmix", "elem") in plans
+        and ("mixup|cutmix", "batch") in plans
+        and ("puzzlemix", "elem") in plans
+        and len(plans) == 24
+    )
     loader = {r["setup"]: r for r in result["loader"]}
     assert set(loader) == {"off", "mixup|cutmix batch", "fmix elem"}
     assert loader["off"]["vs_off"] == pytest.approx(1.0)
