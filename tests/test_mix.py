@@ -817,24 +817,34 @@ def test_kth_smallest_is_np_partition_exactly():
     )
 
 
-def test_fmix_plans_in_a_forked_child_after_the_parent_used_its_pool(monkeypatch):
-    """The parent's planning pool has no threads in a forked child (a DataLoader worker): the child
-    builds its own instead of waiting on it forever."""
-    import multiprocessing as mp
+FORK_FMIX = """
+import multiprocessing as mp, sys
+import numpy as np
+import dalimix.mix.methods as methods
+from dalimix.mix import FMix
 
-    import dalimix.mix.methods as methods
+methods._FMIX_CHUNK_PIXELS = 16 * 16 * 2
 
-    monkeypatch.setattr(methods, "_FMIX_CHUNK_PIXELS", 16 * 16 * 2)
+def child(lam):
+    return FMix().masks(np.random.default_rng(1), lam, 16, 16)[0]
+
+if __name__ == "__main__":
     lam = np.full(8, 0.5)
     want, _ = FMix().masks(np.random.default_rng(1), lam, 16, 16)  # the parent's pool is up
-    ctx = mp.get_context("fork")
-    with ctx.Pool(1) as pool:
-        got = pool.apply_async(_fmix_masks_in_child, (lam,)).get(timeout=60)
-    np.testing.assert_array_equal(got, want)
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(child, (lam,)).get(timeout=60)
+    sys.exit(0 if np.array_equal(got, want) else 3)
+"""
 
 
-def _fmix_masks_in_child(lam):
-    import dalimix.mix.methods as methods
+def test_fmix_plans_in_a_forked_child_after_the_parent_used_its_pool(tmp_path):
+    """The parent's planning pool has no threads in a forked child (a DataLoader worker): the child
+    builds its own instead of waiting on it forever. The parent is a fresh process: forking the
+    test runner itself, with other tests' threads alive, can deadlock on locks unrelated to dalimix."""
+    import subprocess
+    import sys
 
-    methods._FMIX_CHUNK_PIXELS = 16 * 16 * 2
-    return FMix().masks(np.random.default_rng(1), lam, 16, 16)[0]
+    script = tmp_path / "fork_fmix.py"
+    script.write_text(FORK_FMIX)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -657,22 +657,37 @@ def test_threads_argument_is_checked_and_gives_the_same_batch():
             mix_normalize(images, rec.copy(), threads=bad)
 
 
-def _host_kernel_in_child(images, rec):
+FORK_HOST_KERNEL = """
+import multiprocessing as mp, sys
+import numpy as np, torch
+from dalimix.ops import host, mix_normalize
+from dalimix.ops.record import identity_records
+
+def child(images, rec):
     return mix_normalize(torch.from_numpy(images), rec, threads=3).numpy()  # arrays: no torch fd sharing
 
-
-def test_host_kernel_runs_in_a_forked_child_after_the_parent_used_its_pool():
-    """A forked child (a DataLoader worker, a fork-started process) has none of the parent's host
-    kernel worker threads: it builds its own pool instead of waiting on the parent's forever."""
-    import multiprocessing as mp
-
-    from dalimix.ops import host
-
+if __name__ == "__main__":
     if not host.available():
-        pytest.skip("no C++ compiler: the host kernel is not built")
-    images = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (6, 128, 128, 3), dtype=np.uint8))
-    rec = identity_records(6)
-    want = mix_normalize(images, rec.copy(), threads=3)  # the parent's pool of 2 workers is up
+        sys.exit(4)
+    images = np.random.default_rng(4).integers(0, 256, (6, 128, 128, 3), dtype=np.uint8)
+    want = mix_normalize(torch.from_numpy(images), identity_records(6), threads=3).numpy()  # the pool is up
     with mp.get_context("fork").Pool(1) as pool:
-        got = pool.apply_async(_host_kernel_in_child, (images.numpy(), rec.copy())).get(timeout=60)
-    assert torch.equal(torch.from_numpy(got), want)
+        got = pool.apply_async(child, (images, identity_records(6))).get(timeout=60)
+    sys.exit(0 if np.array_equal(got, want) else 3)
+"""
+
+
+def test_host_kernel_runs_in_a_forked_child_after_the_parent_used_its_pool(tmp_path):
+    """A forked child (a DataLoader worker, a fork-started process) has none of the parent's host
+    kernel worker threads: it builds its own pool instead of waiting on the parent's forever. The
+    parent is a fresh process (forking the test runner, with other tests' threads alive, can
+    deadlock on locks unrelated to dalimix)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_host_kernel.py"
+    script.write_text(FORK_HOST_KERNEL)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    if out.returncode == 4:
+        pytest.skip("no C++ compiler: the host kernel is not built")
+    assert out.returncode == 0, out.stderr[-2000:]
