@@ -31,8 +31,9 @@ Per sample, on a ``gh x gw`` block grid (blocks from the integer boundaries ``fl
   binary energy. It is minimised by alpha-beta swap moves (``swap_minimise``, Boykov, Veksler,
   Zabih 2001): each move relabels the blocks labelled alpha or beta with one binary cut of the
   same max-flow construction, kept if the energy drops, until no pair improves (at most
-  ``SWAP_SWEEPS`` sweeps); the result is a local minimum for every swap move and never worse than
-  the best 0/1 mask of the same energy (the first move), not the global minimum (NP-hard for L > 2;
+  ``SWAP_SWEEPS`` sweeps); the result is a local minimum for every swap move and (submodular
+  tables, ``gamma <= 1``) never worse than the best 0/1 mask of the same energy (the first move),
+  not the global minimum (NP-hard for L > 2;
   on tiny grids it was the global one in about 95 % of random cases). Cost: about 2.3 cuts per
   sample at L = 3 (one at L = 2); the planning table in benchmarks/bench_mix.py has both;
 - transport (``transport=True``): the partner's blocks are permuted (``transport_plan``) to
@@ -334,7 +335,7 @@ def swap_move(labels: np.ndarray, alpha: int, beta: int, unary: np.ndarray, ea, 
     np.add.at(c1, local[eb[out]], label_pairwise(tables[:, out], x[ea[out]], xb))
     inner = ma & mb
     la, lb, t = local[ea[inner]], local[eb[inner]], tables[:, inner]
-    q = [label_pairwise(t, u, w) for u, w in ((xa, xa), (xa, xb), (xb, xa), (xb, xb))]
+    q = [label_pairwise(t, xu, xv) for xu, xv in ((xa, xa), (xa, xb), (xb, xa), (xb, xb))]
     ew = split_pairwise(c1, la, lb, *q)
     to_beta = binary_cut(c0, c1, la, lb, ew)
     new = labels.copy()
@@ -345,12 +346,14 @@ def swap_move(labels: np.ndarray, alpha: int, beta: int, unary: np.ndarray, ea, 
 def swap_minimise(unary: np.ndarray, pv: np.ndarray, ph: np.ndarray, *, max_sweeps: int = SWAP_SWEEPS) -> np.ndarray:
     """Integer labels (gh x gw, 0..L-1) that no alpha-beta swap improves (``label_energy``), by
     Boykov, Veksler and Zabih's swap moves: from all blocks at label 0, the pairs (0, L-1) first
-    (so the result is never worse than the best mask using only weights 0 and 1), then the others;
+    (an exact cut when the tables are submodular, e.g. ``gamma <= 1``: the result is then never
+    worse than the best mask using only weights 0 and 1), then the others;
     a move is kept only if the energy drops; a pair is skipped while nothing changed since it was
     last solved; stops after a sweep with no change, or ``max_sweeps`` sweeps.
 
-    A local minimum, not the global one (multi-label minimisation is NP-hard); the factor-2c bound
-    of the literature is the alpha-expansion's, for metrics, and does not hold here."""
+    A local minimum, not the global one (multi-label minimisation is NP-hard); the literature's
+    factor-2c bound is the alpha-expansion's, for metric smoothness terms: it is not guaranteed
+    for swap moves, nor for this energy."""
     n_labels, gh, gw = unary.shape
     ea, eb, tables = grid_edges(pv, ph)
     flat = unary.reshape(n_labels, gh * gw)
