@@ -26,7 +26,7 @@ import torch
 
 from .._optional import require
 from .kernels import ENTRIES, kernel_dir, kernel_source, launch_config
-from .staging import PinnedRing, Staged
+from .staging import PinnedRing
 from .staging import ring as staging_ring
 
 _lock = threading.Lock()
@@ -106,16 +106,6 @@ def cupy_stream(stream: torch.cuda.Stream):
 def record_ring(device: torch.device) -> PinnedRing:
     """The staging ring of ``device`` (``dalimix.ops.staging.ring``), which the records use too."""
     return staging_ring(device)
-
-
-def upload_records(records: np.ndarray, device: torch.device, stream: torch.cuda.Stream | None = None) -> Staged:
-    """Copy the host records to ``device`` asynchronously through the device's staging ring.
-
-    ``.tensors[0]`` is a uint8 view of the slot's device buffer: valid for work queued on ``stream``
-    before ``.release(stream)``.
-    """
-    stream = stream or torch.cuda.current_stream(device)
-    return record_ring(device).stage([records], stream, keep=False)
 
 
 def mix_normalize_cuda(
