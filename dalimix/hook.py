@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,9 +43,6 @@ from .mix.params import MixParams
 from .mix.saliency import MaskPolicy
 from .ops.record import FLAG_BILINEAR, FLAG_GATHER, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
 from .ops.staging import to_device
-
-if TYPE_CHECKING:
-    pass
 
 INTERPOLATIONS = ("nearest", "bilinear")
 TARGET_LAMS = ("mask", "planned")
@@ -103,12 +99,8 @@ class LearnedMask(MixMethod):
 
 
 def hooked_rows(params: MixParams) -> np.ndarray:
-    """Samples whose mask comes from the hook: method MASK without a host mask, not planned on the
-    device by their method (``FMix(device=...)``)."""
-    hooked = (params.method == METHOD_MASK) & np.array([m is None for m in params.masks], dtype=bool)
-    if params.device_planned is not None:
-        hooked &= ~params.device_planned
-    return np.flatnonzero(hooked)
+    """The indices of the samples whose mask comes from the hook (``MixParams.hooked``)."""
+    return np.flatnonzero(params.hooked())
 
 
 def require_hook(params: MixParams | None) -> None:
@@ -414,6 +406,11 @@ class MaskHookStage:
         self._pending.append((host, event, epoch, step))
 
     # ------------------------------------------------------------------------------ helpers
+    def _on_device(self, t: torch.Tensor) -> bool:
+        """``t`` is on the loader's device ("cuda" and "cuda:0" are the same one)."""
+        d = t.device
+        return d == self.device or (d.type == self.device.type == "cuda" and (d.index or 0) == (self.device.index or 0))
+
     def _check_form(self, masks, n: int, height: int, width: int, where: str) -> None:
         name = self.hook.name
         if not isinstance(masks, torch.Tensor):
@@ -432,9 +429,7 @@ class MaskHookStage:
                 f"mask hook {name} at {where} returned shape {shape}; expected {n} x 1 x h x w with "
                 f"1 <= h <= {height} and 1 <= w <= {width} (one low-res mask per sample)"
             )
-        if masks.device != self.device and not (
-            masks.device.type == self.device.type == "cuda" and (masks.device.index or 0) == (self.device.index or 0)
-        ):
+        if not self._on_device(masks):
             raise MaskHookError(
                 f"mask hook {name} at {where} returned masks on {masks.device}; the loader mixes on "
                 f"{self.device}: create them there (the images it receives are there)"
@@ -467,9 +462,7 @@ class MaskHookStage:
             raise MaskHookError(
                 f"mask hook {name} at {where} returned {perm.dtype} perm; use torch.int32 or torch.int64"
             )
-        if perm.device != self.device and not (
-            perm.device.type == self.device.type == "cuda" and (perm.device.index or 0) == (self.device.index or 0)
-        ):
+        if not self._on_device(perm):
             raise MaskHookError(
                 f"mask hook {name} at {where} returned perm on {perm.device}; the loader mixes on {self.device}"
             )

@@ -170,6 +170,14 @@ class MixParams:
             rec["mask_h"][i], rec["mask_w"][i] = m.shape
         return rec
 
+    def hooked(self) -> np.ndarray:
+        """N bools: the samples whose mask the mask hook supplies (method MASK without a host mask,
+        not planned on the device by their method, ``FMix(device=...)``)."""
+        hooked = (self.method == METHOD_MASK) & np.array([m is None for m in self.masks], dtype=bool)
+        if self.device_planned is not None:
+            hooked &= ~self.device_planned
+        return hooked
+
     def _host_masks(self) -> list[np.ndarray]:
         """The distinct host masks, flat float32, in the pool order ``records`` assumes."""
         unique, seen = [], set()
@@ -200,8 +208,7 @@ class MixParams:
         if labels is not None:
             groups.append(np.asarray(labels))
         if hook:
-            use = (self.method == METHOD_MASK) & np.array([m is None for m in self.masks], dtype=bool)
-            groups += [self.lam.astype(np.float32), self.partner.astype(np.int64), use]
+            groups += [self.lam.astype(np.float32), self.partner.astype(np.int64), self.hooked()]
         t = to_device(groups, device)
         host = self._host_masks() if masks else []
         out = DeviceParams(

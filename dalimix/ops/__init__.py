@@ -191,9 +191,9 @@ def _check_gather(gather: torch.Tensor, records: np.ndarray, device: torch.devic
         )
     if device.type == "cuda":
         return  # no host sync: the producer (dalimix.hook.MaskHookStage) keeps the values in range
-    from .record import FLAG_GATHER, METHOD_MASK
+    from .record import gather_rows
 
-    rows = np.flatnonzero((records["method"] == METHOD_MASK) & ((records["flags"] & FLAG_GATHER) != 0))
+    rows = gather_rows(records)
     table = gather.numpy()  # host sync: none, a CPU tensor (CUDA returned above)
     for i in rows:
         off, k = int(records["p0"][i]), int(records["p1"][i]) * int(records["p2"][i])

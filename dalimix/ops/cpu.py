@@ -20,7 +20,6 @@ from .record import (
     FLAG_BILINEAR,
     FLAG_FLIP_PARTNER,
     FLAG_FLIP_SELF,
-    FLAG_GATHER,
     FLAG_SIGMOID,
     METHOD_BLEND,
     METHOD_BOX,
@@ -29,6 +28,7 @@ from .record import (
     METHOD_NONE,
     METHOD_RESIZE,
     METHOD_SMOOTH,
+    gather_rows,
 )
 
 
@@ -87,7 +87,7 @@ def mix_normalize_cpu(
         flip_b = torch.from_numpy(np.flatnonzero(rec["flags"] & FLAG_FLIP_PARTNER))
         if len(flip_b):
             b[flip_b] = b[flip_b].flip(2)
-        for i in np.flatnonzero((rec["method"] == METHOD_MASK) & ((rec["flags"] & FLAG_GATHER) != 0)):
+        for i in gather_rows(rec):
             assert gather is not None  # validate_records refuses gather records without a table
             r = rec[i]
             off, gh, gw = int(r["p0"]), int(r["p1"]), int(r["p2"])

@@ -93,6 +93,11 @@ def set_flips(records: np.ndarray, flip) -> np.ndarray:
     return records
 
 
+def gather_rows(rec: np.ndarray) -> np.ndarray:
+    """Indices of the records whose partner is read block-permuted (MASK with ``FLAG_GATHER``)."""
+    return np.flatnonzero((rec["method"] == METHOD_MASK) & ((rec["flags"] & FLAG_GATHER) != 0))
+
+
 def validate_records(
     rec: np.ndarray, *, n_src: int, height: int, width: int, mask_pool_size: int, gather_size: int = 0
 ) -> None:
