@@ -25,6 +25,7 @@ import torch
 from .. import validate as v
 from ..ops import Normalization, allocate_output, mix_normalize
 from ..ops.record import METHOD_MASK
+from ..ops.staging import to_device
 from .methods import CutMix, MixMethod, MixUp
 from .params import PAIRINGS, MixParams, pair_indices
 from .saliency import MaskPolicy
@@ -269,12 +270,10 @@ def _copy_rows(p: MixParams, src: np.ndarray, dst: np.ndarray) -> None:
     for s, d in zip(src, dst):
         p.masks[d] = p.masks[s]
     if p.device_planned is not None and len(src):  # masks planned on the device (FMix(device=...))
-        from .methods import _to_device
-
         assert p.device_masks is not None  # device-planned rows always come with device masks
         p.device_planned[dst] = p.device_planned[src]
-        index = _to_device(np.stack([src, dst]).astype(np.int64), p.device_masks.device)
-        p.device_masks[index[1]] = p.device_masks[index[0]]
+        src_t, dst_t = to_device([np.asarray(src, np.int64), np.asarray(dst, np.int64)], p.device_masks.device)
+        p.device_masks[dst_t] = p.device_masks[src_t]
 
 
 class Mixup(Mixer):
