@@ -250,7 +250,7 @@ def _timm_ops(increasing: bool, translate_pct: float):
 
     def sharp(factor):  # PIL: factor * image + (1 - factor) * smoothed
         blur = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13
-        ident = np.zeros((3, 3), dtype=np.float32)
+        ident: np.ndarray = np.zeros((3, 3), dtype=np.float32)
         ident[1, 1] = 1
         return (factor * ident + (1 - factor) * blur).astype(np.float32)
 

@@ -848,3 +848,11 @@ def test_fmix_plans_in_a_forked_child_after_the_parent_used_its_pool(tmp_path):
     script.write_text(FORK_FMIX)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "method, wrong", [(MixUp(), "box"), (CutMix(), "mask"), (FMix(), "box"), (ResizeMix(), "mask")]
+)
+def test_params_refuses_another_methods_geometry(method, wrong):
+    with pytest.raises(TypeError, match=f"{type(method).__name__}.params\\(\\) takes no {wrong}"):
+        method.params(2, height=8, width=8, lam=0.5, **{wrong: None})

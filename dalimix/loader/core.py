@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -294,8 +295,8 @@ class ImageLoader:
         self._iterated = False
         self._active: EpochIterator | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, step) set by seek()
-        self._planner_pool = None
-        self._policy_stage = None
+        self._planner_pool: Any = None  # ThreadPoolExecutor, made on first use
+        self._policy_stage: Any = None  # PolicyStage, made on first use
         self._since_trim = 0  # images handed out since the C heap was last trimmed
 
     # ----------------------------------------------------------------------------------- info
@@ -510,6 +511,7 @@ class ImageLoader:
         if self._policy_stage is None:
             from ..policy import PolicyStage
 
+            assert self.policy is not None  # only asked for when a policy is set
             self._policy_stage = PolicyStage(
                 self.policy,
                 device=self.device,

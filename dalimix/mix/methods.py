@@ -97,9 +97,13 @@ class MixMethod:
         p.kind[:] = 0
         return p
 
-    def _fill_explicit(self, p, rows, lam, *, rng, height, width, **explicit):
+    def _refuse(self, explicit: dict) -> None:
+        """``params()``'s keyword arguments this method does not take (each takes its own, or none)."""
         if explicit:
             raise TypeError(f"{type(self).__name__}.params() takes no {', '.join(explicit)}")
+
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, **explicit):
+        self._refuse(explicit)
         self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
 
     def __repr__(self) -> str:
@@ -250,7 +254,8 @@ class CutMix(MixMethod):
         p.lam[rows] = lam
         p.target_lam[rows] = lam
 
-    def _fill_explicit(self, p, rows, lam, *, rng, height, width, box=None):
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, box=None, **explicit):
+        self._refuse(explicit)
         if box is None:
             return self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
         box = np.broadcast_to(np.asarray(box, dtype=np.int32), (len(rows), 4))
@@ -310,7 +315,8 @@ class ResizeMix(MixMethod):
         p.lam[rows] = 1.0 - area / float(height * width)
         p.target_lam[rows] = p.lam[rows]
 
-    def _fill_explicit(self, p, rows, lam, *, rng, height, width, box=None):
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, box=None, **explicit):
+        self._refuse(explicit)
         if box is None:
             return self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
         self._set(p, rows, np.broadcast_to(np.asarray(box, dtype=np.int32), (len(rows), 4)), height, width)
@@ -703,7 +709,8 @@ class FMix(MixMethod):
             return np.stack(masks).mean(axis=(1, 2), dtype=np.float64)
         return full_resolution_means(masks, height, width)
 
-    def _fill_explicit(self, p, rows, lam, *, rng, height, width, mask=None):
+    def _fill_explicit(self, p, rows, lam, *, rng, height, width, mask=None, **explicit):
+        self._refuse(explicit)
         if mask is None:
             return self.fill(p, rows, lam, rng=rng, height=height, width=width, shared=False)
         mask = np.asarray(mask, dtype=np.float32)

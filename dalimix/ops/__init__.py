@@ -36,8 +36,10 @@ class Normalization:
             raise ValueError(f"std must be positive and mean/std finite, got mean={mean} std={std}")
         self.mean = mean
         self.std = std
-        self.mean255 = tuple(float(np.float32(255.0 * m)) for m in mean)
-        self.inv_std255 = tuple(float(np.float32(1.0 / (255.0 * s))) for s in std)
+        m255 = [float(np.float32(255.0 * m)) for m in mean]
+        s255 = [float(np.float32(1.0 / (255.0 * s))) for s in std]
+        self.mean255 = (m255[0], m255[1], m255[2])
+        self.inv_std255 = (s255[0], s255[1], s255[2])
         self._cpu = (
             torch.tensor(self.mean255, dtype=torch.float32),
             torch.tensor(self.inv_std255, dtype=torch.float32),
