@@ -86,6 +86,10 @@ STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# the kernel before the memory-bound rewrite: the SASS table's default "before" column
+INSTRUCTION_BOUND_KERNEL = "2564daa"
+
+
 def dalimix_methods() -> dict:
     """name -> a factory of the mixer whose plans the stage rows use."""
     one = lambda m, mode="batch": lambda: Mixer(methods=[m], mode=mode, num_classes=NUM_CLASSES, label_smoothing=0.1)  # noqa: E731
@@ -1209,8 +1213,9 @@ def parse_args(argv=None):
     p.add_argument("--sass-arch", default="sm_90", help="architecture of the SASS table (default sm_90)")
     p.add_argument(
         "--sass-baseline",
-        default="main",
-        help="git revision whose kernel is the table's 'before' column (default main; '' for none)",
+        default=INSTRUCTION_BOUND_KERNEL,
+        help="git revision whose kernel is the table's 'before' column (default: the last commit of the "
+        "instruction-bound kernel, before the per-pixel cost work; '' for none)",
     )
     args = p.parse_args(argv)
     if args.device is None:
