@@ -368,7 +368,7 @@ def test_cuda_launches_reuse_the_pinned_ring_and_allocate_nothing():
     mask tensor per launch, no DeprecationWarning, the caching allocator's use flat."""
     import warnings
 
-    from dalimix.ops import cuda as backend
+    from dalimix.ops import staging
 
     rng = np.random.default_rng(21)
     images = torch.from_numpy(rng.integers(0, 256, (8, 32, 40, 3), dtype=np.uint8)).cuda()
@@ -381,7 +381,7 @@ def test_cuda_launches_reuse_the_pinned_ring_and_allocate_nothing():
             mix_normalize(images, records, norm=norm, out=out)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        ring = backend.record_ring(images.device)
+        ring = staging.ring(images.device)
         slots = len(ring._slots)
         for _ in range(50):
             mix_normalize(images, records, norm=norm, out=out)

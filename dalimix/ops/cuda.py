@@ -26,7 +26,6 @@ import torch
 
 from .._optional import require
 from .kernels import ENTRIES, kernel_dir, kernel_source, launch_config
-from .staging import PinnedRing
 from .staging import ring as staging_ring
 
 _lock = threading.Lock()
@@ -103,11 +102,6 @@ def cupy_stream(stream: torch.cuda.Stream):
     return cs
 
 
-def record_ring(device: torch.device) -> PinnedRing:
-    """The staging ring of ``device`` (``dalimix.ops.staging.ring``), which the records use too."""
-    return staging_ring(device)
-
-
 def mix_normalize_cuda(
     images: torch.Tensor,
     records: np.ndarray,
@@ -128,7 +122,7 @@ def mix_normalize_cuda(
     _, h, w, _ = images.shape
     stream = torch.cuda.current_stream(device)
     groups = [records] if erase is None else [records, np.ascontiguousarray(erase, dtype=np.int32)]
-    staged = record_ring(device).stage(groups, stream, keep=False)  # the erase table rides in the records' slot
+    staged = staging_ring(device).stage(groups, stream, keep=False)  # the erase table rides in the records' slot
     try:
         erase_ptr = np.uint64(staged.tensors[1].data_ptr()) if erase is not None else np.uint64(0)
         return _launch(
