@@ -167,9 +167,10 @@ def create_loader(
             epoch's first batches are read while the current one ends (one DALI pipeline).
         batch_choice_seed: train.py passes its ``--seed`` here: the stream's seed unless ``seed=``.
         persistent_workers, worker_seeding: no worker processes, no effect on the batches.
-        num_aug_repeats, num_aug_splits, crop_border_pixels, tf_preprocessing, input_size_choices,
-            batch_size_choices, batch_choice_weights, num_batches: only their "off" value; others
-            raise ValueError with the reason. The batch_schedule_* arguments only matter with those.
+        num_aug_repeats, num_aug_splits, crop_border_pixels, tf_preprocessing: only their "off"
+            value; others raise ValueError with the reason.
+        input_size_choices, batch_size_choices, batch_choice_weights, num_batches: the same. The
+            batch_schedule_* arguments only matter with those.
         mix: a ``dalimix.mix`` mixer or timm's ``Mixup``; training only.
         seed: the loader's seed; None: ``batch_choice_seed`` if given, else the script's torch seed
             (``dalimix.rng.script_seed``).
