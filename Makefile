@@ -45,7 +45,7 @@ lint: $(TEST_STAMP)
 
 # the docs site (mkdocs.yml, docs/), warnings as errors, into build/site
 docs: $(TEST_STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # rewrite the tree in ruff's format and apply ruff's safe fixes
 format: $(TEST_STAMP)
