@@ -50,6 +50,21 @@ DTYPES = {
 }
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: the value a Python literal (``3``, ``(2, 3)``, ``None``, ``'a'``),
+    else the text as a string (``random``)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r}: KEY=VALUE, e.g. n_labels=3")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return key, value
+
+
 def _dtype(text: str) -> str:
     if text.lower() not in DTYPES:
         raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(DTYPES)}")
@@ -210,23 +225,44 @@ def _save_showcase(loader, args) -> Path:
     return path
 
 
-def cmd_preview(args) -> int:
-    """A PNG grid of one batch mixed by one method, each tile captioned with its lam."""
-    from .loader import ImageLoader
-    from .mix import METHODS, AttentiveMix, Mixer
-    from .mix.methods import MixMethod
-    from .viz import denormalize, save_grid
+def _preview_method(name: str, settings: list):
+    """The method ``name`` built with the ``--set`` keywords: a ValueError naming the method and
+    its keywords for one it does not take or a value it refuses."""
+    import inspect
 
-    if args.mix == "attentivemix":  # needs a feature extractor: an untrained ResNet-18's last stage shows the mechanics
+    from .mix import METHODS
+
+    cls = METHODS[name]
+    kwargs = dict(settings)
+    params = inspect.signature(cls).parameters.values()
+    accepted = [q.name for q in params if q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    keywords = f"{cls.__name__}'s keywords: {', '.join(accepted) or 'none'}"
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(f"--set {', '.join(unknown)}: --mix {name} ({cls.__name__}) has no such keyword; {keywords}")
+    if name == "attentivemix" and "features" not in kwargs:
+        # needs a feature extractor: an untrained ResNet-18's last stage shows the mechanics
         import torchvision
 
         from .automix import FeatureTap
 
         net = torchvision.models.resnet18().eval()
         tap = FeatureTap(net, "layer4")
-        method: MixMethod = AttentiveMix(features=lambda x: tap(x) if net.to(x.device) is not None else None)
-    else:
-        method = METHODS[args.mix]()
+        kwargs["features"] = lambda x: tap(x) if net.to(x.device) is not None else None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        given = ", ".join(f"{k}={v!r}" for k, v in settings)
+        raise ValueError(f"--set {given}: --mix {name} ({cls.__name__}) refused it: {e}; {keywords}") from None
+
+
+def cmd_preview(args) -> int:
+    """A PNG grid of one batch mixed by one method, each tile captioned with its lam."""
+    from .loader import ImageLoader
+    from .mix import Mixer
+    from .viz import denormalize, save_grid
+
+    method = _preview_method(args.mix, args.set)
     mixer = Mixer(methods=[method], mode=args.mode, prob=1.0)
     if args.mix == "samplepairing":
         method.set_epoch(0)
@@ -344,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(batch_size=16)
     p.add_argument("--mode", default="elem", choices=["batch", "pair", "elem"])
     p.add_argument("--out", default=None, help="default: dalimix-preview-<method>.png")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="KEY=VALUE",
+        help="a keyword of the method's constructor, e.g. --set n_labels=3 for puzzlemix (repeatable; "
+        "VALUE a Python literal, else a string)",
+    )
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser(

@@ -15,7 +15,11 @@ A trainer registers ``fn(images, lam, partner) -> masks`` on a loader whose mixe
    no host round trip), or keeps the planned lam (``target_lam="planned"``, AutoMix's rule).
 
 A hook registered with ``labels=True`` is called ``fn(images, lam, partner, labels)`` (the batch's
-int64 labels on the device: a saliency from the model's loss needs them). A hook may return
+int64 labels on the device: a saliency from the model's loss needs them). One registered with
+``draws=True`` also gets ``draws=params.draws`` (a keyword: the batch's host draws, keyed by method
+name, that its method made at planning time, e.g. PuzzleMix's block grid with ``block_num="random"``:
+sampled on the host from the plan's generator, so a resumed or re-seeded run draws the same).
+A hook may return
 ``(masks, perm)`` instead of the masks: ``perm`` an int32/int64 tensor ``N x gh x gw`` (or
 ``N x (h w)`` on the masks' own grid) holding, for every output block (row-major), the partner's
 source block — the partner is then read block-permuted by the kernel (``FLAG_GATHER``: PuzzleMix's
@@ -243,6 +247,7 @@ class MaskHook:
     target_lam: str = "mask"
     validate: str = "auto"
     labels: bool = False  # call fn(images, lam, partner, labels)
+    draws: bool = False  # also pass draws=params.draws (the batch's host draws, by method name)
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -251,6 +256,7 @@ class MaskHook:
                 f"fn(images, lam, partner, labels)), got {self.fn!r}"
             )
         self.labels = v.flag("labels", self.labels)
+        self.draws = v.flag("draws", self.draws)
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"interpolation={self.interpolation!r}: 'nearest' or 'bilinear' (F.interpolate, align_corners=False)"
@@ -323,7 +329,7 @@ class MaskHookStage:
                 )
             args = (*args, labels.to(self.device, torch.int64, non_blocking=True))  # device to device
         try:
-            result = self.hook.fn(*args)
+            result = self.hook.fn(*args, draws=params.draws) if self.hook.draws else self.hook.fn(*args)
         except Exception as exc:
             raise MaskHookError(
                 f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}"
@@ -502,11 +508,25 @@ class MaskHookStage:
 
 
 def make_stage(
-    loader, fn, *, interpolation: str, logits: bool, target_lam: str, validate: str, labels: bool = False
+    loader,
+    fn,
+    *,
+    interpolation: str,
+    logits: bool,
+    target_lam: str,
+    validate: str,
+    labels: bool = False,
+    draws: bool = False,
 ) -> MaskHookStage:
     """Check that ``loader`` can use a hook, and build its stage."""
     hook = MaskHook(
-        fn=fn, interpolation=interpolation, logits=logits, target_lam=target_lam, validate=validate, labels=labels
+        fn=fn,
+        interpolation=interpolation,
+        logits=logits,
+        target_lam=target_lam,
+        validate=validate,
+        labels=labels,
+        draws=draws,
     )
     methods = getattr(loader.mix, "methods", None) or []
     if not any(isinstance(m, (LearnedMask, MaskPolicy)) for m in methods):

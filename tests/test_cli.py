@@ -430,3 +430,27 @@ def test_mixing_picture_has_every_method_and_lam(small_dataset, size):
     assert picture.width >= 3 * tile and picture.height >= 4 * tile  # 3 lam columns; inputs + 3 method rows
     px = np.asarray(picture)
     assert px.std() > 10  # not blank
+
+
+def test_preview_passes_set_keywords_to_the_method(small_dataset, tmp_path, capsys):
+    out = tmp_path / "puzzlemix.png"
+    args = ["preview", "--mix", "puzzlemix", "--data", str(small_dataset), "--size", "32", "--batch-size", "4"]
+    args += ["--device", "cpu", "--out", str(out)]
+    assert main([*args, "--set", "n_labels=3", "--set", "block_num=random", "--set", "block_choices=(2, 4)"]) == 0
+    assert out.exists() and "puzzlemix: 4 samples" in capsys.readouterr().out
+    from dalimix.cli import _preview_method
+
+    method = _preview_method("puzzlemix", [("n_labels", 3), ("block_num", "random"), ("t_size", None)])
+    assert (method.n_labels, method.block_num, method.t_size) == (3, "random", None)
+    # an unknown keyword, a refused value: exit 2, the method and its keywords named, no traceback
+    for bad, message in (
+        ("nlabels=3", r"--set nlabels: --mix puzzlemix \(PuzzleMix\) has no such keyword"),
+        ("n_labels=1", r"--set n_labels=1: --mix puzzlemix \(PuzzleMix\) refused it: n_labels=1: an int >= 2"),
+    ):
+        assert main([*args, "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "PuzzleMix's keywords: alpha, block_num" in err, err
+        assert "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:  # not KEY=VALUE: argparse's usage error
+        main([*args, "--set", "n_labels"])
+    assert exit_.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err

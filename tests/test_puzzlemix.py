@@ -444,3 +444,86 @@ def test_preview(small_dataset, tmp_path, capsys):
     args = ["preview", "--mix", "puzzlemix", "--data", str(small_dataset), "--size", "64", "--batch-size", "4"]
     assert main([*args, "--device", "cpu", "--out", str(out)]) == 0
     assert out.exists() and "puzzlemix: 4 samples" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ block_num="random"
+def test_random_block_num_is_uniform_deterministic_and_capped():
+    """The grid is drawn once per planned batch, uniformly over the choices, from the plan's
+    generator only (the global numpy / torch generators play no part)."""
+    mix = Mixer(methods=[PuzzleMix(block_num="random")], mode="elem", num_classes=4)
+
+    def draws(seed: int, count: int) -> list:
+        rng = np.random.default_rng(seed)
+        np.random.seed(seed + 100)  # noise in the global generators must not matter
+        torch.manual_seed(seed + 200)
+        return [mix.plan(8, rng=rng, height=32, width=32).draws["puzzlemix"] for _ in range(count)]
+
+    got = draws(1, 2000)
+    assert got == draws(1, 2000) and got != draws(2, 2000)
+    assert all(gh == gw for gh, gw in got)
+    counts = np.array([sum(g == (n, n) for g in got) for n in (2, 4, 8, 16)])
+    chi2 = float(((counts - 500.0) ** 2 / 500.0).sum())
+    assert counts.sum() == 2000 and chi2 < 16.3, counts  # 3 degrees of freedom: p = 0.001
+    # capped by the image size; a fixed grid draws nothing
+    capped = Mixer(methods=[PuzzleMix(block_num="random", block_choices=(64,))], num_classes=4)
+    assert capped.plan(2, rng=np.random.default_rng(0), height=32, width=48).draws == {"puzzlemix": (32, 48)}
+    fixed = Mixer(methods=[PuzzleMix(block_num=4)], num_classes=4)
+    assert fixed.plan(8, rng=np.random.default_rng(0), height=32, width=32).draws == {}
+
+
+def test_random_block_num_masks_have_the_batch_grid():
+    mix = Mixer(methods=[PuzzleMix(block_num="random", block_choices=(2, 4, 8))], num_classes=4, label_smoothing=0)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for seed in range(8):
+        u8 = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g)
+        p = mix.plan(4, rng=np.random.default_rng(seed), height=32, width=32)
+        x, t = mix(u8, torch.arange(4), params=p)
+        grid = p.draws["puzzlemix"]
+        seen.add(grid)
+        assert tuple(p.device_masks.shape) == (4, 1, *grid)
+        assert (p.ints[:, 1:3] == grid).all()  # the partner's transport on the same grid
+        torch.testing.assert_close(t.sum(1), torch.ones(4))
+    assert seen == {(2, 2), (4, 4), (8, 8)}
+    # the hook without the batch's draws cannot know the grid
+    policy = PuzzleMix(block_num="random")
+    with pytest.raises(ValueError, match="draws=params.draws"):
+        policy.plan(torch.zeros(2, 3, 8, 8), torch.full((2,), 0.5), torch.tensor([1, 0]))
+
+
+def test_random_block_num_validation():
+    assert PuzzleMix(block_num="random", block_choices=[3, 5]).block_choices == (3, 5)
+    assert PuzzleMix(block_num=(2, 3)).block_choices is None
+    with pytest.raises(ValueError, match='only used with block_num="random"'):
+        PuzzleMix(block_num=4, block_choices=(2, 4))
+    for bad in ((), (0, 2), (2.0,), (True,), "24", 4):
+        with pytest.raises(ValueError, match="block_choices="):
+            PuzzleMix(block_num="random", block_choices=bad)
+    with pytest.raises(ValueError, match='"random"'):
+        PuzzleMix(block_num="rand")
+    with pytest.raises(ValueError, match="draws"):
+        MaskHook(fn=lambda *a: None, draws="yes")
+
+
+def test_random_block_num_on_the_loader_is_deterministic(small_dataset):
+    """Two loaders of one seed give the same mixed batches over 2 epochs, each batch's masks on
+    the grid its plan drew, and the grids vary."""
+
+    def run() -> tuple[list, list]:
+        mix = Mixer(methods=[PuzzleMix(block_num="random")], label_smoothing=0.0)
+        loader = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", seed=7, mix=mix)
+        batches, grids = [], []
+        for _ in range(2):
+            for x, t in loader:
+                p = loader.last_batch.params
+                grid = p.draws["puzzlemix"]
+                assert tuple(p.device_masks.shape[-2:]) == grid
+                batches.append((x.clone(), t.clone()))
+                grids.append(grid)
+        loader.close()
+        return batches, grids
+
+    (a, ga), (b, gb) = run(), run()
+    assert ga == gb and len(ga) == 10 and len(set(ga)) > 1
+    for (xa, ta), (xb, tb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ta, tb)

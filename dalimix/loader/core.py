@@ -562,10 +562,12 @@ class ImageLoader:
         target_lam: str = "mask",
         validate: str = "auto",
         labels: bool = False,
+        draws: bool = False,
     ) -> None:
         """Let ``fn(images, lam, partner) -> masks`` supply the masks of ``LearnedMask`` samples, for
         the very batch being mixed (see ``dalimix.hook`` and docs/learned-masks.md). ``labels=True``:
-        called ``fn(images, lam, partner, labels)``. The hook may return ``(masks, perm)``: a block
+        called ``fn(images, lam, partner, labels)``; ``draws=True``: also ``draws=`` the batch's host
+        draws by method name (``MixParams.draws``). The hook may return ``(masks, perm)``: a block
         permutation of the partner per sample (PuzzleMix's transport)."""
         self._mask_hook = make_stage(
             self,
@@ -575,6 +577,7 @@ class ImageLoader:
             target_lam=target_lam,
             validate=validate,
             labels=labels,
+            draws=draws,
         )
         self._finishing.hook = self._mask_hook
 

@@ -94,6 +94,9 @@ class MixParams:
     targets: ``lam`` except for SamplePairing, which keeps the label), ``blend[i]`` (kernel blend
     weight), ``box[i] = (y0, x0, y1, x1)``, ``flags[i]``, ``ints[i]`` (the kernel's p0..p3),
     ``floats[i]`` (its f0), and a mask per MASK sample (``masks[i]``: a 2-D float32 array or None).
+    ``draws``: what a mask policy drew on the host for this batch, keyed by its method name (e.g.
+    ``{"puzzlemix": (gh, gw)}``, PuzzleMix's block grid with ``block_num="random"``), handed to its
+    mask hook (``MaskHook(draws=True)``) so that the device side applies the batch's own draw.
     """
 
     n: int
@@ -109,6 +112,7 @@ class MixParams:
     ints: np.ndarray
     floats: np.ndarray
     masks: list = field(default_factory=list)
+    draws: dict = field(default_factory=dict)  # method name -> its host draw of the batch (mask hook)
     device_masks: torch.Tensor | None = None  # N x 1 x h x w masks already on the device (mask hook)
     device_target_lam: torch.Tensor | None = None  # N target lams on the device (mask hook); else target_lam
     staged: DeviceParams | None = field(default=None, repr=False, compare=False)  # set by stage()

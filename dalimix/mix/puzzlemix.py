@@ -48,10 +48,13 @@ sample: the cheapest, and what earlier versions gave; pass ``n_labels=3`` for th
 default); exact min-cut and assignment, and our own swap loop from all-zero labels, the pair
 (0, L-1) first (the code uses gco's swap and a greedy transport); the transport weights the partner
 saliency by how much the partner shows (the code: wherever it shows at all); only the partner is
-transported (the code also moves the sample's own blocks under its mask); the block grid is fixed
-per mixer (the code draws ``block_num`` per batch). The saliency is a callable you give: the
-paper's is the gradient of the loss w.r.t. the input (``GradientSaliency(model)``); the default,
-needing no model, is the spectral residual of ``dalimix.mix.saliency``.
+transported (the code also moves the sample's own blocks under its mask); one block grid
+by default (``block_num="random"`` draws it per batch as the code does, ``2 ** randint(1, 5)``: an
+n x n grid, n uniform over ``block_choices = (2, 4, 8, 16)``; here on the host when the batch is
+planned, from the plan's generator, so resumed and re-seeded runs draw the same grids). The
+saliency is a callable you give: the paper's is the gradient of the loss w.r.t. the input
+(``GradientSaliency(model)``); the default, needing no model, is the spectral residual of
+``dalimix.mix.saliency``.
 
     mix = Mixer(methods=[PuzzleMix(block_num=4, n_labels=3)], num_classes=1000)
     loader = ImageLoader(root="train/", batch_size=256, size=224, device="cuda", mix=mix)
@@ -70,6 +73,7 @@ from .._optional import require
 from .saliency import MaskPolicy, spectral_residual
 
 CAPACITY_BUDGET = 2**30  # integer capacities of one sample's graph sum to at most this
+BLOCK_CHOICES = (2, 4, 8, 16)  # block_num="random": the official code's 2 ** randint(1, 5)
 
 
 # ------------------------------------------------------------------------------ block grids
@@ -428,7 +432,11 @@ class PuzzleMix(MaskPolicy):
 
     Args:
         alpha: ``lam ~ Beta(alpha, alpha)`` (the prior's mixing ratio).
-        block_num: the mask's block grid, ``n`` (n x n) or ``(gh, gw)`` (capped by the image size).
+        block_num: the mask's block grid, ``n`` (n x n) or ``(gh, gw)`` (capped by the image size),
+            or ``"random"``: an n x n grid per batch, n uniform over ``block_choices`` (the official
+            code's draw), drawn on the host when the batch is planned (``MixParams.draws``).
+        block_choices: the grid sizes ``block_num="random"`` draws from (positive ints; default
+            2, 4, 8, 16); only with ``block_num="random"``.
         beta: label smoothness (1.2 in the paper's code); gamma: data local smoothness (0.5);
         eta: weight of the prior on lam (0.2); neigh_size: rows / columns each side of a block
         boundary that the data term compares (4).
@@ -444,13 +452,17 @@ class PuzzleMix(MaskPolicy):
 
     name = "puzzlemix"
     # masks in [0, 1], checked one batch later on the GPU; the hook gets the labels (a loss-gradient saliency)
-    hook_options = dict(interpolation="nearest", logits=False, target_lam="mask", validate="deferred", labels=True)
+    # draws: the hook gets the batch's block grid (block_num="random"), drawn in fill
+    hook_options = dict(
+        interpolation="nearest", logits=False, target_lam="mask", validate="deferred", labels=True, draws=True
+    )
 
     def __init__(
         self,
         *,
         alpha: float = 1.0,
         block_num=4,
+        block_choices=None,
         beta: float = 1.2,
         gamma: float = 0.5,
         eta: float = 0.2,
@@ -462,10 +474,7 @@ class PuzzleMix(MaskPolicy):
         saliency=None,
     ):
         super().__init__(alpha=alpha)
-        grid = (block_num, block_num) if isinstance(block_num, int) else tuple(block_num)
-        if len(grid) != 2:
-            raise ValueError(f"block_num={block_num!r}: an int n (an n x n grid) or (gh, gw)")
-        self.block_num = tuple(v.integer("block_num", g, lo=1) for g in grid)
+        self.block_num, self.block_choices = _block_grid(block_num, block_choices)
         self.beta = v.number("beta", beta, lo=0)
         self.gamma = v.number("gamma", gamma, lo=0)
         self.eta = v.number("eta", eta, lo=0)
@@ -485,9 +494,33 @@ class PuzzleMix(MaskPolicy):
     def __repr__(self) -> str:
         sal = "spectral_residual" if self.saliency is None else type(self.saliency).__name__
         return (
-            f"PuzzleMix(alpha={self.alpha}, block_num={self.block_num}, beta={self.beta}, gamma={self.gamma}, "
+            f"PuzzleMix(alpha={self.alpha}, block_num={self.block_num!r}, "
+            + ("" if self.block_choices is None else f"block_choices={self.block_choices}, ")
+            + f"beta={self.beta}, gamma={self.gamma}, "
             f"eta={self.eta}, n_labels={self.n_labels}, transport={self.transport}, t_eps={self.t_eps}, t_size={self.t_size}, saliency={sal})"
         )
+
+    def fill(self, p, rows, lam, *, rng, height, width, shared):
+        super().fill(p, rows, lam, rng=rng, height=height, width=width, shared=shared)
+        if self.block_choices is not None:  # one grid for the batch, from the plan's generator
+            g = self.block_choices[int(rng.integers(len(self.block_choices)))]
+            p.draws[self.name] = (min(g, height), min(g, width))
+
+    def mask_grid(self, height: int, width: int, draws: dict | None = None) -> tuple[int, int]:
+        """The mask grid ``(gh, gw)`` for ``height x width`` images: ``block_num`` or, with
+        ``block_num="random"``, the batch's draw ``draws["puzzlemix"]`` (``MixParams.draws``; the
+        smallest choice when the batch drew none: none of its samples is PuzzleMix's); capped by
+        the image size."""
+        if self.block_choices is None:
+            gh, gw = self.block_num
+        elif draws is None:
+            raise ValueError(
+                'PuzzleMix(block_num="random") draws its grid when the batch is planned: pass '
+                "draws=params.draws (the loader's mask hook does)"
+            )
+        else:
+            gh, gw = draws.get(self.name, (min(self.block_choices),) * 2)
+        return min(gh, height), min(gw, width)
 
     def saliency_map(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """N x H x W float32 saliency of the unmixed batch."""
@@ -512,12 +545,12 @@ class PuzzleMix(MaskPolicy):
         return before * std + mean, after * std + mean
 
     @torch.no_grad()
-    def plan(self, images: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor, labels=None):
-        """Masks (N x 1 x gh x gw float32, 1 = own image) and, with transport, the partner's block
-        permutation (N x tgh x tgw int64), on the images' device. The graph cuts and assignments run
-        on the host (float64), one per sample."""
+    def plan(self, images: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor, labels=None, *, draws=None):
+        """Masks (N x 1 x gh x gw float32, 1 = own image; the grid: ``mask_grid``) and, with transport,
+        the partner's block permutation (N x tgh x tgw int64), on the images' device. The graph cuts
+        and assignments run on the host (float64), one per sample."""
         n, _, h, w = images.shape
-        gh, gw = min(self.block_num[0], h), min(self.block_num[1], w)
+        gh, gw = self.mask_grid(h, w, draws)
         partner = partner.to(images.device, torch.int64)
         partner_np = partner.cpu().numpy()  # the cuts run on the host: one copy per batch (a host sync on CUDA)
         sal = self.saliency_map(images, labels).clamp_min(0)
@@ -562,6 +595,28 @@ class PuzzleMix(MaskPolicy):
         perms = np.stack([transport_plan(t_sal[partner_np[i]], shows[i], self.t_eps) for i in range(n)])
         return out, torch.from_numpy(perms.reshape(n, tgh, tgw)).to(images.device)
 
-    def mask_policy(self, images, lam, partner, labels=None):
-        masks, perm = self.plan(images, lam, partner, labels)
+    def mask_policy(self, images, lam, partner, labels=None, *, draws=None):
+        masks, perm = self.plan(images, lam, partner, labels, draws=draws)
         return masks if perm is None else (masks, perm)
+
+
+def _block_grid(block_num, block_choices) -> tuple:
+    """``(block_num, block_choices)`` checked: ``((gh, gw), None)`` for a fixed grid, ``("random",
+    choices)`` for a grid drawn per batch."""
+    if isinstance(block_num, str):
+        if block_num != "random":
+            raise ValueError(f'block_num={block_num!r}: an int n (an n x n grid), (gh, gw) or "random"')
+        choices = BLOCK_CHOICES if block_choices is None else block_choices
+        if isinstance(choices, (str, bytes)) or not hasattr(choices, "__iter__") or not len(tuple(choices)):
+            raise ValueError(
+                f"block_choices={block_choices!r}: a non-empty sequence of positive ints, e.g. (2, 4, 8, 16)"
+            )
+        return "random", tuple(v.integer("block_choices", g, lo=1) for g in choices)
+    if block_choices is not None:
+        raise ValueError(
+            f'block_choices={block_choices!r} is only used with block_num="random" (block_num={block_num!r} is fixed)'
+        )
+    grid = (block_num, block_num) if isinstance(block_num, (int, np.integer)) else tuple(block_num)
+    if len(grid) != 2:
+        raise ValueError(f'block_num={block_num!r}: an int n (an n x n grid), (gh, gw) or "random"')
+    return tuple(v.integer("block_num", g, lo=1) for g in grid), None
