@@ -62,8 +62,8 @@ enum {
   DMK_SMOOTH,
   DMK_MASK_NEAREST_GATHER,   // the partner block-permuted (DM_FLAG_GATHER); sigmoid from the flags
   DMK_MASK_BILINEAR_GATHER,
-  DMK_MASK_NEAREST_GATHER_SELF,  // both images block-permuted (+ DM_FLAG_GATHER_SELF); sigmoid from the flags
-  DMK_MASK_BILINEAR_GATHER_SELF
+  DMK_MASK_NEAREST_GATHER_SELF  // both images block-permuted (+ DM_FLAG_GATHER_SELF; nearest masks only:
+                                // a bilinear twin spills in the f32 entries); sigmoid from the flags
 };
 
 struct DmNorm {
@@ -304,8 +304,8 @@ __device__ __host__ __forceinline__ void dm_group(const DmRecord& R, const DmSam
                                                   int x0) {
   const int h = S.h, w = S.w;
   const unsigned int row = (unsigned int)y * (unsigned int)w;
-  const bool self = K == DMK_MASK_NEAREST_GATHER_SELF || K == DMK_MASK_BILINEAR_GATHER_SELF;
-  const bool bilinear_gather = K == DMK_MASK_BILINEAR_GATHER || K == DMK_MASK_BILINEAR_GATHER_SELF;
+  const bool self = K == DMK_MASK_NEAREST_GATHER_SELF;
+  const bool bilinear_gather = K == DMK_MASK_BILINEAR_GATHER;
   unsigned int qa[3];  // the own pixels as they lie (DMK_MASK_*_GATHER_SELF reads them through its table)
   if (!self) dm_load_pixels<VEC>(S.a, row, x0, w, (R.flags & DM_FLAG_FLIP_SELF) != 0, qa);
   if (K == DMK_RESIZE_NEAREST || K == DMK_RESIZE_BILINEAR) {
@@ -325,13 +325,46 @@ DM_UNROLL
     dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromFloats{v});
     return;
   }
-  if (K == DMK_MASK_NEAREST_GATHER || K == DMK_MASK_BILINEAR_GATHER || self) {
+  if (self) {
+    // both images block-permuted (nearest mask, sigmoid from the flags): pixel by pixel, each own and
+    // partner pixel read from its source block at the same in-block offset, mixed, normalised and
+    // stored on its own (scalar stores: the four-pixel vector path spills registers here)
+    const int gh = R.p1, gw = R.p2;
+    const int by = dm_block_of(y, h, gh);
+    const float* mrow = S.mask + (unsigned int)dm_nearest_index(y, R.mask_h, h) * (unsigned int)R.mask_w;
+DM_NO_UNROLL
+    for (int k = 0; k < DM_PIX; ++k) {
+      const int x = x0 + k;
+      if (x >= w) break;
+      float m = mrow[dm_nearest_index(x, R.mask_w, w)];
+      if (R.flags & DM_FLAG_SIGMOID) m = 1.f / (1.f + expf(-m));
+      const int bx = dm_block_of(x, w, gw);
+      const unsigned int sb = (unsigned int)S.gather[by * gw + bx], sa = (unsigned int)S.gather_self[by * gw + bx];
+      const unsigned int yb = sb / (unsigned int)gw, ya = sa / (unsigned int)gw;
+      const int rby = dm_gather_coord(y, by, (int)yb, h, gh), rbx = dm_gather_coord(x, bx, (int)(sb - yb * (unsigned int)gw), w, gw);
+      const int ray = dm_gather_coord(y, by, (int)ya, h, gh), rax = dm_gather_coord(x, bx, (int)(sa - ya * (unsigned int)gw), w, gw);
+      const unsigned char* pb =
+          S.b + ((unsigned int)rby * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rbx : rbx)) * 3u;
+      const unsigned char* pa =
+          S.a + ((unsigned int)ray * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_SELF) ? w - 1 - rax : rax)) * 3u;
+      const unsigned int r = row + (unsigned int)x;
+DM_NO_UNROLL
+      for (int c = 0; c < 3; ++c) {
+        const float bb = (float)pb[c];
+        const float v = fmaf(fmaf(m, (float)pa[c] - bb, bb), c == 0 ? N.s0 : c == 1 ? N.s1 : N.s2,
+                             c == 0 ? N.o0 : c == 1 ? N.o1 : N.o2);
+        if (NHWC) S.out[r * 3u + (unsigned int)c] = O::cvt(v);
+        else S.out[(unsigned int)c * S.plane + r] = O::cvt(v);
+      }
+    }
+    return;
+  }
+  if (K == DMK_MASK_NEAREST_GATHER || K == DMK_MASK_BILINEAR_GATHER) {
     // the mask as DMK_MASK_* reads it (the sigmoid from the flags); the partner pixel of output block
     // (by, bx) read from its source block gather[by * gw + bx] at the same in-block offset (dm_gather_coord),
     // from the mirrored partner when flipped: 4 byte offsets, then the values byte by byte
     float wself[DM_PIX];
     unsigned int off[DM_PIX];
-    float v[12];  // DMK_MASK_*_GATHER_SELF: the mixed values, both images read from their own tables
     const int mh = R.mask_h, mw = R.mask_w, gh = R.p1, gw = R.p2;
     const int by = dm_block_of(y, h, gh);
     int my0, my1;
@@ -361,29 +394,11 @@ DM_NO_UNROLL
       const unsigned int sy = src / (unsigned int)gw;
       const int ry = dm_gather_coord(y, by, (int)sy, h, gh);
       const int rx = dm_gather_coord(x, bx, (int)(src - sy * (unsigned int)gw), w, gw);
-      const unsigned int ob = ((unsigned int)ry * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rx : rx)) * 3u;
-      if (!self) {
-        wself[k] = m;
-        need |= m != 1.f;
-        off[k] = ob;
-      } else {  // the own pixel the same way from its own table (mirrored with FLIP_SELF), mixed here
-        const unsigned int sa = (unsigned int)S.gather_self[by * gw + bx];
-        const unsigned int ya = sa / (unsigned int)gw;
-        const int qy = dm_gather_coord(y, by, (int)ya, h, gh);
-        const int qx = dm_gather_coord(x, bx, (int)(sa - ya * (unsigned int)gw), w, gw);
-        const unsigned char* pa =
-            S.a + ((unsigned int)qy * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_SELF) ? w - 1 - qx : qx)) * 3u;
-        const unsigned char* pb = S.b + ob;
-DM_NO_UNROLL
-        for (int c = 0; c < 3; ++c) {
-          const float bb = (float)pb[c];
-          v[3 * k + c] = fmaf(m, (float)pa[c] - bb, bb);
-        }
-      }
+      wself[k] = m;
+      need |= m != 1.f;
+      off[k] = ((unsigned int)ry * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rx : rx)) * 3u;
     }
-    // with the own image permuted, even a mask of ones shows the gathered own pixels, not qa
-    if (self) dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromFloats{v});
-    else if (need) dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromGathered{qa, S.b, off, wself});
+    if (need) dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromGathered{qa, S.b, off, wself});
     else dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromA{qa});
     return;
   }
@@ -489,8 +504,8 @@ __device__ __host__ __forceinline__ int dm_kind(const DmRecord& R) {
     case DM_METHOD_BLEND: return R.lam == 1.f ? DMK_NONE : DMK_BLEND;
     case DM_METHOD_BOX: return DMK_BOX;
     case DM_METHOD_MASK:
-      if ((R.flags & DM_FLAG_GATHER) && (R.flags & DM_FLAG_GATHER_SELF))
-        return bilinear ? DMK_MASK_BILINEAR_GATHER_SELF : DMK_MASK_NEAREST_GATHER_SELF;
+      // (validate_records refuses DM_FLAG_GATHER_SELF with DM_FLAG_BILINEAR)
+      if ((R.flags & DM_FLAG_GATHER) && (R.flags & DM_FLAG_GATHER_SELF)) return DMK_MASK_NEAREST_GATHER_SELF;
       if (R.flags & DM_FLAG_GATHER) return bilinear ? DMK_MASK_BILINEAR_GATHER : DMK_MASK_NEAREST_GATHER;
       if (R.flags & DM_FLAG_SIGMOID) return bilinear ? DMK_MASK_BILINEAR_SIGMOID : DMK_MASK_NEAREST_SIGMOID;
       return bilinear ? DMK_MASK_BILINEAR : DMK_MASK_NEAREST;
@@ -560,7 +575,6 @@ __device__ __host__ __forceinline__ void dm_dispatch(int kind, const unsigned ch
     case DMK_MASK_NEAREST_GATHER: DM_VARIANT(DMK_MASK_NEAREST_GATHER); break;
     case DMK_MASK_BILINEAR_GATHER: DM_VARIANT(DMK_MASK_BILINEAR_GATHER); break;
     case DMK_MASK_NEAREST_GATHER_SELF: DM_VARIANT(DMK_MASK_NEAREST_GATHER_SELF); break;
-    case DMK_MASK_BILINEAR_GATHER_SELF: DM_VARIANT(DMK_MASK_BILINEAR_GATHER_SELF); break;
     default: DM_VARIANT(DMK_NONE); break;
   }
 #endif

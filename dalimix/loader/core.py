@@ -564,7 +564,8 @@ class ImageLoader:
         """Let ``fn(images, lam, partner) -> masks`` supply the masks of ``LearnedMask`` samples, for
         the very batch being mixed (see ``dalimix.hook`` and docs/learned-masks.md). ``labels=True``:
         called ``fn(images, lam, partner, labels)``. The hook may return ``(masks, perm)``: a block
-        permutation of the partner per sample (PuzzleMix's transport)."""
+        permutation of the partner per sample (PuzzleMix's transport), or ``(masks, perm, perm_self)``:
+        the own image's too (nearest masks)."""
         self._mask_hook = make_stage(
             self,
             fn,

@@ -31,7 +31,7 @@ FLIP_FLAGS = FLAG_FLIP_SELF | FLAG_FLIP_PARTNER
 # of g over n pixels are [floor(i n / g), floor((i + 1) n / g)); where the source block is one pixel
 # shorter than the output block its last row / column repeats. The flips apply first ("flip, then mix").
 FLAG_GATHER = 16
-FLAG_GATHER_SELF = 32  # with FLAG_GATHER: the own image block-permuted too (same grid), its table at p3
+FLAG_GATHER_SELF = 32  # with FLAG_GATHER, nearest masks: the own image block-permuted too (same grid), table at p3
 
 RECORD_DTYPE = np.dtype(
     [
@@ -133,6 +133,13 @@ def validate_records(
         raise ValueError(
             f"record {i}: FLAG_GATHER_SELF is valid only on a MASK record with FLAG_GATHER (the own image's "
             "permutation shares the partner's grid); set FLAG_GATHER with p0..p2 too, or drop FLAG_GATHER_SELF"
+        )
+    smooth_self = ((rec["flags"] & FLAG_GATHER_SELF) != 0) & ((rec["flags"] & FLAG_BILINEAR) != 0)
+    if smooth_self.any():
+        i = int(np.flatnonzero(smooth_self)[0])
+        raise ValueError(
+            f"record {i}: FLAG_GATHER_SELF reads nearest masks only (the kernel has no bilinear variant of "
+            "it); drop FLAG_BILINEAR, or FLAG_GATHER_SELF"
         )
     boxed = (method == METHOD_BOX) | (method == METHOD_RESIZE) | (method == METHOD_GRID)
     if boxed.any():
