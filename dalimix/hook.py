@@ -26,6 +26,9 @@ source block — the partner is then read block-permuted by the kernel (``FLAG_G
 transport, Kim et al., ICML 2020). Every hooked sample's row must be a permutation of
 ``0 .. gh gw - 1``; it is checked like the masks (eagerly, or one batch later without a host sync)
 and clamped into range on the device, so a bad table never makes the kernel read outside the image.
+A hook may also return ``(masks, perm, perm_self)``: ``perm_self`` (same form and grid; ``perm`` may
+be None then, the partner as it is) gives the sample's own source block for every output block, so
+both images are transported (``FLAG_GATHER_SELF``; nearest masks only).
 
 Nothing here runs when no hook is registered.
 """
@@ -45,7 +48,7 @@ from .errors import DalimixError
 from .mix.methods import MixMethod, _positive
 from .mix.params import MixParams
 from .mix.saliency import MaskPolicy
-from .ops.record import FLAG_BILINEAR, FLAG_GATHER, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
+from .ops.record import FLAG_BILINEAR, FLAG_GATHER, FLAG_GATHER_SELF, FLAG_SIGMOID, METHOD_BLEND, METHOD_MASK
 from .ops.staging import to_device
 
 INTERPOLATIONS = ("nearest", "bilinear")
@@ -212,14 +215,16 @@ def _perm_stats(perm: torch.Tensor | None, use: torch.Tensor, device) -> torch.T
 
 
 def _perm_problem(stats: np.ndarray) -> str | None:
-    outside, rows, first = stats[7:10]
-    if not rows:
-        return None
-    return (
-        f"perm holds {int(rows)} row(s) that are not a permutation of the block indices (first in sample "
-        f"{int(first)}; {int(outside)} index(es) out of range); each hooked sample's row must hold every "
-        "block 0 .. gh*gw-1 once (output block -> the partner's source block)"
-    )
+    problems = []
+    for at, name, whose in ((7, "perm", "the partner's"), (10, "perm_self", "the own image's")):
+        outside, rows, first = stats[at : at + 3] if len(stats) >= at + 3 else (0, 0, 0)
+        if rows:
+            problems.append(
+                f"{name} holds {int(rows)} row(s) that are not a permutation of the block indices (first in "
+                f"sample {int(first)}; {int(outside)} index(es) out of range); each hooked sample's row must "
+                f"hold every block 0 .. gh*gw-1 once (output block -> {whose} source block)"
+            )
+    return "; ".join(problems) or None
 
 
 def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
@@ -334,18 +339,41 @@ class MaskHookStage:
             raise MaskHookError(
                 f"the mask hook {self.hook.name} raised {type(exc).__name__} at {where}: {exc}"
             ) from exc
-        if isinstance(result, tuple) and len(result) != 2:
+        if isinstance(result, tuple) and len(result) not in (2, 3):
             raise MaskHookError(
-                f"mask hook {self.hook.name} at {where} returned a tuple of {len(result)}; return masks "
-                "or (masks, perm)"
+                f"mask hook {self.hook.name} at {where} returned a tuple of {len(result)}; return masks, "
+                "(masks, perm) or (masks, perm, perm_self)"
             )
-        masks, perm = result if isinstance(result, tuple) else (result, None)
+        masks, perm, perm_self = (*result, None)[:3] if isinstance(result, tuple) else (result, None, None)
         self._check_form(masks, n, height, width, where)
         masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
         grid = None if perm is None else self._check_perm(perm, masks.shape, n, height, width, where)
+        if perm_self is not None:
+            if self.hook.interpolation != "nearest":
+                raise MaskHookError(
+                    f"mask hook {self.hook.name} at {where} returned perm_self with interpolation="
+                    f"{self.hook.interpolation!r}: the own image is read block-permuted under nearest masks only "
+                    "(register the hook with interpolation='nearest')"
+                )
+            own = self._check_perm(perm_self, masks.shape, n, height, width, where, name="perm_self")
+            if grid is None:  # the partner as it is: the identity on the own table's grid
+                grid = own
+                perm = torch.arange(own[0] * own[1], device=self.device).expand(n, own[0] * own[1])
+            elif own != grid:
+                raise MaskHookError(
+                    f"mask hook {self.hook.name} at {where} returned perm on a {grid[0]}x{grid[1]} grid and "
+                    f"perm_self on {own[0]}x{own[1]}: both permute blocks of one grid"
+                )
+            perm_self = perm_self.detach().reshape(n, grid[0] * grid[1])
         if perm is not None and grid is not None:
             perm = perm.detach().reshape(n, grid[0] * grid[1])
-        stats = torch.cat([_value_stats(masks, self.hook.logits), _perm_stats(perm, use_t, self.device)])
+        stats = torch.cat(
+            [
+                _value_stats(masks, self.hook.logits),
+                _perm_stats(perm, use_t, self.device),
+                _perm_stats(perm_self, use_t, self.device),
+            ]
+        )
         if self.hook.validate == "eager" or not cuda:
             problem = _value_problem(stats.cpu().numpy(), self.hook.logits)  # host sync: validate='eager' / CPU
             if problem:
@@ -353,7 +381,7 @@ class MaskHookStage:
         else:
             self._defer(stats, epoch, step)
 
-        stored, gather = self._store(masks, perm)
+        stored, gather = self._store(masks, perm, perm_self)
         flags, logits = self.hook.flags, self.hook.logits
         if logits and self.hook.interpolation == "nearest":
             # nearest upsampling commutes with the sigmoid: apply it to the h x w values, not the H x W pixels
@@ -367,6 +395,9 @@ class MaskHookStage:
             params.flags[rows] |= FLAG_GATHER
             params.ints[rows, 0] = rows * k
             params.ints[rows, 1], params.ints[rows, 2] = grid
+            if perm_self is not None:  # the own image too: its table after the partners' (p3)
+                params.flags[rows] |= FLAG_GATHER_SELF
+                params.ints[rows, 3] = (n + rows) * k
         params.device_masks = stored
         if self.hook.target_lam == "mask" and len(rows):
             mean = full_resolution_mask_mean(
@@ -445,13 +476,16 @@ class MaskHookStage:
                 f"mask hook {name} at {where} returned {masks.dtype} masks; use torch.float32 or torch.float16"
             )
 
-    def _check_perm(self, perm, mask_shape, n: int, height: int, width: int, where: str) -> tuple[int, int]:
-        """The block permutation's form (no device values read); returns its grid (gh, gw)."""
-        name = self.hook.name
+    def _check_perm(
+        self, perm, mask_shape, n: int, height: int, width: int, where: str, *, name: str = "perm"
+    ) -> tuple[int, int]:
+        """The block permutation's form (no device values read); returns its grid (gh, gw). ``name``:
+        "perm" (the partner's) or "perm_self" (the own image's)."""
+        hook, whose = self.hook.name, "own image's" if name == "perm_self" else "partner's"
         if not isinstance(perm, torch.Tensor):
             raise MaskHookError(
-                f"mask hook {name} at {where} returned (masks, {type(perm).__name__}); perm must be an int "
-                f"torch.Tensor of shape {n} x gh x gw (output block -> the partner's source block)"
+                f"mask hook {hook} at {where} returned {name} of type {type(perm).__name__}; {name} must be an int "
+                f"torch.Tensor of shape {n} x gh x gw (output block -> the {whose} source block)"
             )
         shape = tuple(perm.shape)
         if perm.dim() == 2 and shape[0] == n and shape[1] == mask_shape[2] * mask_shape[3]:
@@ -460,26 +494,28 @@ class MaskHookStage:
             grid = (shape[1], shape[2])
         else:
             raise MaskHookError(
-                f"mask hook {name} at {where} returned perm of shape {shape}; expected {n} x gh x gw with "
+                f"mask hook {hook} at {where} returned {name} of shape {shape}; expected {n} x gh x gw with "
                 f"1 <= gh <= {height} and 1 <= gw <= {width}, or {n} x {mask_shape[2] * mask_shape[3]} "
                 "(the masks' own grid, row-major)"
             )
         if perm.dtype not in PERM_DTYPES:
             raise MaskHookError(
-                f"mask hook {name} at {where} returned {perm.dtype} perm; use torch.int32 or torch.int64"
+                f"mask hook {hook} at {where} returned {perm.dtype} {name}; use torch.int32 or torch.int64"
             )
         if not self._on_device(perm):
             raise MaskHookError(
-                f"mask hook {name} at {where} returned perm on {perm.device}; the loader mixes on {self.device}"
+                f"mask hook {hook} at {where} returned {name} on {perm.device}; the loader mixes on {self.device}"
             )
         return grid
 
-    def _store(self, masks: torch.Tensor, perm: torch.Tensor | None = None):
-        """Copy the masks (and the permutations, clamped into range, as int32) into the shared buffers;
-        returns their views ``(N x 1 x h x w float32, flat int32 or None)``."""
+    def _store(self, masks: torch.Tensor, perm: torch.Tensor | None = None, perm_self: torch.Tensor | None = None):
+        """Copy the masks (and the permutations, clamped into range, as int32: the partners' rows, then
+        the own images' rows of ``perm_self``) into the shared buffers; returns their views ``(N x 1 x
+        h x w float32, flat int32 or None)``."""
         n, _, h, w = masks.shape
         need = n * h * w
         k = 0 if perm is None else perm.shape[1]
+        tables = 1 if perm_self is None else 2
         cuda = self.device.type == "cuda"
         current = torch.cuda.current_stream(self.device) if cuda else None
         if cuda and self._last_stream is not None and self._last_stream != current:
@@ -489,8 +525,10 @@ class MaskHookStage:
         if self._buffer.numel() < need:
             self._buffer = torch.empty(max(need, 2 * self._buffer.numel()), dtype=torch.float32, device=self.device)
             self._buffer_stream = current
-        if self._gather.numel() < n * k:
-            self._gather = torch.empty(max(n * k, 2 * self._gather.numel()), dtype=torch.int32, device=self.device)
+        if self._gather.numel() < tables * n * k:
+            self._gather = torch.empty(
+                max(tables * n * k, 2 * self._gather.numel()), dtype=torch.int32, device=self.device
+            )
             self._gather_stream = current
         if cuda:
             if current != self._buffer_stream:
@@ -502,8 +540,10 @@ class MaskHookStage:
         view.copy_(masks.detach())
         if perm is None:
             return view, None
-        table = self._gather[: n * k]
-        table.view(n, k).copy_(perm.clamp(0, max(k - 1, 0)))  # in range whatever the (deferred) check finds
+        table = self._gather[: tables * n * k]
+        table[: n * k].view(n, k).copy_(perm.clamp(0, max(k - 1, 0)))  # in range whatever the (deferred) check finds
+        if perm_self is not None:
+            table[n * k :].view(n, k).copy_(perm_self.clamp(0, max(k - 1, 0)))
         return view, table
 
 

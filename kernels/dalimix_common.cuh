@@ -27,6 +27,8 @@ typedef long long dm_i64;
 #define DM_FLAG_GATHER 16   // MASK: the partner is read block-permuted (PuzzleMix's transport): p0 = offset
                             // of the sample's table in `gather`, p1 x p2 = block grid gh x gw; see
                             // dm_gather_coord
+#define DM_FLAG_GATHER_SELF 32  // with DM_FLAG_GATHER: the own image is read block-permuted too, on the same
+                                // grid, its permutation at gather[p3 ...] (PuzzleMix transports both inputs)
 
 struct DmRecord {
   int partner;      // batch index of the partner image b
@@ -40,7 +42,8 @@ struct DmRecord {
   int mask_w;
   // GRID:   p0, p1 = patch width, height; p2, p3 = hole width, height (holes start at the box corner)
   // SMOOTH: p0, p1 = y, x offsets of the periodic grid (period 2H, 2W); f0 = 1 / (2 sigma^2)
-  // MASK + DM_FLAG_GATHER: p0 = offset of the block permutation in `gather`, p1, p2 = grid gh, gw
+  // MASK + DM_FLAG_GATHER: p0 = offset of the block permutation in `gather`, p1, p2 = grid gh, gw;
+  //   + DM_FLAG_GATHER_SELF: p3 = offset of the own image's permutation (same grid)
   int p0, p1, p2, p3;
   float f0;
 };

@@ -4,7 +4,8 @@
 // rec:   n DmRecord, one per output sample (see dalimix_common.cuh).
 // masks: float32 mask pool; sample s reads masks[rec[s].mask_offset ...] (mask_h x mask_w).
 // gather: int32 block permutations (MASK + DM_FLAG_GATHER): sample s reads gather[rec[s].p0 ...]
-//        (p1 x p2 values); output block j shows the partner's block gather[p0 + j] (row-major).
+//        (p1 x p2 values); output block j shows the partner's block gather[p0 + j] (row-major), and
+//        with DM_FLAG_GATHER_SELF the own image's block gather[p3 + j].
 // dst:   n x 3 x H x W in NCHW, or the same tensor in channels_last memory order (N x H x W x 3).
 // erase: null, or n rows of DM_ERASE_STRIDE int32: random erasing boxes (dalimix_common.cuh).
 // out = (mix(a, b) - mean255[c]) * inv_std255[c], computed in float32, then cast once; inside an
@@ -60,7 +61,9 @@ enum {
   DMK_GRID,
   DMK_SMOOTH,
   DMK_MASK_NEAREST_GATHER,   // the partner block-permuted (DM_FLAG_GATHER); sigmoid from the flags
-  DMK_MASK_BILINEAR_GATHER
+  DMK_MASK_BILINEAR_GATHER,
+  DMK_MASK_NEAREST_GATHER_SELF  // both images block-permuted (+ DM_FLAG_GATHER_SELF; nearest masks only:
+                                // a bilinear twin spills in the f32 entries); sigmoid from the flags
 };
 
 struct DmNorm {
@@ -75,6 +78,7 @@ struct DmSample {
   const unsigned char* b;  // the partner image
   const float* mask;       // this sample's low-res mask (MASK)
   const int* gather;       // this sample's block permutation (MASK + DM_FLAG_GATHER)
+  const int* gather_self;  // the own image's block permutation (+ DM_FLAG_GATHER_SELF)
   typename O::T* out;      // this sample's output: 3 x H x W, or H x W x 3 (channels_last)
   int h, w;
   unsigned int plane;      // h * w
@@ -300,8 +304,10 @@ __device__ __host__ __forceinline__ void dm_group(const DmRecord& R, const DmSam
                                                   int x0) {
   const int h = S.h, w = S.w;
   const unsigned int row = (unsigned int)y * (unsigned int)w;
-  unsigned int qa[3];
-  dm_load_pixels<VEC>(S.a, row, x0, w, (R.flags & DM_FLAG_FLIP_SELF) != 0, qa);
+  const bool self = K == DMK_MASK_NEAREST_GATHER_SELF;
+  const bool bilinear_gather = K == DMK_MASK_BILINEAR_GATHER;
+  unsigned int qa[3];  // the own pixels as they lie (DMK_MASK_*_GATHER_SELF reads them through its table)
+  if (!self) dm_load_pixels<VEC>(S.a, row, x0, w, (R.flags & DM_FLAG_FLIP_SELF) != 0, qa);
   if (K == DMK_RESIZE_NEAREST || K == DMK_RESIZE_BILINEAR) {
     // the partner resized into the box replaces the pixels there
     float v[12];
@@ -319,6 +325,40 @@ DM_UNROLL
     dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromFloats{v});
     return;
   }
+  if (self) {
+    // both images block-permuted (nearest mask, sigmoid from the flags): pixel by pixel, each own and
+    // partner pixel read from its source block at the same in-block offset, mixed, normalised and
+    // stored on its own (scalar stores: the four-pixel vector path spills registers here)
+    const int gh = R.p1, gw = R.p2;
+    const int by = dm_block_of(y, h, gh);
+    const float* mrow = S.mask + (unsigned int)dm_nearest_index(y, R.mask_h, h) * (unsigned int)R.mask_w;
+DM_NO_UNROLL
+    for (int k = 0; k < DM_PIX; ++k) {
+      const int x = x0 + k;
+      if (x >= w) break;
+      float m = mrow[dm_nearest_index(x, R.mask_w, w)];
+      if (R.flags & DM_FLAG_SIGMOID) m = 1.f / (1.f + expf(-m));
+      const int bx = dm_block_of(x, w, gw);
+      const unsigned int sb = (unsigned int)S.gather[by * gw + bx], sa = (unsigned int)S.gather_self[by * gw + bx];
+      const unsigned int yb = sb / (unsigned int)gw, ya = sa / (unsigned int)gw;
+      const int rby = dm_gather_coord(y, by, (int)yb, h, gh), rbx = dm_gather_coord(x, bx, (int)(sb - yb * (unsigned int)gw), w, gw);
+      const int ray = dm_gather_coord(y, by, (int)ya, h, gh), rax = dm_gather_coord(x, bx, (int)(sa - ya * (unsigned int)gw), w, gw);
+      const unsigned char* pb =
+          S.b + ((unsigned int)rby * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rbx : rbx)) * 3u;
+      const unsigned char* pa =
+          S.a + ((unsigned int)ray * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_SELF) ? w - 1 - rax : rax)) * 3u;
+      const unsigned int r = row + (unsigned int)x;
+DM_NO_UNROLL
+      for (int c = 0; c < 3; ++c) {
+        const float bb = (float)pb[c];
+        const float v = fmaf(fmaf(m, (float)pa[c] - bb, bb), c == 0 ? N.s0 : c == 1 ? N.s1 : N.s2,
+                             c == 0 ? N.o0 : c == 1 ? N.o1 : N.o2);
+        if (NHWC) S.out[r * 3u + (unsigned int)c] = O::cvt(v);
+        else S.out[(unsigned int)c * S.plane + r] = O::cvt(v);
+      }
+    }
+    return;
+  }
   if (K == DMK_MASK_NEAREST_GATHER || K == DMK_MASK_BILINEAR_GATHER) {
     // the mask as DMK_MASK_* reads it (the sigmoid from the flags); the partner pixel of output block
     // (by, bx) read from its source block gather[by * gw + bx] at the same in-block offset (dm_gather_coord),
@@ -329,7 +369,7 @@ DM_UNROLL
     const int by = dm_block_of(y, h, gh);
     int my0, my1;
     float wy = 0.f;
-    if (K == DMK_MASK_BILINEAR_GATHER) dm_linear_coord(y, mh, h, &my0, &my1, &wy);
+    if (bilinear_gather) dm_linear_coord(y, mh, h, &my0, &my1, &wy);
     else my0 = my1 = dm_nearest_index(y, mh, h);
     const float* r0 = S.mask + (unsigned int)my0 * (unsigned int)mw;
     const float* r1 = S.mask + (unsigned int)my1 * (unsigned int)mw;
@@ -340,7 +380,7 @@ DM_NO_UNROLL
     for (int k = 0; k < DM_PIX; ++k) {
       const int x = x0 + k < w ? x0 + k : w - 1;
       float m;
-      if (K == DMK_MASK_BILINEAR_GATHER) {
+      if (bilinear_gather) {
         int mx0, mx1;
         float wx;
         dm_linear_coord(x, mw, w, &mx0, &mx1, &wx);
@@ -349,13 +389,13 @@ DM_NO_UNROLL
         m = r0[dm_nearest_index(x, mw, w)];
       }
       if (R.flags & DM_FLAG_SIGMOID) m = 1.f / (1.f + expf(-m));
-      wself[k] = m;
-      need |= m != 1.f;
       const int bx = dm_block_of(x, w, gw);
       const unsigned int src = (unsigned int)S.gather[by * gw + bx];
       const unsigned int sy = src / (unsigned int)gw;
       const int ry = dm_gather_coord(y, by, (int)sy, h, gh);
       const int rx = dm_gather_coord(x, bx, (int)(src - sy * (unsigned int)gw), w, gw);
+      wself[k] = m;
+      need |= m != 1.f;
       off[k] = ((unsigned int)ry * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rx : rx)) * 3u;
     }
     if (need) dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromGathered{qa, S.b, off, wself});
@@ -464,6 +504,8 @@ __device__ __host__ __forceinline__ int dm_kind(const DmRecord& R) {
     case DM_METHOD_BLEND: return R.lam == 1.f ? DMK_NONE : DMK_BLEND;
     case DM_METHOD_BOX: return DMK_BOX;
     case DM_METHOD_MASK:
+      // (validate_records refuses DM_FLAG_GATHER_SELF with DM_FLAG_BILINEAR)
+      if ((R.flags & DM_FLAG_GATHER) && (R.flags & DM_FLAG_GATHER_SELF)) return DMK_MASK_NEAREST_GATHER_SELF;
       if (R.flags & DM_FLAG_GATHER) return bilinear ? DMK_MASK_BILINEAR_GATHER : DMK_MASK_NEAREST_GATHER;
       if (R.flags & DM_FLAG_SIGMOID) return bilinear ? DMK_MASK_BILINEAR_SIGMOID : DMK_MASK_NEAREST_SIGMOID;
       return bilinear ? DMK_MASK_BILINEAR : DMK_MASK_NEAREST;
@@ -488,6 +530,7 @@ __device__ __host__ __forceinline__ DmSample<O> dm_sample(const unsigned char* s
   S.b = src + (dm_i64)R.partner * pixels;
   S.mask = masks + R.mask_offset;
   S.gather = gather + ((R.flags & DM_FLAG_GATHER) ? R.p0 : 0);
+  S.gather_self = gather + ((R.flags & DM_FLAG_GATHER) && (R.flags & DM_FLAG_GATHER_SELF) ? R.p3 : 0);
   S.out = dst + (dm_i64)s * pixels;
   return S;
 }
@@ -531,6 +574,7 @@ __device__ __host__ __forceinline__ void dm_dispatch(int kind, const unsigned ch
     case DMK_SMOOTH: DM_VARIANT(DMK_SMOOTH); break;
     case DMK_MASK_NEAREST_GATHER: DM_VARIANT(DMK_MASK_NEAREST_GATHER); break;
     case DMK_MASK_BILINEAR_GATHER: DM_VARIANT(DMK_MASK_BILINEAR_GATHER); break;
+    case DMK_MASK_NEAREST_GATHER_SELF: DM_VARIANT(DMK_MASK_NEAREST_GATHER_SELF); break;
     default: DM_VARIANT(DMK_NONE); break;
   }
 #endif

@@ -14,6 +14,7 @@ from dalimix.ops.record import (
     FLAG_FLIP_PARTNER,
     FLAG_FLIP_SELF,
     FLAG_GATHER,
+    FLAG_GATHER_SELF,
     FLAG_SIGMOID,
     METHOD_BLEND,
     METHOD_BOX,
@@ -122,6 +123,8 @@ def reference_mix_normalize(images, records, masks, mean, std, gather=None) -> n
             if r["flags"] & FLAG_GATHER:
                 gh, gw = int(r["p1"]), int(r["p2"])
                 b = reference_gather(b, gather[int(r["p0"]) : int(r["p0"]) + gh * gw], gh, gw)
+                if r["flags"] & FLAG_GATHER_SELF:
+                    a = reference_gather(a, gather[int(r["p3"]) : int(r["p3"]) + gh * gw], gh, gw)
             v = full * a + (1 - full) * b
         else:
             raise ValueError(m)

@@ -1,4 +1,5 @@
-"""The kernel's block gather (FLAG_GATHER, PuzzleMix's transport of the partner) against a float64
+"""The kernel's block gather (FLAG_GATHER, PuzzleMix's transport of the partner; FLAG_GATHER_SELF, of the
+own image too) against a float64
 reference built from its definition: the host shim (the CUDA source), the host kernels and the torch
 twin, every dtype and layout, odd sizes, flips."""
 
@@ -18,6 +19,7 @@ from dalimix.ops.record import (
     FLAG_FLIP_PARTNER,
     FLAG_FLIP_SELF,
     FLAG_GATHER,
+    FLAG_GATHER_SELF,
     FLAG_SIGMOID,
     METHOD_MASK,
     RECORD_DTYPE,
@@ -46,7 +48,9 @@ def gather_batch(rng, h, w, gh, gw, n=3, *, flags=0, identity=False, mask_hw=Non
     else:
         pool = rng.integers(0, 2, n * mh * mw).astype(np.float32)  # PuzzleMix's binary masks
         pool[: mh * mw] = rng.uniform(0, 1, mh * mw)  # and one soft one
-    table = np.concatenate([np.arange(k) if identity else rng.permutation(k) for _ in range(n)]).astype(np.int32)
+    tables = n * (2 if flags & FLAG_GATHER_SELF else 1)  # the own images' permutations after the partners'
+    rec["p3"] = (n + np.arange(n)) * k if flags & FLAG_GATHER_SELF else 0
+    table = np.concatenate([np.arange(k) if identity else rng.permutation(k) for _ in range(tables)]).astype(np.int32)
     return images, rec, pool, table
 
 
@@ -74,6 +78,11 @@ def test_shim_gather_matches_float64_reference(shim, dtype, channels_last, grid)
         FLAG_FLIP_SELF | FLAG_FLIP_PARTNER,
         FLAG_BILINEAR,
         FLAG_BILINEAR | FLAG_SIGMOID,
+        FLAG_GATHER_SELF,
+        FLAG_GATHER_SELF | FLAG_FLIP_SELF,
+        FLAG_GATHER_SELF | FLAG_FLIP_SELF | FLAG_FLIP_PARTNER,
+        FLAG_GATHER_SELF | FLAG_SIGMOID,
+        FLAG_GATHER_SELF | FLAG_FLIP_PARTNER | FLAG_SIGMOID,
     ):
         images, rec, pool, table = gather_batch(rng, h, w, gh, gw, flags=flags)
         got = run_shim(shim, images, rec, pool, norm, dtype, channels_last, gather=table)
@@ -96,6 +105,36 @@ def test_shim_identity_permutation_is_the_plain_mask(shim):
             assert np.array_equal(got, want), (h, w, gh, gw, flags)
 
 
+def test_shim_identity_own_permutation_is_the_partner_only_gather(shim):
+    """FLAG_GATHER_SELF with the identity own permutation writes exactly what FLAG_GATHER alone writes."""
+    rng = np.random.default_rng(7)
+    norm = Normalization()
+    for h, w, gh, gw in GRIDS:
+        for flags in (0, FLAG_FLIP_SELF, FLAG_FLIP_PARTNER | FLAG_SIGMOID):
+            images, rec, pool, table = gather_batch(rng, h, w, gh, gw, flags=flags | FLAG_GATHER_SELF)
+            k = gh * gw
+            table[len(rec) * k :] = np.tile(np.arange(k, dtype=np.int32), len(rec))
+            got = run_shim(shim, images, rec, pool, norm, torch.float32, False, gather=table)
+            plain = rec.copy()
+            plain["flags"] &= ~FLAG_GATHER_SELF
+            want = run_shim(shim, images, plain, pool, norm, torch.float32, False, gather=table)
+            assert np.array_equal(got, want), (h, w, gh, gw, flags)
+
+
+def test_shim_own_permutation_shows_under_a_mask_of_ones(shim):
+    """A mask of ones (the own image everywhere) still shows the own image permuted, not as it lies."""
+    rng = np.random.default_rng(8)
+    norm = Normalization()
+    images, rec, pool, table = gather_batch(rng, 8, 12, 2, 3, flags=FLAG_GATHER_SELF)
+    pool[:] = 1.0
+    got = run_shim(shim, images, rec, pool, norm, torch.float32, False, gather=table)
+    ref = reference_mix_normalize(images, rec, pool, norm.mean, norm.std, gather=table)
+    assert np.abs(got - ref).max() < 1e-4
+    plain = rec.copy()
+    plain["flags"] &= ~FLAG_GATHER_SELF
+    assert not np.allclose(got, run_shim(shim, images, plain, pool, norm, torch.float32, False, gather=table))
+
+
 def test_shim_gather_mask_and_grid_may_differ(shim):
     """The mask's resolution and the transport grid are independent (a 2 x 2 mask, a 4 x 4 transport)."""
     rng = np.random.default_rng(4)
@@ -112,7 +151,13 @@ def test_cpu_backends_gather_match_float64_reference(backend, dtype, channels_la
     rng = np.random.default_rng(stable_seed("cpu", str(dtype), channels_last))
     norm = Normalization(mean=rng.uniform(0.3, 0.6, 3), std=rng.uniform(0.15, 0.35, 3))
     for h, w, gh, gw in GRIDS:
-        for flags in (0, FLAG_FLIP_PARTNER | FLAG_FLIP_SELF, FLAG_BILINEAR | FLAG_SIGMOID):
+        for flags in (
+            0,
+            FLAG_FLIP_PARTNER | FLAG_FLIP_SELF,
+            FLAG_BILINEAR | FLAG_SIGMOID,
+            FLAG_GATHER_SELF | FLAG_FLIP_SELF,
+            FLAG_GATHER_SELF | FLAG_FLIP_PARTNER | FLAG_SIGMOID,
+        ):
             images, rec, pool, table = gather_batch(rng, h, w, gh, gw, flags=flags)
             out = mix_normalize(
                 torch.from_numpy(images),
@@ -136,11 +181,16 @@ def test_cpu_backends_gather_match_float64_reference(backend, dtype, channels_la
         (lambda r, t: r.__setitem__("p0", 100), "does not fit a gather table"),
         (lambda r, t: t.__setitem__(slice(0, 1), 7), r"outside \[0, 4\)"),
         (lambda r, t: t.__setitem__(slice(0, 1), -1), r"outside \[0, 4\)"),
+        (lambda r, t: r.__setitem__("p3", 100), "own image's block permutation"),
+        (lambda r, t: r.__setitem__("p3", -1), "own image's block permutation"),
+        (lambda r, t: t.__setitem__(slice(12, 13), 4), r"\(own image\) holds block indices outside \[0, 4\)"),
+        (lambda r, t: r.__setitem__("flags", FLAG_GATHER_SELF), "FLAG_GATHER_SELF is valid only"),
+        (lambda r, t: r.__setitem__("flags", FLAG_GATHER | FLAG_GATHER_SELF | FLAG_BILINEAR), "nearest masks only"),
     ],
 )
 def test_bad_gather_records_and_tables_are_refused(change, message):
     rng = np.random.default_rng(5)
-    images, rec, pool, table = gather_batch(rng, 8, 8, 2, 2)
+    images, rec, pool, table = gather_batch(rng, 8, 8, 2, 2, flags=FLAG_GATHER_SELF)
     change(rec, table)
     with pytest.raises(ValueError, match=message):
         mix_normalize(torch.from_numpy(images), rec, torch.from_numpy(pool), torch.from_numpy(table))

@@ -35,7 +35,8 @@ from dalimix.mix.puzzlemix import (
     transport_plan,
     unary_costs,
 )
-from dalimix.ops.record import FLAG_GATHER, METHOD_MASK
+from dalimix.ops import Normalization, mix_normalize
+from dalimix.ops.record import FLAG_GATHER, FLAG_GATHER_SELF, METHOD_MASK
 
 PERMS_2X2 = [np.array(p) for p in itertools.permutations(range(4))]
 
@@ -280,9 +281,11 @@ def test_puzzlemix_three_labels_on_the_loader_end_to_end(small_dataset, size, gr
             values |= set(m.unique().tolist())
             gh, gw = int(p.ints[i, 1]), int(p.ints[i, 2])
             perm = p.device_gather[int(p.ints[i, 0]) : int(p.ints[i, 0]) + gh * gw]
-            assert sorted(perm.tolist()) == list(range(gh * gw))
+            perm_self = p.device_gather[int(p.ints[i, 3]) : int(p.ints[i, 3]) + gh * gw]
+            assert p.flags[i] & FLAG_GATHER_SELF
+            assert sorted(perm.tolist()) == list(range(gh * gw)) == sorted(perm_self.tolist())
             clean = info.unmixed.double()
-            own = clean[i].permute(1, 2, 0).numpy()
+            own = reference_gather(clean[i].permute(1, 2, 0).numpy(), perm_self.numpy(), gh, gw)
             b = reference_gather(clean[p.partner[i]].permute(1, 2, 0).numpy(), perm.numpy(), gh, gw)
             up = torch.nn.functional.interpolate(p.device_masks[i : i + 1].double(), size=(size, size))[0, 0].numpy()
             np.testing.assert_allclose(
@@ -335,14 +338,38 @@ def _stage(fn, labels=False, n=3):
 BAD_PERMS = [
     (lambda n: (torch.zeros(n, 1, 2, 2), torch.zeros(n, 5, dtype=torch.int64)), "perm of shape"),
     (lambda n: (torch.zeros(n, 1, 2, 2), torch.zeros(n, 2, 2)), "torch.float32 perm; use torch.int32"),
-    (lambda n: (torch.zeros(n, 1, 2, 2), np.zeros((n, 4))), r"\(masks, ndarray\)"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), np.zeros((n, 4))), "perm of type ndarray"),
     (lambda n: (torch.zeros(n, 1, 2, 2), torch.zeros(n, 4, dtype=torch.int64)), "not a permutation"),
     (lambda n: (torch.zeros(n, 1, 2, 2), torch.full((n, 4), 9)), r"index\(es\) out of range"),
-    (lambda n: (torch.zeros(n, 1, 2, 2), torch.arange(4).repeat(n, 1), 1), "a tuple of 3"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), torch.arange(4).repeat(n, 1), None, 1), "a tuple of 4"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), None, torch.zeros(n, 5, dtype=torch.int64)), "perm_self of shape"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), None, torch.zeros(n, 2, 2)), "torch.float32 perm_self"),
+    (lambda n: (torch.zeros(n, 1, 2, 2), None, 5), "perm_self of type int"),
+    (
+        lambda n: (torch.zeros(n, 1, 2, 2), torch.arange(4).repeat(n, 1), torch.arange(2).repeat(n, 1, 1)),
+        "perm on a 2x2 grid and perm_self on 1x2",
+    ),
+    (lambda n: (torch.zeros(n, 1, 2, 2), None, torch.zeros(n, 4, dtype=torch.int64)), "perm_self holds 3 row"),
 ]
 
 
-@pytest.mark.parametrize("fn, message", BAD_PERMS, ids=["shape", "dtype", "numpy", "repeat", "range", "tuple3"])
+@pytest.mark.parametrize(
+    "fn, message",
+    BAD_PERMS,
+    ids=[
+        "shape",
+        "dtype",
+        "numpy",
+        "repeat",
+        "range",
+        "tuple4",
+        "self-shape",
+        "self-dtype",
+        "self-int",
+        "self-grid",
+        "self-repeat",
+    ],
+)
 def test_bad_block_permutations_are_refused_naming_the_hook(fn, message):
     def my_hook(images, lam, partner):
         return fn(images.shape[0])
@@ -363,6 +390,64 @@ def test_good_permutation_on_the_masks_grid_and_labels_required():
         stage.prepare(torch.zeros(3, 3, 8, 8), p, epoch=0, step=0)
     stage.prepare(torch.zeros(3, 3, 8, 8), p, epoch=0, step=0, labels=torch.arange(3))
     assert p.device_gather is None and not (p.flags & FLAG_GATHER).any()
+
+
+def test_own_image_permutation_in_the_hook_contract():
+    """(masks, perm, perm_self): the own table after the partners' (p3), FLAG_GATHER_SELF; perm None is
+    the identity; a bilinear hook is refused; the output is m own[perm_self] + (1 - m) partner[perm]."""
+    rng = np.random.default_rng(4)
+    n, h, w = 3, 8, 8
+    own_perm = torch.stack([torch.from_numpy(rng.permutation(4)) for _ in range(n)])
+    stage, p = _stage(lambda im, lam, part: (torch.ones(n, 1, 2, 2), None, own_perm))
+    stage.prepare(torch.zeros(n, 3, h, w), p, epoch=0, step=0)
+    assert (p.flags & FLAG_GATHER).all() and (p.flags & FLAG_GATHER_SELF).all()
+    assert p.ints[:, 3].tolist() == [12, 16, 20] and p.ints[:, 0].tolist() == [0, 4, 8]
+    assert p.device_gather.tolist() == [0, 1, 2, 3] * n + own_perm.reshape(-1).tolist()
+    bilinear = MaskHookStage(
+        MaskHook(fn=lambda im, lam, part: (torch.ones(n, 1, 2, 2), None, own_perm), interpolation="bilinear"),
+        torch.device("cpu"),
+    )
+    with pytest.raises(MaskHookError, match="interpolation='nearest'"):
+        bilinear.prepare(torch.zeros(n, 3, h, w), _stage(lambda *a: None)[1], epoch=0, step=0)
+    # a tensor batch end to end: a 0/1 mask per block, both images block-permuted
+    images = torch.from_numpy(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8))
+    masks = torch.from_numpy(rng.integers(0, 2, (n, 1, 2, 2)).astype(np.float32))
+    perm = torch.stack([torch.from_numpy(rng.permutation(4)) for _ in range(n)])
+    stage = MaskHookStage(MaskHook(fn=lambda im, lam, part: (masks, perm, own_perm)), torch.device("cpu"))
+    p = MixParams.unmixed(n)
+    p.method[:] = METHOD_MASK
+    p.partner[:] = (np.arange(n) + 1) % n
+    p.lam[:] = 0.5
+    norm = Normalization(mean=(0, 0, 0), std=(1, 1, 1))
+    unmixed = mix_normalize(images, None, None, norm=norm)
+    records, pool = stage.prepare(unmixed, p, epoch=0, step=0)
+    out = mix_normalize(images, records, pool, p.device_gather, norm=norm)
+    src = images.double().numpy() / 255.0
+    for i in range(n):
+        a = reference_gather(src[i], own_perm[i].numpy(), 2, 2)
+        b = reference_gather(src[p.partner[i]], perm[i].numpy(), 2, 2)
+        up = torch.nn.functional.interpolate(masks[i : i + 1].double(), size=(h, w))[0, 0].numpy()[..., None]
+        np.testing.assert_allclose(out[i].permute(1, 2, 0).double().numpy(), up * a + (1 - up) * b, atol=2e-6)
+
+
+def test_puzzlemix_moves_each_image_where_it_shows():
+    """The own image's plan is the exact assignment of its saliency to where the mask keeps it, the
+    partner's to where it shows (1 - mask): transport_plan, whose optimality is brute-forced above."""
+    rng = np.random.default_rng(8)
+    n, size = 4, 16
+    images = torch.from_numpy(rng.normal(size=(n, 3, size, size)).astype(np.float32))
+    sal = torch.from_numpy(rng.random((n, size, size)).astype(np.float32))
+    pm = PuzzleMix(block_num=2, saliency=lambda x, y: sal, t_eps=0.3)
+    lam = torch.full((n,), 0.5, dtype=torch.float64)
+    partner = torch.tensor([1, 2, 3, 0])
+    masks, perm, perm_self = pm.plan(images, lam, partner, torch.zeros(n, dtype=torch.int64))
+    pooled = block_means(sal, 2, 2)
+    pooled = (pooled / pooled.sum(dim=(1, 2), keepdim=True)).numpy()
+    kept = masks[:, 0].double().numpy()
+    for i in range(n):
+        assert perm_self[i].reshape(-1).tolist() == transport_plan(pooled[i], kept[i], 0.3).tolist()
+        assert perm[i].reshape(-1).tolist() == transport_plan(pooled[int(partner[i])], 1 - kept[i], 0.3).tolist()
+    assert pm.mask_policy(images, lam, partner, torch.zeros(n, dtype=torch.int64))[2].shape == (n, 2, 2)
 
 
 # ------------------------------------------------------------------------------ the policy
@@ -399,9 +484,11 @@ def test_puzzlemix_on_the_loader_end_to_end(small_dataset, size, grid, t_size):
             assert set(m.unique().tolist()) <= {0.0, 1.0}
             gh, gw = int(p.ints[i, 1]), int(p.ints[i, 2])
             perm = p.device_gather[int(p.ints[i, 0]) : int(p.ints[i, 0]) + gh * gw]
-            assert sorted(perm.tolist()) == list(range(gh * gw))
+            perm_self = p.device_gather[int(p.ints[i, 3]) : int(p.ints[i, 3]) + gh * gw]
+            assert p.flags[i] & FLAG_GATHER_SELF
+            assert sorted(perm.tolist()) == list(range(gh * gw)) == sorted(perm_self.tolist())
             clean = info.unmixed.double()
-            own = clean[i].permute(1, 2, 0).numpy()
+            own = reference_gather(clean[i].permute(1, 2, 0).numpy(), perm_self.numpy(), gh, gw)
             b = reference_gather(clean[p.partner[i]].permute(1, 2, 0).numpy(), perm.numpy(), gh, gw)
             up = torch.nn.functional.interpolate(p.device_masks[i : i + 1].double(), size=(size, size))[0, 0]
             want = up.numpy()[..., None] * own + (1 - up.numpy()[..., None]) * b

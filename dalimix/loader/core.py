@@ -568,7 +568,8 @@ class ImageLoader:
         the very batch being mixed (see ``dalimix.hook`` and docs/learned-masks.md). ``labels=True``:
         called ``fn(images, lam, partner, labels)``; ``draws=True``: also ``draws=`` the batch's host
         draws by method name (``MixParams.draws``). The hook may return ``(masks, perm)``: a block
-        permutation of the partner per sample (PuzzleMix's transport)."""
+        permutation of the partner per sample (PuzzleMix's transport), or ``(masks, perm, perm_self)``:
+        the own image's too (nearest masks)."""
         self._mask_hook = make_stage(
             self,
             fn,

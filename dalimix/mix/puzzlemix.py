@@ -1,6 +1,7 @@
 """PuzzleMix (Kim, Choo, Song, "Puzzle Mix: Exploiting Saliency and Local Statistics for Optimal
-Mixup", ICML 2020) as a mask policy: the mask hook plans each sample's mask and the partner's block
-transport on the device's unmixed batch; the fused kernel mixes (nearest mask, ``FLAG_GATHER``).
+Mixup", ICML 2020) as a mask policy: the mask hook plans each sample's mask and both images' block
+transports on the device's unmixed batch; the fused kernel mixes (nearest mask, ``FLAG_GATHER`` and
+``FLAG_GATHER_SELF``).
 
 Per sample, on a ``gh x gw`` block grid (blocks from the integer boundaries ``floor(i H / gh)``):
 
@@ -36,19 +37,19 @@ Per sample, on a ``gh x gw`` block grid (blocks from the integer boundaries ``fl
   not the global minimum (NP-hard for L > 2;
   on tiny grids it was the global one in about 95 % of random cases). Cost: about 2.3 cuts per
   sample at L = 3 (one at L = 2); the planning table in benchmarks/bench_mix.py has both;
-- transport (``transport=True``): the partner's blocks are permuted (``transport_plan``) to
-  maximise the partner saliency landing where the partner shows (``1 - mask``: weighted, 1/2 where
-  the weight is 1/2) minus ``t_eps`` times the squared block distance (normalised by
-  ``(max(gh, gw) - 1)^2``), an exact assignment (``scipy.optimize.linear_sum_assignment``) on the
-  ``t_size`` grid (default: the mask grid);
+- transport (``transport=True``): both images' blocks are permuted (``transport_plan``), the
+  partner's to maximise the partner saliency landing where the partner shows (``1 - mask``:
+  weighted, 1/2 where the weight is 1/2), the own image's likewise where it shows (the mask), each
+  minus ``t_eps`` times the squared block distance (normalised by ``(max(gh, gw) - 1)^2``): exact
+  assignments (``scipy.optimize.linear_sum_assignment``) on the ``t_size`` grid (default: the mask
+  grid), read by the kernel in the same pass (``FLAG_GATHER`` and ``FLAG_GATHER_SELF``);
 - ``lam`` of the targets = the mask mean (the loader's mask hook: exactly the own image's share).
 
 Differences from the official code: ``n_labels=2`` by default (binary masks, one exact cut per
 sample: the cheapest, and what earlier versions gave; pass ``n_labels=3`` for the paper's
 default); exact min-cut and assignment, and our own swap loop from all-zero labels, the pair
 (0, L-1) first (the code uses gco's swap and a greedy transport); the transport weights the partner
-saliency by how much the partner shows (the code: wherever it shows at all); only the partner is
-transported (the code also moves the sample's own blocks under its mask); one block grid
+saliency by how much each image shows (the code: wherever it shows at all); one block grid
 by default (``block_num="random"`` draws it per batch as the code does, ``2 ** randint(1, 5)``: an
 n x n grid, n uniform over ``block_choices = (2, 4, 8, 16)``; here on the host when the batch is
 planned, from the plan's generator, so resumed and re-seeded runs draw the same grids). The
@@ -444,7 +445,7 @@ class PuzzleMix(MaskPolicy):
             by one exact min-cut per sample; 3 (the paper's default) weights 0, 1/2, 1 by alpha-beta
             swap moves (a local minimum, about 2.3 cuts per sample); 2 stays the default for its
             cost and for the binary masks it has always given.
-        transport: permute the partner's blocks (True); t_eps: transport cost weight (0.8);
+        transport: permute both images' blocks (True); t_eps: transport cost weight (0.8);
         t_size: transport block size in pixels (None: the mask grid; smaller = a finer grid).
         saliency: ``fn(images, labels) -> N x H x W`` (larger = more salient), e.g.
             ``GradientSaliency(model)``; None: the spectral residual of the de-normalised images.
@@ -547,8 +548,9 @@ class PuzzleMix(MaskPolicy):
     @torch.no_grad()
     def plan(self, images: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor, labels=None, *, draws=None):
         """Masks (N x 1 x gh x gw float32, 1 = own image; the grid: ``mask_grid``) and, with transport,
-        the partner's block permutation (N x tgh x tgw int64), on the images' device. The graph cuts
-        and assignments run on the host (float64), one per sample."""
+        the partner's and the own image's block permutations (N x tgh x tgw int64 each; None
+        without), on the images' device. The graph cuts and assignments run on the host (float64),
+        one per sample."""
         n, _, h, w = images.shape
         gh, gw = self.mask_grid(h, w, draws)
         partner = partner.to(images.device, torch.int64)
@@ -580,24 +582,27 @@ class PuzzleMix(MaskPolicy):
             full = masks_t[:, block_index(h, gh, masks_t.device)][:, :, block_index(w, gw, masks_t.device)]
         out = (masks_t if full is None else full).unsqueeze(1)
         if not self.transport:
-            return out, None
+            return out, None, None
         tgh, tgw = (gh, gw)
         if self.t_size is not None:
             tgh, tgw = max(1, min(h // self.t_size, h)), max(1, min(w // self.t_size, w))
         if (tgh, tgw) == (gh, gw):
-            t_sal, shows = pooled_np, 1.0 - masks.astype(np.float64)
+            t_sal, kept = pooled_np, masks.astype(np.float64)
         else:
             t_pool = block_means(sal, tgh, tgw)
             t_sal = (t_pool / t_pool.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)).cpu().numpy()
             if full is None:
                 full = masks_t[:, block_index(h, gh, masks_t.device)][:, :, block_index(w, gw, masks_t.device)]
-            shows = 1.0 - block_means(full, tgh, tgw).cpu().numpy()
-        perms = np.stack([transport_plan(t_sal[partner_np[i]], shows[i], self.t_eps) for i in range(n)])
-        return out, torch.from_numpy(perms.reshape(n, tgh, tgw)).to(images.device)
+            kept = block_means(full, tgh, tgw).cpu().numpy()
+        # each image's salient blocks moved to where it shows: the partner under 1 - mask, the own under the mask
+        perms = np.stack([transport_plan(t_sal[partner_np[i]], 1.0 - kept[i], self.t_eps) for i in range(n)])
+        own = np.stack([transport_plan(t_sal[i], kept[i], self.t_eps) for i in range(n)])
+        to_device = lambda a: torch.from_numpy(a.reshape(n, tgh, tgw)).to(images.device)  # noqa: E731
+        return out, to_device(perms), to_device(own)
 
     def mask_policy(self, images, lam, partner, labels=None, *, draws=None):
-        masks, perm = self.plan(images, lam, partner, labels, draws=draws)
-        return masks if perm is None else (masks, perm)
+        masks, perm, perm_self = self.plan(images, lam, partner, labels, draws=draws)
+        return masks if perm is None else (masks, perm, perm_self)
 
 
 def _block_grid(block_num, block_choices) -> tuple:

@@ -77,7 +77,7 @@ def mix_normalize(
         records: ``n <= N_src`` records of ``RECORD_DTYPE`` (host numpy); None = no mixing.
         masks: flat float32 mask pool on ``images.device`` for records with method MASK.
         gather: flat int32 table of block permutations on ``images.device`` for MASK records with
-            ``FLAG_GATHER`` (``dalimix.ops.record``); on the CPU its values are checked here, on
+            ``FLAG_GATHER`` (and ``FLAG_GATHER_SELF``: the own image's at ``p3``) (``dalimix.ops.record``); on the CPU its values are checked here, on
             CUDA they are trusted (the mask hook stage checks and clamps them on the device).
         norm: mean/std; ImageNet's by default.
         dtype: float32, float16 or bfloat16.
@@ -193,15 +193,19 @@ def _check_gather(gather: torch.Tensor, records: np.ndarray, device: torch.devic
         )
     if device.type == "cuda":
         return  # no host sync: the producer (dalimix.hook.MaskHookStage) keeps the values in range
-    from .record import gather_rows
+    from .record import FLAG_GATHER_SELF, gather_rows
 
     rows = gather_rows(records)
     table = gather.numpy()  # host sync: none, a CPU tensor (CUDA returned above)
     for i in rows:
-        off, k = int(records["p0"][i]), int(records["p1"][i]) * int(records["p2"][i])
-        vals = table[off : off + k]
-        if len(vals) and (int(vals.min()) < 0 or int(vals.max()) >= k):
-            raise ValueError(
-                f"record {int(i)}: gather[{off}:{off + k}] holds block indices outside [0, {k}) "
-                f"(the {int(records['p1'][i])}x{int(records['p2'][i])} grid)"
-            )
+        k = int(records["p1"][i]) * int(records["p2"][i])
+        own = int(records["flags"][i]) & FLAG_GATHER_SELF
+        for field in ("p0", "p3") if own else ("p0",):
+            off = int(records[field][i])
+            vals = table[off : off + k]
+            if len(vals) and (int(vals.min()) < 0 or int(vals.max()) >= k):
+                image = "partner" if field == "p0" else "own image"
+                raise ValueError(
+                    f"record {int(i)}: gather[{off}:{off + k}] ({image}) holds block indices outside [0, {k}) "
+                    f"(the {int(records['p1'][i])}x{int(records['p2'][i])} grid)"
+                )

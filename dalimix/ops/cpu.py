@@ -29,6 +29,7 @@ from .record import (
     METHOD_RESIZE,
     METHOD_SMOOTH,
     gather_rows,
+    gather_self_rows,
 )
 
 
@@ -92,6 +93,12 @@ def mix_normalize_cpu(
             r = rec[i]
             off, gh, gw = int(r["p0"]), int(r["p1"]), int(r["p2"])
             b[i] = gather_partner(b[i], gather[off : off + gh * gw].numpy(), gh, gw)  # the flipped partner, permuted
+        for i in gather_self_rows(rec):
+            assert gather is not None
+            r = rec[i]
+            off, gh, gw = int(r["p3"]), int(r["p1"]), int(r["p2"])
+            j = int(mixed[i])
+            v[j] = gather_partner(v[j], gather[off : off + gh * gw].numpy(), gh, gw)  # the flipped own image, permuted
         wself = torch.ones(len(mixed), h, w, 1)
         m = rec["method"]
         blend = np.flatnonzero(m == METHOD_BLEND)

@@ -26,10 +26,12 @@ FLAG_FLIP_PARTNER = 8  # read the partner image mirrored left-right (before mixi
 FLIP_FLAGS = FLAG_FLIP_SELF | FLAG_FLIP_PARTNER
 # MASK only: the partner is read block-permuted (PuzzleMix's transport). p0 = offset of the sample's
 # permutation in the kernel's ``gather`` table (int32), p1 x p2 = its block grid gh x gw; output block j
-# (row-major) shows the partner's block ``gather[p0 + j]`` at the same in-block offset. Blocks of a grid
+# (row-major) shows the partner's block ``gather[p0 + j]`` at the same in-block offset (and with
+# ``FLAG_GATHER_SELF`` the own image's block ``gather[p3 + j]``). Blocks of a grid
 # of g over n pixels are [floor(i n / g), floor((i + 1) n / g)); where the source block is one pixel
 # shorter than the output block its last row / column repeats. The flips apply first ("flip, then mix").
 FLAG_GATHER = 16
+FLAG_GATHER_SELF = 32  # with FLAG_GATHER, nearest masks: the own image block-permuted too (same grid), table at p3
 
 RECORD_DTYPE = np.dtype(
     [
@@ -98,6 +100,12 @@ def gather_rows(rec: np.ndarray) -> np.ndarray:
     return np.flatnonzero((rec["method"] == METHOD_MASK) & ((rec["flags"] & FLAG_GATHER) != 0))
 
 
+def gather_self_rows(rec: np.ndarray) -> np.ndarray:
+    """Indices of the gather records whose own image is read block-permuted too (``FLAG_GATHER_SELF``)."""
+    rows = gather_rows(rec)
+    return rows[(rec["flags"][rows] & FLAG_GATHER_SELF) != 0]
+
+
 def validate_records(
     rec: np.ndarray, *, n_src: int, height: int, width: int, mask_pool_size: int, gather_size: int = 0
 ) -> None:
@@ -119,6 +127,20 @@ def validate_records(
     if ((method < METHOD_NONE) | (method > METHOD_LAST)).any():
         i = int(np.flatnonzero((method < METHOD_NONE) | (method > METHOD_LAST))[0])
         raise ValueError(f"record {i}: unknown method id {int(method[i])}")
+    lone = ((rec["flags"] & FLAG_GATHER_SELF) != 0) & ((method != METHOD_MASK) | ((rec["flags"] & FLAG_GATHER) == 0))
+    if lone.any():
+        i = int(np.flatnonzero(lone)[0])
+        raise ValueError(
+            f"record {i}: FLAG_GATHER_SELF is valid only on a MASK record with FLAG_GATHER (the own image's "
+            "permutation shares the partner's grid); set FLAG_GATHER with p0..p2 too, or drop FLAG_GATHER_SELF"
+        )
+    smooth_self = ((rec["flags"] & FLAG_GATHER_SELF) != 0) & ((rec["flags"] & FLAG_BILINEAR) != 0)
+    if smooth_self.any():
+        i = int(np.flatnonzero(smooth_self)[0])
+        raise ValueError(
+            f"record {i}: FLAG_GATHER_SELF reads nearest masks only (the kernel has no bilinear variant of "
+            "it); drop FLAG_BILINEAR, or FLAG_GATHER_SELF"
+        )
     boxed = (method == METHOD_BOX) | (method == METHOD_RESIZE) | (method == METHOD_GRID)
     if boxed.any():
         y0, x0, y1, x1 = (rec[k][boxed] for k in ("y0", "x0", "y1", "x1"))
@@ -147,6 +169,17 @@ def validate_records(
                 f"{int(rec['mask_offset'][i])} does not fit a mask pool of {mask_pool_size} values"
             )
         gathered = np.flatnonzero(masked & ((rec["flags"] & FLAG_GATHER) != 0))
+        gself = gathered[(rec["flags"][gathered] & FLAG_GATHER_SELF) != 0]
+        if len(gself):
+            p3 = rec["p3"][gself].astype(np.int64)
+            k = rec["p1"][gself].astype(np.int64) * rec["p2"][gself]
+            ok = (p3 >= 0) & (p3 + k <= gather_size)
+            if not ok.all():
+                i = int(gself[np.flatnonzero(~ok)[0]])
+                raise ValueError(
+                    f"record {i}: the own image's block permutation of a {int(rec['p1'][i])}x{int(rec['p2'][i])} "
+                    f"grid at offset p3={int(rec['p3'][i])} does not fit a gather table of {gather_size} values"
+                )
         if len(gathered):
             off, gh, gw = (rec[k][gathered].astype(np.int64) for k in ("p0", "p1", "p2"))
             ok = (off >= 0) & (gh >= 1) & (gw >= 1) & (gh <= height) & (gw <= width) & (off + gh * gw <= gather_size)
