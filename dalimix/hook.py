@@ -547,27 +547,10 @@ class MaskHookStage:
         return view, table
 
 
-def make_stage(
-    loader,
-    fn,
-    *,
-    interpolation: str,
-    logits: bool,
-    target_lam: str,
-    validate: str,
-    labels: bool = False,
-    draws: bool = False,
-) -> MaskHookStage:
-    """Check that ``loader`` can use a hook, and build its stage."""
-    hook = MaskHook(
-        fn=fn,
-        interpolation=interpolation,
-        logits=logits,
-        target_lam=target_lam,
-        validate=validate,
-        labels=labels,
-        draws=draws,
-    )
+def make_stage(loader, fn, **options) -> MaskHookStage:
+    """Check that ``loader`` can use a hook, and build its stage (``options``: ``MaskHook``'s fields,
+    as ``ImageLoader.set_mask_hook`` takes them)."""
+    hook = MaskHook(fn=fn, **options)
     methods = getattr(loader.mix, "methods", None) or []
     if not any(isinstance(m, (LearnedMask, MaskPolicy)) for m in methods):
         raise ValueError(
