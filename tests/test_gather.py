@@ -203,3 +203,33 @@ def test_gather_record_without_a_table_is_refused():
         mix_normalize(torch.from_numpy(images), rec, torch.from_numpy(pool))
     with pytest.raises(ValueError, match="int32"):
         mix_normalize(torch.from_numpy(images), rec, torch.from_numpy(pool), torch.zeros(12, dtype=torch.int64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(OUTPUT_TYPES))
+def test_cuda_gather_matches_float64_reference(dtype):
+    """The CUDA build of both gathers (partner, and own image with FLAG_GATHER_SELF) against the float64
+    reference, with flips and sigmoid, both layouts."""
+    rng = np.random.default_rng(stable_seed("cuda-gather", str(dtype)))
+    norm = Normalization()
+    for h, w, gh, gw in GRIDS:
+        for flags in (
+            0,
+            FLAG_BILINEAR | FLAG_FLIP_PARTNER,
+            FLAG_GATHER_SELF | FLAG_FLIP_SELF,
+            FLAG_GATHER_SELF | FLAG_SIGMOID,
+        ):
+            images, rec, pool, table = gather_batch(rng, h, w, gh, gw, n=5, flags=flags)
+            ref = reference_mix_normalize(images, rec, pool, norm.mean, norm.std, gather=table)
+            for channels_last in (False, True):
+                out = mix_normalize(
+                    torch.from_numpy(images).cuda(),
+                    rec,
+                    torch.from_numpy(pool).cuda(),
+                    torch.from_numpy(table).cuda(),
+                    norm=norm,
+                    dtype=dtype,
+                    channels_last=channels_last,
+                )
+                err = np.abs(out.float().cpu().numpy().astype(np.float64) - ref)
+                assert not (err > ulp_tolerance(ref, dtype, norm)).any(), (h, w, gh, gw, flags, err.max())
