@@ -305,8 +305,7 @@ __device__ __host__ __forceinline__ void dm_group(const DmRecord& R, const DmSam
   const int h = S.h, w = S.w;
   const unsigned int row = (unsigned int)y * (unsigned int)w;
   const bool self = K == DMK_MASK_NEAREST_GATHER_SELF;
-  const bool bilinear_gather = K == DMK_MASK_BILINEAR_GATHER;
-  unsigned int qa[3];  // the own pixels as they lie (DMK_MASK_*_GATHER_SELF reads them through its table)
+  unsigned int qa[3];  // the own pixels as they lie (DMK_MASK_NEAREST_GATHER_SELF reads them through its table)
   if (!self) dm_load_pixels<VEC>(S.a, row, x0, w, (R.flags & DM_FLAG_FLIP_SELF) != 0, qa);
   if (K == DMK_RESIZE_NEAREST || K == DMK_RESIZE_BILINEAR) {
     // the partner resized into the box replaces the pixels there
@@ -369,7 +368,7 @@ DM_NO_UNROLL
     const int by = dm_block_of(y, h, gh);
     int my0, my1;
     float wy = 0.f;
-    if (bilinear_gather) dm_linear_coord(y, mh, h, &my0, &my1, &wy);
+    if (K == DMK_MASK_BILINEAR_GATHER) dm_linear_coord(y, mh, h, &my0, &my1, &wy);
     else my0 = my1 = dm_nearest_index(y, mh, h);
     const float* r0 = S.mask + (unsigned int)my0 * (unsigned int)mw;
     const float* r1 = S.mask + (unsigned int)my1 * (unsigned int)mw;
@@ -380,7 +379,7 @@ DM_NO_UNROLL
     for (int k = 0; k < DM_PIX; ++k) {
       const int x = x0 + k < w ? x0 + k : w - 1;
       float m;
-      if (bilinear_gather) {
+      if (K == DMK_MASK_BILINEAR_GATHER) {
         int mx0, mx1;
         float wx;
         dm_linear_coord(x, mw, w, &mx0, &mx1, &wx);
@@ -389,13 +388,13 @@ DM_NO_UNROLL
         m = r0[dm_nearest_index(x, mw, w)];
       }
       if (R.flags & DM_FLAG_SIGMOID) m = 1.f / (1.f + expf(-m));
+      wself[k] = m;
+      need |= m != 1.f;
       const int bx = dm_block_of(x, w, gw);
       const unsigned int src = (unsigned int)S.gather[by * gw + bx];
       const unsigned int sy = src / (unsigned int)gw;
       const int ry = dm_gather_coord(y, by, (int)sy, h, gh);
       const int rx = dm_gather_coord(x, bx, (int)(src - sy * (unsigned int)gw), w, gw);
-      wself[k] = m;
-      need |= m != 1.f;
       off[k] = ((unsigned int)ry * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rx : rx)) * 3u;
     }
     if (need) dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromGathered{qa, S.b, off, wself});
