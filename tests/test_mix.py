@@ -762,6 +762,46 @@ def test_loader_with_mixer(small_dataset):
     assert (loader.last_batch.params.method == METHOD_NONE).all()
 
 
+def test_loader_plans_each_batch_once_ahead_on_the_planner_thread(small_dataset, monkeypatch):
+    """The iterator plans batch step + 1 before it finishes batch step: that plan is the one used,
+    made once, on the planner thread (only an epoch's first batch, with nothing before it, is planned
+    when it is finished)."""
+    import threading
+
+    from dalimix.loader import stages
+
+    made = []
+    real = stages.plan_batch
+
+    def spy(mix, seed, shard_id, height, width, n, epoch, step):
+        made.append((epoch, step, threading.current_thread().name))
+        return real(mix, seed, shard_id, height, width, n, epoch, step)
+
+    monkeypatch.setattr(stages, "plan_batch", spy)
+    loader = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", mix=Mixup(), last_batch_policy="drop")
+    for epoch in range(2):
+        for _ in loader:
+            pass
+        steps = [(e, s) for e, s, _ in made if e == epoch]
+        assert sorted(steps) == [(epoch, s) for s in range(len(loader))], steps  # each batch once
+    where = {(e, s): name for e, s, name in made}
+    assert where[(0, 0)] == threading.current_thread().name
+    assert all(name.startswith("dalimix-planner") for (e, s), name in where.items() if s > 0), where
+    loader.close()
+
+
+def test_loader_replans_a_batch_planned_before_mixing_was_switched_off(small_dataset):
+    """timm's --mixup-off-epoch between two batches of an epoch: the batch planned ahead while mixing
+    was on is planned again, unmixed."""
+    loader = ImageLoader(root=small_dataset, batch_size=4, size=32, device="cpu", mix=Mixup(mixup_alpha=1.0))
+    it = iter(loader)
+    next(it)  # batch 1 is planned ahead now, with mixing on
+    loader.mixup_enabled = False
+    for _ in it:
+        assert (loader.last_batch.params.method == METHOD_NONE).all()
+    loader.close()
+
+
 def test_loader_with_fmix_planned_on_the_device(small_dataset):
     """FMix(device=...) through the loader (planner thread, mask pool, kernel): each mixed sample is
     its mask's blend of the unmixed batch, the mask's mean is the targets' lam."""

@@ -175,13 +175,18 @@ def _targets(f: Finishing, b: Batch) -> None:
         b.result = (b.images, f.mix.targets(b.labels, b.params, num_classes=num_classes))
 
 
+PLANNED_AHEAD = 2  # plans kept at once: the batch being finished and the next one
+
+
 class Finisher:
     """Runs the stages; plans the next batch's mix parameters on the planner thread meanwhile."""
 
     def __init__(self, finishing: Finishing):
         self.f = finishing
         finishing.planned = lambda b: self._take_plan(b)  # looked up per call (benchmarks time it)
-        self._planned: tuple[tuple[int, int, int], Any] | None = None  # ((epoch, step, n), future)
+        # plan key -> future: the batch being finished and the one planned ahead of it (the iterator
+        # plans batch step + 1 before it finishes batch step)
+        self._planned: dict[tuple, Any] = {}
 
     def stages(self) -> list:
         f = self.f
@@ -207,16 +212,24 @@ class Finisher:
         """Sample batch ``step``'s mix parameters on the planner thread (FMix masks and the like cost
         milliseconds; numpy and torch release the GIL while they work)."""
         f = self.f
-        self._planned = None
-        if f.mix is None or n <= 0:
+        key = self._key(epoch, step, n)
+        if f.mix is None or n <= 0 or key in self._planned:
             return
-        future = f.planner().submit(plan_batch, f.mix, f.seed, f.shard_id, f.height, f.width, n, epoch, step)
-        self._planned = ((epoch, step, n), future)
+        while len(self._planned) >= PLANNED_AHEAD:  # never taken (another epoch or step was asked for)
+            self._planned.pop(next(iter(self._planned))).cancel()
+        self._planned[key] = f.planner().submit(
+            plan_batch, f.mix, f.seed, f.shard_id, f.height, f.width, n, epoch, step
+        )
+
+    def _key(self, epoch: int, step: int, n: int) -> tuple:
+        """A plan is used only for the batch it was made for, and only while the mixer's on/off switch
+        is as it was (``mixup_enabled`` changed since: the batch is planned again)."""
+        return epoch, step, n, bool(getattr(self.f.mix, "mixup_enabled", True))
 
     def _take_plan(self, b: Batch):
-        key = (b.ticket.epoch, b.ticket.step, b.n)
-        planned, self._planned = self._planned, None
-        if planned is not None and planned[0] == key:
-            return planned[1].result()
+        e, s, n = b.ticket.epoch, b.ticket.step, b.n
+        future = self._planned.pop(self._key(e, s, n), None)
+        if future is not None and not future.cancelled():
+            return future.result()
         f = self.f
-        return plan_batch(f.mix, f.seed, f.shard_id, f.height, f.width, b.n, *key[:2])
+        return plan_batch(f.mix, f.seed, f.shard_id, f.height, f.width, n, e, s)
