@@ -217,7 +217,7 @@ def _perm_stats(perm: torch.Tensor | None, use: torch.Tensor, device) -> torch.T
 def _perm_problem(stats: np.ndarray) -> str | None:
     problems = []
     for at, name, whose in ((7, "perm", "the partner's"), (10, "perm_self", "the own image's")):
-        outside, rows, first = stats[at : at + 3] if len(stats) >= at + 3 else (0, 0, 0)
+        outside, rows, first = stats[at : at + 3]
         if rows:
             problems.append(
                 f"{name} holds {int(rows)} row(s) that are not a permutation of the block indices (first in "
@@ -228,12 +228,10 @@ def _perm_problem(stats: np.ndarray) -> str | None:
 
 
 def _value_problem(stats: np.ndarray, logits: bool) -> str | None:
-    perm = _perm_problem(stats) if len(stats) > 7 else None
+    perm = _perm_problem(stats)
     counts = stats[:4]
     if not counts.any():
         return perm
-    if not counts.any():
-        return None
     what = ", ".join(f"{int(c)} {name}" for c, name in zip(counts, _STAT_NAMES) if c)
     allowed = "finite logits" if logits else "finite values in [0, 1] (1 = the sample's own image)"
     return (
@@ -348,6 +346,7 @@ class MaskHookStage:
         self._check_form(masks, n, height, width, where)
         masks = masks.detach()  # e.g. my_net(images).sigmoid() or an nn.Parameter: the loader only reads them
         grid = None if perm is None else self._check_perm(perm, masks.shape, n, height, width, where)
+        hooked_perm = perm is not None  # else the partner is read as it is: no table of the hook's to check
         if perm_self is not None:
             if self.hook.interpolation != "nearest":
                 raise MaskHookError(
@@ -370,7 +369,7 @@ class MaskHookStage:
         stats = torch.cat(
             [
                 _value_stats(masks, self.hook.logits),
-                _perm_stats(perm, use_t, self.device),
+                _perm_stats(perm if hooked_perm else None, use_t, self.device),
                 _perm_stats(perm_self, use_t, self.device),
             ]
         )
