@@ -261,3 +261,14 @@ __device__ __host__ __forceinline__ int dm_gather_coord(int p, int b, int sb, in
   const int s0 = dm_block_start(sb, n, g), len = dm_block_start(sb + 1, n, g) - s0;
   return s0 + (off < len ? off : len - 1);
 }
+
+// Byte offset in an h x w x 3 image of the pixel that output pixel (y, x), in block (by, bx) of a
+// gh x gw grid, reads from source block src (row-major) at the same in-block offset (dm_gather_coord);
+// from the mirrored image when flip.
+__device__ __host__ __forceinline__ unsigned int dm_gathered_offset(int y, int x, int by, int bx, unsigned int src,
+                                                                    int h, int w, int gh, int gw, bool flip) {
+  const unsigned int sy = src / (unsigned int)gw;
+  const int ry = dm_gather_coord(y, by, (int)sy, h, gh);
+  const int rx = dm_gather_coord(x, bx, (int)(src - sy * (unsigned int)gw), w, gw);
+  return ((unsigned int)ry * (unsigned int)w + (unsigned int)(flip ? w - 1 - rx : rx)) * 3u;
+}

@@ -338,14 +338,10 @@ DM_NO_UNROLL
       float m = mrow[dm_nearest_index(x, R.mask_w, w)];
       if (R.flags & DM_FLAG_SIGMOID) m = 1.f / (1.f + expf(-m));
       const int bx = dm_block_of(x, w, gw);
-      const unsigned int sb = (unsigned int)S.gather[by * gw + bx], sa = (unsigned int)S.gather_self[by * gw + bx];
-      const unsigned int yb = sb / (unsigned int)gw, ya = sa / (unsigned int)gw;
-      const int rby = dm_gather_coord(y, by, (int)yb, h, gh), rbx = dm_gather_coord(x, bx, (int)(sb - yb * (unsigned int)gw), w, gw);
-      const int ray = dm_gather_coord(y, by, (int)ya, h, gh), rax = dm_gather_coord(x, bx, (int)(sa - ya * (unsigned int)gw), w, gw);
-      const unsigned char* pb =
-          S.b + ((unsigned int)rby * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rbx : rbx)) * 3u;
-      const unsigned char* pa =
-          S.a + ((unsigned int)ray * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_SELF) ? w - 1 - rax : rax)) * 3u;
+      const unsigned char* pb = S.b + dm_gathered_offset(y, x, by, bx, (unsigned int)S.gather[by * gw + bx], h, w, gh,
+                                                         gw, R.flags & DM_FLAG_FLIP_PARTNER);
+      const unsigned char* pa = S.a + dm_gathered_offset(y, x, by, bx, (unsigned int)S.gather_self[by * gw + bx], h, w,
+                                                         gh, gw, R.flags & DM_FLAG_FLIP_SELF);
       const unsigned int r = row + (unsigned int)x;
 DM_NO_UNROLL
       for (int c = 0; c < 3; ++c) {
@@ -391,11 +387,8 @@ DM_NO_UNROLL
       wself[k] = m;
       need |= m != 1.f;
       const int bx = dm_block_of(x, w, gw);
-      const unsigned int src = (unsigned int)S.gather[by * gw + bx];
-      const unsigned int sy = src / (unsigned int)gw;
-      const int ry = dm_gather_coord(y, by, (int)sy, h, gh);
-      const int rx = dm_gather_coord(x, bx, (int)(src - sy * (unsigned int)gw), w, gw);
-      off[k] = ((unsigned int)ry * (unsigned int)w + (unsigned int)((R.flags & DM_FLAG_FLIP_PARTNER) ? w - 1 - rx : rx)) * 3u;
+      off[k] = dm_gathered_offset(y, x, by, bx, (unsigned int)S.gather[by * gw + bx], h, w, gh, gw,
+                                  R.flags & DM_FLAG_FLIP_PARTNER);
     }
     if (need) dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromGathered{qa, S.b, off, wself});
     else dm_store_pixels<O, NHWC, VEC>(S, N, row, x0, DmFromA{qa});
