@@ -212,8 +212,10 @@ class Finisher:
         """Sample batch ``step``'s mix parameters on the planner thread (FMix masks and the like cost
         milliseconds; numpy and torch release the GIL while they work)."""
         f = self.f
+        if f.mix is None or n <= 0:
+            return
         key = self._key(epoch, step, n)
-        if f.mix is None or n <= 0 or key in self._planned:
+        if key in self._planned:  # planned already (by an iteration of this epoch that was left): still valid
             return
         while len(self._planned) >= PLANNED_AHEAD:  # never taken (another epoch or step was asked for)
             self._planned.pop(next(iter(self._planned))).cancel()
@@ -228,8 +230,8 @@ class Finisher:
 
     def _take_plan(self, b: Batch):
         e, s, n = b.ticket.epoch, b.ticket.step, b.n
-        future = self._planned.pop(self._key(e, s, n), None)
-        if future is not None and not future.cancelled():
+        future = self._planned.pop(self._key(e, s, n), None)  # only evicted plans are cancelled
+        if future is not None:
             return future.result()
         f = self.f
         return plan_batch(f.mix, f.seed, f.shard_id, f.height, f.width, n, e, s)
